@@ -1,0 +1,256 @@
+//! Configuration: the agent file and the container data files (Hiera form `hoist::containers` /
+//! `hoist::purge`, or plain `containers:` / `purge:`), merged, interpolated and validated into typed
+//! values. Every error names the file, the container and the field.
+
+use crate::runtime::Probe;
+use crate::spec::{ContainerSpec, EnvVar, ImageVersion, PortMapping, VolumeMount};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where the agent looks when no `--config` is given.
+pub const DEFAULT_AGENT_FILE: &str = "/etc/hoist/hoist.yaml";
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AgentConfig {
+    /// The file this was read from (None for built-in defaults).
+    pub path: Option<PathBuf>,
+    /// This node's identity; default: the hostname.
+    pub node: String,
+    /// Machine state and the embedded store live here; default `/var/lib/hoist`.
+    pub state_dir: PathBuf,
+    /// Container data files and directories (`*.yaml`/`*.yml` inside, sorted), merged in order so later
+    /// files win. Default: `containers.d` beside the agent file. Relative paths are relative to the agent file.
+    pub data: Vec<PathBuf>,
+    pub docker: DockerConfig,
+    pub backend: BackendKind,
+    /// Used when `backend: nats`.
+    pub nats: NatsConfig,
+    /// User facts, merged over the built-in `hostname` and `networking.ip`.
+    pub facts: serde_json::Value,
+    pub registration: RegistrationConfig,
+    pub control: ControlConfig,
+    pub metrics: MetricsConfig,
+    pub rollout: RolloutConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DockerConfig {
+    /// `unix:///var/run/docker.sock`, `tcp://host:2375`; default: `DOCKER_HOST` or the local socket.
+    pub host: Option<String>,
+    /// Docker container names are `<name_prefix><name>`; default `hoist_` as in the original module.
+    pub name_prefix: String,
+    /// How long `docker stop` waits before it kills; default 10 s.
+    pub stop_grace: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Embedded,
+    Nats,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+pub struct NatsConfig {
+    pub servers: Vec<String>,
+    pub creds: Option<PathBuf>,
+    pub nkey: Option<PathBuf>,
+    pub token: Option<String>,
+    pub tls: Option<TlsConfig>,
+    /// Governor subjects are `<collective>.governor.<name>`; default `mcollective` as Choria's.
+    pub collective: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TlsConfig {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RegistrationConfig {
+    /// Default 15 s.
+    pub interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ControlConfig {
+    /// Default `<state_dir>/hoist.sock`.
+    pub socket: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MetricsConfig {
+    /// e.g. `127.0.0.1:9464`; None serves metrics only on the control socket.
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RolloutConfig {
+    /// A new container must pass its health gate within this; default 5 min.
+    pub healthy_deadline: Duration,
+    /// How long to wait (and call it "unverified") when a container has no health check at all; default 10 s.
+    pub unverified_wait: Duration,
+    /// How long `acquire` waits for a governor slot before the attempt fails and is retried; default 5 min.
+    pub governor_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ensure {
+    Present,
+    Absent,
+}
+
+/// One container definition after merging, interpolation and validation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ContainerConfig {
+    pub name: String,
+    pub ensure: Ensure,
+    pub image: String,
+    /// `image_tag`, default `latest`; the KV may override it when `kv_update` is on.
+    pub image_tag: ImageVersion,
+    /// `command` (a string split into words like a shell would, or a list).
+    pub command: Vec<String>,
+    /// `entrypoint` (a string is the single executable, as `docker run --entrypoint`; or a list).
+    pub entrypoint: Vec<String>,
+    pub network: String,
+    pub syslog: bool,
+    pub kv_update: bool,
+    /// `kv_interval` in seconds (default 10): how often the agent re-reads the tag besides its watch.
+    pub kv_interval: Duration,
+    pub restart_governor: Option<String>,
+    pub update_governor: Option<String>,
+    pub restart_files: Vec<PathBuf>,
+    pub ports: Vec<PortMapping>,
+    pub volumes: Vec<VolumeMount>,
+    pub environment: Vec<EnvVar>,
+    pub register_ports: Vec<Registration>,
+    pub health_check: Option<HealthCheck>,
+    /// The files that contributed to this definition, in merge order (for messages).
+    pub sources: Vec<PathBuf>,
+}
+
+/// A `register_ports` entry; published as `{"cluster","service","protocol","address","port","priority","annotations"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    pub cluster: String,
+    pub service: String,
+    pub protocol: String,
+    /// The config field is `ip`; it is published as `address`.
+    pub ip: String,
+    pub port: u16,
+    pub priority: u32,
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HealthCheck {
+    pub probe: Probe,
+    /// Default 10 s.
+    pub interval: Duration,
+    /// Default 5 s.
+    pub timeout: Duration,
+    /// Consecutive failures that make it unhealthy; default 3.
+    pub retries: u32,
+    /// Failures in this window after start do not count; default 0.
+    pub start_period: Duration,
+}
+
+/// Everything the container data files declare.
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+pub struct ContainerSet {
+    /// Default true: containers hoist made for this node but no longer declared are removed.
+    pub purge: bool,
+    pub containers: BTreeMap<String, ContainerConfig>,
+}
+
+/// One problem in the configuration, located as precisely as it can be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConfigError {
+    pub file: Option<PathBuf>,
+    pub container: Option<String>,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(file) = &self.file {
+            write!(f, "{}: ", file.display())?;
+        }
+        if let Some(container) = &self.container {
+            write!(f, "container {container}: ")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, "field {field}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// All problems found; a config with any of them is refused whole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl ContainerConfig {
+    /// The runtime spec for this definition running `version` on `node`.
+    pub fn spec(&self, node: &str, name_prefix: &str, version: &ImageVersion) -> ContainerSpec {
+        ContainerSpec {
+            name: self.name.clone(),
+            container_name: format!("{name_prefix}{}", self.name),
+            node: node.to_string(),
+            image: self.image.clone(),
+            version: version.clone(),
+            command: self.command.clone(),
+            entrypoint: self.entrypoint.clone(),
+            network: self.network.clone(),
+            ports: self.ports.clone(),
+            volumes: self.volumes.clone(),
+            environment: self.environment.clone(),
+            syslog: self.syslog,
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Reads and validates an agent file. Unknown keys are errors.
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigErrors> {
+        todo!("{path:?}")
+    }
+
+    /// The built-in defaults (no file), for `node` on this host.
+    pub fn defaults() -> AgentConfig {
+        todo!()
+    }
+
+    /// Built-in facts (`hostname`, `networking.ip`) with the user's facts deep-merged over them.
+    pub fn facts(&self) -> serde_json::Value {
+        todo!()
+    }
+}
+
+/// Reads container data from files and directories (a directory contributes its `*.yaml`/`*.yml`
+/// files, sorted), deep-merges them in order, interpolates `%{facts.…}`, and validates every field.
+pub fn load_containers(paths: &[PathBuf], facts: &serde_json::Value) -> Result<ContainerSet, ConfigErrors> {
+    todo!("{paths:?} {facts}")
+}

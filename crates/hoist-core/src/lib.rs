@@ -1,0 +1,9 @@
+//! Hoist's core: configuration, container specs, the per-container state machine, and the traits its
+//! adapters implement (container runtime; KV, governor and event backends). Nothing in here knows
+//! about Docker, NATS or HTTP; the arrows point inward.
+
+pub mod backend;
+pub mod config;
+pub mod fsm;
+pub mod runtime;
+pub mod spec;
