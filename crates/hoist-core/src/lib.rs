@@ -7,3 +7,5 @@ pub mod config;
 pub mod fsm;
 pub mod runtime;
 pub mod spec;
+#[cfg(feature = "testkit")]
+pub mod conformance;
