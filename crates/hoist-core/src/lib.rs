@@ -9,3 +9,9 @@ pub mod runtime;
 pub mod spec;
 #[cfg(feature = "testkit")]
 pub mod conformance;
+pub mod agent;
+pub mod backoff;
+pub mod files;
+pub mod machine;
+pub mod persist;
+pub mod status;

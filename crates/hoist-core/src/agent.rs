@@ -1,0 +1,250 @@
+//! The agent: one supervisor task per node that owns the set of machines. It adopts the containers
+//! the runtime already has, spawns a machine per declared container, routes runtime events to the
+//! right machine, applies config reloads as a diff (new → spawn, changed → reconfigure, gone → stop
+//! and purge), and removes labelled orphans. Operators reach it through `AgentHandle`.
+
+use crate::config::{ContainerConfig, ContainerSet, Ensure};
+use crate::fsm::{State, Transition};
+use crate::machine::{self, Input, MachineDeps, MachineHandle};
+use crate::runtime::{ContainerInfo, RunState, RuntimeEvent};
+use crate::spec::LABEL_NAME;
+use crate::status::NodeStatus;
+use futures_util::StreamExt;
+use futures_util::future::join_all;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+enum Command {
+    Status { container: Option<String>, reply: oneshot::Sender<NodeStatus> },
+    Transition { container: String, transition: Transition, reply: oneshot::Sender<Result<State, String>> },
+    Reload { set: Result<ContainerSet, String>, reply: oneshot::Sender<()> },
+    RuntimeEvent(RuntimeEvent),
+    RuntimeReconnected,
+    Shutdown { reply: oneshot::Sender<()> },
+}
+
+#[derive(Clone)]
+pub struct AgentHandle {
+    tx: mpsc::Sender<Command>,
+    node: String,
+}
+
+impl AgentHandle {
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Status of every machine, or of one container.
+    pub async fn status(&self, container: Option<String>) -> NodeStatus {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.tx.send(Command::Status { container, reply }).await;
+        rx.await.unwrap_or_else(|_| NodeStatus { node: self.node.clone(), machines: vec![], config_error: None })
+    }
+
+    pub async fn transition(&self, container: &str, transition: Transition) -> Result<State, String> {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.tx.send(Command::Transition { container: container.into(), transition, reply }).await;
+        rx.await.unwrap_or_else(|_| Err("the agent is shutting down".into()))
+    }
+
+    /// Applies a freshly loaded container set, or records why loading it failed (nothing changes then).
+    pub async fn reload(&self, set: Result<ContainerSet, String>) {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.tx.send(Command::Reload { set, reply }).await;
+        let _ = rx.await;
+    }
+
+    /// Stops managing; containers keep running and are adopted by the next agent.
+    pub async fn shutdown(&self) {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.tx.send(Command::Shutdown { reply }).await;
+        let _ = rx.await;
+    }
+}
+
+struct Agent {
+    deps: Arc<MachineDeps>,
+    set: ContainerSet,
+    machines: BTreeMap<String, MachineHandle>,
+    config_error: Option<String>,
+}
+
+/// Starts the agent with an initial container set.
+pub async fn start(deps: Arc<MachineDeps>, set: ContainerSet) -> AgentHandle {
+    let (tx, rx) = mpsc::channel(1024);
+    let handle = AgentHandle { tx: tx.clone(), node: deps.node.clone() };
+    tokio::spawn(pump_runtime_events(deps.clone(), tx));
+    let mut agent = Agent { deps, set: ContainerSet::default(), machines: BTreeMap::new(), config_error: None };
+    agent.apply(set).await;
+    tokio::spawn(agent.run(rx));
+    handle
+}
+
+impl Agent {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        while let Some(cmd) = rx.recv().await {
+            match cmd {
+                Command::Status { container, reply } => {
+                    let handles: Vec<&MachineHandle> =
+                        self.machines.values().filter(|m| container.as_ref().is_none_or(|c| *c == m.name)).collect();
+                    let machines = join_all(handles.into_iter().map(|m| m.status())).await.into_iter().flatten().collect();
+                    let _ = reply.send(NodeStatus { node: self.deps.node.clone(), machines, config_error: self.config_error.clone() });
+                }
+                Command::Transition { container, transition, reply } => {
+                    let result = match self.machines.get(&container) {
+                        Some(m) => m.request(transition).await,
+                        None => Err(format!("no container named {container:?} is managed on {}", self.deps.node)),
+                    };
+                    let _ = reply.send(result);
+                }
+                Command::Reload { set, reply } => {
+                    match set {
+                        Ok(set) => {
+                            self.config_error = None;
+                            self.apply(set).await;
+                        }
+                        Err(e) => {
+                            tracing::error!(errors = %e, "config refused; the running set is unchanged");
+                            self.config_error = Some(e);
+                        }
+                    }
+                    let _ = reply.send(());
+                }
+                Command::RuntimeEvent(event) => {
+                    if let Some(m) = self.machines.get(&event.name) {
+                        m.send(Input::Runtime(event)).await;
+                    }
+                }
+                Command::RuntimeReconnected => {
+                    for m in self.machines.values() {
+                        m.send(Input::Resync).await;
+                    }
+                    self.purge_orphans().await;
+                }
+                Command::Shutdown { reply } => {
+                    join_all(self.machines.values().map(|m| m.shutdown(false))).await;
+                    let _ = reply.send(());
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Moves from the current set to `set`.
+    async fn apply(&mut self, set: ContainerSet) {
+        let existing = match self.deps.runtime.list(&self.deps.node).await {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list containers; machines will find their containers as events arrive");
+                Vec::new()
+            }
+        };
+        let mut by_name: HashMap<String, Vec<ContainerInfo>> = HashMap::new();
+        for c in existing {
+            if let Some(name) = c.label(LABEL_NAME) {
+                by_name.entry(name.to_string()).or_default().push(c);
+            }
+        }
+        let present: BTreeMap<&String, &ContainerConfig> =
+            set.containers.iter().filter(|(_, c)| c.ensure == Ensure::Present).collect();
+
+        // Gone from the config (or now `ensure: absent`): stop managing, and remove when purging.
+        let gone: Vec<String> = self.machines.keys().filter(|n| !present.contains_key(n)).cloned().collect();
+        for name in gone {
+            let absent = set.containers.get(&name).is_some_and(|c| c.ensure == Ensure::Absent);
+            let machine = self.machines.remove(&name).expect("listed above");
+            machine.shutdown(set.purge || absent).await;
+            by_name.remove(&name);
+        }
+        for (name, cfg) in present {
+            match self.machines.get(name) {
+                Some(m) => {
+                    if self.set.containers.get(name) != Some(cfg) {
+                        m.send(Input::Reconfigure(Box::new(cfg.clone()))).await;
+                    }
+                }
+                None => {
+                    let adopt = pick_adoptable(&self.deps, by_name.remove(name).unwrap_or_default()).await;
+                    let handle = machine::spawn(cfg.clone(), self.deps.clone(), adopt).await;
+                    self.machines.insert(name.clone(), handle);
+                }
+            }
+        }
+        // Declared absent but never managed by this agent run: remove whatever is left of it.
+        for (name, _) in set.containers.iter().filter(|(_, c)| c.ensure == Ensure::Absent) {
+            for c in by_name.remove(name).unwrap_or_default() {
+                self.remove_container(&c, "ensure: absent").await;
+            }
+        }
+        self.set = set;
+        self.purge_orphans().await;
+    }
+
+    /// Removes containers labelled for this node that no machine manages, when purge is on.
+    async fn purge_orphans(&self) {
+        if !self.set.purge {
+            return;
+        }
+        let Ok(list) = self.deps.runtime.list(&self.deps.node).await else { return };
+        for c in list {
+            let managed = c.label(LABEL_NAME).is_some_and(|n| self.machines.contains_key(n));
+            if !managed {
+                self.remove_container(&c, "purge: not in the config").await;
+            }
+        }
+    }
+
+    async fn remove_container(&self, c: &ContainerInfo, why: &str) {
+        tracing::info!(container = %c.container_name, id = %c.id, reason = why, "removing container");
+        if c.state == RunState::Running {
+            let _ = self.deps.runtime.stop(&c.id, self.deps.stop_grace).await;
+        }
+        if let Err(e) = self.deps.runtime.remove(&c.id).await {
+            tracing::warn!(container = %c.container_name, error = %e, "could not remove");
+        }
+    }
+}
+
+/// Of the containers that carry one name (normally one; more after a crash mid-replace), keeps the
+/// newest running one to adopt and removes the rest, so a name never has duplicates.
+async fn pick_adoptable(deps: &MachineDeps, mut candidates: Vec<ContainerInfo>) -> Option<ContainerInfo> {
+    candidates.sort_by_key(|c| (c.state == RunState::Running, c.created));
+    let keep = candidates.pop();
+    for extra in candidates {
+        tracing::warn!(container = %extra.container_name, id = %extra.id, "removing a duplicate container");
+        let _ = deps.runtime.remove(&extra.id).await;
+    }
+    keep
+}
+
+/// Forwards runtime events to the agent, reconnecting with backoff when the runtime goes away (a
+/// Docker daemon restart) and asking every machine to re-inspect once it is back.
+async fn pump_runtime_events(deps: Arc<MachineDeps>, tx: mpsc::Sender<Command>) {
+    let mut retry = Duration::from_millis(250);
+    let mut first = true;
+    loop {
+        match deps.runtime.events(&deps.node).await {
+            Ok(mut events) => {
+                retry = Duration::from_millis(250);
+                if !first && tx.send(Command::RuntimeReconnected).await.is_err() {
+                    return;
+                }
+                first = false;
+                while let Some(event) = events.next().await {
+                    if tx.send(Command::RuntimeEvent(event)).await.is_err() {
+                        return;
+                    }
+                }
+                tracing::warn!("runtime event stream ended; reconnecting");
+            }
+            Err(e) => tracing::warn!(error = %e, "runtime events unavailable; retrying"),
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(retry).await;
+        retry = (retry * 2).min(Duration::from_secs(10));
+    }
+}

@@ -1,0 +1,1070 @@
+//! One actor per container: it owns that container's state machine and is fed by one channel of
+//! inputs (runtime events, probe results, KV tag changes, file touches, operator requests, timers and
+//! the results of its own background jobs). Nothing is shared between machines; the agent talks to
+//! each through its `MachineHandle`.
+//!
+//! The shape follows a reconcile loop: in RUN the machine compares the container it observes with
+//! the one it wants (`reconcile_run`) and picks the transition that closes the gap. Slow work (governor
+//! waits, pulls, create/start, stop) runs as a cancellable job whose outcome comes back as an input, so
+//! the actor always answers status and operator requests at once.
+
+use crate::backend::{Events, Governor, HOIST_BUCKET, Kv, Lease, TRANSITION_PROTOCOL, TransitionEvent, tag_key};
+use crate::backoff::CrashLoop;
+use crate::config::{ContainerConfig, RolloutConfig};
+use crate::files::FileWatch;
+use crate::fsm::{self, State, Transition};
+use crate::persist::{Remembered, StateStore};
+use crate::runtime::{ContainerInfo, RunState, Runtime, RuntimeEvent, RuntimeEventKind, RuntimeHealth};
+use crate::spec::{ContainerSpec, ImageVersion, LABEL_SPEC};
+use crate::status::{Health, MachineStatus};
+use futures_util::StreamExt;
+use rand::Rng;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::AbortHandle;
+
+/// The machine version reported in events and status, as the original module's machines had.
+pub const MACHINE_VERSION: &str = "1.0.0";
+
+/// What every machine of an agent shares: the adapters and the agent-wide settings.
+pub struct MachineDeps {
+    pub runtime: Arc<dyn Runtime>,
+    pub kv: Arc<dyn Kv>,
+    pub governor: Arc<dyn Governor>,
+    pub events: Arc<dyn Events>,
+    pub files: Arc<dyn FileWatch>,
+    pub store: StateStore,
+    pub node: String,
+    pub name_prefix: String,
+    pub stop_grace: Duration,
+    pub rollout: RolloutConfig,
+}
+
+/// Everything a machine reacts to.
+#[derive(Debug)]
+pub enum Input {
+    Runtime(RuntimeEvent),
+    /// The runtime's event stream was lost and is back: re-inspect, events may have been missed.
+    Resync,
+    /// The raw `HOIST` value for this container's tag; None when the key is absent or deleted.
+    DesiredVersion(Option<String>),
+    FileTouched(PathBuf),
+    Reconfigure(Box<ContainerConfig>),
+    Request(Transition, oneshot::Sender<Result<State, String>>),
+    Status(oneshot::Sender<MachineStatus>),
+    /// Stop managing. With `remove`, the container is removed too (purge, `ensure: absent`).
+    Shutdown { remove: bool, done: oneshot::Sender<()> },
+    Probe { epoch: u64, result: Result<(), String> },
+    /// A job waited this long for a governor slot (for metrics).
+    GovernorWaited(Duration),
+    JobDone { epoch: u64, outcome: JobOutcome },
+    Timer { epoch: u64, timer: TimerKind },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimerKind {
+    /// The new container has had `healthy_deadline` to pass its gate.
+    GateDeadline,
+    /// A container without any health check has now run long enough to be trusted.
+    Unverified,
+    /// A failed pull is tried again (UPDATE leaves the running container alone meanwhile).
+    RetryPull,
+}
+
+#[derive(Debug)]
+pub struct JobOutcome {
+    /// A governor slot the job took and the machine now holds.
+    lease: Option<Lease>,
+    result: Result<JobDone, String>,
+}
+
+#[derive(Debug)]
+enum JobDone {
+    /// A container is running (new, or adopted as it was).
+    Running(ContainerInfo),
+    Pulled,
+    Stopped,
+}
+
+/// The agent's way to reach a machine.
+#[derive(Clone, Debug)]
+pub struct MachineHandle {
+    pub name: String,
+    tx: mpsc::Sender<Input>,
+}
+
+impl MachineHandle {
+    pub async fn send(&self, input: Input) {
+        // A machine that has shut down no longer cares.
+        let _ = self.tx.send(input).await;
+    }
+
+    pub async fn status(&self) -> Option<MachineStatus> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Input::Status(tx)).await;
+        rx.await.ok()
+    }
+
+    pub async fn request(&self, transition: Transition) -> Result<State, String> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Input::Request(transition, tx)).await;
+        rx.await.unwrap_or_else(|_| Err(format!("{} is shutting down", self.name)))
+    }
+
+    pub async fn shutdown(&self, remove: bool) {
+        let (done, rx) = oneshot::channel();
+        self.send(Input::Shutdown { remove, done }).await;
+        let _ = rx.await;
+    }
+}
+
+/// Progress of the health gate a new (or adopted) container must pass before RUN.
+#[derive(Debug, Default)]
+struct Gate {
+    /// A probe success has been seen since this container started.
+    probe_passed: bool,
+    /// Consecutive probe failures outside the start period.
+    probe_failures: u32,
+    /// The container has run long enough without any check (`unverified_wait`).
+    waited: bool,
+}
+
+pub struct Machine {
+    cfg: ContainerConfig,
+    deps: Arc<MachineDeps>,
+    tx: mpsc::Sender<Input>,
+    instance_id: String,
+    state: State,
+    container: Option<ContainerInfo>,
+    kv_version: Option<ImageVersion>,
+    last_good_image: Option<String>,
+    lease: Option<Lease>,
+    /// Bumped whenever a job, probe or timer is superseded, so their late results are ignored.
+    epoch: u64,
+    cancel_job: Option<watch::Sender<bool>>,
+    gate: Gate,
+    probe_task: Option<AbortHandle>,
+    watch_tasks: Vec<AbortHandle>,
+    crash: CrashLoop,
+    next_delay: Duration,
+    restarts: u64,
+    last_error: Option<String>,
+    activity: Option<String>,
+    governor_wait: Duration,
+    /// When the current update began (UPDATE entered), until the container is back in RUN.
+    update_started: Option<Instant>,
+    last_update: Option<Duration>,
+    /// Transitions decided while handling an input, applied in order once it is handled.
+    pending: Vec<(Transition, String)>,
+}
+
+/// Spawns a machine for `cfg`, adopting `existing` if the runtime already has its container.
+pub async fn spawn(cfg: ContainerConfig, deps: Arc<MachineDeps>, existing: Option<ContainerInfo>) -> MachineHandle {
+    let (tx, rx) = mpsc::channel(256);
+    let remembered = deps.store.load(&cfg.name).await;
+    let kv_version = remembered
+        .as_ref()
+        .and_then(|r| r.desired_version.as_deref())
+        .and_then(|v| ImageVersion::parse(v).ok());
+    let machine = Machine {
+        instance_id: new_instance_id(),
+        state: State::Start,
+        container: existing,
+        kv_version,
+        last_good_image: remembered.as_ref().and_then(|r| r.last_good_image.clone()),
+        lease: None,
+        epoch: 0,
+        cancel_job: None,
+        gate: Gate::default(),
+        probe_task: None,
+        watch_tasks: Vec::new(),
+        crash: CrashLoop::default(),
+        next_delay: Duration::ZERO,
+        restarts: remembered.as_ref().map_or(0, |r| r.restarts),
+        last_error: None,
+        activity: None,
+        governor_wait: Duration::ZERO,
+        update_started: None,
+        last_update: None,
+        pending: Vec::new(),
+        tx: tx.clone(),
+        deps,
+        cfg,
+    };
+    let handle = MachineHandle { name: machine.cfg.name.clone(), tx };
+    let initial = match remembered.map(|r| r.state) {
+        // An operator's maintenance outlives an agent restart; an unfinished stop is finished.
+        Some(State::Maintenance) => State::Maintenance,
+        Some(State::Stop) => State::Stop,
+        _ => State::Start,
+    };
+    tokio::spawn(machine.run(rx, initial));
+    handle
+}
+
+impl Machine {
+    async fn run(mut self, mut rx: mpsc::Receiver<Input>, initial: State) {
+        self.start_watches();
+        self.state = initial;
+        tracing::info!(container = %self.cfg.name, state = %initial, "machine loaded");
+        self.enter().await;
+        self.apply_pending().await;
+        while let Some(input) = rx.recv().await {
+            if let Input::Shutdown { remove, done } = input {
+                self.shutdown(remove).await;
+                let _ = done.send(());
+                return;
+            }
+            self.handle(input).await;
+            self.apply_pending().await;
+        }
+    }
+
+    fn spec(&self) -> ContainerSpec {
+        self.cfg.spec(&self.deps.node, &self.deps.name_prefix, &self.desired_version())
+    }
+
+    fn desired_version(&self) -> ImageVersion {
+        match (&self.kv_version, self.cfg.kv_update) {
+            (Some(v), true) => v.clone(),
+            _ => self.cfg.image_tag.clone(),
+        }
+    }
+
+    fn machine_name(&self) -> String {
+        format!("hoist_{}", self.cfg.name)
+    }
+
+    async fn handle(&mut self, input: Input) {
+        match input {
+            Input::Runtime(event) => self.on_runtime_event(event).await,
+            Input::Resync => self.resync().await,
+            Input::DesiredVersion(raw) => self.on_desired_version(raw).await,
+            Input::FileTouched(path) => {
+                if self.state == State::Run {
+                    self.want(Transition::Restart, format!("{} changed", path.display()));
+                } else {
+                    tracing::debug!(container = %self.cfg.name, path = %path.display(), state = %self.state, "file touched outside RUN, ignored");
+                }
+            }
+            Input::Reconfigure(cfg) => self.reconfigure(*cfg).await,
+            Input::Request(transition, reply) => {
+                let result = self.request(transition).await;
+                let _ = reply.send(result);
+            }
+            Input::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Input::Probe { epoch, result } if epoch == self.epoch => self.on_probe(result).await,
+            Input::GovernorWaited(waited) => self.governor_wait += waited,
+            Input::JobDone { epoch, outcome } => self.on_job_done(epoch, outcome).await,
+            Input::Timer { epoch, timer } if epoch == self.epoch => self.on_timer(timer).await,
+            Input::Probe { .. } | Input::Timer { .. } => {}
+            Input::Shutdown { .. } => unreachable!("handled by the run loop"),
+        }
+    }
+
+    /// An operator's request: checked against the table and applied now.
+    async fn request(&mut self, transition: Transition) -> Result<State, String> {
+        if !transition.operator_may_request() {
+            return Err(format!("{transition} is decided by the agent's health checks, not requested"));
+        }
+        fsm::check(self.state, transition).map_err(|e| e.to_string())?;
+        self.apply(transition, "requested by operator".into()).await;
+        Ok(self.state)
+    }
+
+    fn want(&mut self, transition: Transition, why: String) {
+        self.pending.push((transition, why));
+    }
+
+    async fn apply_pending(&mut self) {
+        while !self.pending.is_empty() {
+            let (transition, why) = self.pending.remove(0);
+            if fsm::check(self.state, transition).is_ok() {
+                self.apply(transition, why).await;
+            } else {
+                tracing::debug!(container = %self.cfg.name, %transition, state = %self.state, "transition no longer applies");
+            }
+        }
+    }
+
+    async fn apply(&mut self, transition: Transition, why: String) {
+        let Ok(to) = fsm::check(self.state, transition) else { return };
+        let from = self.state;
+        self.state = to;
+        tracing::info!(container = %self.cfg.name, %transition, %from, %to, reason = %why, "transition");
+        self.publish(transition, from, &why).await;
+        self.enter().await;
+    }
+
+    /// Starts what the current state is for.
+    async fn enter(&mut self) {
+        self.supersede();
+        self.remember().await;
+        match self.state {
+            State::Start => self.start_provision(false).await,
+            State::Restart => self.start_provision(true).await,
+            State::Update => {
+                self.update_started.get_or_insert_with(Instant::now);
+                self.start_pull();
+            }
+            State::Stop => {
+                self.release_lease().await;
+                self.start_stop();
+            }
+            State::Maintenance => {
+                self.update_started = None;
+                self.release_lease().await;
+                self.activity = None;
+            }
+            State::Run => {
+                self.release_lease().await;
+                self.activity = None;
+                self.crash.healthy(Instant::now());
+                if let Some(started) = self.update_started.take() {
+                    self.last_update = Some(started.elapsed());
+                }
+                if let Some(c) = &self.container {
+                    self.last_good_image = Some(c.image.clone());
+                    self.remember().await;
+                }
+                self.start_probe();
+                self.reconcile_run();
+            }
+        }
+    }
+
+    /// In RUN: compare what runs with what should, and pick the transition that closes the gap.
+    fn reconcile_run(&mut self) {
+        if self.state != State::Run {
+            return;
+        }
+        let spec = self.spec();
+        let why = match &self.container {
+            None => Some((Transition::Restart, "no container".to_string())),
+            Some(c) if c.state != RunState::Running => {
+                Some((Transition::Restart, format!("container not running ({})", exit_text(c.exit_code))))
+            }
+            Some(c) if c.image != spec.image_ref() => {
+                Some((Transition::Update, format!("image {} → {}", c.image, spec.image_ref())))
+            }
+            Some(c) if c.label(LABEL_SPEC) != Some(spec.hash().as_str()) => {
+                Some((Transition::Restart, "definition changed".to_string()))
+            }
+            Some(c) if c.health == RuntimeHealth::Unhealthy => {
+                Some((Transition::Restart, "Docker reports the container unhealthy".to_string()))
+            }
+            Some(_) => None,
+        };
+        if let Some((t, why)) = why {
+            self.want(t, why);
+        }
+    }
+
+    async fn on_runtime_event(&mut self, event: RuntimeEvent) {
+        let ours = self.container.as_ref().is_some_and(|c| c.id == event.container_id);
+        if !ours {
+            return;
+        }
+        let c = self.container.as_mut().expect("checked above");
+        match event.kind {
+            RuntimeEventKind::Started => {
+                c.state = RunState::Running;
+                return;
+            }
+            RuntimeEventKind::Health(h) => {
+                c.health = h;
+                if h == RuntimeHealth::Unhealthy && self.state == State::Run {
+                    self.failed("Docker reports the container unhealthy".into());
+                }
+            }
+            RuntimeEventKind::Died { exit_code } => {
+                c.state = RunState::Exited;
+                c.exit_code = exit_code;
+                self.stop_probe();
+                if matches!(self.state, State::Run | State::Start | State::Restart) && self.cancel_job.is_none() {
+                    self.failed(format!("container died ({})", exit_text(exit_code)));
+                }
+            }
+            RuntimeEventKind::Destroyed => {
+                self.container = None;
+                self.stop_probe();
+                if matches!(self.state, State::Run | State::Start | State::Restart) && self.cancel_job.is_none() {
+                    self.failed("container was removed".into());
+                }
+            }
+        }
+        self.after_observation().await;
+    }
+
+    /// Re-reads the container after the event stream was interrupted.
+    async fn resync(&mut self) {
+        let Some(id) = self.container.as_ref().map(|c| c.id.clone()) else { return };
+        match self.deps.runtime.inspect(&id).await {
+            Ok(found) => {
+                let was_running = self.container.as_ref().is_some_and(|c| c.state == RunState::Running);
+                self.container = found;
+                let running = self.container.as_ref().is_some_and(|c| c.state == RunState::Running);
+                if was_running && !running && self.cancel_job.is_none() && matches!(self.state, State::Run | State::Start | State::Restart) {
+                    self.failed("container stopped while the runtime was unreachable".into());
+                }
+                self.after_observation().await;
+            }
+            Err(e) => tracing::warn!(container = %self.cfg.name, error = %e, "resync failed"),
+        }
+    }
+
+    /// Records a failure of the running container and arranges its replacement with backoff.
+    fn failed(&mut self, why: String) {
+        tracing::warn!(container = %self.cfg.name, state = %self.state, reason = %why, "container failed");
+        self.next_delay = self.crash.failed(Instant::now());
+        self.last_error = Some(why);
+    }
+
+    /// After the container's observed state changed: in RUN reconcile, in a gate re-check or retry.
+    async fn after_observation(&mut self) {
+        match self.state {
+            State::Run => self.reconcile_run(),
+            State::Start | State::Restart if self.cancel_job.is_none() => {
+                let running = self.container.as_ref().is_some_and(|c| c.state == RunState::Running);
+                let unhealthy = self.container.as_ref().is_some_and(|c| c.health == RuntimeHealth::Unhealthy);
+                if !running || unhealthy {
+                    if unhealthy {
+                        self.failed("Docker reports the new container unhealthy".into());
+                    }
+                    self.start_provision(true).await;
+                } else {
+                    self.check_gate();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    async fn on_desired_version(&mut self, raw: Option<String>) {
+        let parsed = match raw.as_deref().map(str::trim) {
+            None => None,
+            Some(v) => match ImageVersion::parse(v) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    let msg = format!("ignored KV value for {}: {e}", tag_key(&self.cfg.name));
+                    tracing::warn!(container = %self.cfg.name, "{msg}");
+                    self.last_error = Some(msg.clone());
+                    self.notice(&msg).await;
+                    return;
+                }
+            },
+        };
+        if parsed == self.kv_version {
+            return;
+        }
+        let before = self.spec().image_ref();
+        self.kv_version = parsed;
+        self.remember().await;
+        let after = self.spec().image_ref();
+        if before == after {
+            return;
+        }
+        tracing::info!(container = %self.cfg.name, from = %before, to = %after, "desired image changed");
+        match self.state {
+            State::Run => self.reconcile_run(),
+            State::Start | State::Restart => self.want(Transition::Update, format!("KV: {after}")),
+            // A newer tag while pulling the previous one: pull the newer one instead.
+            State::Update => self.enter().await,
+            State::Stop | State::Maintenance => {}
+        }
+    }
+
+    async fn reconfigure(&mut self, cfg: ContainerConfig) {
+        let before = self.spec().hash();
+        let watches_changed = (cfg.kv_update, &cfg.restart_files) != (self.cfg.kv_update, &self.cfg.restart_files);
+        let probe_changed = cfg.health_check != self.cfg.health_check;
+        self.cfg = cfg;
+        if watches_changed {
+            for task in self.watch_tasks.drain(..) {
+                task.abort();
+            }
+            self.start_watches();
+        }
+        if probe_changed && self.probe_task.is_some() {
+            self.start_probe();
+        }
+        if self.spec().hash() == before {
+            return;
+        }
+        match self.state {
+            State::Run => self.reconcile_run(),
+            // Replace a container still being brought up with the new definition straight away: the
+            // old definition may be the reason it cannot come up.
+            State::Start | State::Restart => self.start_provision(true).await,
+            State::Update | State::Stop | State::Maintenance => {}
+        }
+    }
+
+    // ---- jobs ----------------------------------------------------------------------------------
+
+    /// Cancels the running job, probe and timers: whatever they report from now on is stale.
+    fn supersede(&mut self) {
+        self.epoch += 1;
+        if let Some(cancel) = self.cancel_job.take() {
+            let _ = cancel.send(true);
+        }
+        self.stop_probe();
+        self.gate = Gate::default();
+    }
+
+    fn spawn_job<F>(&mut self, activity: String, job: impl FnOnce(JobCtx) -> F)
+    where
+        F: Future<Output = JobOutcome> + Send + 'static,
+    {
+        let (cancel, cancelled) = watch::channel(false);
+        self.cancel_job = Some(cancel);
+        self.activity = Some(activity);
+        let ctx = JobCtx {
+            deps: self.deps.clone(),
+            cancelled,
+            holder: format!("hoist {} @ {}", self.cfg.name, self.deps.node),
+            tx: self.tx.clone(),
+        };
+        let fut = job(ctx);
+        let tx = self.tx.clone();
+        let epoch = self.epoch;
+        tokio::spawn(async move {
+            let outcome = fut.await;
+            let _ = tx.send(Input::JobDone { epoch, outcome }).await;
+        });
+    }
+
+    /// START (`replace` false: adopt a matching running container) or RESTART (always a fresh one).
+    async fn start_provision(&mut self, replace: bool) {
+        self.supersede();
+        let spec = self.spec();
+        let existing = self.container.clone();
+        let delay = std::mem::take(&mut self.next_delay);
+        // The restart governor guards replacing a container; a first start on a node replaces nothing.
+        let restart_governor = if existing.is_some() { self.cfg.restart_governor.clone() } else { None };
+        let already_holds = self.lease.is_some();
+        let update_governor = self.cfg.update_governor.clone();
+        let activity = if delay > Duration::ZERO {
+            format!("restarting in {:.1}s (backoff)", delay.as_secs_f64())
+        } else {
+            format!("starting {}", spec.image_ref())
+        };
+        self.spawn_job(activity, move |ctx| async move {
+            let mut lease = None;
+            let result = ctx
+                .provision(&spec, existing, replace, delay, restart_governor.filter(|_| !already_holds), update_governor, &mut lease)
+                .await;
+            JobOutcome { lease, result }
+        });
+    }
+
+    fn start_pull(&mut self) {
+        let image = self.spec().image_ref();
+        let governor = self.cfg.update_governor.clone();
+        self.spawn_job(format!("pulling {image}"), move |ctx| async move {
+            let mut lease = None;
+            let result = ctx.pull(&image, governor, &mut lease).await.map(|()| JobDone::Pulled);
+            // The update governor limits concurrent pulls only; the restart that follows is governed
+            // by the restart governor.
+            if let Some(l) = lease.take() {
+                ctx.release(l).await;
+            }
+            JobOutcome { lease: None, result }
+        });
+    }
+
+    fn start_stop(&mut self) {
+        let id = self.container.as_ref().filter(|c| c.state == RunState::Running).map(|c| c.id.clone());
+        self.spawn_job("stopping".into(), move |ctx| async move {
+            let result = match id {
+                Some(id) => ctx.deps.runtime.stop(&id, ctx.deps.stop_grace).await.map_err(|e| e.to_string()),
+                None => Ok(()),
+            };
+            JobOutcome { lease: None, result: result.map(|()| JobDone::Stopped) }
+        });
+    }
+
+    async fn on_job_done(&mut self, epoch: u64, outcome: JobOutcome) {
+        if epoch != self.epoch {
+            if let Some(lease) = outcome.lease {
+                release(&*self.deps.governor, lease).await;
+            }
+            return;
+        }
+        self.cancel_job = None;
+        self.activity = None;
+        if let Some(lease) = outcome.lease {
+            self.lease = Some(lease);
+        }
+        match outcome.result {
+            Ok(JobDone::Running(info)) => {
+                let replaced = self.container.as_ref().is_some_and(|c| c.id != info.id);
+                if replaced && self.state == State::Restart {
+                    self.restarts += 1;
+                    self.remember().await;
+                }
+                self.container = Some(info);
+                self.begin_gate();
+            }
+            Ok(JobDone::Pulled) => self.want(Transition::Restart, format!("pulled {}", self.spec().image_ref())),
+            Ok(JobDone::Stopped) => {
+                if let Some(c) = self.container.as_mut() {
+                    c.state = RunState::Exited;
+                }
+                self.want(Transition::Maintenance, "stopped by operator".into());
+            }
+            Err(e) => {
+                tracing::warn!(container = %self.cfg.name, state = %self.state, error = %e, "job failed");
+                self.last_error = Some(e.clone());
+                self.notice(&e).await;
+                // Retry the same step after a backoff; the running container (if any) is untouched.
+                self.next_delay = self.crash.failed(Instant::now()).max(Duration::from_secs(1));
+                match self.state {
+                    State::Start | State::Restart => self.start_provision(true).await,
+                    State::Update => {
+                        let delay = std::mem::take(&mut self.next_delay);
+                        self.activity = Some(format!("retrying the pull in {:.0}s", delay.as_secs_f64()));
+                        self.timer(self.epoch, TimerKind::RetryPull, delay);
+                    }
+                    State::Stop => self.want(Transition::Maintenance, format!("stop failed: {e}")),
+                    State::Run | State::Maintenance => {}
+                }
+            }
+        }
+    }
+
+    // ---- health gate ---------------------------------------------------------------------------
+
+    fn begin_gate(&mut self) {
+        self.gate = Gate::default();
+        self.start_probe();
+        let epoch = self.epoch;
+        self.timer(epoch, TimerKind::GateDeadline, self.deps.rollout.healthy_deadline);
+        if self.cfg.health_check.is_none() {
+            let ran_for = self.container.as_ref().map_or(Duration::ZERO, |c| Duration::from_secs((unix_now() - c.started_at).max(0) as u64));
+            let remaining = self.deps.rollout.unverified_wait.saturating_sub(ran_for);
+            self.timer(epoch, TimerKind::Unverified, remaining);
+        }
+        self.activity = Some("waiting for the container to become healthy".into());
+        self.check_gate();
+    }
+
+    fn check_gate(&mut self) {
+        if !matches!(self.state, State::Start | State::Restart) || self.cancel_job.is_some() {
+            return;
+        }
+        let Some(c) = &self.container else { return };
+        let docker_ok = matches!(c.health, RuntimeHealth::None | RuntimeHealth::Healthy);
+        let hoist_ok = if self.cfg.health_check.is_some() { self.gate.probe_passed } else { self.gate.waited || c.health == RuntimeHealth::Healthy };
+        if c.state == RunState::Running && docker_ok && hoist_ok {
+            let how = match (c.health, &self.cfg.health_check) {
+                (_, Some(_)) | (RuntimeHealth::Healthy, None) => "healthy",
+                _ => "running, unverified (no health check)",
+            };
+            self.want(Transition::HealthCheck, how.into());
+        }
+    }
+
+    async fn on_timer(&mut self, timer: TimerKind) {
+        match timer {
+            TimerKind::Unverified => {
+                self.gate.waited = true;
+                self.check_gate();
+            }
+            TimerKind::GateDeadline if matches!(self.state, State::Start | State::Restart) && self.cancel_job.is_none() => {
+                self.failed(format!("not healthy within {}", humantime::format_duration(self.deps.rollout.healthy_deadline)));
+                self.start_provision(true).await;
+            }
+            TimerKind::RetryPull if self.state == State::Update => self.enter().await,
+            TimerKind::GateDeadline | TimerKind::RetryPull => {}
+        }
+    }
+
+    fn timer(&self, epoch: u64, timer: TimerKind, after: Duration) {
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let _ = tx.send(Input::Timer { epoch, timer }).await;
+        });
+    }
+
+    // ---- probes --------------------------------------------------------------------------------
+
+    fn start_probe(&mut self) {
+        self.stop_probe();
+        let (Some(check), Some(container)) = (self.cfg.health_check.clone(), self.container.clone()) else { return };
+        if container.state != RunState::Running {
+            return;
+        }
+        let runtime = self.deps.runtime.clone();
+        let tx = self.tx.clone();
+        let epoch = self.epoch;
+        let task = tokio::spawn(async move {
+            loop {
+                let result = runtime.probe(&container, &check.probe, check.timeout).await;
+                if tx.send(Input::Probe { epoch, result }).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(check.interval).await;
+            }
+        });
+        self.probe_task = Some(task.abort_handle());
+    }
+
+    fn stop_probe(&mut self) {
+        if let Some(task) = self.probe_task.take() {
+            task.abort();
+        }
+    }
+
+    async fn on_probe(&mut self, result: Result<(), String>) {
+        let Some(check) = &self.cfg.health_check else { return };
+        match result {
+            Ok(()) => {
+                self.gate.probe_failures = 0;
+                self.gate.probe_passed = true;
+                self.check_gate();
+            }
+            Err(why) => {
+                let started = self.container.as_ref().map_or(0, |c| c.started_at);
+                if (unix_now() - started) < check.start_period.as_secs() as i64 {
+                    return;
+                }
+                self.gate.probe_failures += 1;
+                tracing::debug!(container = %self.cfg.name, failures = self.gate.probe_failures, reason = %why, "probe failed");
+                if self.gate.probe_failures >= check.retries.max(1) {
+                    let why = format!("health check failed {} times: {why}", self.gate.probe_failures);
+                    self.gate.probe_failures = 0;
+                    match self.state {
+                        State::Run => {
+                            self.failed(why.clone());
+                            self.want(Transition::Restart, why);
+                        }
+                        State::Start | State::Restart if self.cancel_job.is_none() => {
+                            self.failed(why);
+                            self.start_provision(true).await;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- watches -------------------------------------------------------------------------------
+
+    fn start_watches(&mut self) {
+        if self.cfg.kv_update {
+            let kv = self.deps.kv.clone();
+            let tx = self.tx.clone();
+            let key = tag_key(&self.cfg.name);
+            let resync = self.cfg.kv_interval.max(Duration::from_secs(60));
+            let task = tokio::spawn(watch_desired_tag(kv, key, resync, tx));
+            self.watch_tasks.push(task.abort_handle());
+        }
+        if !self.cfg.restart_files.is_empty() {
+            let mut touched = self.deps.files.watch(&self.cfg.restart_files);
+            let tx = self.tx.clone();
+            let task = tokio::spawn(async move {
+                while let Some(path) = touched.next().await {
+                    if tx.send(Input::FileTouched(path)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            self.watch_tasks.push(task.abort_handle());
+        }
+    }
+
+    // ---- leases, events, status ----------------------------------------------------------------
+
+    async fn release_lease(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            release(&*self.deps.governor, lease).await;
+        }
+    }
+
+    async fn shutdown(&mut self, remove: bool) {
+        self.supersede();
+        for task in self.watch_tasks.drain(..) {
+            task.abort();
+        }
+        self.release_lease().await;
+        if remove {
+            if let Some(c) = self.container.take() {
+                if c.state == RunState::Running {
+                    let _ = self.deps.runtime.stop(&c.id, self.deps.stop_grace).await;
+                }
+                if let Err(e) = self.deps.runtime.remove(&c.id).await {
+                    tracing::warn!(container = %self.cfg.name, error = %e, "could not remove the container");
+                }
+            }
+            let _ = self.deps.store.forget(&self.cfg.name).await;
+            tracing::info!(container = %self.cfg.name, "removed");
+        } else {
+            self.remember().await;
+        }
+    }
+
+    async fn remember(&self) {
+        let remembered = Remembered {
+            state: self.state,
+            desired_version: self.kv_version.as_ref().map(|v| v.to_string()),
+            last_good_image: self.last_good_image.clone(),
+            restarts: self.restarts,
+        };
+        if let Err(e) = self.deps.store.save(&self.cfg.name, &remembered).await {
+            tracing::warn!(container = %self.cfg.name, error = %e, "could not save machine state");
+        }
+    }
+
+    async fn publish(&self, transition: Transition, from: State, why: &str) {
+        let event = TransitionEvent {
+            protocol: TRANSITION_PROTOCOL.into(),
+            identity: self.deps.node.clone(),
+            id: self.instance_id.clone(),
+            version: MACHINE_VERSION.into(),
+            timestamp: unix_now(),
+            machine: self.machine_name(),
+            transition: transition.to_string(),
+            from_state: from.to_string(),
+            to_state: self.state.to_string(),
+            detail: Some(why.to_string()),
+            image: Some(self.spec().image_ref()),
+        };
+        if let Err(e) = self.deps.events.publish(&event).await {
+            tracing::debug!(error = %e, "could not publish a transition event");
+        }
+    }
+
+    /// A problem worth an event but no state change (a refused KV value, a failed pull).
+    async fn notice(&self, message: &str) {
+        let state = self.state.to_string();
+        let event = TransitionEvent {
+            protocol: TRANSITION_PROTOCOL.into(),
+            identity: self.deps.node.clone(),
+            id: self.instance_id.clone(),
+            version: MACHINE_VERSION.into(),
+            timestamp: unix_now(),
+            machine: self.machine_name(),
+            transition: "error".into(),
+            from_state: state.clone(),
+            to_state: state,
+            detail: Some(message.to_string()),
+            image: Some(self.spec().image_ref()),
+        };
+        if let Err(e) = self.deps.events.publish(&event).await {
+            tracing::debug!(error = %e, "could not publish an error event");
+        }
+    }
+
+    fn status(&self) -> MachineStatus {
+        let spec = self.spec();
+        let running = self.container.as_ref().filter(|c| c.state == RunState::Running);
+        let health = match running {
+            None => Health::Down,
+            Some(c) => match (c.health, self.state, self.cfg.health_check.is_some()) {
+                (RuntimeHealth::Unhealthy, ..) => Health::Unhealthy,
+                (_, State::Start | State::Restart, _) => Health::Starting,
+                (RuntimeHealth::Healthy, ..) | (_, _, true) => Health::Healthy,
+                (RuntimeHealth::Starting, ..) => Health::Starting,
+                _ => Health::Unverified,
+            },
+        };
+        let image = self.container.as_ref().map(|c| c.image.clone());
+        let version = image
+            .as_deref()
+            .and_then(version_of)
+            .unwrap_or_else(|| spec.version.to_string());
+        MachineStatus {
+            name: self.machine_name(),
+            container: self.cfg.name.clone(),
+            node: self.deps.node.clone(),
+            id: self.instance_id.clone(),
+            state: self.state,
+            version,
+            image,
+            desired_image: spec.image_ref(),
+            container_id: self.container.as_ref().map(|c| c.id.chars().take(12).collect()),
+            started: running.map(|c| c.started_at),
+            available_transitions: self.state.available_transitions(),
+            health,
+            restarts: self.restarts,
+            last_error: self.last_error.clone(),
+            condition: self.crash.condition(),
+            activity: self.activity.clone(),
+            governor_wait_seconds: self.governor_wait.as_secs_f64(),
+            last_update_seconds: self.last_update.map(|d| d.as_secs_f64()),
+        }
+    }
+}
+
+/// Follows the container's tag key: the watch delivers changes as they happen; a slow jittered
+/// re-read catches anything a reconnect gap lost. Backs off when the backend is unreachable.
+async fn watch_desired_tag(kv: Arc<dyn Kv>, key: String, resync: Duration, tx: mpsc::Sender<Input>) {
+    let mut retry = Duration::from_millis(500);
+    loop {
+        match kv.watch(HOIST_BUCKET, &key).await {
+            Ok(mut updates) => {
+                retry = Duration::from_millis(500);
+                // The watch delivers the current value first, if there is one; absent means "use image_tag".
+                match kv.get(HOIST_BUCKET, &key).await {
+                    Ok(None) => {
+                        if tx.send(Input::DesiredVersion(None)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Some(_)) | Err(_) => {}
+                }
+                loop {
+                    let jitter = rand::rng().random_range(0.8..1.2);
+                    tokio::select! {
+                        entry = updates.next() => match entry {
+                            Some(entry) => {
+                                let value = (entry.operation == crate::backend::KvOperation::Put).then(|| entry.value_str());
+                                if tx.send(Input::DesiredVersion(value)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            None => break,
+                        },
+                        _ = tokio::time::sleep(resync.mul_f64(jitter)) => {
+                            if let Ok(entry) = kv.get(HOIST_BUCKET, &key).await {
+                                if tx.send(Input::DesiredVersion(entry.map(|e| e.value_str()))).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(key = %key, error = %e, "KV watch unavailable, retrying"),
+        }
+        tokio::time::sleep(retry).await;
+        retry = (retry * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// What a job may use: the adapters, and a signal that it has been superseded.
+struct JobCtx {
+    deps: Arc<MachineDeps>,
+    cancelled: watch::Receiver<bool>,
+    holder: String,
+    tx: mpsc::Sender<Input>,
+}
+
+impl JobCtx {
+    async fn or_cancelled<T>(&self, fut: impl Future<Output = T>) -> Result<T, String> {
+        let mut cancelled = self.cancelled.clone();
+        tokio::select! {
+            out = fut => Ok(out),
+            _ = cancelled.wait_for(|c| *c) => Err("superseded".into()),
+        }
+    }
+
+    async fn acquire(&self, governor: &str) -> Result<Lease, String> {
+        let timeout = self.deps.rollout.governor_timeout;
+        let began = Instant::now();
+        let lease = self.or_cancelled(self.deps.governor.acquire(governor, &self.holder, timeout)).await;
+        let _ = self.tx.send(Input::GovernorWaited(began.elapsed())).await;
+        lease?.map_err(|e| e.to_string())
+    }
+
+    async fn release(&self, lease: Lease) {
+        release(&*self.deps.governor, lease).await;
+    }
+
+    /// Pulls under the update governor, if one is set.
+    async fn pull(&self, image: &str, governor: Option<String>, lease: &mut Option<Lease>) -> Result<(), String> {
+        if let Some(g) = governor {
+            *lease = Some(self.acquire(&g).await?);
+        }
+        let image_owned = image.to_string();
+        let progress = move |p: crate::runtime::PullProgress| {
+            tracing::debug!(image = %image_owned, status = %p.status, current = ?p.current, total = ?p.total, "pull");
+        };
+        let pulled = self.or_cancelled(self.deps.runtime.pull(image, &progress)).await?;
+        match pulled {
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn provision(
+        &self,
+        spec: &ContainerSpec,
+        existing: Option<ContainerInfo>,
+        replace: bool,
+        delay: Duration,
+        restart_governor: Option<String>,
+        update_governor: Option<String>,
+        lease: &mut Option<Lease>,
+    ) -> Result<JobDone, String> {
+        if delay > Duration::ZERO {
+            self.or_cancelled(tokio::time::sleep(delay)).await?;
+        }
+        if let Some(c) = existing.as_ref().filter(|c| !replace && c.state == RunState::Running) {
+            if c.label(LABEL_SPEC) == Some(spec.hash().as_str()) {
+                tracing::info!(container = %spec.name, id = %c.id, "adopted the running container");
+                return Ok(JobDone::Running(c.clone()));
+            }
+        }
+        let runtime = &self.deps.runtime;
+        let image = spec.image_ref();
+        if runtime.image_id(&image).await.map_err(|e| e.to_string())?.is_none() {
+            let mut pull_lease = None;
+            let pulled = self.pull(&image, update_governor, &mut pull_lease).await;
+            if let Some(l) = pull_lease {
+                self.release(l).await;
+            }
+            pulled?;
+        }
+        if let Some(g) = restart_governor {
+            *lease = Some(self.acquire(&g).await?);
+        }
+        if let Some(old) = &existing {
+            self.or_cancelled(runtime.remove(&old.id)).await?.map_err(|e| e.to_string())?;
+        }
+        let info = self.or_cancelled(runtime.run(spec)).await?.map_err(|e| e.to_string())?;
+        Ok(JobDone::Running(info))
+    }
+}
+
+async fn release(governor: &dyn Governor, lease: Lease) {
+    if let Err(e) = governor.release(&lease).await {
+        // Expiry or an eviction already freed it; Choria only logs this too.
+        tracing::debug!(governor = %lease.governor, seq = lease.seq, error = %e, "lease release");
+    }
+}
+
+fn exit_text(code: Option<i64>) -> String {
+    code.map_or_else(|| "no exit code".into(), |c| format!("exit {c}"))
+}
+
+/// The tag or digest of an image reference.
+fn version_of(image: &str) -> Option<String> {
+    if let Some((_, digest)) = image.split_once('@') {
+        return Some(digest.to_string());
+    }
+    let last = image.rsplit('/').next()?;
+    last.split_once(':').map(|(_, tag)| tag.to_string())
+}
+
+pub fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// A random UUIDv4 string, the form Choria uses for machine instance ids.
+fn new_instance_id() -> String {
+    let mut b: [u8; 16] = rand::rng().random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
