@@ -1,1 +1,285 @@
-fn main() {}
+//! `hoist`: the per-node container manager's one binary — the agent and every CLI command.
+
+mod agent;
+mod control;
+mod inotify;
+mod metrics;
+mod output;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use control::client::ControlClient;
+use futures_util::StreamExt;
+use hoist_core::backend::{BucketConfig, Governor, Kv};
+use hoist_core::config::{AgentConfig, DEFAULT_AGENT_FILE, load_containers};
+use hoist_core::fsm::Transition;
+use hoist_core::spec::ImageVersion;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "hoist", version, about = "Keeps a node's declared Docker containers running, healthy and up to date")]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Global {
+    /// The agent file.
+    #[arg(long, short, global = true, env = "HOIST_CONFIG", default_value = DEFAULT_AGENT_FILE)]
+    config: PathBuf,
+    /// The agent's control socket (default: control.socket from the agent file).
+    #[arg(long, global = true, env = "HOIST_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent on this node.
+    Agent,
+    /// Show each container's state, version and health, with summaries.
+    Status {
+        /// Only this container.
+        container: Option<String>,
+    },
+    /// Ask a container's machine for a transition: stop, restart, update, maintenance or resume.
+    Transition { container: String, transition: Transition },
+    /// Stream state changes as they happen.
+    Watch,
+    /// Check container data files and print what would run.
+    Validate {
+        /// Data files or directories (default: `data` from the agent file).
+        files: Vec<PathBuf>,
+    },
+    /// The key-value store.
+    #[command(subcommand)]
+    Kv(KvCommand),
+    /// Governors: fleet-wide limits on concurrent pulls and restarts.
+    #[command(subcommand)]
+    Governor(GovernorCommand),
+}
+
+#[derive(Subcommand)]
+enum KvCommand {
+    /// Create a bucket, or change its settings.
+    Add {
+        bucket: String,
+        #[arg(long, default_value_t = 5)]
+        history: u8,
+        /// Entries older than this vanish, e.g. 1m.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        #[arg(long, default_value_t = 1)]
+        replicas: u8,
+    },
+    Put { bucket: String, key: String, value: String },
+    Get { bucket: String, key: String },
+    Del { bucket: String, key: String },
+    /// List buckets, or the keys of one bucket.
+    Ls { bucket: Option<String> },
+    /// Stream changes to matching keys (default: all).
+    Watch { bucket: String, pattern: Option<String> },
+}
+
+#[derive(Subcommand)]
+enum GovernorCommand {
+    /// Create a governor or change its capacity and lease expiry live.
+    Add {
+        name: String,
+        capacity: u64,
+        #[arg(value_parser = humantime::parse_duration)]
+        expire: Duration,
+        #[arg(long, default_value_t = 1)]
+        replicas: u8,
+    },
+    /// Show capacity and the leases held.
+    View { name: String },
+    /// Free one lease by its id.
+    Evict { name: String, id: u64 },
+    /// Free every lease.
+    Reset { name: String },
+    Rm { name: String },
+    Ls,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("hoist: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The agent file, or the built-in defaults when the default file does not exist.
+fn agent_config(global: &Global) -> anyhow::Result<AgentConfig> {
+    if global.config == PathBuf::from(DEFAULT_AGENT_FILE) && !global.config.exists() {
+        return Ok(AgentConfig::defaults());
+    }
+    AgentConfig::load(&global.config).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn client(global: &Global) -> anyhow::Result<ControlClient> {
+    let socket = match &global.socket {
+        Some(s) => s.clone(),
+        None => agent_config(global)?.control.socket,
+    };
+    Ok(ControlClient::new(socket))
+}
+
+fn print<T: Serialize>(json: bool, value: &T, human: impl FnOnce(&T) -> String) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value).expect("serialises"));
+    } else {
+        print!("{}", human(value));
+    }
+}
+
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HOIST_LOG").unwrap_or_else(|_| "info".into());
+    let json = std::env::var("HOIST_LOG_FORMAT").is_ok_and(|f| f == "json");
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json { builder.json().init() } else { builder.init() }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let g = &cli.global;
+    match cli.command {
+        Command::Agent => {
+            init_logs();
+            agent::run(agent_config(g)?).await?;
+        }
+        Command::Status { container } => {
+            let status = client(g)?.status(container.as_deref()).await?;
+            if let Some(c) = &container {
+                anyhow::ensure!(!status.machines.is_empty(), "no container named {c:?} is managed on {}", status.node);
+            }
+            print(g.json, &status, |s| output::status(std::slice::from_ref(s)));
+        }
+        Command::Transition { container, transition } => {
+            let state = client(g)?.transition(&container, transition).await?;
+            print(g.json, &serde_json::json!({"container": container, "transition": transition, "state": state}), |_| {
+                format!("{container}: {transition} → {state}\n")
+            });
+        }
+        Command::Watch => {
+            let mut events = client(g)?.watch().await?;
+            while let Some(e) = events.next().await {
+                print(g.json, &e, |e| format!("{}\n", output::event(e)));
+            }
+        }
+        Command::Validate { files } => return validate(g, files),
+        Command::Kv(cmd) => kv(g, &client(g)?, cmd).await?,
+        Command::Governor(cmd) => governor(g, &client(g)?, cmd).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn validate(g: &Global, files: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
+    let cfg = agent_config(g)?;
+    let files = if files.is_empty() { cfg.data.clone() } else { files };
+    match load_containers(&files, &cfg.facts()) {
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("{} error(s); nothing would change", errors.0.len());
+            Ok(ExitCode::FAILURE)
+        }
+        Ok(set) => {
+            if g.json {
+                println!("{}", serde_json::to_string_pretty(&set).expect("serialises"));
+                return Ok(ExitCode::SUCCESS);
+            }
+            for (name, c) in &set.containers {
+                match c.ensure {
+                    hoist_core::config::Ensure::Absent => println!("# {name}: ensure absent, would be removed"),
+                    hoist_core::config::Ensure::Present => {
+                        let note = if c.kv_update { " (the KV key container/".to_string() + name + "/tag may override the tag)" } else { String::new() };
+                        println!("# {name}{note}");
+                        println!("{}", c.spec(&cfg.node, &cfg.docker.name_prefix, &c.image_tag).docker_run());
+                    }
+                }
+            }
+            println!("# purge: {}", if set.purge { "on (undeclared hoist containers are removed)" } else { "off" });
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn kv(g: &Global, kv: &dyn Kv, cmd: KvCommand) -> anyhow::Result<()> {
+    match cmd {
+        KvCommand::Add { bucket, history, ttl, replicas } => {
+            let config = BucketConfig { history, ttl, replicas };
+            kv.create_bucket(&bucket, config.clone()).await?;
+            print(g.json, &config, |_| format!("bucket {bucket} ready\n"));
+        }
+        KvCommand::Put { bucket, key, value } => {
+            if bucket == hoist_core::backend::HOIST_BUCKET && key.ends_with("/tag") {
+                ImageVersion::parse(&value).map_err(|e| anyhow::anyhow!("refusing to write {key}: {e}"))?;
+            }
+            let revision = kv.put(&bucket, &key, value.as_bytes()).await?;
+            print(g.json, &serde_json::json!({"revision": revision}), |_| format!("{key} = {value} (revision {revision})\n"));
+        }
+        KvCommand::Get { bucket, key } => {
+            let entry = kv.get(&bucket, &key).await?.with_context(|| format!("no key {key} in bucket {bucket}"))?;
+            print(g.json, &entry, |e| format!("{}\n", e.value_str()));
+        }
+        KvCommand::Del { bucket, key } => {
+            kv.delete(&bucket, &key).await?;
+            print(g.json, &serde_json::json!({"deleted": key}), |_| format!("deleted {key}\n"));
+        }
+        KvCommand::Ls { bucket: None } => {
+            let buckets = kv.list_buckets().await?;
+            print(g.json, &buckets, |b| b.iter().map(|b| format!("{b}\n")).collect());
+        }
+        KvCommand::Ls { bucket: Some(bucket) } => {
+            let keys = kv.keys(&bucket).await?;
+            print(g.json, &keys, |k| k.iter().map(|k| format!("{k}\n")).collect());
+        }
+        KvCommand::Watch { bucket, pattern } => {
+            let mut entries = kv.watch(&bucket, pattern.as_deref().unwrap_or(">")).await?;
+            while let Some(e) = entries.next().await {
+                print(g.json, &e, |e| format!("[{}] {:?} {} = {}\n", e.revision, e.operation, e.key, e.value_str()));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn governor(g: &Global, gov: &dyn Governor, cmd: GovernorCommand) -> anyhow::Result<()> {
+    match cmd {
+        GovernorCommand::Add { name, capacity, expire, replicas } => {
+            gov.add(&name, capacity, expire, replicas).await?;
+            let info = gov.view(&name).await?;
+            print(g.json, &info, output::governor);
+        }
+        GovernorCommand::View { name } => print(g.json, &gov.view(&name).await?, output::governor),
+        GovernorCommand::Evict { name, id } => {
+            let lease = gov.evict(&name, id).await?;
+            print(g.json, &lease, |l| format!("evicted lease {} held by {}\n", l.seq, l.holder));
+        }
+        GovernorCommand::Reset { name } => {
+            gov.reset(&name).await?;
+            print(g.json, &serde_json::json!({"reset": name}), |_| format!("governor {name} reset\n"));
+        }
+        GovernorCommand::Rm { name } => {
+            gov.remove(&name).await?;
+            print(g.json, &serde_json::json!({"removed": name}), |_| format!("governor {name} removed\n"));
+        }
+        GovernorCommand::Ls => {
+            let names = gov.list().await?;
+            print(g.json, &names, |n| n.iter().map(|n| format!("{n}\n")).collect());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,115 @@
+//! `hoist agent`: wires the adapters into the core agent, serves the control API, and turns SIGHUP
+//! and data-file changes into config reloads.
+
+use crate::control::server::{self, Control};
+use crate::inotify::Inotify;
+use anyhow::Context;
+use futures_util::StreamExt;
+use hoist_core::agent::{self, AgentHandle};
+use hoist_core::backend::{BucketConfig, Events, Governor, HOIST_BUCKET, Kv};
+use hoist_core::config::{AgentConfig, BackendKind, load_containers};
+use hoist_core::files::FileWatch;
+use hoist_core::machine::MachineDeps;
+use hoist_core::persist::StateStore;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::signal::unix::{SignalKind, signal};
+
+struct Backends {
+    kv: Arc<dyn Kv>,
+    governor: Arc<dyn Governor>,
+    events: Arc<dyn Events>,
+}
+
+async fn open_backends(cfg: &AgentConfig) -> anyhow::Result<Backends> {
+    match cfg.backend {
+        BackendKind::Embedded => {
+            let path = cfg.state_dir.join("hoist.redb");
+            let store = hoist_embedded::EmbeddedStore::open(&path)
+                .with_context(|| format!("opening the embedded store {}", path.display()))?;
+            Ok(Backends { kv: Arc::new(store.clone()), governor: Arc::new(store.clone()), events: Arc::new(store) })
+        }
+        BackendKind::Nats => anyhow::bail!("backend: nats is not available in this build yet; use backend: embedded"),
+    }
+}
+
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let facts = cfg.facts();
+    // Refuse to start on a bad config rather than start empty: an empty set would purge what runs.
+    let set = load_containers(&cfg.data, &facts).map_err(|e| anyhow::anyhow!("refusing to start, the config has errors:\n{e}"))?;
+    tokio::fs::create_dir_all(&cfg.state_dir).await.with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+    let backends = open_backends(&cfg).await?;
+    if let Err(e) = backends.kv.bucket_config(HOIST_BUCKET).await {
+        tracing::debug!(error = %e, "creating the HOIST bucket");
+        backends.kv.create_bucket(HOIST_BUCKET, BucketConfig::default()).await.context("creating the HOIST bucket")?;
+    }
+    let runtime = hoist_docker::DockerRuntime::connect(cfg.docker.host.as_deref()).await.context("connecting to Docker")?;
+    let deps = Arc::new(MachineDeps {
+        runtime: Arc::new(runtime),
+        kv: backends.kv.clone(),
+        governor: backends.governor.clone(),
+        events: backends.events.clone(),
+        files: Arc::new(Inotify),
+        store: StateStore::new(&cfg.state_dir),
+        node: cfg.node.clone(),
+        name_prefix: cfg.docker.name_prefix.clone(),
+        stop_grace: cfg.docker.stop_grace,
+        rollout: cfg.rollout.clone(),
+    });
+    tracing::info!(node = %cfg.node, containers = set.containers.len(), "starting agent");
+    let handle = agent::start(deps, set).await;
+    let control = Control { agent: handle.clone(), kv: backends.kv, governor: backends.governor, events: backends.events };
+    serve_control(&cfg, control.clone()).await?;
+    if let Some(addr) = cfg.metrics.listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics.listen {addr}"))?;
+        tokio::spawn(async move { axum::serve(listener, server::metrics_router(control)).await });
+    }
+    tokio::spawn(reload_on_change(cfg.clone(), handle.clone()));
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    tracing::info!("shutting down; containers keep running and are adopted on the next start");
+    handle.shutdown().await;
+    let _ = std::fs::remove_file(&cfg.control.socket);
+    Ok(())
+}
+
+async fn serve_control(cfg: &AgentConfig, control: Control) -> anyhow::Result<()> {
+    let socket = &cfg.control.socket;
+    if let Some(dir) = socket.parent() {
+        tokio::fs::create_dir_all(dir).await?;
+    }
+    // A socket left by an agent that died; a live agent would still answer on it.
+    if tokio::net::UnixStream::connect(socket).await.is_ok() {
+        anyhow::bail!("another hoist agent is already serving {}", socket.display());
+    }
+    let _ = std::fs::remove_file(socket);
+    let listener = tokio::net::UnixListener::bind(socket).with_context(|| format!("binding control socket {}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))?;
+    tokio::spawn(async move { axum::serve(listener, server::router(control)).await });
+    Ok(())
+}
+
+/// Reloads the container data on SIGHUP or when a data file changes. A refused config leaves the
+/// running set untouched and is reported in `hoist status` and the logs.
+async fn reload_on_change(cfg: AgentConfig, handle: AgentHandle) {
+    let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+    let mut changes = Inotify.watch(&cfg.data);
+    let facts = cfg.facts();
+    loop {
+        let why = tokio::select! {
+            _ = hup.recv() => "SIGHUP",
+            Some(_) = changes.next() => "data file changed",
+        };
+        // Let an editor or config management finish writing every file before reading them.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        tracing::info!(reason = why, "reloading container config");
+        let loaded = load_containers(&cfg.data, &facts).map_err(|e| e.to_string());
+        handle.reload(loaded).await;
+    }
+}

@@ -1,0 +1,204 @@
+//! The CLI's side of the control API: HTTP/1.1 over the agent's Unix socket.
+
+use super::{ErrorReply, GovernorSettings, TransitionReply, TransitionRequest, segment};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use hoist_core::backend::{BackendError, BackendResult, BucketConfig, Governor, GovernorInfo, Kv, KvEntry, Lease, LeaseInfo, TransitionEvent};
+use hoist_core::fsm::{State, Transition};
+use hoist_core::status::NodeStatus;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct ControlClient {
+    socket: PathBuf,
+}
+
+type Response = hyper::Response<hyper::body::Incoming>;
+
+impl ControlClient {
+    pub fn new(socket: PathBuf) -> ControlClient {
+        ControlClient { socket }
+    }
+
+    /// One request whose non-success answer becomes an error carrying the agent's message.
+    async fn send(&self, method: Method, path: &str, body: Bytes) -> BackendResult<Response> {
+        let stream = tokio::net::UnixStream::connect(&self.socket).await.map_err(|e| {
+            BackendError::Unavailable(format!(
+                "cannot reach the hoist agent at {}: {e} (is `hoist agent` running? set --socket or control.socket)",
+                self.socket.display()
+            ))
+        })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| BackendError::Unavailable(e.to_string()))?;
+        tokio::spawn(conn);
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "hoist")
+            .header("content-type", "application/json")
+            .body(Full::new(body))
+            .expect("static request parts");
+        let response = sender.send_request(request).await.map_err(|e| BackendError::Unavailable(e.to_string()))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let message = serde_json::from_slice::<ErrorReply>(&body)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| format!("{status}: {}", String::from_utf8_lossy(&body)));
+        Err(match status {
+            StatusCode::SERVICE_UNAVAILABLE => BackendError::Unavailable(message),
+            _ => BackendError::Other(message),
+        })
+    }
+
+    async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Bytes) -> BackendResult<T> {
+        let response = self.send(method, path, body).await?;
+        let bytes = response.into_body().collect().await.map_err(|e| BackendError::Unavailable(e.to_string()))?.to_bytes();
+        serde_json::from_slice(&bytes).map_err(|e| BackendError::Other(format!("unexpected answer from the agent: {e}")))
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> BackendResult<T> {
+        self.call(Method::GET, path, Bytes::new()).await
+    }
+
+    /// A newline-delimited JSON stream; it ends when the agent closes it.
+    async fn stream<T: DeserializeOwned + Send + 'static>(&self, path: &str) -> BackendResult<BoxStream<'static, T>> {
+        let body = self.send(Method::GET, path, Bytes::new()).await?.into_body();
+        let lines = futures_util::stream::unfold((body, Vec::<u8>::new()), |(mut body, mut buf)| async move {
+            loop {
+                if let Some(end) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=end).collect();
+                    return Some((line, (body, buf)));
+                }
+                match body.frame().await {
+                    Some(Ok(frame)) => {
+                        if let Ok(data) = frame.into_data() {
+                            buf.extend_from_slice(&data);
+                        }
+                    }
+                    _ => return None,
+                }
+            }
+        });
+        Ok(lines.filter_map(|line| async move { serde_json::from_slice(&line).ok() }).boxed())
+    }
+
+    pub async fn status(&self, container: Option<&str>) -> BackendResult<NodeStatus> {
+        match container {
+            Some(c) => self.get(&format!("/v1/status?container={}", segment(c))).await,
+            None => self.get("/v1/status").await,
+        }
+    }
+
+    pub async fn transition(&self, container: &str, transition: Transition) -> BackendResult<State> {
+        let body = serde_json::to_vec(&TransitionRequest { container: container.into(), transition }).expect("serialises");
+        let reply: TransitionReply = self.call(Method::POST, "/v1/transition", body.into()).await?;
+        Ok(reply.state)
+    }
+
+    pub async fn watch(&self) -> BackendResult<BoxStream<'static, TransitionEvent>> {
+        self.stream("/v1/watch").await
+    }
+
+    pub async fn metrics(&self) -> BackendResult<String> {
+        let response = self.send(Method::GET, "/metrics", Bytes::new()).await?;
+        let bytes = response.into_body().collect().await.map_err(|e| BackendError::Unavailable(e.to_string()))?.to_bytes();
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+}
+
+fn entry_path(bucket: &str, key: &str) -> String {
+    format!("/v1/kv/{}/entry/{}", segment(bucket), key.split('/').map(segment).collect::<Vec<_>>().join("/"))
+}
+
+#[async_trait]
+impl Kv for ControlClient {
+    async fn create_bucket(&self, bucket: &str, config: BucketConfig) -> BackendResult<()> {
+        let body = serde_json::to_vec(&config).expect("serialises");
+        let _: BucketConfig = self.call(Method::PUT, &format!("/v1/kv/{}", segment(bucket)), body.into()).await?;
+        Ok(())
+    }
+
+    async fn bucket_config(&self, bucket: &str) -> BackendResult<BucketConfig> {
+        self.get(&format!("/v1/kv/{}", segment(bucket))).await
+    }
+
+    async fn delete_bucket(&self, bucket: &str) -> BackendResult<()> {
+        self.call(Method::DELETE, &format!("/v1/kv/{}", segment(bucket)), Bytes::new()).await
+    }
+
+    async fn list_buckets(&self) -> BackendResult<Vec<String>> {
+        self.get("/v1/kv").await
+    }
+
+    async fn get(&self, bucket: &str, key: &str) -> BackendResult<Option<KvEntry>> {
+        self.get(&entry_path(bucket, key)).await
+    }
+
+    async fn put(&self, bucket: &str, key: &str, value: &[u8]) -> BackendResult<u64> {
+        self.call(Method::PUT, &entry_path(bucket, key), Bytes::copy_from_slice(value)).await
+    }
+
+    async fn delete(&self, bucket: &str, key: &str) -> BackendResult<()> {
+        self.call(Method::DELETE, &entry_path(bucket, key), Bytes::new()).await
+    }
+
+    async fn keys(&self, bucket: &str) -> BackendResult<Vec<String>> {
+        self.get(&format!("/v1/kv/{}/keys", segment(bucket))).await
+    }
+
+    async fn watch(&self, bucket: &str, pattern: &str) -> BackendResult<BoxStream<'static, KvEntry>> {
+        self.stream(&format!("/v1/kv/{}/watch?pattern={}", segment(bucket), segment(pattern))).await
+    }
+}
+
+#[async_trait]
+impl Governor for ControlClient {
+    async fn add(&self, name: &str, capacity: u64, expire: Duration, replicas: u8) -> BackendResult<()> {
+        let body = serde_json::to_vec(&GovernorSettings { capacity, expire, replicas }).expect("serialises");
+        let _: GovernorInfo = self.call(Method::PUT, &format!("/v1/governors/{}", segment(name)), body.into()).await?;
+        Ok(())
+    }
+
+    async fn acquire(&self, name: &str, _holder: &str, _timeout: Duration) -> BackendResult<Lease> {
+        Err(BackendError::Other(format!("governor {name}: leases are taken by agents, not through the control socket")))
+    }
+
+    async fn release(&self, lease: &Lease) -> BackendResult<()> {
+        self.evict(&lease.governor, lease.seq).await.map(|_| ())
+    }
+
+    async fn holds(&self, lease: &Lease) -> BackendResult<bool> {
+        Ok(self.view(&lease.governor).await?.leases.iter().any(|l| l.seq == lease.seq))
+    }
+
+    async fn view(&self, name: &str) -> BackendResult<GovernorInfo> {
+        self.get(&format!("/v1/governors/{}", segment(name))).await
+    }
+
+    async fn evict(&self, name: &str, seq: u64) -> BackendResult<LeaseInfo> {
+        self.call(Method::DELETE, &format!("/v1/governors/{}/leases/{seq}", segment(name)), Bytes::new()).await
+    }
+
+    async fn reset(&self, name: &str) -> BackendResult<()> {
+        self.call(Method::POST, &format!("/v1/governors/{}/reset", segment(name)), Bytes::new()).await
+    }
+
+    async fn remove(&self, name: &str) -> BackendResult<()> {
+        self.call(Method::DELETE, &format!("/v1/governors/{}", segment(name)), Bytes::new()).await
+    }
+
+    async fn list(&self) -> BackendResult<Vec<String>> {
+        self.get("/v1/governors").await
+    }
+}

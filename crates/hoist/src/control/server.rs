@@ -1,0 +1,177 @@
+//! The agent's side of the control API.
+
+use super::{ErrorReply, GovernorSettings, TransitionReply, TransitionRequest};
+use crate::metrics;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, put};
+use futures_util::{Stream, StreamExt};
+use hoist_core::agent::AgentHandle;
+use hoist_core::backend::{BackendError, BucketConfig, Events, Governor, Kv};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+#[derive(Clone)]
+pub struct Control {
+    pub agent: AgentHandle,
+    pub kv: Arc<dyn Kv>,
+    pub governor: Arc<dyn Governor>,
+    pub events: Arc<dyn Events>,
+}
+
+pub fn router(control: Control) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/transition", post(transition))
+        .route("/v1/watch", get(watch_events))
+        .route("/v1/kv", get(list_buckets))
+        .route("/v1/kv/{bucket}", put(create_bucket).get(bucket_config).delete(delete_bucket))
+        .route("/v1/kv/{bucket}/keys", get(keys))
+        .route("/v1/kv/{bucket}/watch", get(watch_kv))
+        .route("/v1/kv/{bucket}/entry/{*key}", get(kv_get).put(kv_put).delete(kv_delete))
+        .route("/v1/governors", get(list_governors))
+        .route("/v1/governors/{name}", put(add_governor).get(view_governor).delete(remove_governor))
+        .route("/v1/governors/{name}/reset", post(reset_governor))
+        .route("/v1/governors/{name}/leases/{seq}", delete(evict))
+        .route("/metrics", get(metrics_text))
+        .with_state(control)
+}
+
+/// Only `/metrics`, for the optional TCP listener.
+pub fn metrics_router(control: Control) -> Router {
+    Router::new().route("/metrics", get(metrics_text)).with_state(control)
+}
+
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, axum::Json(ErrorReply { error: self.1 })).into_response()
+    }
+}
+
+impl From<BackendError> for ApiError {
+    fn from(e: BackendError) -> Self {
+        let code = match e {
+            BackendError::NoBucket(_) | BackendError::NoGovernor(_) | BackendError::NoLease { .. } => StatusCode::NOT_FOUND,
+            BackendError::Invalid { .. } => StatusCode::BAD_REQUEST,
+            BackendError::GovernorTimeout(..) => StatusCode::REQUEST_TIMEOUT,
+            BackendError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            BackendError::Other(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<axum::Json<T>, ApiError>;
+
+fn json<T>(v: T) -> ApiResult<T> {
+    Ok(axum::Json(v))
+}
+
+/// Newline-delimited JSON, one value per line, for watches.
+fn ndjson<T: Serialize + Send + 'static>(stream: impl Stream<Item = T> + Send + 'static) -> Response {
+    let lines = stream.map(|v| {
+        let mut line = serde_json::to_vec(&v).expect("events serialise");
+        line.push(b'\n');
+        Ok::<_, Infallible>(Bytes::from(line))
+    });
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from_stream(lines))
+        .expect("static response parts")
+}
+
+#[derive(Deserialize)]
+struct ContainerFilter {
+    container: Option<String>,
+}
+
+async fn status(State(c): State<Control>, Query(q): Query<ContainerFilter>) -> ApiResult<hoist_core::status::NodeStatus> {
+    json(c.agent.status(q.container).await)
+}
+
+async fn transition(State(c): State<Control>, axum::Json(req): axum::Json<TransitionRequest>) -> ApiResult<TransitionReply> {
+    match c.agent.transition(&req.container, req.transition).await {
+        Ok(state) => json(TransitionReply { state }),
+        Err(e) => Err(ApiError(StatusCode::CONFLICT, e)),
+    }
+}
+
+async fn watch_events(State(c): State<Control>) -> Result<Response, ApiError> {
+    Ok(ndjson(c.events.subscribe().await?))
+}
+
+async fn list_buckets(State(c): State<Control>) -> ApiResult<Vec<String>> {
+    json(c.kv.list_buckets().await?)
+}
+
+async fn create_bucket(State(c): State<Control>, Path(bucket): Path<String>, axum::Json(cfg): axum::Json<BucketConfig>) -> ApiResult<BucketConfig> {
+    c.kv.create_bucket(&bucket, cfg.clone()).await?;
+    json(cfg)
+}
+
+async fn bucket_config(State(c): State<Control>, Path(bucket): Path<String>) -> ApiResult<BucketConfig> {
+    json(c.kv.bucket_config(&bucket).await?)
+}
+
+async fn delete_bucket(State(c): State<Control>, Path(bucket): Path<String>) -> ApiResult<()> {
+    json(c.kv.delete_bucket(&bucket).await?)
+}
+
+async fn keys(State(c): State<Control>, Path(bucket): Path<String>) -> ApiResult<Vec<String>> {
+    json(c.kv.keys(&bucket).await?)
+}
+
+async fn watch_kv(State(c): State<Control>, Path(bucket): Path<String>, Query(q): Query<HashMap<String, String>>) -> Result<Response, ApiError> {
+    let pattern = q.get("pattern").map_or(">", String::as_str);
+    Ok(ndjson(c.kv.watch(&bucket, pattern).await?))
+}
+
+/// A missing key is `null`, not an error: only a missing bucket is.
+async fn kv_get(State(c): State<Control>, Path((bucket, key)): Path<(String, String)>) -> ApiResult<Option<hoist_core::backend::KvEntry>> {
+    json(c.kv.get(&bucket, &key).await?)
+}
+
+async fn kv_put(State(c): State<Control>, Path((bucket, key)): Path<(String, String)>, body: Bytes) -> ApiResult<u64> {
+    json(c.kv.put(&bucket, &key, &body).await?)
+}
+
+async fn kv_delete(State(c): State<Control>, Path((bucket, key)): Path<(String, String)>) -> ApiResult<()> {
+    json(c.kv.delete(&bucket, &key).await?)
+}
+
+async fn list_governors(State(c): State<Control>) -> ApiResult<Vec<String>> {
+    json(c.governor.list().await?)
+}
+
+async fn add_governor(State(c): State<Control>, Path(name): Path<String>, axum::Json(s): axum::Json<GovernorSettings>) -> ApiResult<hoist_core::backend::GovernorInfo> {
+    c.governor.add(&name, s.capacity, s.expire, s.replicas).await?;
+    json(c.governor.view(&name).await?)
+}
+
+async fn view_governor(State(c): State<Control>, Path(name): Path<String>) -> ApiResult<hoist_core::backend::GovernorInfo> {
+    json(c.governor.view(&name).await?)
+}
+
+async fn remove_governor(State(c): State<Control>, Path(name): Path<String>) -> ApiResult<()> {
+    json(c.governor.remove(&name).await?)
+}
+
+async fn reset_governor(State(c): State<Control>, Path(name): Path<String>) -> ApiResult<()> {
+    json(c.governor.reset(&name).await?)
+}
+
+async fn evict(State(c): State<Control>, Path((name, seq)): Path<(String, u64)>) -> ApiResult<hoist_core::backend::LeaseInfo> {
+    json(c.governor.evict(&name, seq).await?)
+}
+
+async fn metrics_text(State(c): State<Control>) -> Response {
+    let status = c.agent.status(None).await;
+    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics::render(&status)).into_response()
+}

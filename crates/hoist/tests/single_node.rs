@@ -1,0 +1,336 @@
+//! End-to-end behaviour of one agent on the embedded backend, against the real Docker Engine.
+
+mod support;
+
+use hoist_core::fsm::State;
+use hoist_core::status::Health;
+use std::time::Duration;
+use support::*;
+
+fn web(port: u16, tag: &str, extra: &str) -> String {
+    format!(
+        "containers:\n  web:\n    image: {image}\n    image_tag: {tag}\n    ports:\n      - 127.0.0.1:{port}:80\n{extra}",
+        image = image()
+    )
+}
+
+#[test]
+fn runs_a_container_with_ports_volumes_env_and_command() {
+    let port = free_port();
+    let data = tempfile::tempdir().unwrap();
+    write(&data.path().join("greeting"), "hello from the host");
+    let yaml = format!(
+        "hoist::containers:\n  web:\n    image: {image}\n    image_tag: v1\n    ports: ['127.0.0.1:{port}:8080']\n    volumes: ['{vol}:/data:ro']\n    environment: ['GREETING=hi there']\n    command: \"/bin/httpd -f -p 8080 -h /www\"\n",
+        image = image(),
+        vol = data.path().display()
+    );
+    let agent = TestAgent::start("ports", &yaml);
+    let m = agent.wait_running("web");
+    assert_eq!(m.version, "v1");
+    assert_eq!(m.name, "hoist_web");
+    assert_eq!(wait_until("HTTP on the published port", Duration::from_secs(10), || http_get(port)), "v1");
+    let name = agent.container_name("web");
+    assert!(docker_ok(&["exec", &name, "env"]).lines().any(|l| l == "GREETING=hi there"));
+    assert_eq!(docker_ok(&["exec", &name, "cat", "/data/greeting"]), "hello from the host");
+    let ro = docker(&["exec", &name, "touch", "/data/x"]);
+    assert!(!ro.status.success(), "the volume must be read-only");
+    assert_eq!(docker_ok(&["inspect", "-f", "{{index .Config.Labels \"io.hoist.name\"}}", &name]), "web");
+}
+
+#[test]
+fn a_killed_container_is_replaced() {
+    let port = free_port();
+    let agent = TestAgent::start("killed", &web(port, "v1", ""));
+    let before = agent.wait_running("web");
+    docker_ok(&["kill", &agent.container_name("web")]);
+    let after = agent.wait_machine("web", "replaced and running", Duration::from_secs(30), |m| {
+        m.state == State::Run && m.container_id.is_some() && m.container_id != before.container_id
+    });
+    assert_eq!(after.restarts, before.restarts + 1);
+    assert!(after.last_error.unwrap_or_default().contains("died"), "the reason is reported");
+    assert_eq!(wait_until("HTTP after the restart", Duration::from_secs(10), || http_get(port)), "v1");
+}
+
+#[test]
+fn touching_a_restart_file_restarts_the_container() {
+    let files = tempfile::tempdir().unwrap();
+    let trigger = files.path().join("reload-me");
+    write(&trigger, "1");
+    let extra = format!("    restart_files: ['{}']\n", trigger.display());
+    let agent = TestAgent::start("restartfile", &web(free_port(), "v1", &extra));
+    let before = agent.wait_running("web");
+    write(&trigger, "2");
+    let after = agent.wait_machine("web", "restarted", Duration::from_secs(30), |m| {
+        m.state == State::Run && m.container_id.is_some() && m.container_id != before.container_id
+    });
+    assert_eq!(after.restarts, 1);
+}
+
+#[test]
+fn a_kv_put_rolls_the_container_to_the_new_tag() {
+    let port = free_port();
+    let agent = TestAgent::start("kvput", &web(port, "v1", "    kv_update: true\n"));
+    agent.wait_running("web");
+    assert_eq!(wait_until("v1 serving", Duration::from_secs(10), || http_get(port)), "v1");
+    agent.hoist_ok(&["kv", "put", "HOIST", "container/web/tag", "v2"]);
+    let m = agent.wait_machine("web", "on v2", Duration::from_secs(60), |m| m.state == State::Run && m.version == "v2");
+    assert_eq!(m.image.as_deref(), Some(format!("{}:v2", image()).as_str()));
+    assert_eq!(wait_until("v2 serving", Duration::from_secs(10), || http_get(port).filter(|b| b == "v2")), "v2");
+
+    // A value that is not a tag is refused and changes nothing.
+    let refused = agent.hoist(&["kv", "put", "HOIST", "container/web/tag", "not a tag!"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not a valid image tag"));
+
+    // Deleting the key goes back to image_tag.
+    agent.hoist_ok(&["kv", "del", "HOIST", "container/web/tag"]);
+    agent.wait_machine("web", "back on v1", Duration::from_secs(60), |m| m.state == State::Run && m.version == "v1");
+}
+
+#[test]
+fn maintenance_leaves_a_dead_container_alone_until_resume() {
+    let agent = TestAgent::start("maint", &web(free_port(), "v1", ""));
+    agent.wait_running("web");
+    let out = agent.hoist_ok(&["transition", "web", "maintenance"]);
+    assert!(out.contains("MAINTENANCE"), "{out}");
+    docker_ok(&["kill", &agent.container_name("web")]);
+    std::thread::sleep(Duration::from_secs(3));
+    let m = agent.machine("web").unwrap();
+    assert_eq!(m.state, State::Maintenance);
+    assert!(!agent.container_running("web"), "maintenance must not remediate");
+    assert_eq!(m.health, Health::Down);
+
+    // A transition not allowed from here is refused with the allowed ones listed.
+    let refused = agent.hoist(&["transition", "web", "restart"]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("not valid while in MAINTENANCE state; allowed: resume"), "{err}");
+
+    agent.hoist_ok(&["transition", "web", "resume"]);
+    agent.wait_running("web");
+    assert!(agent.container_running("web"));
+}
+
+#[test]
+fn stop_stops_the_container_and_parks_it_in_maintenance() {
+    let agent = TestAgent::start("stop", &web(free_port(), "v1", ""));
+    agent.wait_running("web");
+    agent.hoist_ok(&["transition", "web", "stop"]);
+    agent.wait_machine("web", "in MAINTENANCE", Duration::from_secs(20), |m| m.state == State::Maintenance);
+    assert!(!agent.container_running("web"));
+    assert!(agent.container_id("web").is_some(), "stop keeps the container for inspection");
+    agent.hoist_ok(&["transition", "web", "resume"]);
+    agent.wait_running("web");
+}
+
+#[test]
+fn a_container_removed_from_the_config_is_purged() {
+    let two = format!("{}  db:\n    image: {}\n    image_tag: v1\n", web(free_port(), "v1", ""), image());
+    let agent = TestAgent::start("purge", &two);
+    agent.wait_running("web");
+    agent.wait_running("db");
+    agent.write_containers(&web(free_port(), "v1", ""));
+    wait_until("db purged", Duration::from_secs(30), || agent.container_id("db").is_none().then_some(()));
+    assert_eq!(agent.labelled_containers(), vec![agent.container_name("web")]);
+    assert!(agent.machine("db").is_none());
+}
+
+#[test]
+fn a_bad_config_is_refused_and_nothing_running_changes() {
+    let port = free_port();
+    let agent = TestAgent::start("badcfg", &web(port, "v1", ""));
+    let before = agent.wait_running("web");
+    agent.write_containers(&format!("containers:\n  web:\n    image: {}\n    ports: ['99999:80']\n    colour: blue\n", image()));
+    let status = wait_until("the reload to be refused", Duration::from_secs(20), || {
+        let s = agent.status();
+        s.config_error.is_some().then_some(s)
+    });
+    let err = status.config_error.unwrap();
+    assert!(err.contains("containers.yaml"), "names the file: {err}");
+    assert!(err.contains("container web") && err.contains("ports[0]"), "names container and field: {err}");
+    assert!(err.contains("colour"), "names the unknown key: {err}");
+    let after = agent.machine("web").unwrap();
+    assert_eq!(after.container_id, before.container_id);
+    assert_eq!(after.state, State::Run);
+    assert_eq!(http_get(port).as_deref(), Some("v1"));
+
+    // `hoist validate` says the same, and exits non-zero.
+    let out = agent.hoist(&["validate", agent.path("containers.d").to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ports[0]"));
+}
+
+#[test]
+fn validate_prints_the_equivalent_docker_run() {
+    let agent = TestAgent::start("validate", &web(8080, "v1", "    environment: ['A=1']\n"));
+    let out = agent.hoist_ok(&["validate"]);
+    assert!(out.contains(&format!("docker run -d --name {}_web", agent.node)), "{out}");
+    assert!(out.contains("-p 127.0.0.1:8080:80/tcp") && out.contains("-e A=1") && out.contains(&format!("{}:v1", image())), "{out}");
+}
+
+#[test]
+fn a_restarted_agent_adopts_its_running_containers() {
+    let port = free_port();
+    let mut agent = TestAgent::start("adopt", &web(port, "v1", ""));
+    let before = agent.wait_running("web");
+    let id = agent.container_id("web").unwrap();
+    agent.stop_agent();
+    assert!(agent.container_running("web"), "stopping the agent leaves containers running");
+    agent.spawn();
+    let after = agent.wait_running("web");
+    assert_eq!(agent.container_id("web").unwrap(), id, "same container, not recreated");
+    assert_eq!(after.restarts, before.restarts);
+    assert_ne!(after.id, before.id, "a new machine instance");
+}
+
+#[test]
+fn maintenance_survives_an_agent_restart() {
+    let mut agent = TestAgent::start("maintpersist", &web(free_port(), "v1", ""));
+    agent.wait_running("web");
+    agent.hoist_ok(&["transition", "web", "maintenance"]);
+    agent.stop_agent();
+    agent.spawn();
+    let m = agent.wait_machine("web", "loaded", Duration::from_secs(20), |_| true);
+    assert_eq!(m.state, State::Maintenance);
+}
+
+#[test]
+fn a_changed_definition_is_reloaded_on_file_change_and_sighup() {
+    let port = free_port();
+    let agent = TestAgent::start("reload", &web(port, "v1", ""));
+    let before = agent.wait_running("web");
+    // Config management replaces files by rename; the watch on the directory sees it.
+    let staged = agent.path("staged.yaml");
+    write(&staged, &web(port, "v2", ""));
+    std::fs::rename(&staged, agent.path("containers.d/containers.yaml")).unwrap();
+    let after = agent.wait_machine("web", "on v2", Duration::from_secs(60), |m| m.state == State::Run && m.version == "v2");
+    assert_ne!(after.container_id, before.container_id, "a changed definition replaces the container");
+    assert_eq!(wait_until("v2 serving", Duration::from_secs(10), || http_get(port).filter(|b| b == "v2")), "v2");
+
+    // SIGHUP re-reads the same files: nothing changed, so nothing restarts.
+    agent.signal("HUP");
+    wait_until("the SIGHUP reload", Duration::from_secs(10), || agent.log().contains("SIGHUP").then_some(()));
+    std::thread::sleep(Duration::from_secs(1));
+    let again = agent.machine("web").unwrap();
+    assert_eq!(again.container_id, after.container_id);
+    assert_eq!(again.restarts, after.restarts);
+}
+
+#[test]
+fn an_http_health_check_gates_run_and_failures_restart() {
+    let extra = "    health_check: { type: http, port: 80, path: /, interval: 1s, timeout: 1s, retries: 2 }\n";
+    let agent = TestAgent::start("httpcheck", &web(free_port(), "v1", extra));
+    let before = agent.wait_running("web");
+    assert_eq!(before.health, Health::Healthy);
+    // Break what the probe fetches: httpd answers 404, the probe fails twice, the container is replaced.
+    docker_ok(&["exec", &agent.container_name("web"), "rm", "/www/index.html"]);
+    let after = agent.wait_machine("web", "replaced after failing its check", Duration::from_secs(30), |m| {
+        m.state == State::Run && m.container_id != before.container_id
+    });
+    assert_eq!(after.health, Health::Healthy);
+}
+
+#[test]
+fn an_unhealthy_docker_healthcheck_restarts_the_container() {
+    let agent = TestAgent::start("dockerhc", &format!("containers:\n  web:\n    image: {}\n    image_tag: hc\n", image()));
+    let before = agent.wait_running("web");
+    assert_eq!(before.health, Health::Healthy, "waits for Docker's HEALTHCHECK");
+    docker_ok(&["exec", &agent.container_name("web"), "touch", "/tmp/unhealthy"]);
+    agent.wait_machine("web", "replaced after turning unhealthy", Duration::from_secs(30), |m| {
+        m.state == State::Run && m.container_id != before.container_id
+    });
+}
+
+#[test]
+fn a_crash_looping_container_backs_off_and_says_so() {
+    let agent = TestAgent::start("crashloop", &format!("containers:\n  bad:\n    image: {}\n    image_tag: broken\n", image()));
+    let m = agent.wait_machine("bad", "restarted a few times", Duration::from_secs(40), |m| m.restarts >= 3);
+    assert_ne!(m.state, State::Run);
+    assert!(m.last_error.unwrap_or_default().contains("exit 3"));
+    // Backoff: the restarts slow down rather than spin.
+    std::thread::sleep(Duration::from_secs(2));
+    let later = agent.machine("bad").unwrap();
+    assert!(later.restarts <= m.restarts + 2, "backoff should slow restarts: {} then {}", m.restarts, later.restarts);
+}
+
+#[test]
+fn the_restart_governor_keeps_one_container_down_at_a_time() {
+    let files = tempfile::tempdir().unwrap();
+    let trigger = files.path().join("restart-all");
+    write(&trigger, "0");
+    let mut yaml = String::from("containers:\n");
+    for name in ["a", "b", "c"] {
+        yaml.push_str(&format!(
+            "  {name}:\n    image: {}\n    image_tag: v1\n    restart_governor: RG\n    restart_files: ['{}']\n",
+            image(),
+            trigger.display()
+        ));
+    }
+    let agent = TestAgent::start("governor", &yaml);
+    agent.hoist_ok(&["governor", "add", "RG", "1", "1m"]);
+    for name in ["a", "b", "c"] {
+        agent.wait_running(name);
+    }
+    let mut watch = std::process::Command::new(env!("CARGO_BIN_EXE_hoist"))
+        .arg("--config")
+        .arg(agent.path("hoist.yaml"))
+        .args(["watch", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    write(&trigger, "1");
+    wait_until("all three restarted", Duration::from_secs(60), || {
+        agent.status().machines.iter().all(|m| m.restarts == 1 && m.state == State::Run).then_some(())
+    });
+    let view = agent.hoist_ok(&["governor", "view", "RG"]);
+    assert!(view.contains("capacity 1") && view.contains("0 active"), "leases released: {view}");
+    watch.kill().unwrap();
+    let out = watch.wait_with_output().unwrap();
+    // Replay the event stream: never more than one machine between RESTART and RUN.
+    let mut down = std::collections::BTreeSet::new();
+    let mut max_down = 0;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let e: hoist_core::backend::TransitionEvent = serde_json::from_str(line).unwrap();
+        match e.to_state.as_str() {
+            "RESTART" => {
+                down.insert(e.machine);
+            }
+            "RUN" => {
+                down.remove(&e.machine);
+            }
+            _ => {}
+        }
+        max_down = max_down.max(down.len());
+    }
+    assert_eq!(max_down, 1, "capacity 1 means one at a time");
+}
+
+#[test]
+fn metrics_report_states_and_restarts() {
+    let port = free_port();
+    let agent = TestAgent::start_with("metrics", &web(free_port(), "v1", ""), &format!("metrics:\n  listen: 127.0.0.1:{port}\n"));
+    agent.wait_running("web");
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    use std::io::{Read, Write};
+    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).unwrap();
+    assert!(body.contains(&format!("hoist_machine_state{{node=\"{}\",container=\"web\",state=\"RUN\"}} 1", agent.node)), "{body}");
+    assert!(body.contains("hoist_container_restarts_total{"), "{body}");
+}
+
+#[test]
+fn status_shows_summaries_and_json() {
+    let two = format!("{}  db:\n    image: {}\n    image_tag: v2\n", web(free_port(), "v1", ""), image());
+    let agent = TestAgent::start("summary", &two);
+    agent.wait_running("web");
+    agent.wait_running("db");
+    let table = agent.hoist_ok(&["status"]);
+    assert!(table.contains("Summary of State:\n   RUN: 2"), "{table}");
+    assert!(table.contains("Summary of Version:\n   v1: 1\n   v2: 1"), "{table}");
+    let one = agent.hoist_ok(&["status", "db", "--json"]);
+    let s: hoist_core::status::NodeStatus = serde_json::from_str(&one).unwrap();
+    assert_eq!(s.machines.len(), 1);
+    assert_eq!(s.machines[0].available_transitions.len(), 4);
+}

