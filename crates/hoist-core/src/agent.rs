@@ -147,8 +147,7 @@ impl Agent {
                 by_name.entry(name.to_string()).or_default().push(c);
             }
         }
-        let present: BTreeMap<&String, &ContainerConfig> =
-            set.containers.iter().filter(|(_, c)| c.ensure == Ensure::Present).collect();
+        let present: BTreeMap<&String, &ContainerConfig> = set.containers.iter().filter(|(_, c)| c.ensure == Ensure::Present).collect();
 
         // Gone from the config (or now `ensure: absent`): stop managing, and remove when purging.
         let gone: Vec<String> = self.machines.keys().filter(|n| !present.contains_key(n)).cloned().collect();

@@ -93,9 +93,9 @@ pub fn validate_key(key: &str, allow_wildcards: bool) -> BackendResult<()> {
     let ok = !key.is_empty()
         && !key.starts_with('.')
         && !key.ends_with('.')
-        && key
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'/' | b'_' | b'=' | b'.') || (allow_wildcards && matches!(b, b'*' | b'>')));
+        && key.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'/' | b'_' | b'=' | b'.') || (allow_wildcards && matches!(b, b'*' | b'>'))
+        });
     ok.then_some(()).ok_or_else(|| BackendError::Invalid {
         what: "key",
         value: key.into(),

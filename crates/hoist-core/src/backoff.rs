@@ -48,9 +48,8 @@ impl CrashLoop {
 
     /// The explicit failed condition, if the machine is crash-looping.
     pub fn condition(&self) -> Option<String> {
-        (self.recent.len() >= LOOP_THRESHOLD && self.healthy_since.is_none()).then(|| {
-            format!("crash-looping: {} failures in the last {} min", self.recent.len(), RESET_AFTER.as_secs() / 60)
-        })
+        (self.recent.len() >= LOOP_THRESHOLD && self.healthy_since.is_none())
+            .then(|| format!("crash-looping: {} failures in the last {} min", self.recent.len(), RESET_AFTER.as_secs() / 60))
     }
 }
 

@@ -41,14 +41,8 @@ const TABLE: [(Transition, &[State], State); 6] = [
 ];
 
 impl Transition {
-    pub const ALL: [Transition; 6] = [
-        Transition::Maintenance,
-        Transition::Resume,
-        Transition::HealthCheck,
-        Transition::Restart,
-        Transition::Update,
-        Transition::Stop,
-    ];
+    pub const ALL: [Transition; 6] =
+        [Transition::Maintenance, Transition::Resume, Transition::HealthCheck, Transition::Restart, Transition::Update, Transition::Stop];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -63,10 +57,7 @@ impl Transition {
 
     /// Where this transition leads from `from`, or None if it is not allowed there.
     pub fn target(self, from: State) -> Option<State> {
-        TABLE
-            .iter()
-            .find(|(t, sources, _)| *t == self && sources.contains(&from))
-            .map(|(_, _, to)| *to)
+        TABLE.iter().find(|(t, sources, _)| *t == self && sources.contains(&from)).map(|(_, _, to)| *to)
     }
 
     /// Whether an operator may ask for this transition. `health_check` is the agent's own verdict.
@@ -89,10 +80,7 @@ impl State {
 
     /// The transitions that an operator may request from this state, in table order.
     pub fn available_transitions(self) -> Vec<Transition> {
-        Transition::ALL
-            .into_iter()
-            .filter(|t| t.operator_may_request() && t.target(self).is_some())
-            .collect()
+        Transition::ALL.into_iter().filter(|t| t.operator_may_request() && t.target(self).is_some()).collect()
     }
 }
 

@@ -2,16 +2,16 @@
 //! adapters implement (container runtime; KV, governor and event backends). Nothing in here knows
 //! about Docker, NATS or HTTP; the arrows point inward.
 
+pub mod agent;
 pub mod backend;
+pub mod backoff;
 pub mod config;
-pub mod fsm;
-pub mod runtime;
-pub mod spec;
 #[cfg(feature = "testkit")]
 pub mod conformance;
-pub mod agent;
-pub mod backoff;
 pub mod files;
+pub mod fsm;
 pub mod machine;
 pub mod persist;
+pub mod runtime;
+pub mod spec;
 pub mod status;

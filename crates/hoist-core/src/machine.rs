@@ -56,12 +56,24 @@ pub enum Input {
     Request(Transition, oneshot::Sender<Result<State, String>>),
     Status(oneshot::Sender<MachineStatus>),
     /// Stop managing. With `remove`, the container is removed too (purge, `ensure: absent`).
-    Shutdown { remove: bool, done: oneshot::Sender<()> },
-    Probe { epoch: u64, result: Result<(), String> },
+    Shutdown {
+        remove: bool,
+        done: oneshot::Sender<()>,
+    },
+    Probe {
+        epoch: u64,
+        result: Result<(), String>,
+    },
     /// A job waited this long for a governor slot (for metrics).
     GovernorWaited(Duration),
-    JobDone { epoch: u64, outcome: JobOutcome },
-    Timer { epoch: u64, timer: TimerKind },
+    JobDone {
+        epoch: u64,
+        outcome: JobOutcome,
+    },
+    Timer {
+        epoch: u64,
+        timer: TimerKind,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,10 +177,7 @@ pub struct Machine {
 pub async fn spawn(cfg: ContainerConfig, deps: Arc<MachineDeps>, existing: Option<ContainerInfo>) -> MachineHandle {
     let (tx, rx) = mpsc::channel(256);
     let remembered = deps.store.load(&cfg.name).await;
-    let kv_version = remembered
-        .as_ref()
-        .and_then(|r| r.desired_version.as_deref())
-        .and_then(|v| ImageVersion::parse(v).ok());
+    let kv_version = remembered.as_ref().and_then(|r| r.desired_version.as_deref()).and_then(|v| ImageVersion::parse(v).ok());
     let machine = Machine {
         instance_id: new_instance_id(),
         state: State::Start,
@@ -349,12 +358,8 @@ impl Machine {
             Some(c) if c.state != RunState::Running => {
                 Some((Transition::Restart, format!("container not running ({})", exit_text(c.exit_code))))
             }
-            Some(c) if c.image != spec.image_ref() => {
-                Some((Transition::Update, format!("image {} → {}", c.image, spec.image_ref())))
-            }
-            Some(c) if c.label(LABEL_SPEC) != Some(spec.hash().as_str()) => {
-                Some((Transition::Restart, "definition changed".to_string()))
-            }
+            Some(c) if c.image != spec.image_ref() => Some((Transition::Update, format!("image {} → {}", c.image, spec.image_ref()))),
+            Some(c) if c.label(LABEL_SPEC) != Some(spec.hash().as_str()) => Some((Transition::Restart, "definition changed".to_string())),
             Some(c) if c.health == RuntimeHealth::Unhealthy => {
                 Some((Transition::Restart, "Docker reports the container unhealthy".to_string()))
             }
@@ -409,7 +414,8 @@ impl Machine {
                 let was_running = self.container.as_ref().is_some_and(|c| c.state == RunState::Running);
                 self.container = found;
                 let running = self.container.as_ref().is_some_and(|c| c.state == RunState::Running);
-                if was_running && !running && self.cancel_job.is_none() && matches!(self.state, State::Run | State::Start | State::Restart) {
+                if was_running && !running && self.cancel_job.is_none() && matches!(self.state, State::Run | State::Start | State::Restart)
+                {
                     self.failed("container stopped while the runtime was unreachable".into());
                 }
                 self.after_observation().await;
@@ -646,7 +652,8 @@ impl Machine {
         let epoch = self.epoch;
         self.timer(epoch, TimerKind::GateDeadline, self.deps.rollout.healthy_deadline);
         if self.cfg.health_check.is_none() {
-            let ran_for = self.container.as_ref().map_or(Duration::ZERO, |c| Duration::from_secs((unix_now() - c.started_at).max(0) as u64));
+            let ran_for =
+                self.container.as_ref().map_or(Duration::ZERO, |c| Duration::from_secs((unix_now() - c.started_at).max(0) as u64));
             let remaining = self.deps.rollout.unverified_wait.saturating_sub(ran_for);
             self.timer(epoch, TimerKind::Unverified, remaining);
         }
@@ -660,7 +667,8 @@ impl Machine {
         }
         let Some(c) = &self.container else { return };
         let docker_ok = matches!(c.health, RuntimeHealth::None | RuntimeHealth::Healthy);
-        let hoist_ok = if self.cfg.health_check.is_some() { self.gate.probe_passed } else { self.gate.waited || c.health == RuntimeHealth::Healthy };
+        let hoist_ok =
+            if self.cfg.health_check.is_some() { self.gate.probe_passed } else { self.gate.waited || c.health == RuntimeHealth::Healthy };
         if c.state == RunState::Running && docker_ok && hoist_ok {
             let how = match (c.health, &self.cfg.health_check) {
                 (_, Some(_)) | (RuntimeHealth::Healthy, None) => "healthy",
@@ -877,10 +885,7 @@ impl Machine {
             },
         };
         let image = self.container.as_ref().map(|c| c.image.clone());
-        let version = image
-            .as_deref()
-            .and_then(version_of)
-            .unwrap_or_else(|| spec.version.to_string());
+        let version = image.as_deref().and_then(version_of).unwrap_or_else(|| spec.version.to_string());
         MachineStatus {
             name: self.machine_name(),
             container: self.cfg.name.clone(),

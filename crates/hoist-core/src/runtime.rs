@@ -74,7 +74,9 @@ pub struct RuntimeEvent {
 pub enum RuntimeEventKind {
     Started,
     /// The main process ended (exit, kill, OOM); `exit_code` as Docker reports it.
-    Died { exit_code: Option<i64> },
+    Died {
+        exit_code: Option<i64>,
+    },
     Health(RuntimeHealth),
     Destroyed,
 }

@@ -168,11 +168,7 @@ impl ContainerSpec {
     }
 
     pub fn labels(&self) -> Vec<(&'static str, String)> {
-        vec![
-            (LABEL_NODE, self.node.clone()),
-            (LABEL_NAME, self.name.clone()),
-            (LABEL_SPEC, self.hash()),
-        ]
+        vec![(LABEL_NODE, self.node.clone()), (LABEL_NAME, self.name.clone()), (LABEL_SPEC, self.hash())]
     }
 }
 
@@ -259,10 +255,7 @@ pub fn parse_volume(input: &str) -> Result<VolumeMount, String> {
     if source.is_empty() {
         return Err("the source is empty".into());
     }
-    let named_volume = source
-        .bytes()
-        .enumerate()
-        .all(|(i, b)| b.is_ascii_alphanumeric() || (i > 0 && matches!(b, b'_' | b'.' | b'-')));
+    let named_volume = source.bytes().enumerate().all(|(i, b)| b.is_ascii_alphanumeric() || (i > 0 && matches!(b, b'_' | b'.' | b'-')));
     if !source.starts_with('/') && !named_volume {
         return Err(format!("source {source:?} must be an absolute path or a volume name"));
     }
@@ -305,10 +298,9 @@ pub fn validate_image(image: &str) -> Result<(), String> {
     };
     let path = &image[path_start..];
     let valid = !path.is_empty()
-        && path.split('/').all(|c| {
-            !c.is_empty()
-                && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
-        });
+        && path
+            .split('/')
+            .all(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')));
     if valid { Ok(()) } else { Err(format!("{image:?} is not a valid image repository (lowercase path components)")) }
 }
 
@@ -430,7 +422,10 @@ mod tests {
 
     #[test]
     fn words_split_like_a_shell() {
-        assert_eq!(split_words(r#"-s nats://n1:4222 --name "a b" 'c d' e\ f"#).unwrap(), ["-s", "nats://n1:4222", "--name", "a b", "c d", "e f"]);
+        assert_eq!(
+            split_words(r#"-s nats://n1:4222 --name "a b" 'c d' e\ f"#).unwrap(),
+            ["-s", "nats://n1:4222", "--name", "a b", "c d", "e f"]
+        );
         assert!(split_words("'open").is_err());
         assert!(split_words("").unwrap().is_empty());
     }
@@ -457,7 +452,10 @@ mod tests {
         assert_ne!(spec.hash(), other.hash());
         assert_eq!(
             spec.docker_run(),
-            format!("docker run -d --name hoist_web --network bridge --label io.hoist.node=n1 --label io.hoist.name=web --label io.hoist.spec={} -p 8080:80/tcp -e A=1 example/web:v1 httpd -f", spec.hash())
+            format!(
+                "docker run -d --name hoist_web --network bridge --label io.hoist.node=n1 --label io.hoist.name=web --label io.hoist.spec={} -p 8080:80/tcp -e A=1 example/web:v1 httpd -f",
+                spec.hash()
+            )
         );
     }
 }

@@ -26,8 +26,8 @@ async fn open_backends(cfg: &AgentConfig) -> anyhow::Result<Backends> {
     match cfg.backend {
         BackendKind::Embedded => {
             let path = cfg.state_dir.join("hoist.redb");
-            let store = hoist_embedded::EmbeddedStore::open(&path)
-                .with_context(|| format!("opening the embedded store {}", path.display()))?;
+            let store =
+                hoist_embedded::EmbeddedStore::open(&path).with_context(|| format!("opening the embedded store {}", path.display()))?;
             Ok(Backends { kv: Arc::new(store.clone()), governor: Arc::new(store.clone()), events: Arc::new(store) })
         }
         BackendKind::Nats => anyhow::bail!("backend: nats is not available in this build yet; use backend: embedded"),

@@ -51,19 +51,18 @@ impl FileWatch for Inotify {
             }
         };
         // The stream owns the watcher: dropping the stream stops the watch.
-        tokio_stream_from(rx).map(move |p| {
-            let _keep = &watcher;
-            p
-        })
-        .boxed()
+        tokio_stream_from(rx)
+            .map(move |p| {
+                let _keep = &watcher;
+                p
+            })
+            .boxed()
     }
 }
 
 fn directories_to_watch(paths: &[PathBuf]) -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = paths
-        .iter()
-        .map(|p| if p.is_dir() { p.clone() } else { p.parent().unwrap_or(Path::new("/")).to_path_buf() })
-        .collect();
+    let mut dirs: Vec<PathBuf> =
+        paths.iter().map(|p| if p.is_dir() { p.clone() } else { p.parent().unwrap_or(Path::new("/")).to_path_buf() }).collect();
     dirs.sort();
     dirs.dedup();
     dirs

@@ -80,13 +80,28 @@ enum KvCommand {
         #[arg(long, default_value_t = 1)]
         replicas: u8,
     },
-    Put { bucket: String, key: String, value: String },
-    Get { bucket: String, key: String },
-    Del { bucket: String, key: String },
+    Put {
+        bucket: String,
+        key: String,
+        value: String,
+    },
+    Get {
+        bucket: String,
+        key: String,
+    },
+    Del {
+        bucket: String,
+        key: String,
+    },
     /// List buckets, or the keys of one bucket.
-    Ls { bucket: Option<String> },
+    Ls {
+        bucket: Option<String>,
+    },
     /// Stream changes to matching keys (default: all).
-    Watch { bucket: String, pattern: Option<String> },
+    Watch {
+        bucket: String,
+        pattern: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -101,12 +116,21 @@ enum GovernorCommand {
         replicas: u8,
     },
     /// Show capacity and the leases held.
-    View { name: String },
+    View {
+        name: String,
+    },
     /// Free one lease by its id.
-    Evict { name: String, id: u64 },
+    Evict {
+        name: String,
+        id: u64,
+    },
     /// Free every lease.
-    Reset { name: String },
-    Rm { name: String },
+    Reset {
+        name: String,
+    },
+    Rm {
+        name: String,
+    },
     Ls,
 }
 
@@ -204,7 +228,11 @@ fn validate(g: &Global, files: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
                 match c.ensure {
                     hoist_core::config::Ensure::Absent => println!("# {name}: ensure absent, would be removed"),
                     hoist_core::config::Ensure::Present => {
-                        let note = if c.kv_update { " (the KV key container/".to_string() + name + "/tag may override the tag)" } else { String::new() };
+                        let note = if c.kv_update {
+                            " (the KV key container/".to_string() + name + "/tag may override the tag)"
+                        } else {
+                            String::new()
+                        };
                         println!("# {name}{note}");
                         println!("{}", c.spec(&cfg.node, &cfg.docker.name_prefix, &c.image_tag).docker_run());
                     }

@@ -42,7 +42,11 @@ pub fn status(nodes: &[NodeStatus]) -> String {
         out.push_str(&summary(title, counts));
     }
     for n in nodes.iter().filter(|n| n.config_error.is_some()) {
-        out.push_str(&format!("\n{}: the last config reload was refused, still running the previous config:\n{}\n", n.node, n.config_error.as_deref().unwrap_or_default()));
+        out.push_str(&format!(
+            "\n{}: the last config reload was refused, still running the previous config:\n{}\n",
+            n.node,
+            n.config_error.as_deref().unwrap_or_default()
+        ));
     }
     out
 }

@@ -5,7 +5,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
-use hoist_core::backend::{BackendError, BackendResult, BucketConfig, Governor, GovernorInfo, Kv, KvEntry, Lease, LeaseInfo, TransitionEvent};
+use hoist_core::backend::{
+    BackendError, BackendResult, BucketConfig, Governor, GovernorInfo, Kv, KvEntry, Lease, LeaseInfo, TransitionEvent,
+};
 use hoist_core::fsm::{State, Transition};
 use hoist_core::status::NodeStatus;
 use http_body_util::{BodyExt, Full};
@@ -35,9 +37,8 @@ impl ControlClient {
                 self.socket.display()
             ))
         })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| BackendError::Unavailable(e.to_string()))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| BackendError::Unavailable(e.to_string()))?;
         tokio::spawn(conn);
         let request = Request::builder()
             .method(method)

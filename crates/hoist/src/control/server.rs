@@ -81,10 +81,7 @@ fn ndjson<T: Serialize + Send + 'static>(stream: impl Stream<Item = T> + Send + 
         line.push(b'\n');
         Ok::<_, Infallible>(Bytes::from(line))
     });
-    Response::builder()
-        .header("content-type", "application/x-ndjson")
-        .body(Body::from_stream(lines))
-        .expect("static response parts")
+    Response::builder().header("content-type", "application/x-ndjson").body(Body::from_stream(lines)).expect("static response parts")
 }
 
 #[derive(Deserialize)]
@@ -111,7 +108,11 @@ async fn list_buckets(State(c): State<Control>) -> ApiResult<Vec<String>> {
     json(c.kv.list_buckets().await?)
 }
 
-async fn create_bucket(State(c): State<Control>, Path(bucket): Path<String>, axum::Json(cfg): axum::Json<BucketConfig>) -> ApiResult<BucketConfig> {
+async fn create_bucket(
+    State(c): State<Control>,
+    Path(bucket): Path<String>,
+    axum::Json(cfg): axum::Json<BucketConfig>,
+) -> ApiResult<BucketConfig> {
     c.kv.create_bucket(&bucket, cfg.clone()).await?;
     json(cfg)
 }
@@ -128,7 +129,11 @@ async fn keys(State(c): State<Control>, Path(bucket): Path<String>) -> ApiResult
     json(c.kv.keys(&bucket).await?)
 }
 
-async fn watch_kv(State(c): State<Control>, Path(bucket): Path<String>, Query(q): Query<HashMap<String, String>>) -> Result<Response, ApiError> {
+async fn watch_kv(
+    State(c): State<Control>,
+    Path(bucket): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
     let pattern = q.get("pattern").map_or(">", String::as_str);
     Ok(ndjson(c.kv.watch(&bucket, pattern).await?))
 }
@@ -150,7 +155,11 @@ async fn list_governors(State(c): State<Control>) -> ApiResult<Vec<String>> {
     json(c.governor.list().await?)
 }
 
-async fn add_governor(State(c): State<Control>, Path(name): Path<String>, axum::Json(s): axum::Json<GovernorSettings>) -> ApiResult<hoist_core::backend::GovernorInfo> {
+async fn add_governor(
+    State(c): State<Control>,
+    Path(name): Path<String>,
+    axum::Json(s): axum::Json<GovernorSettings>,
+) -> ApiResult<hoist_core::backend::GovernorInfo> {
     c.governor.add(&name, s.capacity, s.expire, s.replicas).await?;
     json(c.governor.view(&name).await?)
 }

@@ -133,22 +133,12 @@ impl TestAgent {
 
     /// Runs the hoist CLI against this agent.
     pub fn hoist(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_hoist"))
-            .arg("--config")
-            .arg(self.path("hoist.yaml"))
-            .args(args)
-            .output()
-            .expect("run hoist")
+        Command::new(env!("CARGO_BIN_EXE_hoist")).arg("--config").arg(self.path("hoist.yaml")).args(args).output().expect("run hoist")
     }
 
     pub fn hoist_ok(&self, args: &[&str]) -> String {
         let out = self.hoist(args);
-        assert!(
-            out.status.success(),
-            "hoist {args:?} failed: {}\n--- agent log ---\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.log()
-        );
+        assert!(out.status.success(), "hoist {args:?} failed: {}\n--- agent log ---\n{}", String::from_utf8_lossy(&out.stderr), self.log());
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -169,16 +159,17 @@ impl TestAgent {
                 return m.clone();
             }
             if Instant::now() > deadline {
-                panic!("timed out after {timeout:?} waiting for {container} to be {what}; last status: {m:#?}\n--- agent log ---\n{}", self.log());
+                panic!(
+                    "timed out after {timeout:?} waiting for {container} to be {what}; last status: {m:#?}\n--- agent log ---\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
     }
 
     pub fn wait_running(&self, container: &str) -> MachineStatus {
-        self.wait_machine(container, "RUN", Duration::from_secs(60), |m| {
-            m.state == hoist_core::fsm::State::Run && m.container_id.is_some()
-        })
+        self.wait_machine(container, "RUN", Duration::from_secs(60), |m| m.state == hoist_core::fsm::State::Run && m.container_id.is_some())
     }
 
     /// The Docker name of a container of this node.
