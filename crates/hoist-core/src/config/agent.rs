@@ -1,0 +1,229 @@
+//! The agent file: private raw structs that mirror the YAML exactly (every key optional, unknown keys
+//! refused by serde), then defaults and path resolution into the public [`AgentConfig`].
+
+use super::raw::{self, file_error};
+use super::{
+    AgentConfig, BackendKind, ConfigError, ConfigErrors, ControlConfig, DockerConfig, MetricsConfig, NatsConfig, RegistrationConfig,
+    RolloutConfig, TlsConfig,
+};
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const DEFAULT_STATE_DIR: &str = "/var/lib/hoist";
+const DEFAULT_DATA_DIR: &str = "/etc/hoist/containers.d";
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    node: Option<String>,
+    state_dir: Option<PathBuf>,
+    data: Option<Vec<PathBuf>>,
+    #[serde(default)]
+    docker: RawDocker,
+    backend: Option<BackendKind>,
+    #[serde(default)]
+    nats: RawNats,
+    facts: Option<Value>,
+    #[serde(default)]
+    registration: RawRegistration,
+    #[serde(default)]
+    control: RawControl,
+    #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
+    rollout: RawRollout,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDocker {
+    host: Option<String>,
+    name_prefix: Option<String>,
+    #[serde(default, deserialize_with = "duration")]
+    stop_grace: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNats {
+    #[serde(default)]
+    servers: Vec<String>,
+    creds: Option<PathBuf>,
+    nkey: Option<PathBuf>,
+    token: Option<String>,
+    tls: Option<RawTls>,
+    collective: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistration {
+    #[serde(default, deserialize_with = "duration")]
+    interval: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRollout {
+    #[serde(default, deserialize_with = "duration")]
+    healthy_deadline: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    unverified_wait: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    governor_timeout: Option<Duration>,
+}
+
+/// Durations as humantime strings (`10s`) or whole seconds, like the container data.
+fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+    match Value::deserialize(deserializer)? {
+        Value::Null => Ok(None),
+        v => super::value::duration(&v).map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
+impl AgentConfig {
+    /// Reads and validates an agent file. Unknown keys are errors.
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigErrors> {
+        let text = raw::read_text(path).map_err(|e| ConfigErrors(vec![e]))?;
+        // An empty file is valid: every key is optional.
+        let parsed: Option<RawAgent> = serde_yaml::from_str(&text).map_err(|e| ConfigErrors(vec![serde_error(path, &e)]))?;
+        let base = path.parent().unwrap_or(Path::new(""));
+        build(parsed.unwrap_or_default(), Some(path), base, vec![base.join("containers.d")])
+    }
+
+    /// The built-in defaults (no file), for `node` on this host.
+    pub fn defaults() -> AgentConfig {
+        build(RawAgent::default(), None, Path::new("/"), vec![PathBuf::from(DEFAULT_DATA_DIR)]).expect("the built-in defaults are valid")
+    }
+
+    /// Built-in facts (`hostname`, `networking.ip`) with the user's facts deep-merged over them.
+    pub fn facts(&self) -> Value {
+        let mut facts = serde_json::json!({
+            "hostname": hostname(),
+            "networking": { "ip": primary_ipv4() },
+        });
+        if self.facts.is_object() {
+            raw::deep_merge(&mut facts, self.facts.clone());
+        }
+        facts
+    }
+}
+
+/// Applies defaults and resolves relative paths against `base` (the agent file's directory), so the
+/// agent behaves the same whatever its working directory.
+fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<PathBuf>) -> Result<AgentConfig, ConfigErrors> {
+    let mut errors = Vec::new();
+    let mut error = |field: &str, message: String| {
+        errors.push(ConfigError { file: path.map(Path::to_path_buf), container: None, field: Some(field.into()), message })
+    };
+    let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+
+    let node = raw.node.unwrap_or_else(hostname);
+    if node.is_empty() || node.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        error("node", format!("{node:?} is not a valid node name: it must be non-empty without spaces"));
+    }
+    let backend = raw.backend.unwrap_or(BackendKind::Embedded);
+    if backend == BackendKind::Nats && raw.nats.servers.is_empty() {
+        error("nats.servers", "backend nats needs at least one server, e.g. [\"nats://n1:4222\"]".into());
+    }
+    let facts = raw.facts.unwrap_or_else(|| Value::Object(Default::default()));
+    if !facts.is_object() {
+        error("facts", "expected a mapping of fact names to values".into());
+    }
+    let state_dir = resolve(raw.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)));
+    let config = AgentConfig {
+        path: path.map(Path::to_path_buf),
+        node,
+        data: raw.data.map(|data| data.into_iter().map(resolve).collect()).unwrap_or(default_data),
+        docker: DockerConfig {
+            host: raw.docker.host,
+            name_prefix: raw.docker.name_prefix.unwrap_or_else(|| "hoist_".into()),
+            stop_grace: raw.docker.stop_grace.unwrap_or(Duration::from_secs(10)),
+        },
+        backend,
+        nats: NatsConfig {
+            servers: raw.nats.servers,
+            creds: raw.nats.creds.map(resolve),
+            nkey: raw.nats.nkey.map(resolve),
+            token: raw.nats.token,
+            tls: raw.nats.tls.map(|tls| TlsConfig { ca: tls.ca.map(resolve), cert: tls.cert.map(resolve), key: tls.key.map(resolve) }),
+            collective: raw.nats.collective.unwrap_or_else(|| "mcollective".into()),
+        },
+        facts,
+        registration: RegistrationConfig { interval: raw.registration.interval.unwrap_or(Duration::from_secs(15)) },
+        control: ControlConfig { socket: raw.control.socket.map(resolve).unwrap_or_else(|| state_dir.join("hoist.sock")) },
+        metrics: MetricsConfig { listen: raw.metrics.listen },
+        rollout: RolloutConfig {
+            healthy_deadline: raw.rollout.healthy_deadline.unwrap_or(Duration::from_secs(300)),
+            unverified_wait: raw.rollout.unverified_wait.unwrap_or(Duration::from_secs(10)),
+            governor_timeout: raw.rollout.governor_timeout.unwrap_or(Duration::from_secs(300)),
+        },
+        state_dir,
+    };
+    if errors.is_empty() { Ok(config) } else { Err(ConfigErrors(errors)) }
+}
+
+/// serde_yaml's message already carries the key path and the line; the field is recovered from it so
+/// the error is located like every other config error.
+fn serde_error(file: &Path, error: &serde_yaml::Error) -> ConfigError {
+    let message = error.to_string();
+    ConfigError { field: serde_field(&message), ..file_error(file, message) }
+}
+
+/// `docker: unknown field `nmae_prefix`, …` → `docker.nmae_prefix`; `registration.interval: …` →
+/// `registration.interval`; a message without a path → None.
+fn serde_field(message: &str) -> Option<String> {
+    let (prefix, rest) = match message.split_once(": ") {
+        Some((prefix, rest)) if !prefix.contains(char::is_whitespace) => (Some(prefix), rest),
+        _ => (None, message),
+    };
+    let unknown = rest.strip_prefix("unknown field `").and_then(|r| r.split_once('`')).map(|(name, _)| name);
+    match (prefix, unknown) {
+        (Some(prefix), Some(name)) => Some(format!("{prefix}.{name}")),
+        (None, Some(name)) => Some(name.to_string()),
+        (prefix, None) => prefix.map(str::to_string),
+    }
+}
+
+/// The kernel's hostname, as the node's default identity and the `hostname` fact.
+fn hostname() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default();
+    if name.is_empty() { "localhost".into() } else { name }
+}
+
+/// The source address the kernel would use for the default route. Connecting a UDP socket only
+/// selects a route and sends nothing; 192.0.2.1 is TEST-NET-1, never a real peer.
+fn primary_ipv4() -> String {
+    let probe = || -> std::io::Result<std::net::IpAddr> {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        socket.connect("192.0.2.1:9")?;
+        Ok(socket.local_addr()?.ip())
+    };
+    match probe() {
+        Ok(ip) if !ip.is_unspecified() => ip.to_string(),
+        _ => "127.0.0.1".into(),
+    }
+}

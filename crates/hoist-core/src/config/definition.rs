@@ -1,0 +1,326 @@
+//! The typed layer: one merged, interpolated container definition checked field by field against the
+//! parameters of the original `hoist::container` define (same names, same defaults) plus `health_check`.
+
+use super::value::{self, Fields, describe};
+use super::{ContainerConfig, Ensure, HealthCheck, Registration};
+use crate::runtime::Probe;
+use crate::spec::{self, EnvVar, ImageVersion};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+const FIELDS: &[&str] = &[
+    "ensure",
+    "image",
+    "image_tag",
+    "command",
+    "entrypoint",
+    "network",
+    "syslog",
+    "kv_update",
+    "kv_interval",
+    "restart_governor",
+    "update_governor",
+    "restart_files",
+    "ports",
+    "volumes",
+    "environment",
+    "register_ports",
+    "health_check",
+];
+const REGISTRATION_FIELDS: &[&str] = &["cluster", "service", "protocol", "ip", "port", "priority", "annotations"];
+const HEALTH_CHECK_FIELDS: &[&str] = &["type", "port", "path", "command", "interval", "timeout", "retries", "start_period"];
+
+/// Builds the typed definition; problems are recorded in `fields` and the returned value is then
+/// discarded by the caller, so fallbacks here only need to be harmless.
+pub(crate) fn container(fields: &mut Fields<'_>) -> ContainerConfig {
+    let name = fields.name.to_string();
+    if !valid_name(&name) {
+        fields.error("name", format!("{name:?} is not a valid container name: use letters, digits, _ . - and start with a letter or digit"));
+    }
+    fields.reject_unknown("", fields.definition(), FIELDS);
+    let ensure = fields.parse("ensure", Ensure::Present, ensure);
+    ContainerConfig {
+        name,
+        image: image(fields, ensure),
+        ensure,
+        image_tag: fields.parse("image_tag", ImageVersion::Tag("latest".into()), |v| ImageVersion::parse(&value::scalar(v)?)),
+        command: fields.parse("command", Vec::new(), value::words),
+        entrypoint: fields.parse("entrypoint", Vec::new(), entrypoint),
+        // The original module ran containers on `bridge`, which is also Docker's own default.
+        network: fields.parse("network", "bridge".to_string(), network),
+        syslog: fields.parse("syslog", false, value::boolean),
+        kv_update: fields.parse("kv_update", false, value::boolean),
+        kv_interval: fields.parse("kv_interval", Duration::from_secs(10), kv_interval),
+        restart_governor: fields.parse("restart_governor", None, governor),
+        update_governor: fields.parse("update_governor", None, governor),
+        restart_files: restart_files(fields),
+        ports: each_string(fields, "ports", spec::parse_port),
+        volumes: each_string(fields, "volumes", spec::parse_volume),
+        environment: environment(fields),
+        register_ports: register_ports(fields),
+        health_check: health_check(fields),
+        sources: Vec::new(),
+    }
+    .with_sources(fields)
+}
+
+impl ContainerConfig {
+    fn with_sources(mut self, fields: &Fields<'_>) -> Self {
+        self.sources = fields.sources().to_vec();
+        self
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+fn ensure(value: &Value) -> Result<Ensure, String> {
+    match value.as_str() {
+        Some("present") => Ok(Ensure::Present),
+        Some("absent") => Ok(Ensure::Absent),
+        _ => Err(format!("expected present or absent, found {}", describe(value))),
+    }
+}
+
+/// Required, except that a container being removed (`ensure: absent`) needs only its name.
+fn image(fields: &mut Fields<'_>, ensure: Ensure) -> String {
+    match fields.get("image") {
+        None if ensure == Ensure::Absent => String::new(),
+        None => {
+            fields.error("image", "is required: the image repository without tag, e.g. registry.example.net/team/web");
+            String::new()
+        }
+        Some(v) => fields.parse_at("image", Some(v), String::new(), |v| {
+            let image = value::string(v)?;
+            spec::validate_image(&image).map_err(|e| format!("image {e}"))?;
+            Ok(image)
+        }),
+    }
+}
+
+/// A string is the single executable (as `docker run --entrypoint`); a list is taken as is.
+fn entrypoint(value: &Value) -> Result<Vec<String>, String> {
+    match value {
+        Value::String(s) if s.is_empty() => Ok(Vec::new()),
+        Value::String(s) => Ok(vec![s.clone()]),
+        Value::Array(_) => value::scalar_list(value),
+        other => Err(format!("expected a string or a list of strings, found {}", describe(other))),
+    }
+}
+
+fn network(value: &Value) -> Result<String, String> {
+    let network = value::string(value)?;
+    if network.is_empty() || network.chars().any(char::is_whitespace) {
+        return Err(format!("{network:?} is not a network name (e.g. bridge, host, or a user-defined network)"));
+    }
+    Ok(network)
+}
+
+fn kv_interval(value: &Value) -> Result<Duration, String> {
+    let interval = value::duration(value)?;
+    if interval < Duration::from_secs(1) {
+        return Err("must be at least 1 second".into());
+    }
+    Ok(interval)
+}
+
+/// Governor names become NATS subjects and stream names (`GOVERNOR_<name>`); "" means none.
+fn governor(value: &Value) -> Result<Option<String>, String> {
+    let name = value::string(value)?;
+    if name.is_empty() {
+        return Ok(None);
+    }
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-')) {
+        return Err(format!("{name:?} is not a valid governor name: use letters, digits, _ and -"));
+    }
+    Ok(Some(name))
+}
+
+fn restart_files(fields: &mut Fields<'_>) -> Vec<PathBuf> {
+    each_string(fields, "restart_files", |s| {
+        if s.starts_with('/') { Ok(PathBuf::from(s)) } else { Err(format!("{s:?} must be an absolute path")) }
+    })
+}
+
+/// A list field whose items are strings parsed by `parse`; errors are reported as `key[i]`.
+fn each_string<T>(fields: &mut Fields<'_>, key: &str, parse: impl Fn(&str) -> Result<T, String>) -> Vec<T> {
+    let mut out = Vec::new();
+    for (i, item) in fields.list(key).iter().enumerate() {
+        let path = format!("{key}[{i}]");
+        match value::scalar(item).and_then(|s| parse(&s)) {
+            Ok(v) => out.push(v),
+            Err(message) => fields.error(&path, message),
+        }
+    }
+    out
+}
+
+/// Either a list of `KEY=VALUE` strings or a mapping of KEY to a single value. In the mapping form a
+/// null value drops the variable, so a later file can remove one set by an earlier file.
+fn environment(fields: &mut Fields<'_>) -> Vec<EnvVar> {
+    match fields.get("environment") {
+        Some(Value::Object(map)) => {
+            let mut out = Vec::new();
+            for (key, v) in map.iter().filter(|(_, v)| !v.is_null()) {
+                let path = format!("environment.{key}");
+                let parsed = value::scalar(v).and_then(|v| {
+                    let var = spec::parse_env(&format!("{key}={v}"))?;
+                    // parse_env splits at the first '='; a key containing '=' would shift into the value.
+                    if var.key != *key { Err(format!("{key:?} is not a valid variable name")) } else { Ok(var) }
+                });
+                match parsed {
+                    Ok(var) => out.push(var),
+                    Err(message) => fields.error(&path, message),
+                }
+            }
+            out
+        }
+        Some(Value::Array(_)) => each_string(fields, "environment", spec::parse_env),
+        None => Vec::new(),
+        Some(other) => {
+            fields.error("environment", format!("expected a list of KEY=VALUE strings or a mapping of KEY: value, found {}", describe(other)));
+            Vec::new()
+        }
+    }
+}
+
+fn register_ports(fields: &mut Fields<'_>) -> Vec<Registration> {
+    let mut out = Vec::new();
+    for (i, item) in fields.list("register_ports").iter().enumerate() {
+        let path = format!("register_ports[{i}]");
+        match item {
+            Value::Object(map) => {
+                if let Some(registration) = registration(fields, &path, map) {
+                    out.push(registration);
+                }
+            }
+            other => fields.error(&path, format!("expected a mapping with cluster, service, ip and port, found {}", describe(other))),
+        }
+    }
+    out
+}
+
+fn registration(fields: &mut Fields<'_>, path: &str, map: &Map<String, Value>) -> Option<Registration> {
+    let before = fields.error_count();
+    fields.reject_unknown(path, map, REGISTRATION_FIELDS);
+    let cluster = required(fields, path, map, "cluster", key_token);
+    let service = required(fields, path, map, "service", key_token);
+    let protocol = optional(fields, path, map, "protocol", "tcp".to_string(), key_token);
+    let ip = required(fields, path, map, "ip", |v| {
+        let ip = value::string(v)?;
+        if ip.is_empty() || ip.chars().any(char::is_whitespace) {
+            return Err(format!("{ip:?} is not an address"));
+        }
+        Ok(ip)
+    });
+    let port = required(fields, path, map, "port", port);
+    let priority = optional(fields, path, map, "priority", 1, |v| {
+        u32::try_from(value::integer(v)?).map_err(|_| "expected a whole number that fits 32 bits".to_string())
+    });
+    let annotations = optional(fields, path, map, "annotations", BTreeMap::new(), |v| match v {
+        Value::Object(map) => map.iter().map(|(k, v)| Ok((k.clone(), value::scalar(v).map_err(|e| format!("{k}: {e}"))?))).collect(),
+        other => Err(format!("expected a mapping of names to values, found {}", describe(other))),
+    });
+    if fields.error_count() != before {
+        return None;
+    }
+    Some(Registration { cluster: cluster?, service: service?, protocol, ip: ip?, port: port?, priority, annotations })
+}
+
+/// Cluster, service and protocol are parts of the dot-separated registration key
+/// `<cluster>.<protocol>.<service>.<instance>`, so they cannot contain dots or spaces.
+fn key_token(value: &Value) -> Result<String, String> {
+    let token = value::scalar(value)?;
+    if token.is_empty() || !token.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-')) {
+        return Err(format!("{token:?} is not valid here: use letters, digits, _ and - (it is part of a dotted key)"));
+    }
+    Ok(token)
+}
+
+fn port(value: &Value) -> Result<u16, String> {
+    match value::integer(value) {
+        Ok(p @ 1..=65535) => Ok(p as u16),
+        _ => Err(format!("expected a port number from 1 to 65535, found {}", describe(value))),
+    }
+}
+
+/// A required key of a nested mapping; reports `path.key` when missing or invalid.
+fn required<T>(fields: &mut Fields<'_>, path: &str, map: &Map<String, Value>, key: &str, convert: impl FnOnce(&Value) -> Result<T, String>) -> Option<T> {
+    let field = format!("{path}.{key}");
+    match map.get(key).filter(|v| !v.is_null()) {
+        None => {
+            fields.error(&field, "is required");
+            None
+        }
+        Some(v) => fields.parse_at(&field, Some(v), None, |v| convert(v).map(Some)),
+    }
+}
+
+fn optional<T>(fields: &mut Fields<'_>, path: &str, map: &Map<String, Value>, key: &str, default: T, convert: impl FnOnce(&Value) -> Result<T, String>) -> T {
+    fields.parse_at(&format!("{path}.{key}"), map.get(key).filter(|v| !v.is_null()), default, convert)
+}
+
+fn health_check(fields: &mut Fields<'_>) -> Option<HealthCheck> {
+    let map = match fields.get("health_check")? {
+        Value::Object(map) => map,
+        other => {
+            fields.error("health_check", format!("expected a mapping with type (http, tcp or exec) and its settings, found {}", describe(other)));
+            return None;
+        }
+    };
+    let path = "health_check";
+    let before = fields.error_count();
+    fields.reject_unknown(path, map, HEALTH_CHECK_FIELDS);
+    let kind = required(fields, path, map, "type", |v| match v.as_str() {
+        Some(t @ ("http" | "tcp" | "exec")) => Ok(t.to_string()),
+        _ => Err(format!("expected http, tcp or exec, found {}", describe(v))),
+    });
+    // Settings of another probe type are refused rather than ignored: they show a misunderstanding.
+    let applies = |key: &str| match key {
+        "port" => matches!(kind.as_deref(), Some("http" | "tcp")),
+        "path" => kind.as_deref() == Some("http"),
+        "command" => kind.as_deref() == Some("exec"),
+        _ => true,
+    };
+    if let Some(kind) = kind.as_deref() {
+        for key in ["port", "path", "command"].into_iter().filter(|k| !applies(k) && map.get(*k).is_some_and(|v| !v.is_null())) {
+            fields.error(&format!("{path}.{key}"), format!("does not apply to a health check of type {kind}"));
+        }
+    }
+    let probe = match kind.as_deref() {
+        Some("http") => {
+            let port = required(fields, path, map, "port", port);
+            let check_path = optional(fields, path, map, "path", "/".to_string(), |v| {
+                let p = value::string(v)?;
+                if p.starts_with('/') { Ok(p) } else { Err(format!("{p:?} must start with /")) }
+            });
+            port.map(|port| Probe::Http { port, path: check_path })
+        }
+        Some("tcp") => required(fields, path, map, "port", port).map(|port| Probe::Tcp { port }),
+        Some(_) => required(fields, path, map, "command", |v| {
+            let command = value::words(v)?;
+            if command.is_empty() { Err("must not be empty".to_string()) } else { Ok(command) }
+        })
+        .map(|command| Probe::Exec { command }),
+        None => None,
+    };
+    // Timings are read even when the probe is broken, so all problems are reported together.
+    let interval = optional(fields, path, map, "interval", Duration::from_secs(10), positive_duration);
+    let timeout = optional(fields, path, map, "timeout", Duration::from_secs(5), positive_duration);
+    let retries = optional(fields, path, map, "retries", 3, |v| match value::integer(v)? {
+        0 => Err("must be at least 1".to_string()),
+        n => u32::try_from(n).map_err(|_| "is too large".to_string()),
+    });
+    let start_period = optional(fields, path, map, "start_period", Duration::ZERO, value::duration);
+    let check = HealthCheck { probe: probe?, interval, timeout, retries, start_period };
+    (fields.error_count() == before).then_some(check)
+}
+
+fn positive_duration(value: &Value) -> Result<Duration, String> {
+    let d = value::duration(value)?;
+    if d.is_zero() { Err("must be longer than zero".into()) } else { Ok(d) }
+}
