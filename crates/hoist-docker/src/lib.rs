@@ -161,7 +161,7 @@ impl Runtime for DockerRuntime {
                 other => other,
             });
         }
-        self.inspect(&id).await?.ok_or_else(|| RuntimeError::NotFound(id))
+        self.inspect(&id).await?.ok_or(RuntimeError::NotFound(id))
     }
 
     async fn stop(&self, id: &str, grace: Duration) -> RuntimeResult<()> {
@@ -226,7 +226,11 @@ impl Runtime for DockerRuntime {
             // Without an event filter, every healthcheck run adds exec_create/exec_start/exec_die.
             ("event", ["start", "die", "health_status", "destroy"].map(String::from).to_vec()),
         ]);
-        let options = EventsOptionsBuilder::default().filters(&filters).build();
+        // bollard connects only when the stream is first polled; `since` now makes the engine replay
+        // whatever happens in between, so a caller that subscribes and then inspects misses nothing.
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let since = format!("{}.{:09}", now.as_secs(), now.subsec_nanos());
+        let options = EventsOptionsBuilder::default().since(&since).filters(&filters).build();
         let stream = self
             .docker
             .events(Some(options))
