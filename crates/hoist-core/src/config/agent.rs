@@ -42,8 +42,7 @@ struct RawAgent {
 struct RawDocker {
     host: Option<String>,
     name_prefix: Option<String>,
-    #[serde(default, deserialize_with = "duration")]
-    stop_grace: Option<Duration>,
+    stop_grace: Option<Secs>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -69,8 +68,7 @@ struct RawTls {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRegistration {
-    #[serde(default, deserialize_with = "duration")]
-    interval: Option<Duration>,
+    interval: Option<Secs>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -88,20 +86,37 @@ struct RawMetrics {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRollout {
-    #[serde(default, deserialize_with = "duration")]
-    healthy_deadline: Option<Duration>,
-    #[serde(default, deserialize_with = "duration")]
-    unverified_wait: Option<Duration>,
-    #[serde(default, deserialize_with = "duration")]
-    governor_timeout: Option<Duration>,
+    healthy_deadline: Option<Secs>,
+    unverified_wait: Option<Secs>,
+    governor_timeout: Option<Secs>,
 }
 
-/// Durations as humantime strings (`10s`) or whole seconds, like the container data.
-fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
-    match Value::deserialize(deserializer)? {
-        Value::Null => Ok(None),
-        v => super::value::duration(&v).map(Some).map_err(serde::de::Error::custom),
+/// A duration as a humantime string (`10s`) or whole seconds, like the container data. A visitor (not
+/// a `deserialize_with` over a whole value) so serde_yaml reports errors at the key's own path.
+#[derive(Debug, Clone, Copy)]
+struct Secs(Duration);
+
+impl<'de> Deserialize<'de> for Secs {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SecsVisitor;
+        impl serde::de::Visitor<'_> for SecsVisitor {
+            type Value = Secs;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a duration such as \"10s\" or \"5m\", or a whole number of seconds")
+            }
+            fn visit_u64<E: serde::de::Error>(self, secs: u64) -> Result<Secs, E> {
+                Ok(Secs(Duration::from_secs(secs)))
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Secs, E> {
+                super::value::duration(&Value::String(text.into())).map(Secs).map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_any(SecsVisitor)
     }
+}
+
+fn secs(value: Option<Secs>, default: u64) -> Duration {
+    value.map_or(Duration::from_secs(default), |s| s.0)
 }
 
 impl AgentConfig {
@@ -161,7 +176,7 @@ fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<Path
         docker: DockerConfig {
             host: raw.docker.host,
             name_prefix: raw.docker.name_prefix.unwrap_or_else(|| "hoist_".into()),
-            stop_grace: raw.docker.stop_grace.unwrap_or(Duration::from_secs(10)),
+            stop_grace: secs(raw.docker.stop_grace, 10),
         },
         backend,
         nats: NatsConfig {
@@ -173,13 +188,13 @@ fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<Path
             collective: raw.nats.collective.unwrap_or_else(|| "mcollective".into()),
         },
         facts,
-        registration: RegistrationConfig { interval: raw.registration.interval.unwrap_or(Duration::from_secs(15)) },
+        registration: RegistrationConfig { interval: secs(raw.registration.interval, 15) },
         control: ControlConfig { socket: raw.control.socket.map(resolve).unwrap_or_else(|| state_dir.join("hoist.sock")) },
         metrics: MetricsConfig { listen: raw.metrics.listen },
         rollout: RolloutConfig {
-            healthy_deadline: raw.rollout.healthy_deadline.unwrap_or(Duration::from_secs(300)),
-            unverified_wait: raw.rollout.unverified_wait.unwrap_or(Duration::from_secs(10)),
-            governor_timeout: raw.rollout.governor_timeout.unwrap_or(Duration::from_secs(300)),
+            healthy_deadline: secs(raw.rollout.healthy_deadline, 300),
+            unverified_wait: secs(raw.rollout.unverified_wait, 10),
+            governor_timeout: secs(raw.rollout.governor_timeout, 300),
         },
         state_dir,
     };
@@ -190,21 +205,27 @@ fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<Path
 /// the error is located like every other config error.
 fn serde_error(file: &Path, error: &serde_yaml::Error) -> ConfigError {
     let message = error.to_string();
-    ConfigError { field: serde_field(&message), ..file_error(file, message) }
+    let (field, message) = match serde_field(&message) {
+        // The path is now in `field`; drop it from the message so Display does not repeat it.
+        Some((field, rest)) => (Some(field), rest.to_string()),
+        None => (None, message.clone()),
+    };
+    ConfigError { field, ..file_error(file, message) }
 }
 
 /// `docker: unknown field `nmae_prefix`, …` → `docker.nmae_prefix`; `registration.interval: …` →
-/// `registration.interval`; a message without a path → None.
-fn serde_field(message: &str) -> Option<String> {
+/// `registration.interval`; each with the rest of the message. A message without a path → None.
+fn serde_field(message: &str) -> Option<(String, &str)> {
     let (prefix, rest) = match message.split_once(": ") {
         Some((prefix, rest)) if !prefix.contains(char::is_whitespace) => (Some(prefix), rest),
         _ => (None, message),
     };
     let unknown = rest.strip_prefix("unknown field `").and_then(|r| r.split_once('`')).map(|(name, _)| name);
     match (prefix, unknown) {
-        (Some(prefix), Some(name)) => Some(format!("{prefix}.{name}")),
-        (None, Some(name)) => Some(name.to_string()),
-        (prefix, None) => prefix.map(str::to_string),
+        (Some(prefix), Some(name)) => Some((format!("{prefix}.{name}"), rest)),
+        (None, Some(name)) => Some((name.to_string(), rest)),
+        (Some(prefix), None) => Some((prefix.to_string(), rest)),
+        (None, None) => None,
     }
 }
 

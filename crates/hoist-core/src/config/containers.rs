@@ -116,7 +116,12 @@ fn merge_document(merged: &mut Merged, file: &Path, document: Value, errors: &mu
     let top = match document {
         Value::Null => return,
         Value::Object(top) => top,
-        _ => return errors.push(file_error(file, "the file must be a mapping with `containers:` / `purge:` (or `hoist::containers` / `hoist::purge`)")),
+        _ => {
+            return errors.push(file_error(
+                file,
+                "the file must be a mapping with `containers:` / `purge:` (or `hoist::containers` / `hoist::purge`)",
+            ));
+        }
     };
     for (key, value) in top {
         match key.as_str() {
@@ -146,7 +151,13 @@ fn merge_containers(merged: &mut Merged, file: &Path, key: &str, value: Value, e
     let definitions = match value {
         Value::Null => return,
         Value::Object(definitions) => definitions,
-        other => return errors.push(field_error(file, key, format!("must be a mapping of container name to definition, not {}", super::value::describe(&other)))),
+        other => {
+            return errors.push(field_error(
+                file,
+                key,
+                format!("must be a mapping of container name to definition, not {}", super::value::describe(&other)),
+            ));
+        }
     };
     for (name, definition) in definitions {
         let definition = match definition {

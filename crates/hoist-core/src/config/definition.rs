@@ -37,7 +37,8 @@ const HEALTH_CHECK_FIELDS: &[&str] = &["type", "port", "path", "command", "inter
 pub(crate) fn container(fields: &mut Fields<'_>) -> ContainerConfig {
     let name = fields.name.to_string();
     if !valid_name(&name) {
-        fields.error("name", format!("{name:?} is not a valid container name: use letters, digits, _ . - and start with a letter or digit"));
+        fields
+            .error("name", format!("{name:?} is not a valid container name: use letters, digits, _ . - and start with a letter or digit"));
     }
     fields.reject_unknown("", fields.definition(), FIELDS);
     let ensure = fields.parse("ensure", Ensure::Present, ensure);
@@ -182,7 +183,10 @@ fn environment(fields: &mut Fields<'_>) -> Vec<EnvVar> {
         Some(Value::Array(_)) => each_string(fields, "environment", spec::parse_env),
         None => Vec::new(),
         Some(other) => {
-            fields.error("environment", format!("expected a list of KEY=VALUE strings or a mapping of KEY: value, found {}", describe(other)));
+            fields.error(
+                "environment",
+                format!("expected a list of KEY=VALUE strings or a mapping of KEY: value, found {}", describe(other)),
+            );
             Vec::new()
         }
     }
@@ -249,7 +253,13 @@ fn port(value: &Value) -> Result<u16, String> {
 }
 
 /// A required key of a nested mapping; reports `path.key` when missing or invalid.
-fn required<T>(fields: &mut Fields<'_>, path: &str, map: &Map<String, Value>, key: &str, convert: impl FnOnce(&Value) -> Result<T, String>) -> Option<T> {
+fn required<T>(
+    fields: &mut Fields<'_>,
+    path: &str,
+    map: &Map<String, Value>,
+    key: &str,
+    convert: impl FnOnce(&Value) -> Result<T, String>,
+) -> Option<T> {
     let field = format!("{path}.{key}");
     match map.get(key).filter(|v| !v.is_null()) {
         None => {
@@ -260,7 +270,14 @@ fn required<T>(fields: &mut Fields<'_>, path: &str, map: &Map<String, Value>, ke
     }
 }
 
-fn optional<T>(fields: &mut Fields<'_>, path: &str, map: &Map<String, Value>, key: &str, default: T, convert: impl FnOnce(&Value) -> Result<T, String>) -> T {
+fn optional<T>(
+    fields: &mut Fields<'_>,
+    path: &str,
+    map: &Map<String, Value>,
+    key: &str,
+    default: T,
+    convert: impl FnOnce(&Value) -> Result<T, String>,
+) -> T {
     fields.parse_at(&format!("{path}.{key}"), map.get(key).filter(|v| !v.is_null()), default, convert)
 }
 
@@ -268,7 +285,10 @@ fn health_check(fields: &mut Fields<'_>) -> Option<HealthCheck> {
     let map = match fields.get("health_check")? {
         Value::Object(map) => map,
         other => {
-            fields.error("health_check", format!("expected a mapping with type (http, tcp or exec) and its settings, found {}", describe(other)));
+            fields.error(
+                "health_check",
+                format!("expected a mapping with type (http, tcp or exec) and its settings, found {}", describe(other)),
+            );
             return None;
         }
     };

@@ -49,7 +49,9 @@ fn yaml_to_json(yaml: &serde_yaml::Value, path: &str) -> Result<Value, (String, 
             } else {
                 // NaN and infinities have no JSON form; no field needs them.
                 let f = n.as_f64().unwrap_or(f64::NAN);
-                serde_json::Number::from_f64(f).map(Value::Number).ok_or_else(|| (path.to_string(), format!("number {n} is not supported")))?
+                serde_json::Number::from_f64(f)
+                    .map(Value::Number)
+                    .ok_or_else(|| (path.to_string(), format!("number {n} is not supported")))?
             }
         }
         Y::String(s) => {
@@ -80,7 +82,10 @@ fn yaml_to_json(yaml: &serde_yaml::Value, path: &str) -> Result<Value, (String, 
 
 fn check_string_length(s: &str, path: &str) -> Result<(), (String, String)> {
     if s.len() > MAX_STRING_BYTES {
-        return Err((path.to_string(), format!("a string of {} bytes is longer than the limit of {MAX_STRING_BYTES} bytes (64 KiB)", s.len())));
+        return Err((
+            path.to_string(),
+            format!("a string of {} bytes is longer than the limit of {MAX_STRING_BYTES} bytes (64 KiB)", s.len()),
+        ));
     }
     Ok(())
 }
@@ -169,7 +174,9 @@ fn lookup_fact(expr: &str, facts: &Value) -> Result<String, String> {
         Value::Number(n) => Ok(n.to_string()),
         Value::Bool(b) => Ok(b.to_string()),
         Value::Null => Ok(String::new()),
-        Value::Array(_) | Value::Object(_) => Err(format!("fact facts.{fact_path} is a list or mapping; only a single value can be interpolated")),
+        Value::Array(_) | Value::Object(_) => {
+            Err(format!("fact facts.{fact_path} is a list or mapping; only a single value can be interpolated"))
+        }
     }
 }
 

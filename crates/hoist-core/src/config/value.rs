@@ -133,7 +133,13 @@ impl<'a> Fields<'a> {
     }
 
     /// Converts a value found at `path` (which may be nested, `health_check.port`).
-    pub(crate) fn parse_at<T>(&mut self, path: &str, value: Option<&Value>, default: T, convert: impl FnOnce(&Value) -> Result<T, String>) -> T {
+    pub(crate) fn parse_at<T>(
+        &mut self,
+        path: &str,
+        value: Option<&Value>,
+        default: T,
+        convert: impl FnOnce(&Value) -> Result<T, String>,
+    ) -> T {
         match value.map(convert) {
             None => default,
             Some(Ok(v)) => v,
