@@ -259,3 +259,14 @@ async fn name_conflicts() {
     let listed: Vec<String> = runtime.list(&cleanup.node).await.unwrap().into_iter().map(|c| c.id).collect();
     assert_eq!(listed, vec![second.id]);
 }
+
+#[tokio::test]
+async fn unreachable_engines_are_unavailable() {
+    for host in ["unix:///nonexistent/docker.sock", "tcp://127.0.0.1:1", "ftp://example.net"] {
+        match DockerRuntime::connect(Some(host)).await {
+            Err(RuntimeError::Unavailable(message)) => assert!(message.contains(host), "{message}"),
+            other => panic!("{host}: expected Unavailable, got {:?}", other.map(|_| "a connection")),
+        }
+    }
+    DockerRuntime::connect(Some("unix:///var/run/docker.sock")).await.expect("an explicit unix socket connects");
+}
