@@ -2,9 +2,7 @@
 //! naming the broken expectation. Names carry a random suffix so several suites, or several test
 //! processes, can share one server.
 
-use crate::backend::{
-    BackendError, BucketConfig, Events, Governor, Kv, KvEntry, KvOperation, Lease, TRANSITION_PROTOCOL, TransitionEvent,
-};
+use crate::backend::{BackendError, BucketConfig, Events, Governor, Kv, KvEntry, KvOperation, Lease, TRANSITION_PROTOCOL, TransitionEvent};
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use std::time::Duration;
@@ -104,7 +102,9 @@ pub async fn kv_suite(kv: &dyn Kv) {
 async fn watch_suite(kv: &dyn Kv) {
     let bucket = unique("conformance_watch");
     kv.create_bucket(&bucket, BucketConfig::default()).await.expect("create the watch bucket");
-    for (key, value) in [("lon.web.tag", "w1"), ("par.web.tag", "p1"), ("lon.db.tag", "d1"), ("lon.gone.tag", "g1"), ("container/web/tag", "c1")] {
+    for (key, value) in
+        [("lon.web.tag", "w1"), ("par.web.tag", "p1"), ("lon.db.tag", "d1"), ("lon.gone.tag", "g1"), ("container/web/tag", "c1")]
+    {
         kv.put(&bucket, key, value.as_bytes()).await.expect("put before watching");
     }
     kv.delete(&bucket, "lon.gone.tag").await.expect("delete before watching");

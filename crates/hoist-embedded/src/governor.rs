@@ -1,7 +1,7 @@
 //! Governors: named counting semaphores whose leases expire, with Choria's semantics. Each governor
 //! is one record holding its settings and leases, so every change is a single small write.
 
-use crate::{names, EmbeddedStore, Fail, Inner, now_ms};
+use crate::{EmbeddedStore, Fail, Inner, names, now_ms};
 use async_trait::async_trait;
 use hoist_core::backend::{BackendError, BackendResult, Governor, GovernorInfo, Lease, LeaseInfo, validate_bucket};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
@@ -197,9 +197,8 @@ impl Governor for EmbeddedStore {
     async fn evict(&self, name: &str, seq: u64) -> BackendResult<LeaseInfo> {
         validate_bucket(name)?;
         let name = name.to_owned();
-        let evicted = self
-            .run(move |inner| update(inner, &name, |state| state.take_lease(seq).ok_or_else(|| no_lease(&name, seq).into())))
-            .await?;
+        let evicted =
+            self.run(move |inner| update(inner, &name, |state| state.take_lease(seq).ok_or_else(|| no_lease(&name, seq).into()))).await?;
         self.slot_freed();
         Ok(evicted)
     }
@@ -207,7 +206,13 @@ impl Governor for EmbeddedStore {
     async fn reset(&self, name: &str) -> BackendResult<()> {
         validate_bucket(name)?;
         let name = name.to_owned();
-        self.run(move |inner| update(inner, &name, |state| Ok(state.leases.clear()))).await?;
+        self.run(move |inner| {
+            update(inner, &name, |state| {
+                state.leases.clear();
+                Ok(())
+            })
+        })
+        .await?;
         self.slot_freed();
         Ok(())
     }

@@ -2,7 +2,7 @@
 //! under (bucket, revision), and a per-key index lists the revisions kept for that key (at most the
 //! bucket's history), the last one being the key's current value or tombstone.
 
-use crate::{names, Change, EmbeddedStore, Fail, Inner, now_ms};
+use crate::{Change, EmbeddedStore, Fail, Inner, names, now_ms};
 use async_trait::async_trait;
 use futures_util::stream::{self, BoxStream};
 use hoist_core::backend::{
@@ -16,10 +16,13 @@ use tokio::sync::broadcast;
 
 /// Bucket name → JSON `BucketMeta`.
 const BUCKETS: TableDefinition<&str, &[u8]> = TableDefinition::new("kv_buckets");
-/// (bucket, revision) → (key, value, created_ms, deleted).
-const ENTRIES: TableDefinition<(&str, u64), (&str, &[u8], u64, bool)> = TableDefinition::new("kv_entries");
+/// (bucket, revision) → `Stored`.
+const ENTRIES: TableDefinition<(&str, u64), Stored> = TableDefinition::new("kv_entries");
 /// (bucket, key) → the revisions kept for the key, oldest first.
 const LATEST: TableDefinition<(&str, &str), Vec<u64>> = TableDefinition::new("kv_latest");
+
+/// An entry as stored: (key, value, created_ms, deleted).
+type Stored = (&'static str, &'static [u8], u64, bool);
 
 #[derive(Serialize, Deserialize)]
 struct BucketMeta {
@@ -41,7 +44,7 @@ fn load_meta(buckets: &impl ReadableTable<&'static str, &'static [u8]>, bucket: 
 
 /// The entry at `revision`, unless its bucket's TTL has passed.
 fn read_entry(
-    entries: &impl ReadableTable<(&'static str, u64), (&'static str, &'static [u8], u64, bool)>,
+    entries: &impl ReadableTable<(&'static str, u64), Stored>,
     bucket: &str,
     revision: u64,
     config: &BucketConfig,
@@ -89,11 +92,7 @@ fn snapshot(inner: &Inner, bucket: &str, pattern: Option<&str>) -> Result<(Vec<K
             continue;
         }
         let Some(&revision) = revisions.value().last() else { continue };
-        if let Some(entry) = read_entry(&entries, bucket, revision, &meta.config, now)? {
-            if entry.operation == KvOperation::Put {
-                current.push(entry);
-            }
-        }
+        current.extend(read_entry(&entries, bucket, revision, &meta.config, now)?.filter(|e| e.operation == KvOperation::Put));
     }
     current.sort_by_key(|e| e.revision);
     Ok((current, meta.last_revision))
@@ -230,14 +229,8 @@ impl Kv for EmbeddedStore {
             let (bucket, pattern) = (bucket.clone(), pattern.clone());
             self.run(move |inner| snapshot(inner, &bucket, Some(&pattern))).await?
         };
-        let watch = Watch {
-            store: std::sync::Arc::downgrade(&self.inner),
-            bucket,
-            pattern,
-            changes,
-            pending: current.into(),
-            last_revision,
-        };
+        let watch =
+            Watch { store: std::sync::Arc::downgrade(&self.inner), bucket, pattern, changes, pending: current.into(), last_revision };
         Ok(Box::pin(stream::unfold(watch, |mut watch| async move {
             let entry = watch.next().await?;
             Some((entry, watch))

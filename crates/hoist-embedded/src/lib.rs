@@ -139,8 +139,7 @@ impl From<Fail> for BackendError {
 fn names(inner: &Inner, definition: TableDefinition<&str, &[u8]>) -> Result<Vec<String>, Fail> {
     let txn = inner.db.begin_read()?;
     let table = txn.open_table(definition)?;
-    let names = table.iter()?.map(|row| Ok(row?.0.value().to_owned())).collect();
-    names
+    table.iter()?.map(|row| Ok(row?.0.value().to_owned())).collect()
 }
 
 fn now_ms() -> u64 {
