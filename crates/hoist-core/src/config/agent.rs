@@ -21,20 +21,14 @@ struct RawAgent {
     node: Option<String>,
     state_dir: Option<PathBuf>,
     data: Option<Vec<PathBuf>>,
-    #[serde(default)]
-    docker: RawDocker,
+    docker: Option<RawDocker>,
     backend: Option<BackendKind>,
-    #[serde(default)]
-    nats: RawNats,
+    nats: Option<RawNats>,
     facts: Option<Value>,
-    #[serde(default)]
-    registration: RawRegistration,
-    #[serde(default)]
-    control: RawControl,
-    #[serde(default)]
-    metrics: RawMetrics,
-    #[serde(default)]
-    rollout: RawRollout,
+    registration: Option<RawRegistration>,
+    control: Option<RawControl>,
+    metrics: Option<RawMetrics>,
+    rollout: Option<RawRollout>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -48,8 +42,7 @@ struct RawDocker {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawNats {
-    #[serde(default)]
-    servers: Vec<String>,
+    servers: Option<Vec<String>>,
     creds: Option<PathBuf>,
     nkey: Option<PathBuf>,
     token: Option<String>,
@@ -150,6 +143,11 @@ impl AgentConfig {
 /// Applies defaults and resolves relative paths against `base` (the agent file's directory), so the
 /// agent behaves the same whatever its working directory.
 fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<PathBuf>) -> Result<AgentConfig, ConfigErrors> {
+    // A section written with nothing under it (`docker:`) is the same as leaving it out.
+    let (docker, nats) = (raw.docker.unwrap_or_default(), raw.nats.unwrap_or_default());
+    let (registration, control) = (raw.registration.unwrap_or_default(), raw.control.unwrap_or_default());
+    let (metrics, rollout) = (raw.metrics.unwrap_or_default(), raw.rollout.unwrap_or_default());
+    let servers = nats.servers.unwrap_or_default();
     let mut errors = Vec::new();
     let mut error = |field: &str, message: String| {
         errors.push(ConfigError { file: path.map(Path::to_path_buf), container: None, field: Some(field.into()), message })
@@ -161,7 +159,7 @@ fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<Path
         error("node", format!("{node:?} is not a valid node name: it must be non-empty without spaces"));
     }
     let backend = raw.backend.unwrap_or(BackendKind::Embedded);
-    if backend == BackendKind::Nats && raw.nats.servers.is_empty() {
+    if backend == BackendKind::Nats && servers.is_empty() {
         error("nats.servers", "backend nats needs at least one server, e.g. [\"nats://n1:4222\"]".into());
     }
     let facts = raw.facts.unwrap_or_else(|| Value::Object(Default::default()));
@@ -174,27 +172,27 @@ fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<Path
         node,
         data: raw.data.map(|data| data.into_iter().map(resolve).collect()).unwrap_or(default_data),
         docker: DockerConfig {
-            host: raw.docker.host,
-            name_prefix: raw.docker.name_prefix.unwrap_or_else(|| "hoist_".into()),
-            stop_grace: secs(raw.docker.stop_grace, 10),
+            host: docker.host,
+            name_prefix: docker.name_prefix.unwrap_or_else(|| "hoist_".into()),
+            stop_grace: secs(docker.stop_grace, 10),
         },
         backend,
         nats: NatsConfig {
-            servers: raw.nats.servers,
-            creds: raw.nats.creds.map(resolve),
-            nkey: raw.nats.nkey.map(resolve),
-            token: raw.nats.token,
-            tls: raw.nats.tls.map(|tls| TlsConfig { ca: tls.ca.map(resolve), cert: tls.cert.map(resolve), key: tls.key.map(resolve) }),
-            collective: raw.nats.collective.unwrap_or_else(|| "mcollective".into()),
+            servers,
+            creds: nats.creds.map(resolve),
+            nkey: nats.nkey.map(resolve),
+            token: nats.token,
+            tls: nats.tls.map(|tls| TlsConfig { ca: tls.ca.map(resolve), cert: tls.cert.map(resolve), key: tls.key.map(resolve) }),
+            collective: nats.collective.unwrap_or_else(|| "mcollective".into()),
         },
         facts,
-        registration: RegistrationConfig { interval: secs(raw.registration.interval, 15) },
-        control: ControlConfig { socket: raw.control.socket.map(resolve).unwrap_or_else(|| state_dir.join("hoist.sock")) },
-        metrics: MetricsConfig { listen: raw.metrics.listen },
+        registration: RegistrationConfig { interval: secs(registration.interval, 15) },
+        control: ControlConfig { socket: control.socket.map(resolve).unwrap_or_else(|| state_dir.join("hoist.sock")) },
+        metrics: MetricsConfig { listen: metrics.listen },
         rollout: RolloutConfig {
-            healthy_deadline: secs(raw.rollout.healthy_deadline, 300),
-            unverified_wait: secs(raw.rollout.unverified_wait, 10),
-            governor_timeout: secs(raw.rollout.governor_timeout, 300),
+            healthy_deadline: secs(rollout.healthy_deadline, 300),
+            unverified_wait: secs(rollout.unverified_wait, 10),
+            governor_timeout: secs(rollout.governor_timeout, 300),
         },
         state_dir,
     };

@@ -46,7 +46,7 @@ pub(crate) fn container(fields: &mut Fields<'_>) -> ContainerConfig {
         name,
         image: image(fields, ensure),
         ensure,
-        image_tag: fields.parse("image_tag", ImageVersion::Tag("latest".into()), |v| ImageVersion::parse(&value::scalar(v)?)),
+        image_tag: fields.parse("image_tag", ImageVersion::Tag("latest".into()), image_tag),
         command: fields.parse("command", Vec::new(), value::words),
         entrypoint: fields.parse("entrypoint", Vec::new(), entrypoint),
         // The original module ran containers on `bridge`, which is also Docker's own default.
@@ -62,15 +62,7 @@ pub(crate) fn container(fields: &mut Fields<'_>) -> ContainerConfig {
         environment: environment(fields),
         register_ports: register_ports(fields),
         health_check: health_check(fields),
-        sources: Vec::new(),
-    }
-    .with_sources(fields)
-}
-
-impl ContainerConfig {
-    fn with_sources(mut self, fields: &Fields<'_>) -> Self {
-        self.sources = fields.sources().to_vec();
-        self
+        sources: fields.sources().to_vec(),
     }
 }
 
@@ -101,6 +93,15 @@ fn image(fields: &mut Fields<'_>, ensure: Ensure) -> String {
             Ok(image)
         }),
     }
+}
+
+/// Tags are usually strings, but YAML reads `image_tag: 2` or `1.5` as numbers; those are taken as
+/// their text. A float loses trailing zeros (`1.10` reads as 1.1), so that case is worth a warning.
+fn image_tag(value: &Value) -> Result<ImageVersion, String> {
+    if value.as_f64().is_some_and(|f| f.fract() != 0.0) {
+        tracing::warn!(tag = %value, "image_tag was written as a number; quote it if it has trailing zeros (\"1.10\")");
+    }
+    ImageVersion::parse(&value::scalar(value)?)
 }
 
 /// A string is the single executable (as `docker run --entrypoint`); a list is taken as is.

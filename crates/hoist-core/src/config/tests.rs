@@ -432,6 +432,8 @@ fn agent_file_defaults_are_relative_to_the_file() {
     let file = write(dir.path(), "hoist.yaml", "");
     let cfg = AgentConfig::load(&file).unwrap();
     assert_eq!(cfg.path.as_deref(), Some(file.as_path()));
+    let sections = write(dir.path(), "hoist.yaml", "docker:\nnats:\n  servers:\nrollout: ~\n");
+    assert_eq!(AgentConfig::load(&sections).unwrap().docker.name_prefix, "hoist_", "empty sections are defaults");
     assert_eq!(cfg.data, [dir.path().join("containers.d")]);
     assert_eq!(cfg.state_dir, PathBuf::from("/var/lib/hoist"));
 }
@@ -496,4 +498,15 @@ fn agent_file_errors() {
     assert!(load("node: [\n").message.contains("line"));
     let missing = AgentConfig::load(&dir.path().join("nope.yaml")).unwrap_err();
     assert!(missing.to_string().contains("nope.yaml"), "{missing}");
+}
+
+#[test]
+fn the_shipped_examples_load() {
+    let agent_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/hoist.yaml");
+    if !agent_file.exists() {
+        return;
+    }
+    let cfg = AgentConfig::load(&agent_file).unwrap();
+    let set = load_containers(&cfg.data, &cfg.facts()).unwrap();
+    assert!(set.containers.contains_key("web"), "{set:?}");
 }
