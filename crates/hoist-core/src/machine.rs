@@ -918,13 +918,10 @@ async fn watch_desired_tag(kv: Arc<dyn Kv>, key: String, resync: Duration, tx: m
             Ok(mut updates) => {
                 retry = Duration::from_millis(500);
                 // The watch delivers the current value first, if there is one; absent means "use image_tag".
-                match kv.get(HOIST_BUCKET, &key).await {
-                    Ok(None) => {
-                        if tx.send(Input::DesiredVersion(None)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(Some(_)) | Err(_) => {}
+                if let Ok(None) = kv.get(HOIST_BUCKET, &key).await
+                    && tx.send(Input::DesiredVersion(None)).await.is_err()
+                {
+                    return;
                 }
                 loop {
                     let jitter = rand::rng().random_range(0.8..1.2);
@@ -939,10 +936,10 @@ async fn watch_desired_tag(kv: Arc<dyn Kv>, key: String, resync: Duration, tx: m
                             None => break,
                         },
                         _ = tokio::time::sleep(resync.mul_f64(jitter)) => {
-                            if let Ok(entry) = kv.get(HOIST_BUCKET, &key).await {
-                                if tx.send(Input::DesiredVersion(entry.map(|e| e.value_str()))).await.is_err() {
-                                    return;
-                                }
+                            if let Ok(entry) = kv.get(HOIST_BUCKET, &key).await
+                                && tx.send(Input::DesiredVersion(entry.map(|e| e.value_str()))).await.is_err()
+                            {
+                                return;
                             }
                         }
                     }
@@ -1014,11 +1011,11 @@ impl JobCtx {
         if delay > Duration::ZERO {
             self.or_cancelled(tokio::time::sleep(delay)).await?;
         }
-        if let Some(c) = existing.as_ref().filter(|c| !replace && c.state == RunState::Running) {
-            if c.label(LABEL_SPEC) == Some(spec.hash().as_str()) {
-                tracing::info!(container = %spec.name, id = %c.id, "adopted the running container");
-                return Ok(JobDone::Running(c.clone()));
-            }
+        if let Some(c) = existing.as_ref().filter(|c| !replace && c.state == RunState::Running)
+            && c.label(LABEL_SPEC) == Some(spec.hash().as_str())
+        {
+            tracing::info!(container = %spec.name, id = %c.id, "adopted the running container");
+            return Ok(JobDone::Running(c.clone()));
         }
         let runtime = &self.deps.runtime;
         let image = spec.image_ref();
