@@ -71,7 +71,8 @@ fn decode(
 }
 
 fn fresh(config: &BucketConfig, created_ms: u64, now: u64) -> bool {
-    config.ttl.is_none_or(|ttl| created_ms.saturating_add(ttl.as_millis() as u64) > now)
+    // A zero TTL keeps entries forever, as a zero MaxAge does in JetStream.
+    config.ttl.filter(|ttl| !ttl.is_zero()).is_none_or(|ttl| created_ms.saturating_add(ttl.as_millis() as u64) > now)
 }
 
 /// The current value of every key matching `pattern` (tombstones and expired entries left out), in

@@ -74,3 +74,21 @@ async fn open_reports_an_unusable_path() {
     std::fs::write(&file, "not a directory").expect("write");
     assert!(matches!(EmbeddedStore::open(&file.join("hoist.redb")), Err(BackendError::Unavailable(_))));
 }
+
+/// A watch that falls further behind than the change channel holds reads the gap from the file, so
+/// it still sees every change once, in order.
+#[tokio::test]
+async fn a_lagging_watch_misses_nothing() {
+    use futures_util::StreamExt;
+    let (_dir, store) = open_temp();
+    store.create_bucket("LAG", BucketConfig::default()).await.expect("create bucket");
+    let mut watch = store.watch("LAG", ">").await.expect("watch");
+    const PUTS: u64 = 1100;
+    for n in 0..PUTS {
+        store.put("LAG", &format!("key.{n}"), n.to_string().as_bytes()).await.expect("put");
+    }
+    for n in 0..PUTS {
+        let entry = tokio::time::timeout(Duration::from_secs(5), watch.next()).await.expect("in time").expect("an entry");
+        assert_eq!((entry.revision, entry.value_str()), (n + 1, n.to_string()), "change {n}");
+    }
+}
