@@ -54,6 +54,8 @@ enum Command {
     Transition { container: String, transition: Transition },
     /// Stream state changes as they happen.
     Watch,
+    /// Print the agent's Prometheus metrics (the same text as `/metrics`).
+    Metrics,
     /// Check container data files and print what would run.
     Validate {
         /// Data files or directories (default: `data` from the agent file).
@@ -203,6 +205,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print(g.json, &e, |e| format!("{}\n", output::event(e)));
             }
         }
+        Command::Metrics => print!("{}", client(g)?.metrics().await?),
         Command::Validate { files } => return validate(g, files),
         Command::Kv(cmd) => kv(g, &client(g)?, cmd).await?,
         Command::Governor(cmd) => governor(g, &client(g)?, cmd).await?,

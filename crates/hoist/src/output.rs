@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
-    t.load_preset(NOTHING).set_header(header.to_vec());
+    t.load_style(NOTHING).set_header(header.to_vec());
     t
 }
 
