@@ -75,6 +75,43 @@ fn fresh(config: &BucketConfig, created_ms: u64, now: u64) -> bool {
     config.ttl.filter(|ttl| !ttl.is_zero()).is_none_or(|ttl| created_ms.saturating_add(ttl.as_millis() as u64) > now)
 }
 
+/// Removes entries older than their bucket's TTL. Reads already hide them; this only stops keys that
+/// are written once and left to expire from piling up in the file.
+pub(crate) fn sweep_expired(inner: &Inner) -> Result<(), Fail> {
+    inner.write(|txn| {
+        let now = now_ms();
+        let mut buckets = Vec::new();
+        for row in txn.open_table(BUCKETS)?.iter()? {
+            let (name, meta) = row?;
+            let meta: BucketMeta = serde_json::from_slice(meta.value())?;
+            buckets.push((name.value().to_owned(), meta.config));
+        }
+        let mut entries = txn.open_table(ENTRIES)?;
+        let mut latest = txn.open_table(LATEST)?;
+        for (bucket, config) in buckets.iter().filter(|(_, config)| config.ttl.is_some()) {
+            let mut expired = Vec::new();
+            for row in entries.range((bucket.as_str(), 0)..=(bucket.as_str(), u64::MAX))? {
+                let (index, raw) = row?;
+                let (key, _, created_ms, _) = raw.value();
+                if !fresh(config, created_ms, now) {
+                    expired.push((index.value().1, key.to_owned()));
+                }
+            }
+            for (revision, key) in expired {
+                entries.remove((bucket.as_str(), revision))?;
+                let mut kept = latest.get((bucket.as_str(), key.as_str()))?.map(|g| g.value()).unwrap_or_default();
+                kept.retain(|&r| r != revision);
+                if kept.is_empty() {
+                    latest.remove((bucket.as_str(), key.as_str()))?;
+                } else {
+                    latest.insert((bucket.as_str(), key.as_str()), kept)?;
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
 /// The current value of every key matching `pattern` (tombstones and expired entries left out), in
 /// revision order, and the bucket's last revision.
 fn snapshot(inner: &Inner, bucket: &str, pattern: Option<&str>) -> Result<(Vec<KvEntry>, u64), Fail> {
@@ -307,5 +344,39 @@ impl Watch {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn sweeping_removes_expired_entries_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("hoist.redb")).unwrap();
+        let short = BucketConfig { ttl: Some(Duration::from_millis(200)), ..BucketConfig::default() };
+        store.create_bucket("SHORT", short).await.unwrap();
+        store.create_bucket("LONG", BucketConfig::default()).await.unwrap();
+        for bucket in ["SHORT", "LONG"] {
+            store.put(bucket, "a", b"1").await.unwrap();
+            store.put(bucket, "a", b"2").await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        store.put("SHORT", "b", b"fresh").await.unwrap();
+
+        sweep_expired(&store.inner).map_err(BackendError::from).unwrap();
+        let txn = store.inner.db.begin_read().unwrap();
+        let count = |table, bucket: &str| -> usize {
+            let entries = txn.open_table(table).unwrap();
+            entries.range((bucket, 0)..=(bucket, u64::MAX)).unwrap().count()
+        };
+        assert_eq!((count(ENTRIES, "SHORT"), count(ENTRIES, "LONG")), (1, 2));
+        let latest = txn.open_table(LATEST).unwrap();
+        assert!(latest.get(("SHORT", "a")).unwrap().is_none());
+        assert_eq!(latest.get(("SHORT", "b")).unwrap().map(|g| g.value()), Some(vec![3]));
+        drop(txn);
+        assert_eq!(store.keys("SHORT").await.unwrap(), ["b"]);
     }
 }

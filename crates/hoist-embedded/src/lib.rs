@@ -10,12 +10,15 @@ use futures_util::stream::{self, BoxStream};
 use hoist_core::backend::{BackendError, BackendResult, Events, KvEntry, TransitionEvent};
 use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, broadcast};
 
 /// How many KV changes or events a slow subscriber may fall behind before it lags.
 const CHANNEL_CAPACITY: usize = 1024;
+
+/// How often entries past their bucket's TTL are removed from the file.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The store; clones share the same file and channels.
 #[derive(Clone)]
@@ -66,7 +69,11 @@ impl EmbeddedStore {
                 governor::create_tables(txn)
             })
             .map_err(|e| unavailable(BackendError::from(e).to_string()))?;
-        Ok(EmbeddedStore { inner: Arc::new(inner) })
+        let inner = Arc::new(inner);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(sweep(Arc::downgrade(&inner)));
+        }
+        Ok(EmbeddedStore { inner })
     }
 
     /// Runs blocking store work off the async runtime.
@@ -76,6 +83,21 @@ impl EmbeddedStore {
             .await
             .map_err(|e| BackendError::Other(format!("store task failed: {e}")))?
             .map_err(BackendError::from)
+    }
+}
+
+/// Sweeps expired KV entries now and then, until the store is dropped.
+async fn sweep(store: Weak<Inner>) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + SWEEP_INTERVAL, SWEEP_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(inner) = store.upgrade() else { return };
+        match tokio::task::spawn_blocking(move || kv::sweep_expired(&inner)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(fail)) => tracing::warn!(error = %BackendError::from(fail), "could not sweep expired KV entries"),
+            Err(e) => tracing::warn!(error = %e, "could not sweep expired KV entries"),
+        }
     }
 }
 
