@@ -30,7 +30,8 @@ storage:
 http:
   addr: $REG
 EOF
-  nohup docker-registry serve "$DIR/registry.yml" >"$DIR/registry.log" 2>&1 &
+  # Its own session, so it outlives the shell that started it (a CI step, a test script).
+  setsid nohup docker-registry serve "$DIR/registry.yml" </dev/null >"$DIR/registry.log" 2>&1 &
   for _ in $(seq 1 100); do
     registry_up && break
     sleep 0.2
@@ -99,3 +100,7 @@ EOF
   esac
   push "$tag"
 done
+
+# Tests that roll a container to v2 must really pull it from the registry: drop the local copy (kept
+# if a container still uses it).
+docker rmi -f "$REPO:v2" >/dev/null 2>&1 || true

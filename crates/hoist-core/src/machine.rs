@@ -163,6 +163,9 @@ pub struct Machine {
     crash: CrashLoop,
     next_delay: Duration,
     restarts: u64,
+    /// The container the running provision job replaces, if any: when it produces a different one,
+    /// that is a restart (adopting the same container is not).
+    replacing: Option<String>,
     last_error: Option<String>,
     activity: Option<String>,
     governor_wait: Duration,
@@ -193,6 +196,7 @@ pub async fn spawn(cfg: ContainerConfig, deps: Arc<MachineDeps>, existing: Optio
         crash: CrashLoop::default(),
         next_delay: Duration::ZERO,
         restarts: remembered.as_ref().map_or(0, |r| r.restarts),
+        replacing: None,
         last_error: None,
         activity: None,
         governor_wait: Duration::ZERO,
@@ -550,6 +554,7 @@ impl Machine {
         self.supersede();
         let spec = self.spec();
         let existing = self.container.clone();
+        self.replacing = existing.as_ref().map(|c| c.id.clone());
         let delay = std::mem::take(&mut self.next_delay);
         // The restart governor guards replacing a container; a first start on a node replaces nothing.
         let restart_governor = if existing.is_some() { self.cfg.restart_governor.clone() } else { None };
@@ -609,13 +614,26 @@ impl Machine {
         }
         match outcome.result {
             Ok(JobDone::Running(info)) => {
-                let replaced = self.container.as_ref().is_some_and(|c| c.id != info.id);
-                if replaced && self.state == State::Restart {
+                if self.replacing.take().is_some_and(|old| old != info.id) {
                     self.restarts += 1;
                     self.remember().await;
                 }
+                // Events of the new container that arrived before this outcome were not yet ours and
+                // were dropped; a fresh look catches one that already died or turned unhealthy.
+                let info = match self.deps.runtime.inspect(&info.id).await {
+                    Ok(Some(fresh)) => fresh,
+                    Ok(None) => ContainerInfo { state: RunState::Dead, ..info },
+                    Err(_) => info,
+                };
+                let exited = (info.state != RunState::Running).then_some(info.exit_code);
                 self.container = Some(info);
-                self.begin_gate();
+                match exited {
+                    Some(exit_code) => {
+                        self.failed(format!("container died ({})", exit_text(exit_code)));
+                        self.start_provision(true).await;
+                    }
+                    None => self.begin_gate(),
+                }
             }
             Ok(JobDone::Pulled) => self.want(Transition::Restart, format!("pulled {}", self.spec().image_ref())),
             Ok(JobDone::Stopped) => {

@@ -172,6 +172,15 @@ fn print<T: Serialize>(json: bool, value: &T, human: impl FnOnce(&T) -> String) 
     }
 }
 
+/// One item of a stream: with `--json`, one compact JSON document per line (NDJSON) so it can be piped.
+fn print_line<T: Serialize>(json: bool, value: &T, human: impl FnOnce(&T) -> String) {
+    if json {
+        println!("{}", serde_json::to_string(value).expect("serialises"));
+    } else {
+        println!("{}", human(value));
+    }
+}
+
 fn init_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HOIST_LOG").unwrap_or_else(|_| "info".into());
     let json = std::env::var("HOIST_LOG_FORMAT").is_ok_and(|f| f == "json");
@@ -202,7 +211,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Watch => {
             let mut events = client(g)?.watch().await?;
             while let Some(e) = events.next().await {
-                print(g.json, &e, |e| format!("{}\n", output::event(e)));
+                print_line(g.json, &e, output::event);
             }
         }
         Command::Metrics => print!("{}", client(g)?.metrics().await?),
@@ -280,7 +289,7 @@ async fn kv(g: &Global, kv: &dyn Kv, cmd: KvCommand) -> anyhow::Result<()> {
         KvCommand::Watch { bucket, pattern } => {
             let mut entries = kv.watch(&bucket, pattern.as_deref().unwrap_or(">")).await?;
             while let Some(e) = entries.next().await {
-                print(g.json, &e, |e| format!("[{}] {:?} {} = {}\n", e.revision, e.operation, e.key, e.value_str()));
+                print_line(g.json, &e, |e| format!("[{}] {:?} {} = {}", e.revision, e.operation, e.key, e.value_str()));
             }
         }
     }

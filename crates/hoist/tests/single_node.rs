@@ -278,6 +278,14 @@ fn the_restart_governor_keeps_one_container_down_at_a_time() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    // Docker's own record of stops and starts, in the engine's order.
+    let mut docker_events = std::process::Command::new("docker")
+        .args(["events", "--filter", "type=container", "--filter", "event=die", "--filter", "event=start"])
+        .args(["--filter", &format!("label=io.hoist.node={}", agent.node)])
+        .args(["--format", "{{.Action}} {{index .Actor.Attributes \"io.hoist.name\"}}"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     write(&trigger, "1");
     wait_until("all three restarted", Duration::from_secs(60), || {
@@ -285,25 +293,36 @@ fn the_restart_governor_keeps_one_container_down_at_a_time() {
     });
     let view = agent.hoist_ok(&["governor", "view", "RG"]);
     assert!(view.contains("capacity 1") && view.contains("0 active"), "leases released: {view}");
-    watch.kill().unwrap();
-    let out = watch.wait_with_output().unwrap();
-    // Replay the event stream: never more than one machine between RESTART and RUN.
+
+    docker_events.kill().unwrap();
+    let stops_and_starts = String::from_utf8_lossy(&docker_events.wait_with_output().unwrap().stdout).into_owned();
     let mut down = std::collections::BTreeSet::new();
     let mut max_down = 0;
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let e: hoist_core::backend::TransitionEvent = serde_json::from_str(line).unwrap();
-        match e.to_state.as_str() {
-            "RESTART" => {
-                down.insert(e.machine);
+    for line in stops_and_starts.lines() {
+        match line.split_once(' ') {
+            Some(("die", name)) => {
+                down.insert(name.to_string());
             }
-            "RUN" => {
-                down.remove(&e.machine);
+            Some(("start", name)) => {
+                down.remove(name);
             }
-            _ => {}
+            _ => panic!("unexpected docker event line {line:?}"),
         }
         max_down = max_down.max(down.len());
     }
-    assert_eq!(max_down, 1, "capacity 1 means one at a time");
+    assert_eq!(max_down, 1, "capacity 1 means one container down at a time; docker events:\n{stops_and_starts}");
+
+    // Each machine reported its way back: RUN -> RESTART (the file) -> RUN.
+    watch.kill().unwrap();
+    let out = watch.wait_with_output().unwrap();
+    let events: Vec<hoist_core::backend::TransitionEvent> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("one JSON event per line")).collect();
+    for name in ["a", "b", "c"] {
+        let path: Vec<&str> = events.iter().filter(|e| e.machine == format!("hoist_{name}")).map(|e| e.to_state.as_str()).collect();
+        assert_eq!(path, ["RESTART", "RUN"], "{name}: {events:#?}");
+        let why = events.iter().find(|e| e.machine == format!("hoist_{name}") && e.to_state == "RESTART").unwrap();
+        assert!(why.detail.as_deref().unwrap_or_default().ends_with("restart-all changed"), "{why:?}");
+    }
 }
 
 #[test]
