@@ -150,7 +150,7 @@ fn main() -> ExitCode {
 
 /// The agent file, or the built-in defaults when the default file does not exist.
 fn agent_config(global: &Global) -> anyhow::Result<AgentConfig> {
-    if global.config == PathBuf::from(DEFAULT_AGENT_FILE) && !global.config.exists() {
+    if global.config.as_path() == std::path::Path::new(DEFAULT_AGENT_FILE) && !global.config.exists() {
         return Ok(AgentConfig::defaults());
     }
     AgentConfig::load(&global.config).map_err(|e| anyhow::anyhow!("{e}"))
