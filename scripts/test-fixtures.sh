@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds hoist's offline test images and serves them from a local registry:
-#   $HOIST_TEST_REGISTRY/hoist/test:{v1,v2,broken,hc}
-# v1/v2 run busybox httpd on port 80 serving "v1"/"v2"; broken exits 3 at once; hc is v1 with a Docker
+#   $HOIST_TEST_REGISTRY/hoist/test:{v1,v2,v3,broken,hc}
+# v1/v2/v3 run busybox httpd on port 80 serving their tag; broken exits 3 at once; hc is v1 with a Docker
 # HEALTHCHECK that fails once /tmp/unhealthy exists. No internet needed: the images are made from the
 # busybox-static package and the registry is Debian's docker-registry. Idempotent; fast when done.
 set -euo pipefail
@@ -76,13 +76,13 @@ push() {
   echo "fixtures: $REPO:$1 pushed"
 }
 
-for tag in v1 v2 broken hc; do
+for tag in v1 v2 v3 broken hc; do
   if in_registry "$tag"; then
     echo "fixtures: $REPO:$tag present"
     continue
   fi
   case "$tag" in
-    v1 | v2) import_image "$tag" "$tag" "$HTTPD_CMD" ;;
+    v1 | v2 | v3) import_image "$tag" "$tag" "$HTTPD_CMD" ;;
     broken) import_image broken broken 'CMD ["/bin/sh","-c","echo broken >&2; exit 3"]' ;;
     hc)
       # docker import's --change does not take HEALTHCHECK, so hc is a classic build on top of v1.
@@ -103,4 +103,4 @@ done
 
 # Tests that roll a container to v2 must really pull it from the registry: drop the local copy (kept
 # if a container still uses it).
-docker rmi -f "$REPO:v2" >/dev/null 2>&1 || true
+docker rmi -f "$REPO:v2" "$REPO:v3" >/dev/null 2>&1 || true

@@ -353,3 +353,58 @@ fn status_shows_summaries_and_json() {
     assert_eq!(s.machines.len(), 1);
     assert_eq!(s.machines[0].available_transitions.len(), 4);
 }
+
+#[test]
+fn an_update_waits_for_its_update_governor() {
+    let port = free_port();
+    let extra = "    kv_update: true\n    update_governor: UG\n";
+    let agent = TestAgent::start("updategov", &web(port, "v1", extra));
+    agent.wait_running("web");
+    // The image to roll to must be pulled (v3 is used by this test only, so nothing else holds it);
+    // the pull waits for a slot of UG, which does not exist yet.
+    docker(&["rmi", &format!("{}:v3", image())]);
+    agent.hoist_ok(&["kv", "put", "HOIST", "container/web/tag", "v3"]);
+    let blocked = agent.wait_machine("web", "refused a slot", Duration::from_secs(30), |m| {
+        m.last_error.as_deref().is_some_and(|e| e.contains("no governor named UG"))
+    });
+    assert_eq!(blocked.version, "v1", "still on the old version: {blocked:?}");
+    assert_eq!(http_get(port).as_deref(), Some("v1"), "the running container is untouched");
+
+    agent.hoist_ok(&["governor", "add", "UG", "1", "1m"]);
+    agent.wait_machine("web", "on v3", Duration::from_secs(60), |m| m.state == State::Run && m.version == "v3");
+    assert_eq!(wait_until("v3 serving", Duration::from_secs(10), || http_get(port).filter(|b| b == "v3")), "v3");
+    let view = agent.hoist_ok(&["governor", "view", "UG"]);
+    assert!(view.contains("0 active"), "the pull's lease is released: {view}");
+}
+
+#[test]
+fn kv_and_governor_commands_work_through_the_agent() {
+    let agent = TestAgent::start("cli", "containers: {}\n");
+    agent.hoist_ok(&["kv", "add", "CONFIG", "--history", "3"]);
+    let buckets = agent.hoist_ok(&["kv", "ls"]);
+    assert!(buckets.lines().any(|b| b == "CONFIG") && buckets.lines().any(|b| b == "HOIST"), "{buckets}");
+    assert!(agent.hoist_ok(&["kv", "put", "CONFIG", "app/colour", "blue"]).contains("revision 1"));
+    assert_eq!(agent.hoist_ok(&["kv", "get", "CONFIG", "app/colour"]).trim(), "blue");
+    assert_eq!(agent.hoist_ok(&["kv", "ls", "CONFIG"]).trim(), "app/colour");
+    let entry: serde_json::Value = serde_json::from_str(&agent.hoist_ok(&["kv", "get", "CONFIG", "app/colour", "--json"])).unwrap();
+    assert_eq!(entry["revision"], 1);
+    agent.hoist_ok(&["kv", "del", "CONFIG", "app/colour"]);
+    let missing = agent.hoist(&["kv", "get", "CONFIG", "app/colour"]);
+    assert!(!missing.status.success() && String::from_utf8_lossy(&missing.stderr).contains("no key app/colour"));
+    let bad = agent.hoist(&["kv", "put", "NOPE", "k", "v"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no bucket named NOPE"), "{bad:?}");
+
+    agent.hoist_ok(&["governor", "add", "G", "2", "1m"]);
+    let view = agent.hoist_ok(&["governor", "view", "G"]);
+    assert!(view.contains("capacity 2") && view.contains("expire 1m") && view.contains("0 active"), "{view}");
+    agent.hoist_ok(&["governor", "add", "G", "3", "2m"]);
+    let info: serde_json::Value = serde_json::from_str(&agent.hoist_ok(&["governor", "view", "G", "--json"])).unwrap();
+    assert_eq!(info["capacity"], 3, "capacity changes live: {info}");
+    assert_eq!(agent.hoist_ok(&["governor", "ls"]).trim(), "G");
+    let evict = agent.hoist(&["governor", "evict", "G", "99"]);
+    assert!(String::from_utf8_lossy(&evict.stderr).contains("no lease 99"), "{evict:?}");
+    agent.hoist_ok(&["governor", "reset", "G"]);
+    agent.hoist_ok(&["governor", "rm", "G"]);
+    let gone = agent.hoist(&["governor", "view", "G"]);
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("no governor named G"), "{gone:?}");
+}

@@ -16,7 +16,7 @@ pub fn registry() -> String {
     std::env::var("HOIST_TEST_REGISTRY").unwrap_or_else(|_| "127.0.0.1:5000".into())
 }
 
-/// The test image repository (tags v1, v2, broken, hc).
+/// The test image repository (tags v1, v2, v3, broken, hc; v3 is for the update-governor test alone).
 pub fn image() -> String {
     format!("{}/hoist/test", registry())
 }
