@@ -17,6 +17,10 @@ pub enum State {
     Maintenance,
 }
 
+impl State {
+    pub const ALL: [State; 6] = [State::Run, State::Start, State::Restart, State::Update, State::Stop, State::Maintenance];
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Transition {

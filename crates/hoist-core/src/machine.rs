@@ -66,6 +66,11 @@ pub enum Input {
     },
     /// A job waited this long for a governor slot (for metrics).
     GovernorWaited(Duration),
+    /// What a job is doing right now (pull progress), shown in status while the job is current.
+    JobProgress {
+        epoch: u64,
+        activity: String,
+    },
     JobDone {
         epoch: u64,
         outcome: JobOutcome,
@@ -273,6 +278,11 @@ impl Machine {
             }
             Input::Probe { epoch, result } if epoch == self.epoch => self.on_probe(result).await,
             Input::GovernorWaited(waited) => self.governor_wait += waited,
+            Input::JobProgress { epoch, activity } => {
+                if epoch == self.epoch && self.cancel_job.is_some() {
+                    self.activity = Some(activity);
+                }
+            }
             Input::JobDone { epoch, outcome } => self.on_job_done(epoch, outcome).await,
             Input::Timer { epoch, timer } if epoch == self.epoch => self.on_timer(timer).await,
             Input::Probe { .. } | Input::Timer { .. } => {}
@@ -536,6 +546,7 @@ impl Machine {
         self.activity = Some(activity);
         let ctx = JobCtx {
             deps: self.deps.clone(),
+            epoch: self.epoch,
             cancelled,
             holder: format!("hoist {} @ {}", self.cfg.name, self.deps.node),
             tx: self.tx.clone(),
@@ -973,6 +984,7 @@ async fn watch_desired_tag(kv: Arc<dyn Kv>, key: String, resync: Duration, tx: m
 /// What a job may use: the adapters, and a signal that it has been superseded.
 struct JobCtx {
     deps: Arc<MachineDeps>,
+    epoch: u64,
     cancelled: watch::Receiver<bool>,
     holder: String,
     tx: mpsc::Sender<Input>,
@@ -1004,9 +1016,15 @@ impl JobCtx {
         if let Some(g) = governor {
             *lease = Some(self.acquire(&g).await?);
         }
-        let image_owned = image.to_string();
+        let (tx, epoch, image_owned) = (self.tx.clone(), self.epoch, image.to_string());
+        let tally = std::sync::Mutex::new(PullTally::default());
         let progress = move |p: crate::runtime::PullProgress| {
             tracing::debug!(image = %image_owned, status = %p.status, current = ?p.current, total = ?p.total, "pull");
+            // The lock is this job's own (the runtime calls back from one task); it never contends.
+            if let Some(activity) = tally.lock().expect("not poisoned").record(&image_owned, &p) {
+                // Progress is advisory: a full channel drops an update rather than stall the pull.
+                let _ = tx.try_send(Input::JobProgress { epoch, activity });
+            }
         };
         let pulled = self.or_cancelled(self.deps.runtime.pull(image, &progress)).await?;
         match pulled {
@@ -1063,6 +1081,28 @@ async fn release(governor: &dyn Governor, lease: Lease) {
     }
 }
 
+/// Bytes pulled so far across layers, turned into an activity line at most twice a second.
+#[derive(Default)]
+struct PullTally {
+    layers: std::collections::HashMap<String, (u64, u64)>,
+    last_report: Option<Instant>,
+}
+
+impl PullTally {
+    fn record(&mut self, image: &str, p: &crate::runtime::PullProgress) -> Option<String> {
+        if let (Some(layer), Some(current), Some(total)) = (&p.layer, p.current, p.total) {
+            self.layers.insert(layer.clone(), (current, total));
+        }
+        if self.last_report.is_some_and(|t| t.elapsed() < Duration::from_millis(500)) {
+            return None;
+        }
+        self.last_report = Some(Instant::now());
+        let (done, total) = self.layers.values().fold((0, 0), |(d, t), (c, n)| (d + c, t + n));
+        let mb = |b: u64| b as f64 / 1_000_000.0;
+        Some(format!("pulling {image}: {:.1}/{:.1} MB, {} layer(s)", mb(done), mb(total), self.layers.len()))
+    }
+}
+
 fn exit_text(code: Option<i64>) -> String {
     code.map_or_else(|| "no exit code".into(), |c| format!("exit {c}"))
 }
@@ -1087,4 +1127,25 @@ fn new_instance_id() -> String {
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
     format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::PullProgress;
+
+    fn progress(layer: &str, current: u64, total: u64) -> PullProgress {
+        PullProgress { layer: Some(layer.into()), status: "Downloading".into(), current: Some(current), total: Some(total) }
+    }
+
+    #[test]
+    fn pull_progress_sums_layers_and_is_throttled() {
+        let mut tally = PullTally::default();
+        let first = tally.record("img:v2", &progress("a", 1_000_000, 4_000_000));
+        assert_eq!(first.as_deref(), Some("pulling img:v2: 1.0/4.0 MB, 1 layer(s)"));
+        assert_eq!(tally.record("img:v2", &progress("b", 500_000, 1_000_000)), None, "within 500 ms");
+        tally.last_report = Some(Instant::now() - Duration::from_secs(1));
+        let later = tally.record("img:v2", &progress("a", 4_000_000, 4_000_000));
+        assert_eq!(later.as_deref(), Some("pulling img:v2: 4.5/5.0 MB, 2 layer(s)"));
+    }
 }

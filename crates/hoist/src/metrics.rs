@@ -1,6 +1,7 @@
 //! Prometheus metrics, rendered at scrape time from the machines' status: the actors stay the only
 //! owners of their state, and a scrape costs one status round-trip.
 
+use hoist_core::fsm::State;
 use hoist_core::status::{Health, NodeStatus};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -27,9 +28,12 @@ pub fn render(status: &NodeStatus) -> String {
     registry.register("config_refused", "1 when the last config reload was refused", config_refused.clone());
     for m in &status.machines {
         let base = || vec![("node", status.node.clone()), ("container", m.container.clone())];
-        let mut with_state = base();
-        with_state.push(("state", m.state.to_string()));
-        state.get_or_create(&with_state).set(1);
+        // Every state is reported, 0 or 1, so a query for one state also sees containers not in it.
+        for s in State::ALL {
+            let mut with_state = base();
+            with_state.push(("state", s.to_string()));
+            state.get_or_create(&with_state).set(i64::from(s == m.state));
+        }
         healthy.get_or_create(&base()).set(i64::from(matches!(m.health, Health::Healthy | Health::Unverified)));
         restarts.get_or_create(&base()).inc_by(m.restarts);
         governor_wait.get_or_create(&base()).inc_by(m.governor_wait_seconds);

@@ -336,6 +336,7 @@ fn metrics_report_states_and_restarts() {
     let mut body = String::new();
     stream.read_to_string(&mut body).unwrap();
     assert!(body.contains(&format!("hoist_machine_state{{node=\"{}\",container=\"web\",state=\"RUN\"}} 1", agent.node)), "{body}");
+    assert!(body.contains(&format!("hoist_machine_state{{node=\"{}\",container=\"web\",state=\"MAINTENANCE\"}} 0", agent.node)), "{body}");
     assert!(body.contains("hoist_container_restarts_total{"), "{body}");
 }
 
