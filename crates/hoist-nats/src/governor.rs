@@ -1,0 +1,226 @@
+//! Choria's concurrency governor: stream `GOVERNOR_<name>` on `<collective>.governor.<name>` with
+//! MaxMsgs = capacity, MaxAge = expiry and discard-new, so the server itself refuses a lease when the
+//! governor is full and ages leases out. A lease is one message whose body is the holder's name; its
+//! id is the stream sequence.
+
+use crate::{NatsBackend, unavailable, unix_ms, validate_replicas};
+use async_nats::jetstream::stream::{Config, DeleteStatus, DiscardPolicy, RawMessageErrorKind, RetentionPolicy, StorageType, Stream};
+use async_nats::jetstream::{ErrorCode, response::Response};
+use async_nats::{Request, RequestErrorKind};
+use async_trait::async_trait;
+use hoist_core::backend::{BackendError, BackendResult, Governor, GovernorInfo, Lease, LeaseInfo};
+use serde::Deserialize;
+use std::time::Duration;
+use tokio::time::{Instant, sleep};
+use tracing::debug;
+
+/// Choria waits this long for each campaign reply.
+const CAMPAIGN_TIMEOUT: Duration = Duration::from_secs(1);
+/// nats-server's "maximum messages exceeded": the governor is full, the only error worth retrying.
+const FULL: ErrorCode = ErrorCode::STREAM_STORE_FAILED;
+/// nats-server's "no message found" when deleting a sequence that is already gone.
+const DELETE_FAILED: ErrorCode = ErrorCode(10057);
+/// Waits between campaigns while full, in ms, each jittered to ms/2 + rand(ms) as Choria does. Shorter
+/// than Choria's five-second ladder so a freed slot is noticed within a couple of seconds.
+const BACKOFF_MS: [u64; 7] = [250, 500, 750, 1000, 1250, 1500, 2000];
+
+fn stream_name(name: &str) -> String {
+    format!("GOVERNOR_{name}")
+}
+
+/// Governor names become a subject token and a stream name, so they follow the bucket rules.
+fn validate_name(name: &str) -> BackendResult<()> {
+    let ok = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    ok.then_some(()).ok_or_else(|| BackendError::Invalid {
+        what: "governor",
+        value: name.into(),
+        reason: "use only letters, digits, _ and -".into(),
+    })
+}
+
+/// A JetStream publish ack, or its error.
+#[derive(Deserialize)]
+struct PubAck {
+    #[serde(default)]
+    seq: u64,
+    error: Option<ApiError>,
+}
+
+#[derive(Deserialize)]
+struct ApiError {
+    #[serde(default)]
+    err_code: u64,
+    #[serde(default)]
+    description: String,
+}
+
+impl NatsBackend {
+    fn governor_subject(&self, name: &str) -> String {
+        format!("{}.governor.{name}", self.collective)
+    }
+
+    async fn governor(&self, name: &str) -> BackendResult<Stream> {
+        validate_name(name)?;
+        self.find_stream(&stream_name(name)).await?.ok_or_else(|| BackendError::NoGovernor(name.into()))
+    }
+
+    /// One campaign: Some(lease) if taken, None if full.
+    async fn campaign(&self, name: &str, holder: &str) -> BackendResult<Option<u64>> {
+        let request = Request::new().payload(holder.to_string().into()).timeout(Some(CAMPAIGN_TIMEOUT));
+        let reply = match self.client.send_request(self.governor_subject(name), request).await {
+            Ok(reply) => reply,
+            // No stream listens on the subject: the governor does not exist (or lives elsewhere).
+            Err(err) if err.kind() == RequestErrorKind::NoResponders => {
+                self.governor(name).await?;
+                return Err(unavailable(format!("governor {name}"), "its stream exists but nothing answers on its subject"));
+            }
+            // Not retried: the lease may have been stored with its ack lost (Choria PR #1970).
+            Err(err) => return Err(unavailable(format!("taking a lease in governor {name}"), err)),
+        };
+        let ack: PubAck =
+            serde_json::from_slice(&reply.payload).map_err(|e| BackendError::Other(format!("governor {name}: unexpected reply: {e}")))?;
+        match ack.error {
+            None => Ok(Some(ack.seq)),
+            Some(error) if error.err_code == u64::from(FULL.0) => Ok(None),
+            Some(error) => Err(BackendError::Other(format!("governor {name}: {}", error.description))),
+        }
+    }
+
+    /// Deletes lease `seq`; `NoLease` if it is already gone. `erase` overwrites it as `choria governor
+    /// evict` does; a holder's own release does not, like Choria's.
+    async fn delete_lease(&self, name: &str, seq: u64, erase: bool) -> BackendResult<()> {
+        self.governor(name).await?;
+        let body = serde_json::json!({ "seq": seq, "no_erase": !erase });
+        let response: Response<DeleteStatus> = self
+            .js
+            .request(format!("STREAM.MSG.DELETE.{}", stream_name(name)), &body)
+            .await
+            .map_err(|e| unavailable(format!("deleting lease {seq} of governor {name}"), e))?;
+        match response {
+            Response::Ok(status) if status.success => Ok(()),
+            Response::Ok(_) => Err(BackendError::NoLease { governor: name.into(), seq }),
+            Response::Err { error } if [DELETE_FAILED, ErrorCode::NO_MESSAGE_FOUND].contains(&error.error_code()) => {
+                Err(BackendError::NoLease { governor: name.into(), seq })
+            }
+            Response::Err { error } => Err(BackendError::Other(format!("deleting lease {seq} of governor {name}: {error}"))),
+        }
+    }
+
+    /// The lease message, or None if it expired, was released or evicted.
+    async fn lease_info(&self, stream: &Stream, seq: u64) -> BackendResult<Option<LeaseInfo>> {
+        match stream.get_raw_message(seq).await {
+            Ok(msg) => Ok(Some(LeaseInfo { seq, holder: String::from_utf8_lossy(&msg.payload).into_owned(), taken_ms: unix_ms(msg.time) })),
+            Err(err) if err.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(err) => Err(unavailable(format!("reading lease {seq}"), err)),
+        }
+    }
+}
+
+#[async_trait]
+impl Governor for NatsBackend {
+    async fn add(&self, name: &str, capacity: u64, expire: Duration, replicas: u8) -> BackendResult<()> {
+        validate_name(name)?;
+        validate_replicas(replicas)?;
+        let max_messages = i64::try_from(capacity)
+            .ok()
+            .filter(|c| *c > 0)
+            .ok_or_else(|| BackendError::Invalid { what: "capacity", value: capacity.to_string(), reason: "use 1 or more".into() })?;
+        // As Choria's streamOpts(); an update re-applies all of it, and nats-server drops the oldest
+        // messages (leases) itself when MaxMsgs falls below the count held.
+        let config = Config {
+            name: stream_name(name),
+            description: Some(format!("Concurrency Governor {name}")),
+            subjects: vec![self.governor_subject(name)],
+            max_messages,
+            max_age: expire,
+            num_replicas: usize::from(replicas),
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            discard: DiscardPolicy::New,
+            ..Default::default()
+        };
+        self.js.create_or_update_stream(config).await.map_err(|e| unavailable(format!("adding governor {name}"), e))?;
+        Ok(())
+    }
+
+    async fn acquire(&self, name: &str, holder: &str, timeout: Duration) -> BackendResult<Lease> {
+        validate_name(name)?;
+        let deadline = Instant::now() + timeout;
+        let mut tries = 0;
+        loop {
+            if let Some(seq) = self.campaign(name, holder).await? {
+                return Ok(Lease { governor: name.into(), seq });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(BackendError::GovernorTimeout(timeout, name.into()));
+            }
+            let ms = BACKOFF_MS[tries.min(BACKOFF_MS.len() - 1)];
+            let wait = Duration::from_millis(ms / 2 + rand::random_range(0..ms));
+            tries += 1;
+            debug!(governor = name, ?wait, "governor full, retrying");
+            sleep(wait.min(deadline - now)).await;
+        }
+    }
+
+    async fn release(&self, lease: &Lease) -> BackendResult<()> {
+        self.delete_lease(&lease.governor, lease.seq, false).await
+    }
+
+    async fn holds(&self, lease: &Lease) -> BackendResult<bool> {
+        match self.governor(&lease.governor).await {
+            Ok(stream) => Ok(self.lease_info(&stream, lease.seq).await?.is_some()),
+            Err(BackendError::NoGovernor(_)) => Ok(false),
+            Err(err) => Err(err),
+        }
+    }
+
+    async fn view(&self, name: &str) -> BackendResult<GovernorInfo> {
+        let stream = self.governor(name).await?;
+        let info = stream.cached_info();
+        let subject = self.governor_subject(name);
+        let mut leases = Vec::new();
+        let mut from = info.state.first_sequence;
+        // Walks the held leases only, skipping gaps left by releases in one request each.
+        while info.state.messages > 0 && from <= info.state.last_sequence {
+            match stream.get_first_raw_message_by_subject(&subject, from).await {
+                Ok(msg) => {
+                    leases.push(LeaseInfo { seq: msg.sequence, holder: String::from_utf8_lossy(&msg.payload).into_owned(), taken_ms: unix_ms(msg.time) });
+                    from = msg.sequence + 1;
+                }
+                Err(err) if err.kind() == RawMessageErrorKind::NoMessageFound => break,
+                Err(err) => return Err(unavailable(format!("reading governor {name}"), err)),
+            }
+        }
+        Ok(GovernorInfo {
+            name: name.into(),
+            capacity: u64::try_from(info.config.max_messages).unwrap_or(0),
+            expire: info.config.max_age,
+            replicas: u8::try_from(info.config.num_replicas).unwrap_or(u8::MAX),
+            leases,
+        })
+    }
+
+    async fn evict(&self, name: &str, seq: u64) -> BackendResult<LeaseInfo> {
+        let stream = self.governor(name).await?;
+        let info = self.lease_info(&stream, seq).await?.ok_or_else(|| BackendError::NoLease { governor: name.into(), seq })?;
+        self.delete_lease(name, seq, true).await?;
+        Ok(info)
+    }
+
+    async fn reset(&self, name: &str) -> BackendResult<()> {
+        let stream = self.governor(name).await?;
+        stream.purge().await.map_err(|e| unavailable(format!("resetting governor {name}"), e))?;
+        Ok(())
+    }
+
+    async fn remove(&self, name: &str) -> BackendResult<()> {
+        self.governor(name).await?;
+        self.js.delete_stream(stream_name(name)).await.map_err(|e| unavailable(format!("removing governor {name}"), e))?;
+        Ok(())
+    }
+
+    async fn list(&self) -> BackendResult<Vec<String>> {
+        self.stream_names("GOVERNOR_").await
+    }
+}

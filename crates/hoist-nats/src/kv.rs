@@ -1,0 +1,232 @@
+//! KV buckets as Choria creates them: stream `KV_<bucket>`, subjects `$KV.<bucket>.>`, one message per
+//! write, the stream sequence as revision. Reads and writes go through async-nats's KV `Store`.
+
+use crate::{NatsBackend, unavailable, unix_ms, validate_replicas};
+use async_nats::jetstream::kv::{self, Operation, Store};
+use async_nats::jetstream::stream::{Config, DiscardPolicy, StorageType};
+use async_trait::async_trait;
+use futures_util::stream::BoxStream;
+use futures_util::{StreamExt, TryStreamExt};
+use hoist_core::backend::{BackendError, BackendResult, BucketConfig, Kv, KvEntry, KvOperation, validate_bucket, validate_key};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+/// How often a watch checks that its bucket still exists, for deletions it missed while disconnected.
+const BUCKET_CHECK: Duration = Duration::from_secs(15);
+/// Longest pause between attempts to re-create a broken watch.
+const MAX_REWATCH_DELAY: Duration = Duration::from_secs(5);
+
+fn stream_name(bucket: &str) -> String {
+    format!("KV_{bucket}")
+}
+
+/// The stream config `choria kv add` makes (go-choria `providers/kv`).
+fn stream_config(bucket: &str, config: &BucketConfig) -> Config {
+    Config {
+        name: stream_name(bucket),
+        description: Some("Choria Streams Key-Value Bucket".into()),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: i64::from(config.history),
+        max_age: config.ttl.unwrap_or(Duration::ZERO),
+        max_messages: -1,
+        max_bytes: -1,
+        max_message_size: -1,
+        max_consumers: -1,
+        num_replicas: usize::from(config.replicas),
+        storage: StorageType::File,
+        discard: DiscardPolicy::New,
+        allow_direct: true,
+        allow_rollup: true,
+        deny_delete: true,
+        // Zero lets the server pick its 2 minute default, capped to max_age as nats.go does.
+        duplicate_window: Duration::ZERO,
+        ..Default::default()
+    }
+}
+
+fn entry_from(bucket: &str, entry: kv::Entry) -> KvEntry {
+    KvEntry {
+        bucket: bucket.to_string(),
+        key: entry.key,
+        value: entry.value.to_vec(),
+        revision: entry.revision,
+        operation: match entry.operation {
+            Operation::Put => KvOperation::Put,
+            Operation::Delete | Operation::Purge => KvOperation::Delete,
+        },
+        created_ms: unix_ms(entry.created),
+    }
+}
+
+impl NatsBackend {
+    /// A handle on an existing bucket; `NoBucket` if its stream is missing.
+    async fn store(&self, bucket: &str) -> BackendResult<Store> {
+        validate_bucket(bucket)?;
+        let stream = self.find_stream(&stream_name(bucket)).await?.ok_or_else(|| BackendError::NoBucket(bucket.into()))?;
+        Ok(Store {
+            name: bucket.to_string(),
+            stream_name: stream_name(bucket),
+            prefix: format!("$KV.{bucket}."),
+            put_prefix: None,
+            use_jetstream_prefix: false,
+            stream,
+        })
+    }
+}
+
+#[async_trait]
+impl Kv for NatsBackend {
+    async fn create_bucket(&self, bucket: &str, config: BucketConfig) -> BackendResult<()> {
+        validate_bucket(bucket)?;
+        if !(1..=64).contains(&config.history) {
+            return Err(BackendError::Invalid { what: "history", value: config.history.to_string(), reason: "use 1 to 64".into() });
+        }
+        validate_replicas(config.replicas)?;
+        self.js
+            .create_or_update_stream(stream_config(bucket, &config))
+            .await
+            .map_err(|e| unavailable(format!("creating bucket {bucket}"), e))?;
+        Ok(())
+    }
+
+    async fn bucket_config(&self, bucket: &str) -> BackendResult<BucketConfig> {
+        let store = self.store(bucket).await?;
+        let config = &store.stream.cached_info().config;
+        Ok(BucketConfig {
+            history: u8::try_from(config.max_messages_per_subject).unwrap_or(u8::MAX),
+            ttl: (!config.max_age.is_zero()).then_some(config.max_age),
+            replicas: u8::try_from(config.num_replicas).unwrap_or(u8::MAX),
+        })
+    }
+
+    async fn delete_bucket(&self, bucket: &str) -> BackendResult<()> {
+        self.store(bucket).await?;
+        self.js.delete_stream(stream_name(bucket)).await.map_err(|e| unavailable(format!("deleting bucket {bucket}"), e))?;
+        Ok(())
+    }
+
+    async fn list_buckets(&self) -> BackendResult<Vec<String>> {
+        self.stream_names("KV_").await
+    }
+
+    async fn get(&self, bucket: &str, key: &str) -> BackendResult<Option<KvEntry>> {
+        validate_key(key, false)?;
+        let store = self.store(bucket).await?;
+        let entry = store.entry(key).await.map_err(|e| unavailable(format!("reading {bucket}/{key}"), e))?;
+        Ok(entry.filter(|e| e.operation == Operation::Put).map(|e| entry_from(bucket, e)))
+    }
+
+    async fn put(&self, bucket: &str, key: &str, value: &[u8]) -> BackendResult<u64> {
+        validate_key(key, false)?;
+        let store = self.store(bucket).await?;
+        store.put(key, value.to_vec().into()).await.map_err(|e| unavailable(format!("writing {bucket}/{key}"), e))
+    }
+
+    async fn delete(&self, bucket: &str, key: &str) -> BackendResult<()> {
+        validate_key(key, false)?;
+        let store = self.store(bucket).await?;
+        store.delete(key).await.map_err(|e| unavailable(format!("deleting {bucket}/{key}"), e))
+    }
+
+    async fn keys(&self, bucket: &str) -> BackendResult<Vec<String>> {
+        let store = self.store(bucket).await?;
+        let keys = store.keys().await.map_err(|e| unavailable(format!("listing keys of {bucket}"), e))?;
+        let mut keys: Vec<String> = keys.try_collect().await.map_err(|e| unavailable(format!("listing keys of {bucket}"), e))?;
+        keys.sort();
+        Ok(keys)
+    }
+
+    async fn watch(&self, bucket: &str, pattern: &str) -> BackendResult<BoxStream<'static, KvEntry>> {
+        validate_key(pattern, true)?;
+        let store = self.store(bucket).await?;
+        // Subscribed before the watch starts so a deletion right after cannot slip by.
+        let deleted = self
+            .client
+            .subscribe(format!("$JS.EVENT.ADVISORY.STREAM.DELETED.{}", stream_name(bucket)))
+            .await
+            .map_err(|e| unavailable(format!("watching {bucket}"), e))?;
+        let watch = store.watch_with_history(pattern).await.map_err(|e| unavailable(format!("watching {bucket}/{pattern}"), e))?;
+        // Everything up to here is an initial value, where deletes are skipped; later ones are changes.
+        let initial_until = store.stream.cached_info().state.last_sequence;
+        let (tx, rx) = mpsc::channel(64);
+        let watcher = Watcher { backend: self.clone(), store, pattern: pattern.to_string(), initial_until, last_seen: 0, tx };
+        tokio::spawn(watcher.run(watch, deleted));
+        Ok(futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|entry| (entry, rx)) }).boxed())
+    }
+}
+
+/// Feeds one watch's channel. async-nats's ordered consumer already re-creates itself after
+/// reconnects and missed heartbeats, resuming after the last sequence it delivered; if it still fails,
+/// this starts a new one after the last revision seen, so nothing is missed or repeated.
+struct Watcher {
+    backend: NatsBackend,
+    store: Store,
+    pattern: String,
+    initial_until: u64,
+    last_seen: u64,
+    tx: mpsc::Sender<KvEntry>,
+}
+
+impl Watcher {
+    async fn run(mut self, mut watch: kv::Watch, mut deleted: async_nats::Subscriber) {
+        let mut check = tokio::time::interval(BUCKET_CHECK);
+        check.tick().await;
+        loop {
+            tokio::select! {
+                () = self.tx.closed() => return,
+                _ = deleted.next() => return,
+                _ = check.tick() => {
+                    if self.bucket_gone().await {
+                        return;
+                    }
+                }
+                item = watch.next() => match item {
+                    Some(Ok(entry)) => {
+                        self.last_seen = entry.revision;
+                        if entry.revision <= self.initial_until && entry.operation != Operation::Put {
+                            continue;
+                        }
+                        if self.tx.send(entry_from(&self.store.name, entry)).await.is_err() {
+                            return;
+                        }
+                    }
+                    failure => {
+                        debug!(bucket = %self.store.name, pattern = %self.pattern, ?failure, "KV watch broke, re-creating it");
+                        match self.rewatch().await {
+                            Some(fresh) => watch = fresh,
+                            None => return,
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// True only if the server says the bucket is gone; unreachable servers are not a deletion.
+    async fn bucket_gone(&self) -> bool {
+        matches!(self.backend.find_stream(&self.store.stream_name).await, Ok(None))
+    }
+
+    /// A new watch starting after the last revision seen, retried with backoff; None once the bucket
+    /// is deleted or the caller dropped the stream.
+    async fn rewatch(&self) -> Option<kv::Watch> {
+        let mut delay = Duration::from_millis(250);
+        loop {
+            if self.tx.is_closed() || self.bucket_gone().await {
+                return None;
+            }
+            let attempt = if self.last_seen == 0 {
+                self.store.watch_with_history(&self.pattern).await
+            } else {
+                self.store.watch_from_revision(&self.pattern, self.last_seen + 1).await
+            };
+            match attempt {
+                Ok(watch) => return Some(watch),
+                Err(err) => warn!(bucket = %self.store.name, pattern = %self.pattern, %err, "cannot re-create a KV watch, retrying in {delay:?}"),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(MAX_REWATCH_DELAY);
+        }
+    }
+}
