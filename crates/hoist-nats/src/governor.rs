@@ -4,7 +4,7 @@
 //! id is the stream sequence.
 
 use crate::{NatsBackend, unavailable, unix_ms, validate_replicas};
-use async_nats::jetstream::stream::{Config, DeleteStatus, DiscardPolicy, RawMessageErrorKind, RetentionPolicy, StorageType, Stream};
+use async_nats::jetstream::stream::{Config, DeleteStatus, DiscardPolicy, Info, RawMessageErrorKind, RetentionPolicy, StorageType, Stream};
 use async_nats::jetstream::{ErrorCode, response::Response};
 use async_nats::{Request, RequestErrorKind};
 use async_trait::async_trait;
@@ -116,17 +116,43 @@ impl NatsBackend {
     }
 }
 
+impl NatsBackend {
+    /// The held leases, oldest first, walking only the messages present: one request per lease however
+    /// many releases left gaps.
+    async fn leases(&self, name: &str, info: &Info) -> BackendResult<Vec<LeaseInfo>> {
+        let stream = self.js.get_stream_no_info(stream_name(name)).await.map_err(|e| unavailable(format!("reading governor {name}"), e))?;
+        let subject = self.governor_subject(name);
+        let mut leases = Vec::new();
+        let mut from = info.state.first_sequence;
+        while info.state.messages > 0 && from <= info.state.last_sequence {
+            match stream.get_first_raw_message_by_subject(&subject, from).await {
+                Ok(msg) => {
+                    leases.push(LeaseInfo {
+                        seq: msg.sequence,
+                        holder: String::from_utf8_lossy(&msg.payload).into_owned(),
+                        taken_ms: unix_ms(msg.time),
+                    });
+                    from = msg.sequence + 1;
+                }
+                Err(err) if err.kind() == RawMessageErrorKind::NoMessageFound => break,
+                Err(err) => return Err(unavailable(format!("reading governor {name}"), err)),
+            }
+        }
+        Ok(leases)
+    }
+}
+
 #[async_trait]
 impl Governor for NatsBackend {
     async fn add(&self, name: &str, capacity: u64, expire: Duration, replicas: u8) -> BackendResult<()> {
         validate_name(name)?;
         validate_replicas(replicas)?;
-        let max_messages = i64::try_from(capacity)
-            .ok()
-            .filter(|c| *c > 0)
-            .ok_or_else(|| BackendError::Invalid { what: "capacity", value: capacity.to_string(), reason: "use 1 or more".into() })?;
-        // As Choria's streamOpts(); an update re-applies all of it, and nats-server drops the oldest
-        // messages (leases) itself when MaxMsgs falls below the count held.
+        let max_messages = i64::try_from(capacity).ok().filter(|c| *c > 0).ok_or_else(|| BackendError::Invalid {
+            what: "capacity",
+            value: capacity.to_string(),
+            reason: "use 1 or more".into(),
+        })?;
+        // As Choria's streamOpts(); an update re-applies all of it.
         let config = Config {
             name: stream_name(name),
             description: Some(format!("Concurrency Governor {name}")),
@@ -139,7 +165,17 @@ impl Governor for NatsBackend {
             discard: DiscardPolicy::New,
             ..Default::default()
         };
-        self.js.create_or_update_stream(config).await.map_err(|e| unavailable(format!("adding governor {name}"), e))?;
+        let info = self.js.create_or_update_stream(config).await.map_err(|e| unavailable(format!("adding governor {name}"), e))?;
+        // nats-server 2.15 keeps every message of a discard-new stream whose MaxMsgs is lowered below
+        // its count (verified), so a lowered capacity would stay overbooked: evict the oldest leases,
+        // which is what older servers did on their own.
+        let excess = usize::try_from(info.state.messages.saturating_sub(capacity)).unwrap_or(usize::MAX);
+        for lease in self.leases(name, &info).await?.into_iter().take(excess) {
+            match self.delete_lease(name, lease.seq, true).await {
+                Ok(()) | Err(BackendError::NoLease { .. }) => {}
+                Err(err) => return Err(err),
+            }
+        }
         Ok(())
     }
 
@@ -178,26 +214,12 @@ impl Governor for NatsBackend {
     async fn view(&self, name: &str) -> BackendResult<GovernorInfo> {
         let stream = self.governor(name).await?;
         let info = stream.cached_info();
-        let subject = self.governor_subject(name);
-        let mut leases = Vec::new();
-        let mut from = info.state.first_sequence;
-        // Walks the held leases only, skipping gaps left by releases in one request each.
-        while info.state.messages > 0 && from <= info.state.last_sequence {
-            match stream.get_first_raw_message_by_subject(&subject, from).await {
-                Ok(msg) => {
-                    leases.push(LeaseInfo { seq: msg.sequence, holder: String::from_utf8_lossy(&msg.payload).into_owned(), taken_ms: unix_ms(msg.time) });
-                    from = msg.sequence + 1;
-                }
-                Err(err) if err.kind() == RawMessageErrorKind::NoMessageFound => break,
-                Err(err) => return Err(unavailable(format!("reading governor {name}"), err)),
-            }
-        }
         Ok(GovernorInfo {
             name: name.into(),
             capacity: u64::try_from(info.config.max_messages).unwrap_or(0),
             expire: info.config.max_age,
             replicas: u8::try_from(info.config.num_replicas).unwrap_or(u8::MAX),
-            leases,
+            leases: self.leases(name, info).await?,
         })
     }
 

@@ -223,7 +223,9 @@ impl Watcher {
             };
             match attempt {
                 Ok(watch) => return Some(watch),
-                Err(err) => warn!(bucket = %self.store.name, pattern = %self.pattern, %err, "cannot re-create a KV watch, retrying in {delay:?}"),
+                Err(err) => {
+                    warn!(bucket = %self.store.name, pattern = %self.pattern, %err, "cannot re-create a KV watch, retrying in {delay:?}")
+                }
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(MAX_REWATCH_DELAY);

@@ -1,0 +1,135 @@
+//! hoist-nats against real nats-server processes: the shared conformance suites on one server and on a
+//! three-node cluster, surviving a node loss and a restart, and Choria's wire layout.
+
+mod harness;
+
+use async_nats::jetstream::stream::DiscardPolicy;
+use futures_util::StreamExt;
+use harness::{Cluster, Server, connect, eventually};
+use hoist_core::backend::{BackendError, BucketConfig, Governor, Kv, KvEntry, KvOperation};
+use hoist_core::conformance;
+use hoist_nats::{NatsBackend, NatsOptions};
+use std::time::Duration;
+use tokio::time::timeout;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conforms_on_one_server() {
+    let server = Server::start();
+    let backend = connect(vec![server.url()]).await;
+    tokio::join!(conformance::kv_suite(&backend), conformance::governor_suite(&backend), conformance::events_suite(&backend));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conforms_on_a_cluster() {
+    let cluster = Cluster::start();
+    let backend = cluster.ready_backend().await;
+    tokio::join!(conformance::kv_suite(&backend), conformance::governor_suite(&backend), conformance::events_suite(&backend));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_serves_on_after_losing_a_node() {
+    let mut cluster = Cluster::start();
+    let backend = cluster.ready_backend().await;
+    let replicated = BucketConfig { replicas: 3, ..BucketConfig::default() };
+    backend.create_bucket("HOIST", replicated).await.expect("create a replicated bucket");
+    backend.put("HOIST", "container/web/tag", b"v1").await.expect("put");
+    backend.add("restart", 2, Duration::from_secs(60), 3).await.expect("add a replicated governor");
+    let before = backend.acquire("restart", "web @ node1", Duration::from_secs(1)).await.expect("acquire");
+
+    cluster.nodes[0].kill();
+
+    let within = Duration::from_secs(20);
+    let revision = eventually("put after losing a node", within, || backend.put("HOIST", "container/web/tag", b"v2")).await;
+    let entry = eventually("get after losing a node", within, || backend.get("HOIST", "container/web/tag")).await.expect("a value");
+    assert_eq!((entry.value_str().as_str(), entry.revision), ("v2", revision));
+    let after =
+        eventually("acquire after losing a node", within, || backend.acquire("restart", "db @ node2", Duration::from_secs(1))).await;
+    assert!(after.seq > before.seq, "lease seqs continue: {before:?} then {after:?}");
+    assert!(backend.holds(&before).await.expect("holds"), "a lease taken before the loss is kept");
+    assert_err_full(backend.acquire("restart", "third", Duration::from_millis(300)).await);
+    backend.release(&before).await.expect("release after losing a node");
+}
+
+fn assert_err_full<T: std::fmt::Debug>(result: Result<T, BackendError>) {
+    assert!(matches!(result, Err(BackendError::GovernorTimeout(..))), "a full governor: {result:?}");
+}
+
+async fn next_entry(watch: &mut futures_util::stream::BoxStream<'static, KvEntry>, what: &str) -> KvEntry {
+    timeout(Duration::from_secs(15), watch.next()).await.unwrap_or_else(|_| panic!("{what}: nothing arrived")).expect(what)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_survives_a_server_restart() {
+    let mut server = Server::start();
+    let watcher = connect(vec![server.url()]).await;
+    watcher.create_bucket("HOIST", BucketConfig::default()).await.expect("create bucket");
+    watcher.put("HOIST", "container/web/tag", b"v1").await.expect("put");
+    let mut watch = watcher.watch("HOIST", ">").await.expect("watch");
+    assert_eq!(next_entry(&mut watch, "initial value").await.value_str(), "v1");
+
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.restart();
+    // A fresh client writes at once, most likely before the watcher's client has reconnected.
+    let writer = eventually("connect after the restart", Duration::from_secs(10), || {
+        NatsBackend::connect(NatsOptions { servers: vec![server.url()], ..NatsOptions::default() })
+    })
+    .await;
+    eventually("put after the restart", Duration::from_secs(10), || writer.put("HOIST", "container/web/tag", b"v2")).await;
+    let missed = next_entry(&mut watch, "the put made around the restart").await;
+    assert_eq!((missed.value_str().as_str(), missed.operation), ("v2", KvOperation::Put));
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    writer.put("HOIST", "container/db/tag", b"d1").await.expect("put later");
+    let later = next_entry(&mut watch, "a put after reconnecting").await;
+    assert_eq!((later.key.as_str(), later.value_str().as_str()), ("container/db/tag", "d1"));
+    assert!(later.revision > missed.revision);
+}
+
+#[tokio::test]
+async fn lays_streams_out_as_choria_does() {
+    let server = Server::start();
+    let backend = connect(vec![server.url()]).await;
+    let client = async_nats::connect(server.url()).await.expect("plain connect");
+    let js = async_nats::jetstream::new(client);
+
+    backend.add("restart", 2, Duration::from_secs(60), 1).await.expect("add");
+    let lease = backend.acquire("restart", "web @ node1", Duration::from_secs(1)).await.expect("acquire");
+    let stream = js.get_stream("GOVERNOR_restart").await.expect("the governor's stream");
+    let config = &stream.cached_info().config;
+    assert_eq!(config.subjects, ["mcollective.governor.restart"]);
+    assert_eq!((config.max_messages, config.max_age, config.discard), (2, Duration::from_secs(60), DiscardPolicy::New));
+    assert_eq!(config.description.as_deref(), Some("Concurrency Governor restart"));
+    let message = stream.get_raw_message(lease.seq).await.expect("the lease message");
+    assert_eq!((message.subject.as_str(), &message.payload[..]), ("mcollective.governor.restart", &b"web @ node1"[..]));
+
+    // A lease taken the way `choria governor run` takes one shows up in view.
+    let reply = js.client().request("mcollective.governor.restart", "node2.example.net".into()).await.expect("campaign");
+    let ack: serde_json::Value = serde_json::from_slice(&reply.payload).expect("a pub ack");
+    let holders: Vec<_> = backend.view("restart").await.expect("view").leases.into_iter().map(|l| (l.seq, l.holder)).collect();
+    assert_eq!(holders, [(lease.seq, "web @ node1".to_string()), (ack["seq"].as_u64().expect("seq"), "node2.example.net".to_string())]);
+
+    backend.create_bucket("HOIST", BucketConfig::default()).await.expect("create bucket");
+    let revision = backend.put("HOIST", "container/web/tag", b"v1").await.expect("put");
+    let stream = js.get_stream("KV_HOIST").await.expect("the bucket's stream");
+    let config = &stream.cached_info().config;
+    assert_eq!(config.subjects, ["$KV.HOIST.>"]);
+    assert_eq!((config.max_messages_per_subject, config.discard), (5, DiscardPolicy::New));
+    assert!(config.allow_direct && config.allow_rollup && config.deny_delete, "KV flags: {config:?}");
+    let message = stream.get_raw_message(revision).await.expect("the KV message");
+    assert_eq!((message.subject.as_str(), &message.payload[..]), ("$KV.HOIST.container/web/tag", &b"v1"[..]));
+    // And async-nats's own KV client, as nats.go's would, reads the bucket.
+    let store = js.get_key_value("HOIST").await.expect("a standard KV handle");
+    assert_eq!(store.get("container/web/tag").await.expect("get").as_deref(), Some(&b"v1"[..]));
+}
+
+#[tokio::test]
+async fn connect_failure_names_the_servers() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let url = format!("nats://127.0.0.1:{port}");
+    match NatsBackend::connect(NatsOptions { servers: vec![url.clone()], ..NatsOptions::default() }).await {
+        Err(BackendError::Unavailable(reason)) => assert!(reason.contains(&url), "unclear error: {reason}"),
+        Err(other) => panic!("expected Unavailable, got {other}"),
+        Ok(_) => panic!("connected to nothing"),
+    }
+}
