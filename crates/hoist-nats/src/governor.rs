@@ -81,7 +81,7 @@ impl NatsBackend {
             serde_json::from_slice(&reply.payload).map_err(|e| BackendError::Other(format!("governor {name}: unexpected reply: {e}")))?;
         match ack.error {
             None => Ok(Some(ack.seq)),
-            Some(error) if error.err_code == u64::from(FULL.0) => Ok(None),
+            Some(error) if error.err_code == FULL.0 => Ok(None),
             Some(error) => Err(BackendError::Other(format!("governor {name}: {}", error.description))),
         }
     }

@@ -2,6 +2,7 @@
 //! write, the stream sequence as revision. Reads and writes go through async-nats's KV `Store`.
 
 use crate::{NatsBackend, unavailable, unix_ms, validate_replicas};
+use async_nats::connection::State;
 use async_nats::jetstream::kv::{self, Operation, Store};
 use async_nats::jetstream::stream::{Config, DiscardPolicy, StorageType};
 use async_trait::async_trait;
@@ -14,6 +15,8 @@ use tracing::{debug, warn};
 
 /// How often a watch checks that its bucket still exists, for deletions it missed while disconnected.
 const BUCKET_CHECK: Duration = Duration::from_secs(15);
+/// How often a watch looks at the connection, to notice a reconnect.
+const CONNECTION_CHECK: Duration = Duration::from_millis(250);
 /// Longest pause between attempts to re-create a broken watch.
 const MAX_REWATCH_DELAY: Duration = Duration::from_secs(5);
 
@@ -156,9 +159,10 @@ impl Kv for NatsBackend {
     }
 }
 
-/// Feeds one watch's channel. async-nats's ordered consumer already re-creates itself after
-/// reconnects and missed heartbeats, resuming after the last sequence it delivered; if it still fails,
-/// this starts a new one after the last revision seen, so nothing is missed or repeated.
+/// Feeds one watch's channel. async-nats's ordered consumer re-creates itself after reconnects and
+/// missed heartbeats, but while a restarted server's JetStream recovers its retries back off to 10 s;
+/// so after a reconnect, or if the consumer fails, this starts a new one itself after the last
+/// revision seen, retrying sooner, and nothing is missed or repeated.
 struct Watcher {
     backend: NatsBackend,
     store: Store,
@@ -172,6 +176,8 @@ impl Watcher {
     async fn run(mut self, mut watch: kv::Watch, mut deleted: async_nats::Subscriber) {
         let mut check = tokio::time::interval(BUCKET_CHECK);
         check.tick().await;
+        let mut connection = tokio::time::interval(CONNECTION_CHECK);
+        let mut was_connected = true;
         loop {
             tokio::select! {
                 () = self.tx.closed() => return,
@@ -179,6 +185,18 @@ impl Watcher {
                 _ = check.tick() => {
                     if self.bucket_gone().await {
                         return;
+                    }
+                }
+                _ = connection.tick() => {
+                    let connected = self.backend.client.connection_state() == State::Connected;
+                    let reconnected = connected && !was_connected;
+                    was_connected = connected;
+                    if reconnected {
+                        debug!(bucket = %self.store.name, pattern = %self.pattern, "reconnected, re-creating the KV watch");
+                        match self.rewatch().await {
+                            Some(fresh) => watch = fresh,
+                            None => return,
+                        }
                     }
                 }
                 item = watch.next() => match item {

@@ -5,7 +5,7 @@ mod harness;
 
 use async_nats::jetstream::stream::DiscardPolicy;
 use futures_util::StreamExt;
-use harness::{Cluster, Server, connect, eventually};
+use harness::{Cluster, Server, connect, eventually, free_port};
 use hoist_core::backend::{BackendError, BucketConfig, Governor, Kv, KvEntry, KvOperation};
 use hoist_core::conformance;
 use hoist_nats::{NatsBackend, NatsOptions};
@@ -59,30 +59,27 @@ async fn next_entry(watch: &mut futures_util::stream::BoxStream<'static, KvEntry
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_watch_survives_a_server_restart() {
+async fn a_watch_survives_a_server_restart_and_catches_up() {
     let mut server = Server::start();
+    let home = server.port;
     let watcher = connect(vec![server.url()]).await;
     watcher.create_bucket("HOIST", BucketConfig::default()).await.expect("create bucket");
     watcher.put("HOIST", "container/web/tag", b"v1").await.expect("put");
     let mut watch = watcher.watch("HOIST", ">").await.expect("watch");
     assert_eq!(next_entry(&mut watch, "initial value").await.value_str(), "v1");
 
-    server.kill();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    server.restart();
-    // A fresh client writes at once, most likely before the watcher's client has reconnected.
-    let writer = eventually("connect after the restart", Duration::from_secs(10), || {
-        NatsBackend::connect(NatsOptions { servers: vec![server.url()], ..NatsOptions::default() })
-    })
-    .await;
-    eventually("put after the restart", Duration::from_secs(10), || writer.put("HOIST", "container/web/tag", b"v2")).await;
-    let missed = next_entry(&mut watch, "the put made around the restart").await;
-    assert_eq!((missed.value_str().as_str(), missed.operation), ("v2", KvOperation::Put));
+    // While the watcher cannot reach it, the same server (same store) takes a write on another port.
+    server.restart_on(free_port());
+    let writer = connect(vec![server.url()]).await;
+    eventually("put while the watcher is away", Duration::from_secs(10), || writer.put("HOIST", "container/web/tag", b"v2")).await;
+    drop(writer);
+    server.restart_on(home);
 
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    writer.put("HOIST", "container/db/tag", b"d1").await.expect("put later");
+    let missed = next_entry(&mut watch, "the put made while disconnected").await;
+    assert_eq!((missed.key.as_str(), missed.value_str().as_str(), missed.operation), ("container/web/tag", "v2", KvOperation::Put));
+    let revision = eventually("put after the restart", Duration::from_secs(10), || watcher.put("HOIST", "container/db/tag", b"d1")).await;
     let later = next_entry(&mut watch, "a put after reconnecting").await;
-    assert_eq!((later.key.as_str(), later.value_str().as_str()), ("container/db/tag", "d1"));
+    assert_eq!((later.key.as_str(), later.value_str().as_str(), later.revision), ("container/db/tag", "d1", revision));
     assert!(later.revision > missed.revision);
 }
 

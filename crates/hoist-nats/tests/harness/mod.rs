@@ -7,7 +7,7 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind a free port").local_addr().expect("local addr").port()
 }
 
@@ -28,10 +28,8 @@ impl Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = dir.path().join("js");
         let log = dir.path().join("server.log");
-        let mut args: Vec<String> = ["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd", path(&store), "-l", path(&log)]
-            .into_iter()
-            .map(str::to_string)
-            .collect();
+        let mut args: Vec<String> =
+            ["-js", "-a", "127.0.0.1", "-sd", path(&store), "-l", path(&log)].into_iter().map(str::to_string).collect();
         args.extend(extra);
         let mut server = Server { port, args, child: None, _dir: dir };
         server.restart();
@@ -47,6 +45,7 @@ impl Server {
         self.kill();
         let child = Command::new("nats-server")
             .args(&self.args)
+            .args(["-p", &self.port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -57,6 +56,12 @@ impl Server {
             assert!(Instant::now() < deadline, "nats-server on port {} did not start", self.port);
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Restarts the server on another port with the same store, out of reach of clients of the old one.
+    pub fn restart_on(&mut self, port: u16) {
+        self.port = port;
+        self.restart();
     }
 
     pub fn kill(&mut self) {
