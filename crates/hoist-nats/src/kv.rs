@@ -221,9 +221,16 @@ impl Watcher {
         }
     }
 
-    /// True only if the server says the bucket is gone; unreachable servers are not a deletion.
+    /// True only if the server says twice, a second apart, that the bucket is gone: ending a watch is
+    /// final, and a server still recovering its streams after a restart may briefly not know them.
+    /// Unreachable servers are not a deletion.
     async fn bucket_gone(&self) -> bool {
-        matches!(self.backend.find_stream(&self.store.stream_name).await, Ok(None))
+        let missing = || async { matches!(self.backend.find_stream(&self.store.stream_name).await, Ok(None)) };
+        if !missing().await {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        missing().await
     }
 
     /// A new watch starting after the last revision seen, retried with backoff; None once the bucket
