@@ -5,7 +5,7 @@
 
 use crate::{NatsBackend, unavailable, unix_ms, validate_replicas};
 use async_nats::jetstream::stream::{Config, DeleteStatus, DiscardPolicy, Info, RawMessageErrorKind, RetentionPolicy, StorageType, Stream};
-use async_nats::jetstream::{ErrorCode, response::Response};
+use async_nats::jetstream::{ErrorCode, message::StreamMessage, response::Response};
 use async_nats::{Request, RequestErrorKind};
 use async_trait::async_trait;
 use hoist_core::backend::{BackendError, BackendResult, Governor, GovernorInfo, Lease, LeaseInfo};
@@ -54,6 +54,11 @@ struct ApiError {
     description: String,
 }
 
+/// A lease message's body is the holder's name; its time is when the lease was taken.
+fn lease_from(msg: &StreamMessage) -> LeaseInfo {
+    LeaseInfo { seq: msg.sequence, holder: String::from_utf8_lossy(&msg.payload).into_owned(), taken_ms: unix_ms(msg.time) }
+}
+
 impl NatsBackend {
     fn governor_subject(&self, name: &str) -> String {
         format!("{}.governor.{name}", self.collective)
@@ -72,7 +77,11 @@ impl NatsBackend {
             // No stream listens on the subject: the governor does not exist (or lives elsewhere).
             Err(err) if err.kind() == RequestErrorKind::NoResponders => {
                 self.governor(name).await?;
-                return Err(unavailable(format!("governor {name}"), "its stream exists but nothing answers on its subject"));
+                let subject = self.governor_subject(name);
+                return Err(unavailable(
+                    format!("governor {name}"),
+                    format!("its stream does not take {subject}; is the collective right?"),
+                ));
             }
             // Not retried: the lease may have been stored with its ack lost (Choria PR #1970).
             Err(err) => return Err(unavailable(format!("taking a lease in governor {name}"), err)),
@@ -109,29 +118,24 @@ impl NatsBackend {
     /// The lease message, or None if it expired, was released or evicted.
     async fn lease_info(&self, stream: &Stream, seq: u64) -> BackendResult<Option<LeaseInfo>> {
         match stream.get_raw_message(seq).await {
-            Ok(msg) => Ok(Some(LeaseInfo { seq, holder: String::from_utf8_lossy(&msg.payload).into_owned(), taken_ms: unix_ms(msg.time) })),
+            Ok(msg) => Ok(Some(lease_from(&msg))),
             Err(err) if err.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
             Err(err) => Err(unavailable(format!("reading lease {seq}"), err)),
         }
     }
-}
 
-impl NatsBackend {
     /// The held leases, oldest first, walking only the messages present: one request per lease however
     /// many releases left gaps.
     async fn leases(&self, name: &str, info: &Info) -> BackendResult<Vec<LeaseInfo>> {
         let stream = self.js.get_stream_no_info(stream_name(name)).await.map_err(|e| unavailable(format!("reading governor {name}"), e))?;
-        let subject = self.governor_subject(name);
+        // The stream's own subject, so governors made under another collective still list their leases.
+        let subject = info.config.subjects.first().cloned().unwrap_or_else(|| self.governor_subject(name));
         let mut leases = Vec::new();
         let mut from = info.state.first_sequence;
         while info.state.messages > 0 && from <= info.state.last_sequence {
             match stream.get_first_raw_message_by_subject(&subject, from).await {
                 Ok(msg) => {
-                    leases.push(LeaseInfo {
-                        seq: msg.sequence,
-                        holder: String::from_utf8_lossy(&msg.payload).into_owned(),
-                        taken_ms: unix_ms(msg.time),
-                    });
+                    leases.push(lease_from(&msg));
                     from = msg.sequence + 1;
                 }
                 Err(err) if err.kind() == RawMessageErrorKind::NoMessageFound => break,
