@@ -12,6 +12,7 @@ pub mod files;
 pub mod fsm;
 pub mod machine;
 pub mod persist;
+pub mod registration;
 pub mod runtime;
 pub mod spec;
 pub mod status;

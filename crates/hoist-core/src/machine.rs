@@ -14,6 +14,7 @@ use crate::config::{ContainerConfig, RolloutConfig};
 use crate::files::FileWatch;
 use crate::fsm::{self, State, Transition};
 use crate::persist::{Remembered, StateStore};
+use crate::registration;
 use crate::runtime::{ContainerInfo, RunState, Runtime, RuntimeEvent, RuntimeEventKind, RuntimeHealth};
 use crate::spec::{ContainerSpec, ImageVersion, LABEL_SPEC};
 use crate::status::{Health, MachineStatus};
@@ -41,6 +42,8 @@ pub struct MachineDeps {
     pub name_prefix: String,
     pub stop_grace: Duration,
     pub rollout: RolloutConfig,
+    /// How often `register_ports` entries are refreshed while a container is in RUN.
+    pub registration_interval: Duration,
 }
 
 /// Everything a machine reacts to.
@@ -165,6 +168,8 @@ pub struct Machine {
     gate: Gate,
     probe_task: Option<AbortHandle>,
     watch_tasks: Vec<AbortHandle>,
+    /// Present while in RUN for a container with `register_ports`.
+    registration: Option<registration::Publisher>,
     crash: CrashLoop,
     next_delay: Duration,
     restarts: u64,
@@ -198,6 +203,7 @@ pub async fn spawn(cfg: ContainerConfig, deps: Arc<MachineDeps>, existing: Optio
         gate: Gate::default(),
         probe_task: None,
         watch_tasks: Vec::new(),
+        registration: None,
         crash: CrashLoop::default(),
         next_delay: Duration::ZERO,
         restarts: remembered.as_ref().map_or(0, |r| r.restarts),
@@ -328,6 +334,12 @@ impl Machine {
     async fn enter(&mut self) {
         self.supersede();
         self.remember().await;
+        // Registered only while in RUN, i.e. having passed the health gate; RUN → RUN is no change.
+        if self.state != State::Run
+            && let Some(publisher) = self.registration.take()
+        {
+            publisher.withdraw().await;
+        }
         match self.state {
             State::Start => self.start_provision(false).await,
             State::Restart => self.start_provision(true).await,
@@ -356,8 +368,16 @@ impl Machine {
                     self.remember().await;
                 }
                 self.start_probe();
+                self.register();
                 self.reconcile_run();
             }
+        }
+    }
+
+    fn register(&mut self) {
+        if self.registration.is_none() {
+            let (kv, interval) = (self.deps.kv.clone(), self.deps.registration_interval);
+            self.registration = registration::Publisher::start(kv, &self.cfg.register_ports, &self.instance_id, interval);
         }
     }
 
@@ -503,6 +523,7 @@ impl Machine {
         let before = self.spec().hash();
         let watches_changed = (cfg.kv_update, &cfg.restart_files) != (self.cfg.kv_update, &self.cfg.restart_files);
         let probe_changed = cfg.health_check != self.cfg.health_check;
+        let registrations_changed = cfg.register_ports != self.cfg.register_ports;
         self.cfg = cfg;
         if watches_changed {
             for task in self.watch_tasks.drain(..) {
@@ -512,6 +533,10 @@ impl Machine {
         }
         if probe_changed && self.probe_task.is_some() {
             self.start_probe();
+        }
+        if registrations_changed && let Some(publisher) = self.registration.take() {
+            publisher.withdraw().await;
+            self.register();
         }
         if self.spec().hash() == before {
             return;
@@ -832,6 +857,9 @@ impl Machine {
             task.abort();
         }
         self.release_lease().await;
+        if let Some(publisher) = self.registration.take() {
+            publisher.withdraw().await;
+        }
         if remove {
             if let Some(c) = self.container.take() {
                 if c.state == RunState::Running {

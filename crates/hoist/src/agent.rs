@@ -11,6 +11,7 @@ use hoist_core::config::{AgentConfig, BackendKind, load_containers};
 use hoist_core::files::FileWatch;
 use hoist_core::machine::MachineDeps;
 use hoist_core::persist::StateStore;
+use hoist_core::registration::{SERVICES_BUCKET, services_bucket};
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,9 +41,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let set = load_containers(&cfg.data, &facts).map_err(|e| anyhow::anyhow!("refusing to start, the config has errors:\n{e}"))?;
     tokio::fs::create_dir_all(&cfg.state_dir).await.with_context(|| format!("creating {}", cfg.state_dir.display()))?;
     let backends = open_backends(&cfg).await?;
-    if let Err(e) = backends.kv.bucket_config(HOIST_BUCKET).await {
-        tracing::debug!(error = %e, "creating the HOIST bucket");
-        backends.kv.create_bucket(HOIST_BUCKET, BucketConfig::default()).await.context("creating the HOIST bucket")?;
+    // Operators may have created these with their own settings (`hoist kv add`); only fill gaps.
+    for (bucket, config) in [(HOIST_BUCKET, BucketConfig::default()), (SERVICES_BUCKET, services_bucket(cfg.registration.interval))] {
+        if let Err(e) = backends.kv.bucket_config(bucket).await {
+            tracing::debug!(error = %e, bucket, "creating the bucket");
+            backends.kv.create_bucket(bucket, config).await.with_context(|| format!("creating the {bucket} bucket"))?;
+        }
     }
     let runtime = hoist_docker::DockerRuntime::connect(cfg.docker.host.as_deref()).await.context("connecting to Docker")?;
     let deps = Arc::new(MachineDeps {
@@ -56,6 +60,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         name_prefix: cfg.docker.name_prefix.clone(),
         stop_grace: cfg.docker.stop_grace,
         rollout: cfg.rollout.clone(),
+        registration_interval: cfg.registration.interval,
     });
     tracing::info!(node = %cfg.node, containers = set.containers.len(), "starting agent");
     let handle = agent::start(deps, set).await;

@@ -13,6 +13,7 @@ use futures_util::StreamExt;
 use hoist_core::backend::{BucketConfig, Governor, Kv};
 use hoist_core::config::{AgentConfig, DEFAULT_AGENT_FILE, load_containers};
 use hoist_core::fsm::Transition;
+use hoist_core::registration::{SERVICES_BUCKET, ServiceEntry};
 use hoist_core::spec::ImageVersion;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -54,6 +55,11 @@ enum Command {
     Transition { container: String, transition: Transition },
     /// Stream state changes as they happen.
     Watch,
+    /// Endpoints registered by `register_ports` (the CHORIA_SERVICES bucket).
+    Services {
+        /// Only this service.
+        service: Option<String>,
+    },
     /// Print the agent's Prometheus metrics (the same text as `/metrics`).
     Metrics,
     /// Check container data files and print what would run.
@@ -214,6 +220,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_line(g.json, &e, output::event);
             }
         }
+        Command::Services { service } => services(g, &client(g)?, service.as_deref()).await?,
         Command::Metrics => print!("{}", client(g)?.metrics().await?),
         Command::Validate { files } => return validate(g, files),
         Command::Kv(cmd) => kv(g, &client(g)?, cmd).await?,
@@ -254,6 +261,20 @@ fn validate(g: &Global, files: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn services(g: &Global, kv: &dyn Kv, only: Option<&str>) -> anyhow::Result<()> {
+    let mut found = Vec::new();
+    for key in kv.keys(SERVICES_BUCKET).await? {
+        let Some(entry) = kv.get(SERVICES_BUCKET, &key).await? else { continue };
+        match serde_json::from_slice::<ServiceEntry>(&entry.value) {
+            Ok(service) if only.is_none_or(|s| s == service.service) => found.push((key, service)),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(%key, error = %e, "not a service entry"),
+        }
+    }
+    print(g.json, &found.iter().map(|(_, s)| s).collect::<Vec<_>>(), |_| output::services(&found));
+    Ok(())
 }
 
 async fn kv(g: &Global, kv: &dyn Kv, cmd: KvCommand) -> anyhow::Result<()> {

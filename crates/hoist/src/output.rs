@@ -3,6 +3,7 @@
 use comfy_table::{Table, presets::NOTHING};
 use hoist_core::backend::{GovernorInfo, TransitionEvent};
 use hoist_core::machine::unix_now;
+use hoist_core::registration::ServiceEntry;
 use hoist_core::status::{NodeStatus, Summaries};
 use std::collections::BTreeMap;
 
@@ -62,6 +63,24 @@ fn summary(title: &str, counts: &BTreeMap<String, usize>) -> String {
 pub fn event(e: &TransitionEvent) -> String {
     let detail = e.detail.as_deref().unwrap_or("");
     format!("{} {} {} {} → {} ({}) {}", e.timestamp, e.identity, e.machine, e.from_state, e.to_state, e.transition, detail)
+}
+
+/// `(key, entry)` pairs; the key's last token is the registering machine's instance id.
+pub fn services(entries: &[(String, ServiceEntry)]) -> String {
+    let mut t = table(&["CLUSTER", "PROTOCOL", "SERVICE", "ADDRESS", "PORT", "PRIORITY", "INSTANCE"]);
+    for (key, s) in entries {
+        let instance = key.rsplit('.').next().unwrap_or_default();
+        t.add_row(vec![
+            s.cluster.clone(),
+            s.protocol.clone(),
+            s.service.clone(),
+            s.address.clone(),
+            s.port.to_string(),
+            s.priority.to_string(),
+            instance.to_string(),
+        ]);
+    }
+    format!("{t}\n{} endpoint(s)\n", entries.len())
 }
 
 pub fn governor(g: &GovernorInfo) -> String {

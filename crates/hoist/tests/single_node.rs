@@ -434,3 +434,43 @@ fn an_agent_refuses_to_start_on_a_bad_config_and_leaves_containers_running() {
     assert!(agent.container_running("web"));
     assert_eq!(http_get(port).as_deref(), Some("v1"));
 }
+
+#[test]
+fn register_ports_are_published_while_running_and_expire_when_the_agent_dies() {
+    let extra = "    register_ports:\n      - { cluster: lon, service: web, protocol: http, ip: '%{facts.networking.ip}', port: 8080, annotations: { team: ops } }\n";
+    let mut agent = TestAgent::start_with(
+        "services",
+        &web(free_port(), "v1", extra),
+        "registration:\n  interval: 1s\nfacts:\n  networking:\n    ip: 10.9.8.7\n",
+    );
+    let first = agent.wait_running("web");
+    let services =
+        |agent: &TestAgent| -> Vec<serde_json::Value> { serde_json::from_str(&agent.hoist_ok(&["services", "--json"])).unwrap() };
+    let listed = wait_until("the registration", Duration::from_secs(10), || Some(services(&agent)).filter(|s| !s.is_empty()));
+    assert_eq!(
+        listed,
+        vec![
+            serde_json::json!({"cluster": "lon", "service": "web", "protocol": "http", "address": "10.9.8.7", "port": 8080, "priority": 1, "annotations": {"team": "ops"}})
+        ]
+    );
+    let keys = agent.hoist_ok(&["kv", "ls", "CHORIA_SERVICES"]);
+    assert_eq!(keys.trim(), format!("lon.http.web.{}", first.id), "keyed <cluster>.<protocol>.<service>.<instance>");
+    assert!(agent.hoist_ok(&["services"]).contains("10.9.8.7"));
+
+    // Not serving in maintenance: withdrawn at once; back on resume.
+    agent.hoist_ok(&["transition", "web", "maintenance"]);
+    wait_until("the registration withdrawn", Duration::from_secs(5), || services(&agent).is_empty().then_some(()));
+    agent.hoist_ok(&["transition", "web", "resume"]);
+    wait_until("the registration back", Duration::from_secs(10), || (!services(&agent).is_empty()).then_some(()));
+
+    // An agent that dies cannot withdraw; the bucket's TTL (3 intervals) removes its entries.
+    agent.kill_agent();
+    std::thread::sleep(Duration::from_secs(4));
+    agent.spawn();
+    let second = agent.wait_running("web");
+    let keys = wait_until("only the new instance registered", Duration::from_secs(10), || {
+        let keys = agent.hoist_ok(&["kv", "ls", "CHORIA_SERVICES"]);
+        (keys.trim() == format!("lon.http.web.{}", second.id)).then_some(keys)
+    });
+    assert!(!keys.contains(&first.id));
+}

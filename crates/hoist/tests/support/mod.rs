@@ -122,6 +122,14 @@ impl TestAgent {
         }
     }
 
+    /// SIGKILL: the agent gets no chance to clean up.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     pub fn signal(&self, sig: &str) {
         let pid = self.agent.as_ref().expect("agent running").id();
         assert!(Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().unwrap().success());

@@ -1,0 +1,122 @@
+//! Service registration: a container's `register_ports` are written to the `CHORIA_SERVICES` bucket
+//! while its machine is in RUN (it passed its health gate), every `registration.interval`, under the
+//! key `<cluster>.<protocol>.<service>.<instance>` and in the JSON shape Choria's gossip watcher uses.
+//! Leaving RUN withdraws them at once; an agent that dies stops refreshing them and the bucket's TTL
+//! removes them.
+
+use crate::backend::{BucketConfig, Kv};
+use crate::config::Registration;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::AbortHandle;
+
+pub const SERVICES_BUCKET: &str = "CHORIA_SERVICES";
+
+/// How long an entry outlives its last refresh: long enough to ride out a missed refresh or two,
+/// short enough that a dead node's services vanish quickly.
+pub fn services_bucket(interval: Duration) -> BucketConfig {
+    BucketConfig { history: 1, ttl: Some(interval * 3), replicas: 1 }
+}
+
+/// One registered endpoint, as published (Choria's JSON: the config's `ip` is `address` here).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceEntry {
+    pub cluster: String,
+    pub service: String,
+    pub protocol: String,
+    pub address: String,
+    pub port: u16,
+    pub priority: u32,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl ServiceEntry {
+    pub fn of(r: &Registration) -> ServiceEntry {
+        ServiceEntry {
+            cluster: r.cluster.clone(),
+            service: r.service.clone(),
+            protocol: r.protocol.clone(),
+            address: r.ip.clone(),
+            port: r.port,
+            priority: r.priority,
+            annotations: r.annotations.clone(),
+        }
+    }
+
+    /// `instance` is the machine's instance id, so two containers offering the same service on one
+    /// node, or one container across agent restarts, never overwrite each other.
+    pub fn key(&self, instance: &str) -> String {
+        format!("{}.{}.{}.{instance}", self.cluster, self.protocol, self.service)
+    }
+}
+
+/// The refresh loop of one machine's registrations; `withdraw` ends it and deletes the entries.
+pub struct Publisher {
+    kv: Arc<dyn Kv>,
+    keys: Vec<String>,
+    task: AbortHandle,
+}
+
+impl Publisher {
+    /// None when the container registers nothing.
+    pub fn start(kv: Arc<dyn Kv>, registrations: &[Registration], instance: &str, interval: Duration) -> Option<Publisher> {
+        if registrations.is_empty() {
+            return None;
+        }
+        let entries: Vec<(String, Vec<u8>)> = registrations
+            .iter()
+            .map(ServiceEntry::of)
+            .map(|e| (e.key(instance), serde_json::to_vec(&e).expect("entries serialise")))
+            .collect();
+        let keys = entries.iter().map(|(k, _)| k.clone()).collect();
+        let store = kv.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                for (key, value) in &entries {
+                    if let Err(e) = store.put(SERVICES_BUCKET, key, value).await {
+                        tracing::warn!(%key, error = %e, "could not publish a service registration");
+                    }
+                }
+                tokio::time::sleep(interval).await;
+            }
+        });
+        Some(Publisher { kv, keys, task: task.abort_handle() })
+    }
+
+    pub async fn withdraw(self) {
+        self.task.abort();
+        for key in &self.keys {
+            // Best effort: an entry left behind still expires with the bucket's TTL.
+            if let Err(e) = self.kv.delete(SERVICES_BUCKET, key).await {
+                tracing::debug!(%key, error = %e, "could not withdraw a service registration");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_use_choria_field_names_and_keys() {
+        let r = Registration {
+            cluster: "lon".into(),
+            service: "ginkgo".into(),
+            protocol: "http".into(),
+            ip: "192.168.1.1".into(),
+            port: 8080,
+            priority: 1,
+            annotations: BTreeMap::new(),
+        };
+        let e = ServiceEntry::of(&r);
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"cluster":"lon","service":"ginkgo","protocol":"http","address":"192.168.1.1","port":8080,"priority":1}"#
+        );
+        assert_eq!(e.key("abc-1"), "lon.http.ginkgo.abc-1");
+    }
+}
