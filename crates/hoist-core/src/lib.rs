@@ -9,6 +9,7 @@ pub mod config;
 #[cfg(feature = "testkit")]
 pub mod conformance;
 pub mod files;
+pub mod fleet;
 pub mod fsm;
 pub mod machine;
 pub mod persist;

@@ -192,7 +192,7 @@ pub async fn spawn(cfg: ContainerConfig, deps: Arc<MachineDeps>, existing: Optio
     let remembered = deps.store.load(&cfg.name).await;
     let kv_version = remembered.as_ref().and_then(|r| r.desired_version.as_deref()).and_then(|v| ImageVersion::parse(v).ok());
     let machine = Machine {
-        instance_id: new_instance_id(),
+        instance_id: uuid_v4(),
         state: State::Start,
         container: existing,
         kv_version,
@@ -1149,7 +1149,8 @@ pub fn unix_now() -> i64 {
 }
 
 /// A random UUIDv4 string, the form Choria uses for machine instance ids.
-fn new_instance_id() -> String {
+/// A random (version 4) UUID: machine instance ids and event ids, as Choria makes them.
+pub fn uuid_v4() -> String {
     let mut b: [u8; 16] = rand::rng().random();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;

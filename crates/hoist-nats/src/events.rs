@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use hoist_core::backend::{BackendResult, Events, TRANSITION_PROTOCOL, TransitionEvent};
+use hoist_core::machine::uuid_v4;
 use serde::{Deserialize, Serialize};
 use tracing::debug;
 
@@ -23,15 +24,6 @@ struct CloudEvent {
     datacontenttype: String,
     time: String,
     data: TransitionEvent,
-}
-
-/// A random (version 4) UUID, as Choria gives each event.
-fn uuid_v4() -> String {
-    let mut b: [u8; 16] = rand::random();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
 }
 
 /// RFC 3339 UTC with seconds precision, like Choria's `time` field.

@@ -5,8 +5,10 @@
 //! - Governor `N` is stream `GOVERNOR_N` on `<collective>.governor.N`; a lease is one message, its id the
 //!   stream sequence.
 //! - Transition events are CloudEvents on `choria.machine.transition`.
+//! - Fleet commands are requests on `hoist.fleet.request`, answered by every addressed agent.
 
 mod events;
+mod fleet;
 mod governor;
 mod kv;
 

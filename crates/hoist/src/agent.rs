@@ -9,6 +9,7 @@ use hoist_core::agent::{self, AgentHandle};
 use hoist_core::backend::{BucketConfig, Events, Governor, HOIST_BUCKET, Kv};
 use hoist_core::config::{AgentConfig, BackendKind, load_containers};
 use hoist_core::files::FileWatch;
+use hoist_core::fleet::{AgentResponder, Fleet, NODES_BUCKET, Presence, announce, nodes_bucket};
 use hoist_core::machine::MachineDeps;
 use hoist_core::persist::StateStore;
 use hoist_core::registration::{SERVICES_BUCKET, services_bucket};
@@ -21,6 +22,8 @@ struct Backends {
     kv: Arc<dyn Kv>,
     governor: Arc<dyn Governor>,
     events: Arc<dyn Events>,
+    /// Only a shared backend has a fleet to answer.
+    fleet: Option<Arc<dyn Fleet>>,
 }
 
 async fn open_backends(cfg: &AgentConfig) -> anyhow::Result<Backends> {
@@ -29,9 +32,29 @@ async fn open_backends(cfg: &AgentConfig) -> anyhow::Result<Backends> {
             let path = cfg.state_dir.join("hoist.redb");
             let store =
                 hoist_embedded::EmbeddedStore::open(&path).with_context(|| format!("opening the embedded store {}", path.display()))?;
-            Ok(Backends { kv: Arc::new(store.clone()), governor: Arc::new(store.clone()), events: Arc::new(store) })
+            Ok(Backends { kv: Arc::new(store.clone()), governor: Arc::new(store.clone()), events: Arc::new(store), fleet: None })
         }
-        BackendKind::Nats => anyhow::bail!("backend: nats is not available in this build yet; use backend: embedded"),
+        BackendKind::Nats => {
+            let backend = hoist_nats::NatsBackend::connect(nats_options(cfg)).await.context("connecting to NATS")?;
+            let backend = Arc::new(backend);
+            Ok(Backends { kv: backend.clone(), governor: backend.clone(), events: backend.clone(), fleet: Some(backend) })
+        }
+    }
+}
+
+pub fn nats_options(cfg: &AgentConfig) -> hoist_nats::NatsOptions {
+    let n = &cfg.nats;
+    let tls = n.tls.as_ref();
+    hoist_nats::NatsOptions {
+        servers: n.servers.clone(),
+        creds: n.creds.clone(),
+        nkey: n.nkey.clone(),
+        token: n.token.clone(),
+        tls_ca: tls.and_then(|t| t.ca.clone()),
+        tls_cert: tls.and_then(|t| t.cert.clone()),
+        tls_key: tls.and_then(|t| t.key.clone()),
+        collective: n.collective.clone(),
+        name: format!("hoist {}", cfg.node),
     }
 }
 
@@ -64,6 +87,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     });
     tracing::info!(node = %cfg.node, containers = set.containers.len(), "starting agent");
     let handle = agent::start(deps, set).await;
+    if let Some(fleet) = &backends.fleet {
+        join_fleet(&**fleet, backends.kv.clone(), &handle, &cfg, facts).await?;
+    }
     let control = Control { agent: handle.clone(), kv: backends.kv, governor: backends.governor, events: backends.events };
     serve_control(&cfg, control.clone()).await?;
     if let Some(addr) = cfg.metrics.listen {
@@ -81,6 +107,22 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     tracing::info!("shutting down; containers keep running and are adopted on the next start");
     handle.shutdown().await;
     let _ = std::fs::remove_file(&cfg.control.socket);
+    Ok(())
+}
+
+/// Answers fleet commands and announces this node, so callers know who should answer.
+async fn join_fleet(
+    fleet: &dyn Fleet,
+    kv: Arc<dyn Kv>,
+    handle: &AgentHandle,
+    cfg: &AgentConfig,
+    facts: serde_json::Value,
+) -> anyhow::Result<()> {
+    if kv.bucket_config(NODES_BUCKET).await.is_err() {
+        kv.create_bucket(NODES_BUCKET, nodes_bucket()).await.with_context(|| format!("creating the {NODES_BUCKET} bucket"))?;
+    }
+    fleet.serve(Arc::new(AgentResponder { agent: handle.clone(), facts: facts.clone() })).await.context("answering fleet requests")?;
+    tokio::spawn(announce(kv, Presence { node: cfg.node.clone(), facts }));
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 
 mod agent;
 mod control;
+mod fleet;
 mod inotify;
 mod metrics;
 mod output;
@@ -12,6 +13,7 @@ use control::client::ControlClient;
 use futures_util::StreamExt;
 use hoist_core::backend::{BucketConfig, Governor, Kv};
 use hoist_core::config::{AgentConfig, DEFAULT_AGENT_FILE, load_containers};
+use hoist_core::fleet::Operation;
 use hoist_core::fsm::Transition;
 use hoist_core::registration::{SERVICES_BUCKET, ServiceEntry};
 use hoist_core::spec::ImageVersion;
@@ -50,11 +52,22 @@ enum Command {
     Status {
         /// Only this container.
         container: Option<String>,
+        #[command(flatten)]
+        fleet: fleet::FleetArgs,
     },
     /// Ask a container's machine for a transition: stop, restart, update, maintenance or resume.
-    Transition { container: String, transition: Transition },
+    Transition {
+        container: String,
+        transition: Transition,
+        #[command(flatten)]
+        fleet: fleet::FleetArgs,
+    },
     /// Stream state changes as they happen.
-    Watch,
+    Watch {
+        /// Every node's changes (NATS backend), not only this node's.
+        #[arg(long)]
+        fleet: bool,
+    },
     /// Endpoints registered by `register_ports` (the CHORIA_SERVICES bucket).
     Services {
         /// Only this service.
@@ -201,21 +214,36 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_logs();
             agent::run(agent_config(g)?).await?;
         }
-        Command::Status { container } => {
+        Command::Status { container, fleet } if fleet.wanted() => {
+            let answer = fleet::ask(&agent_config(g)?, &fleet, container.as_deref(), Operation::Status).await?;
+            print(g.json, &answer, fleet::render);
+            if !answer.missing.is_empty() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Status { container, .. } => {
             let status = client(g)?.status(container.as_deref()).await?;
             if let Some(c) = &container {
                 anyhow::ensure!(!status.machines.is_empty(), "no container named {c:?} is managed on {}", status.node);
             }
             print(g.json, &status, |s| output::status(std::slice::from_ref(s)));
         }
-        Command::Transition { container, transition } => {
+        Command::Transition { container, transition, fleet } if fleet.wanted() => {
+            let answer = fleet::ask(&agent_config(g)?, &fleet, Some(&container), Operation::Transition { transition }).await?;
+            print(g.json, &answer, fleet::render);
+            let refused = answer.replies.iter().flat_map(|r| &r.transitions).any(|t| t.error.is_some());
+            if refused || !answer.missing.is_empty() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Transition { container, transition, .. } => {
             let state = client(g)?.transition(&container, transition).await?;
             print(g.json, &serde_json::json!({"container": container, "transition": transition, "state": state}), |_| {
                 format!("{container}: {transition} → {state}\n")
             });
         }
-        Command::Watch => {
-            let mut events = client(g)?.watch().await?;
+        Command::Watch { fleet } => {
+            let mut events = if fleet { fleet::watch(&agent_config(g)?).await? } else { client(g)?.watch().await? };
             while let Some(e) = events.next().await {
                 print_line(g.json, &e, output::event);
             }

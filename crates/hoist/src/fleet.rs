@@ -1,0 +1,85 @@
+//! The CLI's fleet mode: `status`, `transition` and `watch` across every agent on the NATS backend,
+//! talking to NATS directly (not through the local agent), so it works from any machine with the
+//! agent file and credentials.
+
+use crate::output;
+use anyhow::Context;
+use clap::Args;
+use hoist_core::backend::Events;
+use hoist_core::config::{AgentConfig, BackendKind};
+use hoist_core::fleet::{self, Filter, FleetAnswer, FleetRequest, Operation};
+use hoist_nats::NatsBackend;
+use std::time::Duration;
+
+#[derive(Args, Debug, Default)]
+pub struct FleetArgs {
+    /// Ask every agent of the fleet (NATS backend) instead of this node's agent.
+    #[arg(long)]
+    pub fleet: bool,
+    /// Only these nodes (implies --fleet); repeatable.
+    #[arg(long = "node", value_name = "NODE")]
+    pub nodes: Vec<String>,
+    /// Only nodes with this fact, e.g. `role=web` or `networking.ip=10.0.0.1` (implies --fleet); repeatable.
+    #[arg(long = "fact", value_name = "PATH=VALUE", value_parser = parse_fact)]
+    pub facts: Vec<(String, String)>,
+    /// How long to wait for answers from nodes that have not answered yet.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+impl FleetArgs {
+    pub fn wanted(&self) -> bool {
+        self.fleet || !self.nodes.is_empty() || !self.facts.is_empty()
+    }
+
+    fn filter(&self, container: Option<&str>) -> Filter {
+        Filter { nodes: self.nodes.clone(), containers: container.map(str::to_string).into_iter().collect(), facts: self.facts.clone() }
+    }
+}
+
+fn parse_fact(s: &str) -> Result<(String, String), String> {
+    let (path, value) = s.split_once('=').ok_or_else(|| format!("{s:?} is not PATH=VALUE"))?;
+    Ok((path.trim_start_matches("facts.").to_string(), value.to_string()))
+}
+
+pub async fn connect(cfg: &AgentConfig) -> anyhow::Result<NatsBackend> {
+    anyhow::ensure!(
+        cfg.backend == BackendKind::Nats,
+        "fleet commands need `backend: nats` in {} (this node runs alone on the embedded store)",
+        cfg.path.as_ref().map_or_else(|| "the agent file".into(), |p| p.display().to_string())
+    );
+    NatsBackend::connect(crate::agent::nats_options(cfg)).await.context("connecting to NATS")
+}
+
+pub async fn ask(cfg: &AgentConfig, args: &FleetArgs, container: Option<&str>, operation: Operation) -> anyhow::Result<FleetAnswer> {
+    let nats = connect(cfg).await?;
+    let request = FleetRequest { filter: args.filter(container), operation };
+    Ok(fleet::ask(&nats, &nats, &request, args.timeout).await?)
+}
+
+/// The status table of every node that answered, the summaries across them, and who did not answer.
+pub fn render(answer: &FleetAnswer) -> String {
+    let nodes: Vec<_> = answer.replies.iter().map(|r| r.status.clone()).collect();
+    let mut out = output::status(&nodes);
+    for r in &answer.replies {
+        for t in &r.transitions {
+            match (&t.state, &t.error) {
+                (Some(state), _) => out.push_str(&format!("{} {}: → {state}\n", r.node, t.container)),
+                (None, Some(e)) => out.push_str(&format!("{} {}: refused: {e}\n", r.node, t.container)),
+                (None, None) => {}
+            }
+        }
+    }
+    out.push_str(&format!("\n{} node(s) answered", answer.replies.len()));
+    if answer.missing.is_empty() {
+        out.push('\n');
+    } else {
+        out.push_str(&format!(", {} did not: {}\n", answer.missing.len(), answer.missing.join(", ")));
+    }
+    out
+}
+
+/// Transition events from every node.
+pub async fn watch(cfg: &AgentConfig) -> anyhow::Result<futures_util::stream::BoxStream<'static, hoist_core::backend::TransitionEvent>> {
+    Ok(connect(cfg).await?.subscribe().await?)
+}
