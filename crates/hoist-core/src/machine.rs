@@ -92,6 +92,8 @@ pub enum TimerKind {
     Unverified,
     /// A failed pull is tried again (UPDATE leaves the running container alone meanwhile).
     RetryPull,
+    /// The container may now have been healthy for `min_healthy_time`.
+    MinHealthy,
 }
 
 #[derive(Debug)]
@@ -105,7 +107,8 @@ pub struct JobOutcome {
 enum JobDone {
     /// A container is running (new, or adopted as it was).
     Running(ContainerInfo),
-    Pulled,
+    /// The image is local; its content id.
+    Pulled(String),
     Stopped,
 }
 
@@ -150,6 +153,10 @@ struct Gate {
     probe_failures: u32,
     /// The container has run long enough without any check (`unverified_wait`).
     waited: bool,
+    /// Since when every check has passed without a break (for `min_healthy_time`).
+    healthy_since: Option<Instant>,
+    /// The container was adopted as it ran, so its time up counts toward `min_healthy_time`.
+    adopted: bool,
 }
 
 pub struct Machine {
@@ -173,6 +180,11 @@ pub struct Machine {
     crash: CrashLoop,
     next_delay: Duration,
     restarts: u64,
+    /// A version that failed its health gate and was rolled back from; not tried again until the
+    /// desired version changes or an operator asks for `update`.
+    bad_version: Option<ImageVersion>,
+    /// The next RESTART keeps the running container (an update found the same image).
+    keep_unchanged: bool,
     /// The container the running provision job replaces, if any: when it produces a different one,
     /// that is a restart (adopting the same container is not).
     replacing: Option<String>,
@@ -208,6 +220,8 @@ pub async fn spawn(cfg: ContainerConfig, deps: Arc<MachineDeps>, existing: Optio
         next_delay: Duration::ZERO,
         restarts: remembered.as_ref().map_or(0, |r| r.restarts),
         replacing: None,
+        bad_version: remembered.as_ref().and_then(|r| r.bad_version.as_deref()).and_then(|v| ImageVersion::parse(v).ok()),
+        keep_unchanged: false,
         last_error: None,
         activity: None,
         governor_wait: Duration::ZERO,
@@ -251,11 +265,28 @@ impl Machine {
         self.cfg.spec(&self.deps.node, &self.deps.name_prefix, &self.desired_version())
     }
 
-    fn desired_version(&self) -> ImageVersion {
+    /// What the KV or the config asks for.
+    fn wanted_version(&self) -> ImageVersion {
         match (&self.kv_version, self.cfg.kv_update) {
             (Some(v), true) => v.clone(),
             _ => self.cfg.image_tag.clone(),
         }
+    }
+
+    /// What to run: the wanted version, unless it was rolled back from; then the last good one.
+    fn desired_version(&self) -> ImageVersion {
+        let wanted = self.wanted_version();
+        if self.bad_version.as_ref() == Some(&wanted)
+            && let Some(good) = self.last_good_image.as_deref().and_then(version_of).and_then(|v| ImageVersion::parse(&v).ok())
+        {
+            return good;
+        }
+        wanted
+    }
+
+    /// Whether the container being brought up is a new version, i.e. one a failure rolls back from.
+    fn trying_new_version(&self) -> bool {
+        self.last_good_image.as_ref().is_some_and(|good| *good != self.spec().image_ref())
     }
 
     fn machine_name(&self) -> String {
@@ -302,6 +333,10 @@ impl Machine {
             return Err(format!("{transition} is decided by the agent's health checks, not requested"));
         }
         fsm::check(self.state, transition).map_err(|e| e.to_string())?;
+        if transition == Transition::Update && self.bad_version.take().is_some() {
+            // The operator says the version is worth another try (e.g. the tag was re-pushed).
+            self.remember().await;
+        }
         self.apply(transition, "requested by operator".into()).await;
         Ok(self.state)
     }
@@ -342,7 +377,10 @@ impl Machine {
         }
         match self.state {
             State::Start => self.start_provision(false).await,
-            State::Restart => self.start_provision(true).await,
+            State::Restart => {
+                let replace = !std::mem::take(&mut self.keep_unchanged);
+                self.start_provision(replace).await
+            }
             State::Update => {
                 self.update_started.get_or_insert_with(Instant::now);
                 self.start_pull();
@@ -418,7 +456,7 @@ impl Machine {
             RuntimeEventKind::Health(h) => {
                 c.health = h;
                 if h == RuntimeHealth::Unhealthy && self.state == State::Run {
-                    self.failed("Docker reports the container unhealthy".into());
+                    self.failed("Docker reports the container unhealthy".into()).await;
                 }
             }
             RuntimeEventKind::Died { exit_code } => {
@@ -426,14 +464,14 @@ impl Machine {
                 c.exit_code = exit_code;
                 self.stop_probe();
                 if matches!(self.state, State::Run | State::Start | State::Restart) && self.cancel_job.is_none() {
-                    self.failed(format!("container died ({})", exit_text(exit_code)));
+                    self.failed(format!("container died ({})", exit_text(exit_code))).await;
                 }
             }
             RuntimeEventKind::Destroyed => {
                 self.container = None;
                 self.stop_probe();
                 if matches!(self.state, State::Run | State::Start | State::Restart) && self.cancel_job.is_none() {
-                    self.failed("container was removed".into());
+                    self.failed("container was removed".into()).await;
                 }
             }
         }
@@ -450,7 +488,7 @@ impl Machine {
                 let running = self.container.as_ref().is_some_and(|c| c.state == RunState::Running);
                 if was_running && !running && self.cancel_job.is_none() && matches!(self.state, State::Run | State::Start | State::Restart)
                 {
-                    self.failed("container stopped while the runtime was unreachable".into());
+                    self.failed("container stopped while the runtime was unreachable".into()).await;
                 }
                 self.after_observation().await;
             }
@@ -458,11 +496,27 @@ impl Machine {
         }
     }
 
-    /// Records a failure of the running container and arranges its replacement with backoff.
-    fn failed(&mut self, why: String) {
+    /// Records a failure of the container and arranges its replacement: with backoff, or, when a new
+    /// version fails its health gate, by rolling back to the last version that passed it.
+    async fn failed(&mut self, why: String) {
         tracing::warn!(container = %self.cfg.name, state = %self.state, reason = %why, "container failed");
+        if matches!(self.state, State::Start | State::Restart) && self.trying_new_version() {
+            self.roll_back(why).await;
+            return;
+        }
         self.next_delay = self.crash.failed(Instant::now());
         self.last_error = Some(why);
+    }
+
+    async fn roll_back(&mut self, why: String) {
+        let failed = self.spec().image_ref();
+        self.bad_version = Some(self.wanted_version());
+        self.remember().await;
+        let message = format!("rolled back from {failed} to {}: {why}", self.spec().image_ref());
+        tracing::warn!(container = %self.cfg.name, "{message}");
+        self.publish_event("rollback", &message).await;
+        self.last_error = Some(message);
+        self.next_delay = Duration::ZERO;
     }
 
     /// After the container's observed state changed: in RUN reconcile, in a gate re-check or retry.
@@ -474,7 +528,7 @@ impl Machine {
                 let unhealthy = self.container.as_ref().is_some_and(|c| c.health == RuntimeHealth::Unhealthy);
                 if !running || unhealthy {
                     if unhealthy {
-                        self.failed("Docker reports the new container unhealthy".into());
+                        self.failed("Docker reports the new container unhealthy".into()).await;
                     }
                     self.start_provision(true).await;
                 } else {
@@ -504,6 +558,7 @@ impl Machine {
         }
         let before = self.spec().image_ref();
         self.kv_version = parsed;
+        self.bad_version = None;
         self.remember().await;
         let after = self.spec().image_ref();
         if before == after {
@@ -524,6 +579,9 @@ impl Machine {
         let watches_changed = (cfg.kv_update, &cfg.restart_files) != (self.cfg.kv_update, &self.cfg.restart_files);
         let probe_changed = cfg.health_check != self.cfg.health_check;
         let registrations_changed = cfg.register_ports != self.cfg.register_ports;
+        if (&cfg.image, &cfg.image_tag) != (&self.cfg.image, &self.cfg.image_tag) {
+            self.bad_version = None;
+        }
         self.cfg = cfg;
         if watches_changed {
             for task in self.watch_tasks.drain(..) {
@@ -615,7 +673,7 @@ impl Machine {
         let governor = self.cfg.update_governor.clone();
         self.spawn_job(format!("pulling {image}"), move |ctx| async move {
             let mut lease = None;
-            let result = ctx.pull(&image, governor, &mut lease).await.map(|()| JobDone::Pulled);
+            let result = ctx.pull(&image, governor, &mut lease).await.map(JobDone::Pulled);
             // The update governor limits concurrent pulls only; the restart that follows is governed
             // by the restart governor.
             if let Some(l) = lease.take() {
@@ -650,7 +708,9 @@ impl Machine {
         }
         match outcome.result {
             Ok(JobDone::Running(info)) => {
-                if self.replacing.take().is_some_and(|old| old != info.id) {
+                let replaced = self.replacing.take();
+                let adopted = replaced.as_deref() == Some(info.id.as_str());
+                if replaced.is_some() && !adopted {
                     self.restarts += 1;
                     self.remember().await;
                 }
@@ -665,13 +725,22 @@ impl Machine {
                 self.container = Some(info);
                 match exited {
                     Some(exit_code) => {
-                        self.failed(format!("container died ({})", exit_text(exit_code)));
+                        self.failed(format!("container died ({})", exit_text(exit_code))).await;
                         self.start_provision(true).await;
                     }
-                    None => self.begin_gate(),
+                    None => self.begin_gate(adopted),
                 }
             }
-            Ok(JobDone::Pulled) => self.want(Transition::Restart, format!("pulled {}", self.spec().image_ref())),
+            Ok(JobDone::Pulled(image_id)) => {
+                // `update` of a moving tag (latest) that still names the image already running: go
+                // through RESTART without replacing anything.
+                let spec = self.spec();
+                self.keep_unchanged = self.container.as_ref().is_some_and(|c| {
+                    c.state == RunState::Running && c.image_id == image_id && c.label(LABEL_SPEC) == Some(spec.hash().as_str())
+                });
+                let why = if self.keep_unchanged { "unchanged" } else { "pulled" };
+                self.want(Transition::Restart, format!("{why} {}", spec.image_ref()));
+            }
             Ok(JobDone::Stopped) => {
                 if let Some(c) = self.container.as_mut() {
                     c.state = RunState::Exited;
@@ -685,7 +754,13 @@ impl Machine {
                 // Retry the same step after a backoff; the running container (if any) is untouched.
                 self.next_delay = self.crash.failed(Instant::now()).max(Duration::from_secs(1));
                 match self.state {
-                    State::Start | State::Restart => self.start_provision(true).await,
+                    State::Start | State::Restart => {
+                        // A new version that cannot even be started is rolled back like one that fails its checks.
+                        if self.trying_new_version() {
+                            self.roll_back(e).await;
+                        }
+                        self.start_provision(true).await
+                    }
                     State::Update => {
                         let delay = std::mem::take(&mut self.next_delay);
                         self.activity = Some(format!("retrying the pull in {:.0}s", delay.as_secs_f64()));
@@ -700,8 +775,8 @@ impl Machine {
 
     // ---- health gate ---------------------------------------------------------------------------
 
-    fn begin_gate(&mut self) {
-        self.gate = Gate::default();
+    fn begin_gate(&mut self, adopted: bool) {
+        self.gate = Gate { adopted, ..Gate::default() };
         self.start_probe();
         let epoch = self.epoch;
         self.timer(epoch, TimerKind::GateDeadline, self.deps.rollout.healthy_deadline);
@@ -721,15 +796,35 @@ impl Machine {
         }
         let Some(c) = &self.container else { return };
         let docker_ok = matches!(c.health, RuntimeHealth::None | RuntimeHealth::Healthy);
+        let checked = self.cfg.health_check.is_some() || c.health != RuntimeHealth::None;
         let hoist_ok =
             if self.cfg.health_check.is_some() { self.gate.probe_passed } else { self.gate.waited || c.health == RuntimeHealth::Healthy };
-        if c.state == RunState::Running && docker_ok && hoist_ok {
-            let how = match (c.health, &self.cfg.health_check) {
-                (_, Some(_)) | (RuntimeHealth::Healthy, None) => "healthy",
-                _ => "running, unverified (no health check)",
-            };
-            self.want(Transition::HealthCheck, how.into());
+        if !(c.state == RunState::Running && docker_ok && hoist_ok) {
+            self.gate.healthy_since = None;
+            return;
         }
+        if checked {
+            // Healthy once is not enough: it must stay healthy for `min_healthy_time` (an adopted
+            // container's time up counts) before the gate passes and the governor slot is freed.
+            let ran_for = Duration::from_secs((unix_now() - c.started_at).max(0) as u64);
+            let credit = if self.gate.adopted { ran_for } else { Duration::ZERO };
+            let needed = self.deps.rollout.min_healthy_time.saturating_sub(credit);
+            let streak_starts = self.gate.healthy_since.is_none();
+            let since = *self.gate.healthy_since.get_or_insert_with(Instant::now);
+            let remaining = needed.saturating_sub(since.elapsed());
+            if remaining > Duration::ZERO {
+                if streak_starts {
+                    self.activity = Some(format!("healthy; confirming for {}s", remaining.as_secs_f64().ceil()));
+                    self.timer(self.epoch, TimerKind::MinHealthy, remaining);
+                }
+                return;
+            }
+        }
+        let how = match (c.health, &self.cfg.health_check) {
+            (_, Some(_)) | (RuntimeHealth::Healthy, None) => "healthy",
+            _ => "running, unverified (no health check)",
+        };
+        self.want(Transition::HealthCheck, how.into());
     }
 
     async fn on_timer(&mut self, timer: TimerKind) {
@@ -739,10 +834,11 @@ impl Machine {
                 self.check_gate();
             }
             TimerKind::GateDeadline if matches!(self.state, State::Start | State::Restart) && self.cancel_job.is_none() => {
-                self.failed(format!("not healthy within {}", humantime::format_duration(self.deps.rollout.healthy_deadline)));
+                self.failed(format!("not healthy within {}", humantime::format_duration(self.deps.rollout.healthy_deadline))).await;
                 self.start_provision(true).await;
             }
             TimerKind::RetryPull if self.state == State::Update => self.enter().await,
+            TimerKind::MinHealthy => self.check_gate(),
             TimerKind::GateDeadline | TimerKind::RetryPull => {}
         }
     }
@@ -798,17 +894,18 @@ impl Machine {
                     return;
                 }
                 self.gate.probe_failures += 1;
+                self.gate.healthy_since = None;
                 tracing::debug!(container = %self.cfg.name, failures = self.gate.probe_failures, reason = %why, "probe failed");
                 if self.gate.probe_failures >= check.retries.max(1) {
                     let why = format!("health check failed {} times: {why}", self.gate.probe_failures);
                     self.gate.probe_failures = 0;
                     match self.state {
                         State::Run => {
-                            self.failed(why.clone());
+                            self.failed(why.clone()).await;
                             self.want(Transition::Restart, why);
                         }
                         State::Start | State::Restart if self.cancel_job.is_none() => {
-                            self.failed(why);
+                            self.failed(why).await;
                             self.start_provision(true).await;
                         }
                         _ => {}
@@ -882,6 +979,7 @@ impl Machine {
             desired_version: self.kv_version.as_ref().map(|v| v.to_string()),
             last_good_image: self.last_good_image.clone(),
             restarts: self.restarts,
+            bad_version: self.bad_version.as_ref().map(|v| v.to_string()),
         };
         if let Err(e) = self.deps.store.save(&self.cfg.name, &remembered).await {
             tracing::warn!(container = %self.cfg.name, error = %e, "could not save machine state");
@@ -909,6 +1007,12 @@ impl Machine {
 
     /// A problem worth an event but no state change (a refused KV value, a failed pull).
     async fn notice(&self, message: &str) {
+        self.publish_event("error", message).await;
+    }
+
+    /// An event that is not a state change (an error, a rollback), in the transition shape with
+    /// from = to = the current state, so Choria tools show it in the same stream.
+    async fn publish_event(&self, kind: &str, message: &str) {
         let state = self.state.to_string();
         let event = TransitionEvent {
             protocol: TRANSITION_PROTOCOL.into(),
@@ -917,15 +1021,22 @@ impl Machine {
             version: MACHINE_VERSION.into(),
             timestamp: unix_now(),
             machine: self.machine_name(),
-            transition: "error".into(),
+            transition: kind.into(),
             from_state: state.clone(),
             to_state: state,
             detail: Some(message.to_string()),
             image: Some(self.spec().image_ref()),
         };
         if let Err(e) = self.deps.events.publish(&event).await {
-            tracing::debug!(error = %e, "could not publish an error event");
+            tracing::debug!(error = %e, kind, "could not publish an event");
         }
+    }
+
+    fn rollback_condition(&self) -> Option<String> {
+        let bad = self.bad_version.as_ref()?;
+        Some(format!(
+            "{bad} failed its health gate and was rolled back; not retried until the desired version changes or `update` is requested"
+        ))
     }
 
     fn status(&self) -> MachineStatus {
@@ -958,7 +1069,7 @@ impl Machine {
             health,
             restarts: self.restarts,
             last_error: self.last_error.clone(),
-            condition: self.crash.condition(),
+            condition: self.rollback_condition().or_else(|| self.crash.condition()),
             activity: self.activity.clone(),
             governor_wait_seconds: self.governor_wait.as_secs_f64(),
             last_update_seconds: self.last_update.map(|d| d.as_secs_f64()),
@@ -1040,7 +1151,7 @@ impl JobCtx {
     }
 
     /// Pulls under the update governor, if one is set.
-    async fn pull(&self, image: &str, governor: Option<String>, lease: &mut Option<Lease>) -> Result<(), String> {
+    async fn pull(&self, image: &str, governor: Option<String>, lease: &mut Option<Lease>) -> Result<String, String> {
         if let Some(g) = governor {
             *lease = Some(self.acquire(&g).await?);
         }
@@ -1055,10 +1166,7 @@ impl JobCtx {
             }
         };
         let pulled = self.or_cancelled(self.deps.runtime.pull(image, &progress)).await?;
-        match pulled {
-            Ok(_) => Ok(()),
-            Err(e) => Err(e.to_string()),
-        }
+        pulled.map_err(|e| e.to_string())
     }
 
     #[allow(clippy::too_many_arguments)]

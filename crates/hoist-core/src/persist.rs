@@ -13,6 +13,9 @@ pub struct Remembered {
     pub desired_version: Option<String>,
     pub last_good_image: Option<String>,
     pub restarts: u64,
+    /// A version rolled back from (absent in files written before rollbacks existed).
+    #[serde(default)]
+    pub bad_version: Option<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -80,6 +80,7 @@ struct RawMetrics {
 #[serde(deny_unknown_fields)]
 struct RawRollout {
     healthy_deadline: Option<Secs>,
+    min_healthy_time: Option<Secs>,
     unverified_wait: Option<Secs>,
     governor_timeout: Option<Secs>,
 }
@@ -191,6 +192,7 @@ fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<Path
         metrics: MetricsConfig { listen: metrics.listen },
         rollout: RolloutConfig {
             healthy_deadline: secs(rollout.healthy_deadline, 300),
+            min_healthy_time: secs(rollout.min_healthy_time, 10),
             unverified_wait: secs(rollout.unverified_wait, 10),
             governor_timeout: secs(rollout.governor_timeout, 300),
         },

@@ -94,6 +94,9 @@ pub struct MetricsConfig {
 pub struct RolloutConfig {
     /// A new container must pass its health gate within this; default 5 min.
     pub healthy_deadline: Duration,
+    /// A container with a health check must stay healthy this long before its gate passes (and its
+    /// governor slot is released); default 10 s.
+    pub min_healthy_time: Duration,
     /// How long to wait (and call it "unverified") when a container has no health check at all; default 10 s.
     pub unverified_wait: Duration,
     /// How long `acquire` waits for a governor slot before the attempt fails and is retried; default 5 min.

@@ -420,6 +420,7 @@ fn agent_defaults() {
         cfg.rollout,
         RolloutConfig {
             healthy_deadline: Duration::from_secs(300),
+            min_healthy_time: Duration::from_secs(10),
             unverified_wait: Duration::from_secs(10),
             governor_timeout: Duration::from_secs(300)
         }

@@ -77,7 +77,7 @@ impl TestAgent {
         std::fs::create_dir_all(agent.path("containers.d")).unwrap();
         agent.write_containers(containers_yaml);
         let agent_yaml = format!(
-            "node: {node}\nstate_dir: {state}\ndocker:\n  name_prefix: {node}_\n  stop_grace: 2s\nrollout:\n  unverified_wait: 1s\n  healthy_deadline: 30s\n  governor_timeout: 60s\n{extra_agent_yaml}",
+            "node: {node}\nstate_dir: {state}\ndocker:\n  name_prefix: {node}_\n  stop_grace: 2s\nrollout:\n  unverified_wait: 1s\n  min_healthy_time: 1s\n  healthy_deadline: 30s\n  governor_timeout: 60s\n{extra_agent_yaml}",
             node = agent.node,
             state = agent.path("state").display(),
         );
