@@ -18,9 +18,9 @@ fn fleet_status(agent: &TestAgent, extra: &[&str]) -> FleetAnswer {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("fleet status JSON ({e}): {out:?}"))
 }
 
-#[test]
-fn a_fleet_rolls_one_instance_at_a_time_and_answers_fleet_commands() {
-    let server = nats::Server::start();
+/// Three agents on `server`, each running `web` (v1, following the KV, restart governor RG at
+/// capacity 1, registering its port), all in RUN.
+fn three_agents(test: &str, server: &nats::Server) -> Vec<TestAgent> {
     let agent_yaml = format!("backend: nats\nnats:\n  servers: ['{}']\nregistration:\n  interval: 1s\n", server.url());
     let container = |port: u16| {
         format!(
@@ -28,12 +28,32 @@ fn a_fleet_rolls_one_instance_at_a_time_and_answers_fleet_commands() {
             image()
         )
     };
-    let mut agents: Vec<TestAgent> =
-        ["fleet-a", "fleet-b", "fleet-c"].iter().map(|name| TestAgent::start_with(name, &container(free_port()), &agent_yaml)).collect();
+    let agents: Vec<TestAgent> =
+        ["a", "b", "c"].iter().map(|n| TestAgent::start_with(&format!("{test}-{n}"), &container(free_port()), &agent_yaml)).collect();
     agents[0].hoist_ok(&["governor", "add", "RG", "1", "1m"]);
     for a in &agents {
         a.wait_running("web");
     }
+    agents
+}
+
+fn record_webs(agents: &[TestAgent]) -> DockerRecord {
+    DockerRecord::start(&agents.iter().map(|a| format!("container={}", a.container_name("web"))).collect::<Vec<_>>())
+}
+
+fn all_on(agents: &[TestAgent], version: &str, what: &str) {
+    wait_until(what, Duration::from_secs(120), || {
+        let a = fleet_status(&agents[0], &[]);
+        (a.replies.len() == agents.len()
+            && a.replies.iter().all(|r| r.status.machines.iter().all(|m| m.state == State::Run && m.version == version)))
+        .then_some(())
+    });
+}
+
+#[test]
+fn a_fleet_rolls_one_instance_at_a_time_and_answers_fleet_commands() {
+    let server = nats::Server::start();
+    let mut agents = three_agents("fleet", &server);
     let nodes: BTreeSet<String> = agents.iter().map(|a| a.node.clone()).collect();
 
     // Every node answers a fleet status, with the summaries across the fleet.
@@ -47,53 +67,16 @@ fn a_fleet_rolls_one_instance_at_a_time_and_answers_fleet_commands() {
     assert!(table.contains("Summary of State:\n   RUN: 3") && table.contains("3 node(s) answered"), "{table}");
 
     // One KV put rolls every node to v2; Docker's record shows at most one container down at a time.
-    let names: Vec<String> = agents.iter().map(|a| a.container_name("web")).collect();
-    let docker_events = std::process::Command::new("docker")
-        .args(["events", "--filter", "type=container", "--filter", "event=die", "--filter", "event=start"])
-        .args(names.iter().flat_map(|n| ["--filter".to_string(), format!("container={n}")]))
-        .args(["--format", "{{.Action}} {{.Actor.Attributes.name}}"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let watch = std::process::Command::new(env!("CARGO_BIN_EXE_hoist"))
-        .arg("--config")
-        .arg(agents[2].path("hoist.yaml"))
-        .args(["watch", "--fleet", "--json"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    let record = record_webs(&agents);
+    let watch = Watch::start(&agents[2], &["--fleet"]);
     agents[0].hoist_ok(&["kv", "put", "HOIST", "container/web/tag", "v2"]);
-    wait_until("every node on v2", Duration::from_secs(90), || {
-        let a = fleet_status(&agents[0], &[]);
-        (a.replies.len() == 3 && a.replies.iter().all(|r| r.status.machines.iter().all(|m| m.state == State::Run && m.version == "v2")))
-            .then_some(())
-    });
-    let mut docker_events = docker_events;
-    docker_events.kill().unwrap();
-    let record = String::from_utf8_lossy(&docker_events.wait_with_output().unwrap().stdout).into_owned();
-    let (mut down, mut max_down) = (BTreeSet::new(), 0);
-    for line in record.lines() {
-        match line.split_once(' ') {
-            Some(("die", name)) => {
-                down.insert(name.to_string());
-            }
-            Some(("start", name)) => {
-                down.remove(name);
-            }
-            _ => panic!("unexpected docker event line {line:?}"),
-        }
-        max_down = max_down.max(down.len());
-    }
+    all_on(&agents, "v2", "every node on v2");
+    let (record, max_down) = record.finish();
     assert_eq!(max_down, 1, "restart governor capacity 1 across the fleet; docker events:\n{record}");
     assert_eq!(record.lines().filter(|l| l.starts_with("die")).count(), 3, "{record}");
 
     // `hoist watch --fleet` on one node saw every node's machine go through the update.
-    let mut watch = watch;
-    watch.kill().unwrap();
-    let out = watch.wait_with_output().unwrap();
-    let events: Vec<hoist_core::backend::TransitionEvent> =
-        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("one JSON event per line")).collect();
+    let events = watch.finish();
     for node in &nodes {
         let path: Vec<&str> = events.iter().filter(|e| &e.identity == node).map(|e| e.to_state.as_str()).collect();
         assert_eq!(path, ["UPDATE", "RESTART", "RUN"], "{node}: {events:#?}");
@@ -121,4 +104,33 @@ fn a_fleet_rolls_one_instance_at_a_time_and_answers_fleet_commands() {
     assert_eq!(answer.replies.len(), 2);
     assert_eq!(answer.missing, vec![dead]);
     wait_until("the dead node's registration to expire", Duration::from_secs(10), || (services(&agents[0]).len() == 1).then_some(()));
+}
+
+#[test]
+fn a_failing_version_is_rolled_back_across_the_fleet_one_instance_at_a_time() {
+    let server = nats::Server::start();
+    let agents = three_agents("fleetrb", &server);
+    let record = record_webs(&agents);
+    agents[0].hoist_ok(&["kv", "put", "HOIST", "container/web/tag", "broken"]);
+    wait_until("every node rolled back to v1", Duration::from_secs(120), || {
+        let a = fleet_status(&agents[0], &[]);
+        (a.replies.len() == 3
+            && a.replies
+                .iter()
+                .all(|r| r.status.machines.iter().all(|m| m.state == State::Run && m.version == "v1" && m.condition.is_some())))
+        .then_some(())
+    });
+    let (record, max_down) = record.finish();
+    // Each node's v1 died once (replaced by broken) and broken died until rolled back; the revert took
+    // the same governor slot, so never more than one node's web was down.
+    assert_eq!(max_down, 1, "docker events:\n{record}");
+    for a in &agents {
+        assert_eq!(http_get_container(a), Some("v1".to_string()), "{} serves v1 again", a.node);
+    }
+}
+
+/// What the node's web answers on its published port (found through Docker).
+fn http_get_container(agent: &TestAgent) -> Option<String> {
+    let port = docker_ok(&["port", &agent.container_name("web"), "80/tcp"]);
+    http_get(port.rsplit(':').next()?.parse().ok()?)
 }

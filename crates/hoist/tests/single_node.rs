@@ -271,22 +271,8 @@ fn the_restart_governor_keeps_one_container_down_at_a_time() {
     for name in ["a", "b", "c"] {
         agent.wait_running(name);
     }
-    let mut watch = std::process::Command::new(env!("CARGO_BIN_EXE_hoist"))
-        .arg("--config")
-        .arg(agent.path("hoist.yaml"))
-        .args(["watch", "--json"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Docker's own record of stops and starts, in the engine's order.
-    let mut docker_events = std::process::Command::new("docker")
-        .args(["events", "--filter", "type=container", "--filter", "event=die", "--filter", "event=start"])
-        .args(["--filter", &format!("label=io.hoist.node={}", agent.node)])
-        .args(["--format", "{{.Action}} {{index .Actor.Attributes \"io.hoist.name\"}}"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    let watch = Watch::start(&agent, &[]);
+    let docker_record = DockerRecord::start(&[format!("label=io.hoist.node={}", agent.node)]);
     write(&trigger, "1");
     wait_until("all three restarted", Duration::from_secs(60), || {
         agent.status().machines.iter().all(|m| m.restarts == 1 && m.state == State::Run).then_some(())
@@ -294,29 +280,11 @@ fn the_restart_governor_keeps_one_container_down_at_a_time() {
     let view = agent.hoist_ok(&["governor", "view", "RG"]);
     assert!(view.contains("capacity 1") && view.contains("0 active"), "leases released: {view}");
 
-    docker_events.kill().unwrap();
-    let stops_and_starts = String::from_utf8_lossy(&docker_events.wait_with_output().unwrap().stdout).into_owned();
-    let mut down = std::collections::BTreeSet::new();
-    let mut max_down = 0;
-    for line in stops_and_starts.lines() {
-        match line.split_once(' ') {
-            Some(("die", name)) => {
-                down.insert(name.to_string());
-            }
-            Some(("start", name)) => {
-                down.remove(name);
-            }
-            _ => panic!("unexpected docker event line {line:?}"),
-        }
-        max_down = max_down.max(down.len());
-    }
-    assert_eq!(max_down, 1, "capacity 1 means one container down at a time; docker events:\n{stops_and_starts}");
+    let (record, max_down) = docker_record.finish();
+    assert_eq!(max_down, 1, "capacity 1 means one container down at a time; docker events:\n{record}");
 
     // Each machine reported its way back: RUN -> RESTART (the file) -> RUN.
-    watch.kill().unwrap();
-    let out = watch.wait_with_output().unwrap();
-    let events: Vec<hoist_core::backend::TransitionEvent> =
-        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("one JSON event per line")).collect();
+    let events = watch.finish();
     for name in ["a", "b", "c"] {
         let path: Vec<&str> = events.iter().filter(|e| e.machine == format!("hoist_{name}")).map(|e| e.to_state.as_str()).collect();
         assert_eq!(path, ["RESTART", "RUN"], "{name}: {events:#?}");

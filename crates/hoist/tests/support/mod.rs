@@ -219,3 +219,65 @@ impl Drop for TestAgent {
 pub fn write(path: &Path, content: &str) {
     std::fs::write(path, content).unwrap();
 }
+
+/// Docker's own record of container stops (`die`) and starts, in the engine's order, for the
+/// containers the filters select (`--filter` values such as `label=…` or `container=…`).
+pub struct DockerRecord(Child);
+
+impl DockerRecord {
+    pub fn start(filters: &[String]) -> DockerRecord {
+        let child = Command::new("docker")
+            .args(["events", "--filter", "type=container", "--filter", "event=die", "--filter", "event=start"])
+            .args(filters.iter().flat_map(|f| ["--filter", f.as_str()]))
+            .args(["--format", "{{.Action}} {{.Actor.Attributes.name}}"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("docker events");
+        DockerRecord(child)
+    }
+
+    /// Stops recording; returns the record and the most containers that were down at once.
+    pub fn finish(mut self) -> (String, usize) {
+        self.0.kill().unwrap();
+        let record = String::from_utf8_lossy(&self.0.wait_with_output().unwrap().stdout).into_owned();
+        let (mut down, mut max_down) = (std::collections::BTreeSet::new(), 0);
+        for line in record.lines() {
+            match line.split_once(' ') {
+                Some(("die", name)) => {
+                    down.insert(name.to_string());
+                }
+                Some(("start", name)) => {
+                    down.remove(name);
+                }
+                _ => panic!("unexpected docker event line {line:?}"),
+            }
+            max_down = max_down.max(down.len());
+        }
+        (record, max_down)
+    }
+}
+
+/// `hoist watch --json` against an agent, collected when finished.
+pub struct Watch(Child);
+
+impl Watch {
+    pub fn start(agent: &TestAgent, extra: &[&str]) -> Watch {
+        let child = Command::new(env!("CARGO_BIN_EXE_hoist"))
+            .arg("--config")
+            .arg(agent.path("hoist.yaml"))
+            .args(["watch", "--json"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("hoist watch");
+        // Let the subscription be in place before the caller acts.
+        std::thread::sleep(Duration::from_millis(500));
+        Watch(child)
+    }
+
+    pub fn finish(mut self) -> Vec<hoist_core::backend::TransitionEvent> {
+        self.0.kill().unwrap();
+        let out = self.0.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("one JSON event per line")).collect()
+    }
+}
