@@ -1,0 +1,69 @@
+//! `hoist-bench`: measures hoist against the bars of DESIGN.md §7 and prints measured value vs bar.
+//! `sim-fleet` is the fleet simulator (real agents and NATS, simulated container runtime); the other
+//! scenarios drive the real `hoist` binary, Docker and nats-server.
+
+mod real;
+mod report;
+mod sim;
+
+use clap::{Parser, Subcommand};
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "hoist-bench", about = "Benchmarks hoist against the bars of DESIGN.md §7")]
+struct Cli {
+    /// Print the results as JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// The fleet simulator: N real agents and NATS clients in one process with a simulated container
+    /// runtime; a rollout through a restart governor per capacity, and fleet status over all nodes.
+    SimFleet {
+        /// Fleet sizes to simulate, one after the other.
+        #[arg(long, value_delimiter = ',', default_value = "1000")]
+        agents: Vec<usize>,
+        /// Restart governor capacities; one rollout (v1→v2, v2→v3, ...) per capacity.
+        #[arg(long, value_delimiter = ',', default_value = "10,50")]
+        capacity: Vec<u64>,
+        /// Simulated pull time, milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        pull_ms: u64,
+        /// Simulated time from create to running, milliseconds.
+        #[arg(long, default_value_t = 300)]
+        start_ms: u64,
+        /// Simulated time from running to the HEALTHCHECK reporting healthy, milliseconds.
+        #[arg(long, default_value_t = 700)]
+        health_ms: u64,
+        /// Agents connecting and starting at once.
+        #[arg(long, default_value_t = 50)]
+        start_concurrency: usize,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("HOIST_BENCH_LOG").unwrap_or_else(|_| "error".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rows = rt.block_on(async {
+        match cli.scenario {
+            Scenario::SimFleet { agents, capacity, pull_ms, start_ms, health_ms, start_concurrency } => {
+                let latencies = sim::Latencies {
+                    pull: Duration::from_millis(pull_ms),
+                    start: Duration::from_millis(start_ms),
+                    health: Duration::from_millis(health_ms),
+                };
+                sim::fleet(&sim::FleetOpts { agents, capacities: capacity, latencies, start_concurrency }).await
+            }
+        }
+    })?;
+    report::print(&rows, cli.json);
+    Ok(())
+}
