@@ -172,6 +172,8 @@ pub struct Machine {
     /// Bumped whenever a job, probe or timer is superseded, so their late results are ignored.
     epoch: u64,
     cancel_job: Option<watch::Sender<bool>>,
+    /// The running (or last) job's task, so shutdown can wait for a cancelled job to let go.
+    job: Option<tokio::task::JoinHandle<()>>,
     gate: Gate,
     probe_task: Option<AbortHandle>,
     watch_tasks: Vec<AbortHandle>,
@@ -212,6 +214,7 @@ pub async fn spawn(cfg: ContainerConfig, deps: Arc<MachineDeps>, existing: Optio
         lease: None,
         epoch: 0,
         cancel_job: None,
+        job: None,
         gate: Gate::default(),
         probe_task: None,
         watch_tasks: Vec::new(),
@@ -253,6 +256,14 @@ impl Machine {
         while let Some(input) = rx.recv().await {
             if let Input::Shutdown { remove, done } = input {
                 self.shutdown(remove).await;
+                // A job that finished just before the shutdown may have queued its outcome, and the
+                // governor slot with it.
+                rx.close();
+                while let Ok(input) = rx.try_recv() {
+                    if let Input::JobDone { outcome: JobOutcome { lease: Some(lease), .. }, .. } = input {
+                        release(&*self.deps.governor, lease).await;
+                    }
+                }
                 let _ = done.send(());
                 return;
             }
@@ -506,6 +517,11 @@ impl Machine {
         }
         self.next_delay = self.crash.failed(Instant::now());
         self.last_error = Some(why);
+        if matches!(self.state, State::Start | State::Restart) {
+            // A container that cannot come up must not hold the fleet's slot through its backoff;
+            // the next attempt campaigns again.
+            self.release_lease().await;
+        }
     }
 
     async fn roll_back(&mut self, why: String) {
@@ -630,17 +646,25 @@ impl Machine {
         let ctx = JobCtx {
             deps: self.deps.clone(),
             epoch: self.epoch,
-            cancelled,
+            cancelled: cancelled.clone(),
             holder: format!("hoist {} @ {}", self.cfg.name, self.deps.node),
             tx: self.tx.clone(),
         };
         let fut = job(ctx);
-        let tx = self.tx.clone();
-        let epoch = self.epoch;
-        tokio::spawn(async move {
+        let (tx, epoch, governor) = (self.tx.clone(), self.epoch, self.deps.governor.clone());
+        let task = tokio::spawn(async move {
             let outcome = fut.await;
+            // A superseded job's slot is nobody's: free it here rather than hand it to a machine
+            // that may already have shut down.
+            if *cancelled.borrow() {
+                if let Some(lease) = outcome.lease {
+                    release(&*governor, lease).await;
+                }
+                return;
+            }
             let _ = tx.send(Input::JobDone { epoch, outcome }).await;
         });
+        self.job = Some(task);
     }
 
     /// START (`replace` false: adopt a matching running container) or RESTART (always a fresh one).
@@ -950,6 +974,10 @@ impl Machine {
 
     async fn shutdown(&mut self, remove: bool) {
         self.supersede();
+        if let Some(job) = self.job.take() {
+            // Cancelled jobs end at their next await point; bound the wait in case the runtime hangs.
+            let _ = tokio::time::timeout(Duration::from_secs(10), job).await;
+        }
         for task in self.watch_tasks.drain(..) {
             task.abort();
         }

@@ -138,3 +138,96 @@ fn a_registry_outage_mid_rollout_causes_no_outage_and_the_rollout_resumes() {
     // The images pulled through this registry's address are the test's own.
     let _ = docker(&["rmi", &format!("{repo}:v1"), &format!("{repo}:v2")]);
 }
+
+/// The registry's content digest of a tag (what `docker pull repo@sha256:…` pins).
+fn registry_digest(tag: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(registry()).unwrap();
+    let req = format!(
+        "HEAD /v2/hoist/test/manifests/{tag} HTTP/1.0\r\nHost: {}\r\nAccept: application/vnd.docker.distribution.manifest.v2+json\r\n\r\n",
+        registry()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut head = String::new();
+    s.read_to_string(&mut head).unwrap();
+    let line = head.lines().find(|l| l.to_ascii_lowercase().starts_with("docker-content-digest:")).expect("digest header");
+    line.split_once(':').unwrap().1.trim().to_string()
+}
+
+/// PUT through the control socket, bypassing the CLI's own check of tag values (as another KV
+/// writer, e.g. `choria kv put`, would).
+fn raw_kv_put(agent: &TestAgent, key: &str, value: &str) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(agent.path("state/hoist.sock")).unwrap();
+    let req = format!("PUT /v1/kv/HOIST/entry/{key} HTTP/1.0\r\nHost: hoist\r\nContent-Length: {}\r\n\r\n{value}", value.len());
+    s.write_all(req.as_bytes()).unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"), "{response}");
+}
+
+#[test]
+fn the_kv_may_pin_a_digest_and_an_invalid_value_changes_nothing() {
+    let port = free_port();
+    let agent = TestAgent::start("digest", &web(&image(), port, ""));
+    agent.wait_running("web");
+    let digest = registry_digest("v2");
+    agent.hoist_ok(&["kv", "put", "HOIST", "container/web/tag", &digest]);
+    let pinned =
+        agent.wait_machine("web", "pinned to the digest", Duration::from_secs(60), |m| m.state == State::Run && m.version == digest);
+    assert_eq!(pinned.image.as_deref(), Some(format!("{}@{digest}", image()).as_str()));
+    assert_eq!(wait_until("v2 serving", Duration::from_secs(10), || http_get(port).filter(|b| b == "v2")), "v2");
+
+    let watch = Watch::start(&agent, &[]);
+    raw_kv_put(&agent, "container/web/tag", "no such:tag!");
+    let m = agent.wait_machine("web", "reporting the bad value", Duration::from_secs(10), |m| {
+        m.last_error.as_deref().is_some_and(|e| e.contains("ignored KV value"))
+    });
+    assert_eq!((m.state, m.container_id), (State::Run, pinned.container_id), "nothing changes");
+    let events = watch.finish();
+    assert!(
+        events.iter().any(|e| e.transition == "error" && e.detail.as_deref().unwrap_or_default().contains("no such:tag!")),
+        "{events:#?}"
+    );
+}
+
+#[test]
+fn a_held_governor_slot_is_freed_by_shutdown_and_by_expiry_when_the_agent_dies() {
+    let files = tempfile::tempdir().unwrap();
+    let trigger = files.path().join("restart");
+    write(&trigger, "0");
+    let extra = format!(
+        "    restart_governor: RG\n    restart_files: ['{}']\n    health_check: {{ type: http, port: 80, interval: 1s }}\n",
+        trigger.display()
+    );
+    // The new container must stay healthy 6 s before the slot is freed: a window to stop the agent in.
+    let rollout = "{ min_healthy_time: 6s, healthy_deadline: 60s, governor_timeout: 60s }";
+    let mut agent = TestAgent::start_with_rollout("leases", &web(&image(), free_port(), &extra), "", rollout);
+    agent.hoist_ok(&["governor", "add", "RG", "1", "20s"]);
+    agent.wait_running("web");
+    let leases = |agent: &TestAgent| -> Vec<u64> {
+        let view: serde_json::Value = serde_json::from_str(&agent.hoist_ok(&["governor", "view", "RG", "--json"])).unwrap();
+        view["leases"].as_array().unwrap().iter().map(|l| l["seq"].as_u64().unwrap()).collect()
+    };
+    let held = |agent: &TestAgent| !leases(agent).is_empty();
+
+    // SIGTERM while the restart holds the slot: released on the way out. (The next agent may take a
+    // new slot at once to finish the interrupted restart; the old one must be gone.)
+    write(&trigger, "1");
+    let taken = wait_until("the restart to take the slot", Duration::from_secs(20), || leases(&agent).first().copied());
+    agent.stop_agent();
+    agent.spawn();
+    assert!(!leases(&agent).contains(&taken), "lease {taken} released on shutdown\n{}", agent.log());
+    agent.wait_running("web");
+
+    // SIGKILL while holding it: nobody releases it, the governor's expiry (20 s) frees it.
+    write(&trigger, "2");
+    wait_until("the slot to be free", Duration::from_secs(30), || (!held(&agent)).then_some(()));
+    write(&trigger, "2");
+    let taken = wait_until("the restart to take the slot again", Duration::from_secs(20), || leases(&agent).first().copied());
+    agent.kill_agent();
+    agent.spawn();
+    assert!(leases(&agent).contains(&taken), "a killed agent cannot release its slot");
+    wait_until("the slot to expire", Duration::from_secs(30), || (!leases(&agent).contains(&taken)).then_some(()));
+    agent.wait_running("web");
+}

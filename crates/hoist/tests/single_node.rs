@@ -125,13 +125,15 @@ fn stop_stops_the_container_and_parks_it_in_maintenance() {
 
 #[test]
 fn a_container_removed_from_the_config_is_purged() {
-    let two = format!("{}  db:\n    image: {}\n    image_tag: v1\n", web(free_port(), "v1", ""), image());
+    let port = free_port();
+    let two = format!("{}  db:\n    image: {}\n    image_tag: v1\n", web(port, "v1", ""), image());
     let agent = TestAgent::start("purge", &two);
-    agent.wait_running("web");
+    let web_before = agent.wait_running("web");
     agent.wait_running("db");
-    agent.write_containers(&web(free_port(), "v1", ""));
+    agent.write_containers(&web(port, "v1", ""));
     wait_until("db purged", Duration::from_secs(30), || agent.container_id("db").is_none().then_some(()));
     assert_eq!(agent.labelled_containers(), vec![agent.container_name("web")]);
+    assert_eq!(agent.machine("web").unwrap().container_id, web_before.container_id, "web, unchanged, is left alone");
     assert!(agent.machine("db").is_none());
 }
 

@@ -57,6 +57,9 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> O
     }
 }
 
+/// Rollout timings short enough for tests.
+pub const FAST_ROLLOUT: &str = "{ unverified_wait: 1s, min_healthy_time: 1s, healthy_deadline: 30s, governor_timeout: 60s }";
+
 pub struct TestAgent {
     pub node: String,
     pub dir: tempfile::TempDir,
@@ -71,13 +74,18 @@ impl TestAgent {
 
     /// Like `start`, with extra agent-file YAML appended.
     pub fn start_with(test: &str, containers_yaml: &str, extra_agent_yaml: &str) -> TestAgent {
+        Self::start_with_rollout(test, containers_yaml, extra_agent_yaml, FAST_ROLLOUT)
+    }
+
+    /// Like `start_with`, with the agent file's `rollout` settings given (a YAML flow mapping).
+    pub fn start_with_rollout(test: &str, containers_yaml: &str, extra_agent_yaml: &str, rollout: &str) -> TestAgent {
         let node = format!("t{}-{}", std::process::id(), test.replace('_', "-"));
         let dir = tempfile::tempdir().unwrap();
         let mut agent = TestAgent { node, dir, agent: None };
         std::fs::create_dir_all(agent.path("containers.d")).unwrap();
         agent.write_containers(containers_yaml);
         let agent_yaml = format!(
-            "node: {node}\nstate_dir: {state}\ndocker:\n  name_prefix: {node}_\n  stop_grace: 2s\nrollout:\n  unverified_wait: 1s\n  min_healthy_time: 1s\n  healthy_deadline: 30s\n  governor_timeout: 60s\n{extra_agent_yaml}",
+            "node: {node}\nstate_dir: {state}\ndocker:\n  name_prefix: {node}_\n  stop_grace: 2s\nrollout: {rollout}\n{extra_agent_yaml}",
             node = agent.node,
             state = agent.path("state").display(),
         );
