@@ -73,7 +73,8 @@ fn update_of_an_unchanged_tag_keeps_the_container() {
     assert_eq!(m.container_id, before.container_id, "same digest: no restart");
 }
 
-/// A registry of the test images on its own port, which this test may stop and start.
+/// A registry of the test images on its own port, which a test may stop and start, optionally
+/// requiring a login (htpasswd).
 struct OwnRegistry {
     port: u16,
     config: std::path::PathBuf,
@@ -82,11 +83,24 @@ struct OwnRegistry {
 
 impl OwnRegistry {
     fn start(dir: &std::path::Path) -> OwnRegistry {
+        Self::start_with(dir, "")
+    }
+
+    /// With a user `hoist` / `s3cret` required for every request.
+    fn start_with_login(dir: &std::path::Path) -> OwnRegistry {
+        let htpasswd = dir.join("htpasswd");
+        let made =
+            Command::new("htpasswd").args(["-Bbc"]).arg(&htpasswd).args(["hoist", "s3cret"]).output().expect("htpasswd (apache2-utils)");
+        assert!(made.status.success(), "{made:?}");
+        Self::start_with(dir, &format!("auth:\n  htpasswd:\n    realm: hoist\n    path: {}\n", htpasswd.display()))
+    }
+
+    fn start_with(dir: &std::path::Path, extra: &str) -> OwnRegistry {
         let fixtures = std::env::var("HOIST_FIXTURES_DIR").unwrap_or_else(|_| "/tmp/hoist-fixtures".into());
         let port = free_port();
         let config = dir.join("registry.yml");
         let yml = format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {fixtures}/registry\nhttp:\n  addr: 127.0.0.1:{port}\n"
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {fixtures}/registry\nhttp:\n  addr: 127.0.0.1:{port}\n{extra}"
         );
         std::fs::write(&config, yml).unwrap();
         let mut r = OwnRegistry { port, config, child: None };
@@ -230,4 +244,51 @@ fn a_held_governor_slot_is_freed_by_shutdown_and_by_expiry_when_the_agent_dies()
     assert!(leases(&agent).contains(&taken), "a killed agent cannot release its slot");
     wait_until("the slot to expire", Duration::from_secs(30), || (!leases(&agent).contains(&taken)).then_some(()));
     agent.wait_running("web");
+}
+
+#[test]
+fn pulls_from_a_registry_that_needs_a_login_use_the_docker_config_file() {
+    let scratch = tempfile::tempdir().unwrap();
+    let registry = OwnRegistry::start_with_login(scratch.path());
+    let repo = format!("127.0.0.1:{}/hoist/test", registry.port);
+    let port = free_port();
+
+    // Without credentials the pull is refused, and the agent says so.
+    let mut agent = TestAgent::prepare("regauth", &web(&repo, port, ""), "", FAST_ROLLOUT);
+    let no_login = scratch.path().join("no-login");
+    std::fs::create_dir_all(&no_login).unwrap();
+    agent.env.push(("DOCKER_CONFIG".into(), no_login.display().to_string()));
+    agent.spawn();
+    agent.wait_machine("web", "refused by the registry", Duration::from_secs(30), |m| {
+        m.last_error.as_deref().is_some_and(|e| e.contains("pull of") && e.contains(&repo))
+    });
+
+    // With `docker login`'s config file (base64 user:password under auths), it pulls and runs.
+    agent.stop_agent();
+    let login = scratch.path().join("login");
+    std::fs::create_dir_all(&login).unwrap();
+    let auth = base64(b"hoist:s3cret");
+    write(&login.join("config.json"), &format!("{{\"auths\": {{\"127.0.0.1:{}\": {{\"auth\": \"{auth}\"}}}}}}", registry.port));
+    agent.env = vec![("DOCKER_CONFIG".into(), login.display().to_string())];
+    agent.spawn();
+    agent.wait_running("web");
+    assert_eq!(wait_until("v1 serving", Duration::from_secs(10), || http_get(port)), "v1");
+    let _ = docker(&["rmi", &format!("{repo}:v1")]);
+}
+
+/// Standard base64 with padding, as Docker's config file stores `user:password`.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }

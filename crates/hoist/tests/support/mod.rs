@@ -64,6 +64,8 @@ pub struct TestAgent {
     pub node: String,
     pub dir: tempfile::TempDir,
     agent: Option<Child>,
+    /// Extra environment for the agent process.
+    pub env: Vec<(String, String)>,
 }
 
 impl TestAgent {
@@ -79,9 +81,16 @@ impl TestAgent {
 
     /// Like `start_with`, with the agent file's `rollout` settings given (a YAML flow mapping).
     pub fn start_with_rollout(test: &str, containers_yaml: &str, extra_agent_yaml: &str, rollout: &str) -> TestAgent {
+        let mut agent = Self::prepare(test, containers_yaml, extra_agent_yaml, rollout);
+        agent.spawn();
+        agent
+    }
+
+    /// Writes the agent's files without starting it (set `env`, then `spawn`).
+    pub fn prepare(test: &str, containers_yaml: &str, extra_agent_yaml: &str, rollout: &str) -> TestAgent {
         let node = format!("t{}-{}", std::process::id(), test.replace('_', "-"));
         let dir = tempfile::tempdir().unwrap();
-        let mut agent = TestAgent { node, dir, agent: None };
+        let agent = TestAgent { node, dir, agent: None, env: Vec::new() };
         std::fs::create_dir_all(agent.path("containers.d")).unwrap();
         agent.write_containers(containers_yaml);
         let agent_yaml = format!(
@@ -90,7 +99,6 @@ impl TestAgent {
             state = agent.path("state").display(),
         );
         std::fs::write(agent.path("hoist.yaml"), agent_yaml).unwrap();
-        agent.spawn();
         agent
     }
 
@@ -108,6 +116,7 @@ impl TestAgent {
             .args(["agent", "--config"])
             .arg(self.path("hoist.yaml"))
             .env("HOIST_LOG", "debug,bollard=info,hyper=info")
+            .envs(self.env.iter().cloned())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
