@@ -2,9 +2,11 @@
 //! `sim-fleet` is the fleet simulator (real agents and NATS, simulated container runtime); the other
 //! scenarios drive the real `hoist` binary, Docker and nats-server.
 
+mod governor;
 mod real;
 mod report;
 mod sim;
+mod single;
 
 use clap::{Parser, Subcommand};
 use std::time::Duration;
@@ -43,6 +45,30 @@ enum Scenario {
         #[arg(long, default_value_t = 50)]
         start_concurrency: usize,
     },
+    /// Real agent (embedded backend, test image): KV put → the machine leaves RUN for UPDATE.
+    KvLatency {
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+    },
+    /// Real agent: `docker kill` → replacement started and machine back in RUN.
+    KillRestart {
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+    },
+    /// Real agent with many containers in RUN: RSS and idle CPU.
+    Idle {
+        #[arg(long, default_value_t = 50)]
+        containers: usize,
+        /// Length of the idle window, seconds.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
+    /// Governor acquire/release throughput on the embedded store and on NATS.
+    Governor {
+        /// Length of each measurement, seconds.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -62,6 +88,10 @@ fn main() -> anyhow::Result<()> {
                 };
                 sim::fleet(&sim::FleetOpts { agents, capacities: capacity, latencies, start_concurrency }).await
             }
+            Scenario::KvLatency { rounds } => single::kv_latency(rounds).await,
+            Scenario::KillRestart { rounds } => single::kill_restart(rounds).await,
+            Scenario::Idle { containers, seconds } => single::idle(containers, Duration::from_secs(seconds)).await,
+            Scenario::Governor { seconds } => governor::throughput(Duration::from_secs(seconds)).await,
         }
     })?;
     report::print(&rows, cli.json);

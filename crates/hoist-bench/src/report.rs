@@ -168,12 +168,7 @@ fn to_svg(title: &str, series: &[Series]) -> String {
         escape(title)
     );
     // Axes with five ticks each.
-    let _ = writeln!(
-        svg,
-        "<path d=\"M{left},{top} V{} H{}\" stroke=\"black\" fill=\"none\"/>",
-        h - bottom,
-        w - right
-    );
+    let _ = writeln!(svg, "<path d=\"M{left},{top} V{} H{}\" stroke=\"black\" fill=\"none\"/>", h - bottom, w - right);
     for i in 0..=5 {
         let (xv, yv) = (max_x * f64::from(i) / 5.0, max_y * f64::from(i) / 5.0);
         let _ = writeln!(svg, "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{xv:.1}</text>", px(xv), h - bottom + 16.0);

@@ -53,13 +53,7 @@ pub struct SimRuntime {
 impl SimRuntime {
     pub fn new(latencies: Latencies) -> Arc<SimRuntime> {
         let (events, _) = broadcast::channel(64);
-        Arc::new(SimRuntime {
-            latencies,
-            containers: Arc::default(),
-            pulled: Mutex::default(),
-            events,
-            next_id: AtomicU64::new(1),
-        })
+        Arc::new(SimRuntime { latencies, containers: Arc::default(), pulled: Mutex::default(), events, next_id: AtomicU64::new(1) })
     }
 
     fn emit(&self, info: &ContainerInfo, kind: RuntimeEventKind) {
@@ -272,7 +266,13 @@ async fn fleet_of(n: usize, opts: &FleetOpts) -> anyhow::Result<Vec<Row>> {
     wait_all_run(&handles, "v1", Duration::from_secs(120 + n as u64 / 5)).await?;
 
     let mut rows = Vec::new();
-    rows.push(Row::info(&scenario, "all agents connected and RUN on v1", started.elapsed().as_secs_f64(), "s", format!("{n} NATS connections")));
+    rows.push(Row::info(
+        &scenario,
+        "all agents connected and RUN on v1",
+        started.elapsed().as_secs_f64(),
+        "s",
+        format!("{n} NATS connections"),
+    ));
     rows.extend(fleet_status(&scenario, &*observer, n).await?);
 
     let mut version = 1;
