@@ -273,7 +273,7 @@ async fn fleet_of(n: usize, opts: &FleetOpts) -> anyhow::Result<Vec<Row>> {
         "s",
         format!("{n} NATS connections"),
     ));
-    rows.extend(fleet_status(&scenario, &*observer, n).await?);
+    rows.extend(fleet_status(&scenario, &observer, n).await?);
 
     let mut version = 1;
     for &capacity in &opts.capacities {
