@@ -5,6 +5,7 @@
 mod governor;
 mod real;
 mod report;
+mod rolling;
 mod sim;
 mod single;
 
@@ -63,6 +64,13 @@ enum Scenario {
         #[arg(long, default_value_t = 30)]
         seconds: u64,
     },
+    /// Real agents on one nats-server rolling v1→v2 through a restart governor.
+    Rolling {
+        #[arg(long, default_value_t = 4)]
+        nodes: usize,
+        #[arg(long, default_value_t = 1)]
+        capacity: u64,
+    },
     /// Governor acquire/release throughput on the embedded store and on NATS.
     Governor {
         /// Length of each measurement, seconds.
@@ -91,6 +99,7 @@ fn main() -> anyhow::Result<()> {
             Scenario::KvLatency { rounds } => single::kv_latency(rounds).await,
             Scenario::KillRestart { rounds } => single::kill_restart(rounds).await,
             Scenario::Idle { containers, seconds } => single::idle(containers, Duration::from_secs(seconds)).await,
+            Scenario::Rolling { nodes, capacity } => rolling::rolling(nodes, capacity).await,
             Scenario::Governor { seconds } => governor::throughput(Duration::from_secs(seconds)).await,
         }
     })?;

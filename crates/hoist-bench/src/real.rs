@@ -62,8 +62,14 @@ pub struct RealAgent {
 }
 
 impl RealAgent {
-    /// Writes the agent file and `count` containers (`c00`, `c01`, ... or `web` for one) and starts it.
+    /// Writes the agent file and `count` containers (`c00`, `c01`, ... or `web` for one) and starts it
+    /// on the embedded backend.
     pub async fn start(label: &str, count: usize) -> anyhow::Result<RealAgent> {
+        RealAgent::start_with(label, count, None).await
+    }
+
+    /// As `start`; with `nats` = (server URL, restart governor) the agent joins that fleet instead.
+    pub async fn start_with(label: &str, count: usize, nats: Option<(&str, &str)>) -> anyhow::Result<RealAgent> {
         let dir = tempfile::tempdir()?;
         let node = format!("hbench-{label}-{}", std::process::id());
         let state = dir.path().join("state");
@@ -72,6 +78,9 @@ impl RealAgent {
         for i in 0..count {
             let name = if count == 1 { "web".to_string() } else { format!("c{i:02}") };
             containers.push_str(&format!("  {name}:\n    image: {TEST_IMAGE}\n    image_tag: v1\n    kv_update: true\n"));
+            if let Some((_, governor)) = nats {
+                containers.push_str(&format!("    restart_governor: {governor}\n"));
+            }
         }
         std::fs::write(&data, containers)?;
         let config = dir.path().join("hoist.yaml");
@@ -82,7 +91,7 @@ impl RealAgent {
                 "node: {node}\nstate_dir: {}\ndata: [{}]\ndocker:\n  name_prefix: {node}_\nrollout:\n  unverified_wait: 1s\n",
                 state.display(),
                 data.display()
-            ),
+            ) + &nats.map(|(url, _)| format!("backend: nats\nnats:\n  servers: [\"{url}\"]\n")).unwrap_or_default(),
         )?;
         let mut agent = RealAgent { socket: state.join("hoist.sock"), node, config, child: None, _dir: dir };
         agent.spawn().await?;
