@@ -6,13 +6,15 @@ use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use hoist_core::files::FileWatch;
 use notify::{EventKind, RecursiveMode, Watcher};
-use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub struct Inotify;
 
-/// One touch produces several inotify events (open, attrib, close); report it once.
+/// One touch produces several inotify events (open, modify, close); they are gathered for this long
+/// after the first and reported once per path. Nothing is dropped: a change made during the window is
+/// part of the report, one made after it starts the next window.
 const SETTLE: Duration = Duration::from_millis(300);
 
 impl FileWatch for Inotify {
@@ -20,20 +22,15 @@ impl FileWatch for Inotify {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<PathBuf>();
         let wanted: Vec<PathBuf> = paths.to_vec();
         let matcher = wanted.clone();
-        let mut last_sent: HashMap<PathBuf, Instant> = HashMap::new();
         let handler = move |res: notify::Result<notify::Event>| {
             let Ok(event) = res else { return };
             if !matches!(event.kind, EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)) {
                 return;
             }
             for changed in &event.paths {
-                let Some(hit) = matcher.iter().find(|w| changed == *w || changed.parent() == Some(w.as_path())) else { continue };
-                let now = Instant::now();
-                if last_sent.get(hit).is_some_and(|t| now.duration_since(*t) < SETTLE) {
-                    continue;
+                if let Some(hit) = matcher.iter().find(|w| changed == *w || changed.parent() == Some(w.as_path())) {
+                    let _ = tx.send(hit.clone());
                 }
-                last_sent.insert(hit.clone(), now);
-                let _ = tx.send(hit.clone());
             }
         };
         let watcher = match notify::recommended_watcher(handler) {
@@ -51,7 +48,7 @@ impl FileWatch for Inotify {
             }
         };
         // The stream owns the watcher: dropping the stream stops the watch.
-        tokio_stream_from(rx)
+        settled(rx)
             .map(move |p| {
                 let _keep = &watcher;
                 p
@@ -68,6 +65,21 @@ fn directories_to_watch(paths: &[PathBuf]) -> Vec<PathBuf> {
     dirs
 }
 
-fn tokio_stream_from(mut rx: tokio::sync::mpsc::UnboundedReceiver<PathBuf>) -> BoxStream<'static, PathBuf> {
-    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+/// Each path once per settle window: wait for a first change, gather for `SETTLE`, report the set.
+fn settled(rx: tokio::sync::mpsc::UnboundedReceiver<PathBuf>) -> BoxStream<'static, PathBuf> {
+    futures_util::stream::unfold((rx, VecDeque::new()), |(mut rx, mut ready)| async move {
+        if ready.is_empty() {
+            let first = rx.recv().await?;
+            tokio::time::sleep(SETTLE).await;
+            ready.push_back(first);
+            while let Ok(more) = rx.try_recv() {
+                if !ready.contains(&more) {
+                    ready.push_back(more);
+                }
+            }
+        }
+        let next = ready.pop_front()?;
+        Some((next, (rx, ready)))
+    })
+    .boxed()
 }

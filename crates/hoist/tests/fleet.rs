@@ -134,3 +134,40 @@ fn http_get_container(agent: &TestAgent) -> Option<String> {
     let port = docker_ok(&["port", &agent.container_name("web"), "80/tcp"]);
     http_get(port.rsplit(':').next()?.parse().ok()?)
 }
+
+#[test]
+fn a_nats_outage_keeps_containers_remediated_locally_and_catches_up_on_kv_changes() {
+    let mut server = nats::Server::start();
+    let port = free_port();
+    let agent_yaml = format!("backend: nats\nnats:\n  servers: ['{}']\n", server.url());
+    let agent = TestAgent::start_with(
+        "natsdown",
+        &format!(
+            "containers:\n  web:\n    image: {}\n    image_tag: v1\n    kv_update: true\n    ports: ['127.0.0.1:{port}:80']\n",
+            image()
+        ),
+        &agent_yaml,
+    );
+    let before = agent.wait_running("web");
+
+    // The server goes away from the agent's address (it comes back elsewhere, where only this test
+    // reaches it): the agent still remediates on its own.
+    let home = server.port;
+    server.restart_on(free_port());
+    docker_ok(&["kill", &agent.container_name("web")]);
+    let replaced = agent.wait_machine("web", "replaced without NATS", Duration::from_secs(30), |m| {
+        m.state == State::Run && m.container_id.is_some() && m.container_id != before.container_id
+    });
+    assert_eq!(replaced.restarts, before.restarts + 1);
+
+    // A tag written while the agent cannot see NATS is applied once it can.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        use hoist_core::backend::Kv;
+        let elsewhere = nats::connect(vec![server.url()]).await;
+        elsewhere.put("HOIST", "container/web/tag", b"v2").await.expect("put during the outage");
+    });
+    server.restart_on(home);
+    agent.wait_machine("web", "on v2 after the outage", Duration::from_secs(60), |m| m.state == State::Run && m.version == "v2");
+    assert_eq!(wait_until("v2 serving", Duration::from_secs(10), || http_get(port).filter(|b| b == "v2")), "v2");
+}
