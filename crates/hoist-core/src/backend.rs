@@ -172,7 +172,8 @@ pub struct GovernorInfo {
 #[async_trait]
 pub trait Governor: Send + Sync + 'static {
     /// Creates the governor or changes its capacity/expiry live. Lowering the capacity below the
-    /// number of held leases evicts the oldest ones, as nats-server does.
+    /// number of held leases evicts the oldest ones (Choria relies on nats-server for this; 2.15 no
+    /// longer does it for discard-new streams, so backends enforce it themselves).
     async fn add(&self, name: &str, capacity: u64, expire: Duration, replicas: u8) -> BackendResult<()>;
     /// Waits for a free slot up to `timeout`, retrying only while the governor is full.
     async fn acquire(&self, name: &str, holder: &str, timeout: Duration) -> BackendResult<Lease>;

@@ -82,10 +82,17 @@ impl NatsBackend {
         let request = Request::new().payload(holder.to_string().into()).timeout(Some(CAMPAIGN_TIMEOUT));
         let reply = match self.client.send_request(self.governor_subject(name), request).await {
             Ok(reply) => reply,
-            // No stream listens on the subject: the governor does not exist (or lives elsewhere).
+            // No stream listens on the subject: the governor does not exist, lives under another
+            // collective, or (in a cluster, just after it was created or while a leader is elected)
+            // its interest has not reached this server yet. Nothing was stored, so the last case is
+            // safe to retry like a full governor.
             Err(err) if err.kind() == RequestErrorKind::NoResponders => {
-                self.governor(name).await?;
+                let stream = self.governor(name).await?;
                 let subject = self.governor_subject(name);
+                if stream.cached_info().config.subjects.contains(&subject) {
+                    debug!(governor = name, "no responders yet for an existing governor; retrying");
+                    return Ok(None);
+                }
                 return Err(unavailable(
                     format!("governor {name}"),
                     format!("its stream does not take {subject}; is the collective right?"),

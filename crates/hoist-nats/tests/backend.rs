@@ -130,3 +130,17 @@ async fn connect_failure_names_the_servers() {
         Ok(_) => panic!("connected to nothing"),
     }
 }
+
+#[tokio::test]
+async fn a_token_is_sent_and_a_refusal_is_clear() {
+    let server = Server::start_with(&["--auth", "s3cret-token"]);
+    let options =
+        |token: Option<&str>| NatsOptions { servers: vec![server.url()], token: token.map(str::to_string), ..NatsOptions::default() };
+    match NatsBackend::connect(options(None)).await {
+        Err(BackendError::Unavailable(reason)) => assert!(reason.to_lowercase().contains("auth"), "unclear error: {reason}"),
+        Err(other) => panic!("expected Unavailable, got {other}"),
+        Ok(_) => panic!("connected without the token"),
+    }
+    let backend = NatsBackend::connect(options(Some("s3cret-token"))).await.expect("connect with the token");
+    backend.create_bucket("AUTHED", BucketConfig::default()).await.expect("use the connection");
+}

@@ -24,6 +24,11 @@ impl Server {
         Server::spawn(free_port(), Vec::new())
     }
 
+    /// A standalone server with extra command-line options (e.g. `--auth TOKEN`).
+    pub fn start_with(extra: &[&str]) -> Server {
+        Server::spawn(free_port(), extra.iter().map(|a| a.to_string()).collect())
+    }
+
     fn spawn(port: u16, extra: Vec<String>) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = dir.path().join("js");
