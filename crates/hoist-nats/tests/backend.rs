@@ -144,3 +144,81 @@ async fn a_token_is_sent_and_a_refusal_is_clear() {
     let backend = NatsBackend::connect(options(Some("s3cret-token"))).await.expect("connect with the token");
     backend.create_bucket("AUTHED", BucketConfig::default()).await.expect("use the connection");
 }
+
+#[tokio::test]
+async fn an_nkey_seed_file_authenticates() {
+    let dir = tempfile::tempdir().unwrap();
+    let user = nkeys::KeyPair::new_user();
+    let conf = dir.path().join("auth.conf");
+    std::fs::write(&conf, format!("authorization {{ users = [ {{ nkey: {} }} ] }}\n", user.public_key())).unwrap();
+    let seed = dir.path().join("user.nk");
+    std::fs::write(&seed, user.seed().unwrap()).unwrap();
+    let server = Server::start_with(&["-c", conf.to_str().unwrap()]);
+
+    let without = NatsBackend::connect(NatsOptions { servers: vec![server.url()], ..NatsOptions::default() }).await;
+    assert!(matches!(without, Err(BackendError::Unavailable(_))), "connected without the nkey");
+    let backend = NatsBackend::connect(NatsOptions { servers: vec![server.url()], nkey: Some(seed), ..NatsOptions::default() })
+        .await
+        .expect("connect with the nkey seed file");
+    backend.create_bucket("AUTHED", BucketConfig::default()).await.expect("use the connection");
+}
+
+/// Runs openssl, failing the test with its output if it fails.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl").current_dir(dir).args(args).output().expect("openssl");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn tls_with_a_private_ca_is_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=hoist test CA",
+        ],
+    );
+    openssl(d, &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]);
+    std::fs::write(d.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+        ],
+    );
+    let path = |f: &str| d.join(f).to_str().unwrap().to_string();
+    let server = Server::start_with(&["--tls", "--tlscert", &path("server.pem"), "--tlskey", &path("server.key")]);
+
+    let options = |ca: Option<std::path::PathBuf>| NatsOptions { servers: vec![server.url()], tls_ca: ca, ..NatsOptions::default() };
+    let untrusted = NatsBackend::connect(options(None)).await;
+    assert!(matches!(untrusted, Err(BackendError::Unavailable(_))), "connected without trusting the CA");
+    let backend = NatsBackend::connect(options(Some(d.join("ca.pem")))).await.expect("connect over TLS with the CA");
+    backend.create_bucket("TLS", BucketConfig::default()).await.expect("use the connection");
+}
