@@ -292,3 +292,24 @@ fn base64(bytes: &[u8]) -> String {
     }
     out
 }
+
+#[test]
+fn an_agent_killed_mid_update_converges_without_duplicates_or_a_leaked_slot() {
+    let port = free_port();
+    let extra = "    restart_governor: RG\n    health_check: { type: http, port: 80, interval: 1s }\n";
+    let rollout = "{ min_healthy_time: 4s, healthy_deadline: 60s, governor_timeout: 60s }";
+    let mut agent = TestAgent::start_with_rollout("killupdate", &web(&image(), port, extra), "", rollout);
+    agent.hoist_ok(&["governor", "add", "RG", "1", "10s"]);
+    agent.wait_running("web");
+
+    agent.hoist_ok(&["kv", "put", "HOIST", "container/web/tag", "v2"]);
+    agent.wait_machine("web", "replacing the container", Duration::from_secs(60), |m| m.state == State::Restart);
+    agent.kill_agent();
+    agent.spawn();
+    agent.wait_machine("web", "on v2 after the crash", Duration::from_secs(90), |m| m.state == State::Run && m.version == "v2");
+    assert_eq!(agent.labelled_containers(), vec![agent.container_name("web")], "exactly one container");
+    assert_eq!(wait_until("v2 serving", Duration::from_secs(10), || http_get(port).filter(|b| b == "v2")), "v2");
+    wait_until("no slot left held", Duration::from_secs(30), || {
+        agent.hoist_ok(&["governor", "view", "RG"]).contains("0 active").then_some(())
+    });
+}

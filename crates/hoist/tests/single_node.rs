@@ -164,8 +164,10 @@ fn a_bad_config_is_refused_and_nothing_running_changes() {
 
 #[test]
 fn validate_prints_the_equivalent_docker_run() {
-    let agent = TestAgent::start("validate", &web(8080, "v1", "    environment: ['A=1']\n"));
+    // No agent runs: validate only reads the files (and port 8080 is never bound).
+    let agent = TestAgent::prepare("validate", &web(8080, "v1", "    environment: ['A=1']\n"), "", FAST_ROLLOUT);
     let out = agent.hoist_ok(&["validate"]);
+    assert!(agent.labelled_containers().is_empty(), "validate changes nothing");
     assert!(out.contains(&format!("docker run -d --name {}_web", agent.node)), "{out}");
     assert!(out.contains("-p 127.0.0.1:8080:80/tcp") && out.contains("-e A=1") && out.contains(&format!("{}:v1", image())), "{out}");
 }

@@ -222,13 +222,21 @@ impl TestAgent {
 
 impl Drop for TestAgent {
     fn drop(&mut self) {
+        let spawned = self.agent.is_some();
         if let Some(mut child) = self.agent.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let ids = docker(&["ps", "-aq", "--filter", &format!("label=io.hoist.node={}", self.node)]);
-        for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
-            let _ = docker(&["rm", "-f", id]);
+        // A create the killed agent had in flight can still land after the first sweep.
+        let sweeps = if spawned { 2 } else { 1 };
+        for sweep in 0..sweeps {
+            if sweep > 0 {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            let ids = docker(&["ps", "-aq", "--filter", &format!("label=io.hoist.node={}", self.node)]);
+            for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
+                let _ = docker(&["rm", "-f", id]);
+            }
         }
     }
 }
