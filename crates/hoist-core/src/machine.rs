@@ -773,25 +773,31 @@ impl Machine {
             }
             Err(e) => {
                 tracing::warn!(container = %self.cfg.name, state = %self.state, error = %e, "job failed");
-                self.last_error = Some(e.clone());
                 self.notice(&e).await;
-                // Retry the same step after a backoff; the running container (if any) is untouched.
-                self.next_delay = self.crash.failed(Instant::now()).max(Duration::from_secs(1));
                 match self.state {
                     State::Start | State::Restart => {
-                        // A new version that cannot even be started is rolled back like one that fails its checks.
-                        if self.trying_new_version() {
-                            self.roll_back(e).await;
+                        // The same path as a container failing its gate: a new version that cannot
+                        // even be started is rolled back, anything else frees its slot and backs off
+                        // (at least 1 s: a job error, unlike a death, is rarely cured at once).
+                        let rolls_back = self.trying_new_version();
+                        self.failed(e).await;
+                        if !rolls_back {
+                            self.next_delay = self.next_delay.max(Duration::from_secs(1));
                         }
                         self.start_provision(true).await
                     }
                     State::Update => {
-                        let delay = std::mem::take(&mut self.next_delay);
+                        // Retry the pull after a backoff; the running container is untouched.
+                        self.last_error = Some(e);
+                        let delay = self.crash.failed(Instant::now()).max(Duration::from_secs(1));
                         self.activity = Some(format!("retrying the pull in {:.0}s", delay.as_secs_f64()));
                         self.timer(self.epoch, TimerKind::RetryPull, delay);
                     }
-                    State::Stop => self.want(Transition::Maintenance, format!("stop failed: {e}")),
-                    State::Run | State::Maintenance => {}
+                    State::Stop => {
+                        self.want(Transition::Maintenance, format!("stop failed: {e}"));
+                        self.last_error = Some(e);
+                    }
+                    State::Run | State::Maintenance => self.last_error = Some(e),
                 }
             }
         }
@@ -1014,23 +1020,9 @@ impl Machine {
         }
     }
 
+    /// The transition just made (from `from` to the current state).
     async fn publish(&self, transition: Transition, from: State, why: &str) {
-        let event = TransitionEvent {
-            protocol: TRANSITION_PROTOCOL.into(),
-            identity: self.deps.node.clone(),
-            id: self.instance_id.clone(),
-            version: MACHINE_VERSION.into(),
-            timestamp: unix_now(),
-            machine: self.machine_name(),
-            transition: transition.to_string(),
-            from_state: from.to_string(),
-            to_state: self.state.to_string(),
-            detail: Some(why.to_string()),
-            image: Some(self.spec().image_ref()),
-        };
-        if let Err(e) = self.deps.events.publish(&event).await {
-            tracing::debug!(error = %e, "could not publish a transition event");
-        }
+        self.emit(transition.as_str(), from, why).await;
     }
 
     /// A problem worth an event but no state change (a refused KV value, a failed pull).
@@ -1041,7 +1033,10 @@ impl Machine {
     /// An event that is not a state change (an error, a rollback), in the transition shape with
     /// from = to = the current state, so Choria tools show it in the same stream.
     async fn publish_event(&self, kind: &str, message: &str) {
-        let state = self.state.to_string();
+        self.emit(kind, self.state, message).await;
+    }
+
+    async fn emit(&self, kind: &str, from: State, detail: &str) {
         let event = TransitionEvent {
             protocol: TRANSITION_PROTOCOL.into(),
             identity: self.deps.node.clone(),
@@ -1050,9 +1045,9 @@ impl Machine {
             timestamp: unix_now(),
             machine: self.machine_name(),
             transition: kind.into(),
-            from_state: state.clone(),
-            to_state: state,
-            detail: Some(message.to_string()),
+            from_state: from.to_string(),
+            to_state: self.state.to_string(),
+            detail: Some(detail.to_string()),
             image: Some(self.spec().image_ref()),
         };
         if let Err(e) = self.deps.events.publish(&event).await {
