@@ -88,7 +88,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     tracing::info!(node = %cfg.node, containers = set.containers.len(), "starting agent");
     let handle = agent::start(deps, set).await;
     if let Some(fleet) = &backends.fleet {
-        join_fleet(&**fleet, backends.kv.clone(), &handle, &cfg, facts).await?;
+        join_fleet(&**fleet, backends.kv.clone(), &handle, &cfg, facts.clone()).await?;
     }
     let control = Control { agent: handle.clone(), kv: backends.kv, governor: backends.governor, events: backends.events };
     serve_control(&cfg, control.clone()).await?;
@@ -96,7 +96,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics.listen {addr}"))?;
         tokio::spawn(async move { axum::serve(listener, server::metrics_router(control)).await });
     }
-    tokio::spawn(reload_on_change(cfg.clone(), handle.clone()));
+    tokio::spawn(reload_on_change(cfg.clone(), facts, handle.clone()));
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -144,10 +144,9 @@ async fn serve_control(cfg: &AgentConfig, control: Control) -> anyhow::Result<()
 
 /// Reloads the container data on SIGHUP or when a data file changes. A refused config leaves the
 /// running set untouched and is reported in `hoist status` and the logs.
-async fn reload_on_change(cfg: AgentConfig, handle: AgentHandle) {
+async fn reload_on_change(cfg: AgentConfig, facts: serde_json::Value, handle: AgentHandle) {
     let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
     let mut changes = Inotify.watch(&cfg.data);
-    let facts = cfg.facts();
     loop {
         let why = tokio::select! {
             _ = hup.recv() => "SIGHUP",
