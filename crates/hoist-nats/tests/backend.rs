@@ -6,7 +6,7 @@ mod harness;
 use async_nats::jetstream::stream::DiscardPolicy;
 use futures_util::StreamExt;
 use harness::{Cluster, Server, connect, eventually, free_port};
-use hoist_core::backend::{BackendError, BucketConfig, Governor, Kv, KvEntry, KvOperation};
+use hoist_core::backend::{BackendError, BucketConfig, Events, Governor, Kv, KvEntry, KvOperation, TRANSITION_PROTOCOL, TransitionEvent};
 use hoist_core::conformance;
 use hoist_nats::{NatsBackend, NatsOptions};
 use std::time::Duration;
@@ -118,6 +118,39 @@ async fn lays_streams_out_as_choria_does() {
     // And async-nats's own KV client, as nats.go's would, reads the bucket.
     let store = js.get_key_value("HOIST").await.expect("a standard KV handle");
     assert_eq!(store.get("container/web/tag").await.expect("get").as_deref(), Some(&b"v1"[..]));
+}
+
+#[tokio::test]
+async fn transitions_are_choria_cloudevents_on_the_wire() {
+    let server = Server::start();
+    let backend = connect(vec![server.url()]).await;
+    let client = async_nats::connect(server.url()).await.expect("plain connect");
+    let mut raw = client.subscribe("choria.machine.transition").await.expect("subscribe");
+    client.flush().await.expect("flush");
+    let event = TransitionEvent {
+        protocol: TRANSITION_PROTOCOL.into(),
+        identity: "node1".into(),
+        id: "5c0dd0a2-9d5e-4bd5-9c3a-0d0a6f7e1c11".into(),
+        version: "1.0.0".into(),
+        timestamp: 1_795_597_246,
+        machine: "hoist_web".into(),
+        transition: "restart".into(),
+        from_state: "RUN".into(),
+        to_state: "RESTART".into(),
+        detail: None,
+        image: None,
+    };
+    backend.publish(&event).await.expect("publish");
+    let message = timeout(Duration::from_secs(5), raw.next()).await.expect("an event in time").expect("an event");
+    let envelope: serde_json::Value = serde_json::from_slice(&message.payload).expect("JSON");
+    assert_eq!(envelope["specversion"], "1.0");
+    assert_eq!(envelope["source"], "io.choria.machine");
+    assert_eq!(envelope["type"], TRANSITION_PROTOCOL);
+    assert_eq!(envelope["subject"], "node1");
+    assert_eq!(envelope["datacontenttype"], "application/json");
+    assert_eq!(envelope["time"], "2026-11-25T09:00:46Z");
+    assert_eq!(envelope["data"], serde_json::to_value(&event).unwrap(), "data is the transition as Choria's");
+    assert!(envelope["id"].as_str().is_some_and(|id| id.len() == 36), "{envelope}");
 }
 
 #[tokio::test]

@@ -308,9 +308,13 @@ async fn services(g: &Global, kv: &dyn Kv, only: Option<&str>) -> anyhow::Result
 async fn kv(g: &Global, kv: &dyn Kv, cmd: KvCommand) -> anyhow::Result<()> {
     match cmd {
         KvCommand::Add { bucket, history, ttl, replicas } => {
-            let config = BucketConfig { history, ttl, replicas };
-            kv.create_bucket(&bucket, config.clone()).await?;
-            print(g.json, &config, |_| format!("bucket {bucket} ready\n"));
+            kv.create_bucket(&bucket, BucketConfig { history, ttl, replicas }).await?;
+            // What the backend now holds, not what was asked for.
+            let config = kv.bucket_config(&bucket).await?;
+            print(g.json, &config, |c| {
+                let ttl = c.ttl.map_or_else(|| "none".into(), |t| humantime::format_duration(t).to_string());
+                format!("bucket {bucket}: history {}, ttl {ttl}, replicas {}\n", c.history, c.replicas)
+            });
         }
         KvCommand::Put { bucket, key, value } => {
             if bucket == hoist_core::backend::HOIST_BUCKET && key.ends_with("/tag") {

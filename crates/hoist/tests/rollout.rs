@@ -68,9 +68,15 @@ fn a_tag_that_cannot_be_pulled_leaves_the_running_container_alone() {
 fn update_of_an_unchanged_tag_keeps_the_container() {
     let agent = TestAgent::start("samedigest", &web(&image(), free_port(), ""));
     let before = agent.wait_running("web");
+    let watch = Watch::start(&agent, &[]);
     agent.hoist_ok(&["transition", "web", "update"]);
-    let m = agent.wait_machine("web", "back in RUN", Duration::from_secs(30), |m| m.state == State::Run && m.activity.is_none());
-    assert_eq!(m.container_id, before.container_id, "same digest: no restart");
+    let m = agent.wait_machine("web", "back in RUN", Duration::from_secs(30), |m| m.state == State::Run);
+    assert_eq!((m.state, m.container_id, m.restarts), (State::Run, before.container_id, before.restarts), "same digest: no restart");
+    // It did go through the update: pulled, found the image unchanged, kept the container.
+    let events = watch.finish();
+    let path: Vec<&str> = events.iter().filter(|e| e.transition != "error").map(|e| e.to_state.as_str()).collect();
+    assert_eq!(path, ["UPDATE", "RESTART", "RUN"], "{events:#?}");
+    assert!(events[1].detail.as_deref().unwrap_or_default().starts_with("unchanged"), "{events:#?}");
 }
 
 /// A registry of the test images on its own port, which a test may stop and start, optionally

@@ -310,6 +310,9 @@ fn metrics_report_states_and_restarts() {
     assert!(body.contains(&format!("hoist_machine_state{{node=\"{}\",container=\"web\",state=\"RUN\"}} 1", agent.node)), "{body}");
     assert!(body.contains(&format!("hoist_machine_state{{node=\"{}\",container=\"web\",state=\"MAINTENANCE\"}} 0", agent.node)), "{body}");
     assert!(body.contains("hoist_container_restarts_total{"), "{body}");
+    // The same text through the control socket, for hosts without a metrics listener.
+    let via_cli = agent.hoist_ok(&["metrics"]);
+    assert!(via_cli.contains(&format!("hoist_machine_state{{node=\"{}\",container=\"web\",state=\"RUN\"}} 1", agent.node)), "{via_cli}");
 }
 
 #[test]
@@ -353,7 +356,9 @@ fn an_update_waits_for_its_update_governor() {
 #[test]
 fn kv_and_governor_commands_work_through_the_agent() {
     let agent = TestAgent::start("cli", "containers: {}\n");
-    agent.hoist_ok(&["kv", "add", "CONFIG", "--history", "3"]);
+    let made: serde_json::Value =
+        serde_json::from_str(&agent.hoist_ok(&["kv", "add", "CONFIG", "--history", "3", "--ttl", "45s", "--json"])).unwrap();
+    assert_eq!((made["history"].as_u64(), made["ttl"].as_str()), (Some(3), Some("45s")), "{made}");
     let buckets = agent.hoist_ok(&["kv", "ls"]);
     assert!(buckets.lines().any(|b| b == "CONFIG") && buckets.lines().any(|b| b == "HOIST"), "{buckets}");
     assert!(agent.hoist_ok(&["kv", "put", "CONFIG", "app/colour", "blue"]).contains("revision 1"));
