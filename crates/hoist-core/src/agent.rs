@@ -227,8 +227,11 @@ async fn pump_runtime_events(deps: Arc<MachineDeps>, tx: mpsc::Sender<Command>) 
         match deps.runtime.events(&deps.node).await {
             Ok(mut events) => {
                 retry = Duration::from_millis(250);
-                if !first && tx.send(Command::RuntimeReconnected).await.is_err() {
-                    return;
+                if !first {
+                    tracing::info!("reconnected to the container runtime; re-reading containers");
+                    if tx.send(Command::RuntimeReconnected).await.is_err() {
+                        return;
+                    }
                 }
                 first = false;
                 while let Some(event) = events.next().await {
@@ -244,6 +247,7 @@ async fn pump_runtime_events(deps: Arc<MachineDeps>, tx: mpsc::Sender<Command>) 
             return;
         }
         tokio::time::sleep(retry).await;
-        retry = (retry * 2).min(Duration::from_secs(10));
+        // Capped low: this is how fast containers come back after an engine restart.
+        retry = (retry * 2).min(Duration::from_secs(5));
     }
 }

@@ -15,7 +15,7 @@ use crate::files::FileWatch;
 use crate::fsm::{self, State, Transition};
 use crate::persist::{Remembered, StateStore};
 use crate::registration;
-use crate::runtime::{ContainerInfo, RunState, Runtime, RuntimeEvent, RuntimeEventKind, RuntimeHealth};
+use crate::runtime::{ContainerInfo, RunState, Runtime, RuntimeError, RuntimeEvent, RuntimeEventKind, RuntimeHealth};
 use crate::spec::{ContainerSpec, ImageVersion, LABEL_SPEC};
 use crate::status::{Health, MachineStatus};
 use futures_util::StreamExt;
@@ -94,13 +94,39 @@ pub enum TimerKind {
     RetryPull,
     /// The container may now have been healthy for `min_healthy_time`.
     MinHealthy,
+    /// A job that found the runtime unreachable is tried again.
+    RuntimeRetry,
 }
+
+/// How often a machine waiting for an unreachable runtime tries again without being told it is back.
+const RUNTIME_RETRY: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 pub struct JobOutcome {
     /// A governor slot the job took and the machine now holds.
     lease: Option<Lease>,
-    result: Result<JobDone, String>,
+    result: Result<JobDone, JobError>,
+}
+
+/// Why a job did not finish.
+#[derive(Debug, thiserror::Error)]
+enum JobError {
+    /// The runtime could not be reached (a Docker daemon restarting, say). Nothing is wrong with the
+    /// container, so this neither counts towards a crash loop nor rolls back a new version: the job is
+    /// retried once the runtime is back.
+    #[error(transparent)]
+    RuntimeUnavailable(RuntimeError),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<RuntimeError> for JobError {
+    fn from(e: RuntimeError) -> JobError {
+        match e {
+            RuntimeError::Unavailable(_) => JobError::RuntimeUnavailable(e),
+            other => JobError::Failed(other.to_string()),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -190,6 +216,8 @@ pub struct Machine {
     /// The container the running provision job replaces, if any: when it produces a different one,
     /// that is a restart (adopting the same container is not).
     replacing: Option<String>,
+    /// The last job found the runtime unreachable; the next `Resync` retries it.
+    waiting_for_runtime: bool,
     last_error: Option<String>,
     activity: Option<String>,
     governor_wait: Duration,
@@ -223,6 +251,7 @@ pub async fn spawn(cfg: ContainerConfig, deps: Arc<MachineDeps>, existing: Optio
         next_delay: Duration::ZERO,
         restarts: remembered.as_ref().map_or(0, |r| r.restarts),
         replacing: None,
+        waiting_for_runtime: false,
         bad_version: remembered.as_ref().and_then(|r| r.bad_version.as_deref()).and_then(|v| ImageVersion::parse(v).ok()),
         keep_unchanged: false,
         last_error: None,
@@ -475,7 +504,14 @@ impl Machine {
                 c.exit_code = exit_code;
                 self.stop_probe();
                 if matches!(self.state, State::Run | State::Start | State::Restart) && self.cancel_job.is_none() {
-                    self.failed(format!("container died ({})", exit_text(exit_code))).await;
+                    let why = format!("container died ({})", exit_text(exit_code));
+                    // An engine stopping without live-restore kills its containers and stops
+                    // answering: no crash of the container, and no reason to roll a new version back.
+                    // It is replaced all the same, once the engine is back.
+                    match self.deps.runtime.inspect(&event.container_id).await {
+                        Err(RuntimeError::Unavailable(_)) => self.last_error = Some(format!("{why}: the container runtime went away")),
+                        _ => self.failed(why).await,
+                    }
                 }
             }
             RuntimeEventKind::Destroyed => {
@@ -489,21 +525,27 @@ impl Machine {
         self.after_observation().await;
     }
 
-    /// Re-reads the container after the event stream was interrupted.
+    /// Re-reads the container after the event stream was interrupted, and retries a job that found
+    /// the runtime unreachable.
     async fn resync(&mut self) {
-        let Some(id) = self.container.as_ref().map(|c| c.id.clone()) else { return };
-        match self.deps.runtime.inspect(&id).await {
-            Ok(found) => {
-                let was_running = self.container.as_ref().is_some_and(|c| c.state == RunState::Running);
-                self.container = found;
-                let running = self.container.as_ref().is_some_and(|c| c.state == RunState::Running);
-                if was_running && !running && self.cancel_job.is_none() && matches!(self.state, State::Run | State::Start | State::Restart)
-                {
-                    self.failed("container stopped while the runtime was unreachable".into()).await;
-                }
-                self.after_observation().await;
+        if let Some(id) = self.container.as_ref().map(|c| c.id.clone()) {
+            let found = match self.deps.runtime.inspect(&id).await {
+                Ok(found) => found,
+                Err(e) => return tracing::warn!(container = %self.cfg.name, error = %e, "resync failed"),
+            };
+            let was_running = self.container.as_ref().is_some_and(|c| c.state == RunState::Running);
+            self.container = found;
+            let running = self.container.as_ref().is_some_and(|c| c.state == RunState::Running);
+            if was_running && !running {
+                // Most likely stopped by the engine itself going down (no live-restore): replaced
+                // below, but neither a crash of the container nor a reason to roll a new version back.
+                self.last_error = Some("container stopped while the runtime was unreachable".into());
             }
-            Err(e) => tracing::warn!(container = %self.cfg.name, error = %e, "resync failed"),
+        }
+        if self.waiting_for_runtime {
+            self.enter().await;
+        } else {
+            self.after_observation().await;
         }
     }
 
@@ -629,6 +671,7 @@ impl Machine {
     /// Cancels the running job, probe and timers: whatever they report from now on is stale.
     fn supersede(&mut self) {
         self.epoch += 1;
+        self.waiting_for_runtime = false;
         if let Some(cancel) = self.cancel_job.take() {
             let _ = cancel.send(true);
         }
@@ -711,7 +754,7 @@ impl Machine {
         let id = self.container.as_ref().filter(|c| c.state == RunState::Running).map(|c| c.id.clone());
         self.spawn_job("stopping".into(), move |ctx| async move {
             let result = match id {
-                Some(id) => ctx.deps.runtime.stop(&id, ctx.deps.stop_grace).await.map_err(|e| e.to_string()),
+                Some(id) => ctx.deps.runtime.stop(&id, ctx.deps.stop_grace).await.map_err(JobError::from),
                 None => Ok(()),
             };
             JobOutcome { lease: None, result: result.map(|()| JobDone::Stopped) }
@@ -771,7 +814,8 @@ impl Machine {
                 }
                 self.want(Transition::Maintenance, "stopped by operator".into());
             }
-            Err(e) => {
+            Err(JobError::RuntimeUnavailable(e)) => self.wait_for_runtime(e.to_string()).await,
+            Err(JobError::Failed(e)) => {
                 tracing::warn!(container = %self.cfg.name, state = %self.state, error = %e, "job failed");
                 self.notice(&e).await;
                 match self.state {
@@ -801,6 +845,23 @@ impl Machine {
                 }
             }
         }
+    }
+
+    /// A job could not reach the runtime. Retried when the agent reports the runtime back (`Resync`),
+    /// or after `RUNTIME_RETRY` in case the outage was too short for the event stream to notice; no
+    /// governor slot is held meanwhile, since the fleet should not wait on a node without an engine.
+    async fn wait_for_runtime(&mut self, why: String) {
+        tracing::warn!(container = %self.cfg.name, state = %self.state, error = %why, "waiting for the container runtime");
+        if !self.waiting_for_runtime {
+            self.notice(&why).await;
+        }
+        self.last_error = Some(why);
+        self.waiting_for_runtime = true;
+        self.activity = Some("waiting for the container runtime".into());
+        if matches!(self.state, State::Start | State::Restart) {
+            self.release_lease().await;
+        }
+        self.timer(self.epoch, TimerKind::RuntimeRetry, RUNTIME_RETRY);
     }
 
     // ---- health gate ---------------------------------------------------------------------------
@@ -869,7 +930,8 @@ impl Machine {
             }
             TimerKind::RetryPull if self.state == State::Update => self.enter().await,
             TimerKind::MinHealthy => self.check_gate(),
-            TimerKind::GateDeadline | TimerKind::RetryPull => {}
+            TimerKind::RuntimeRetry if self.waiting_for_runtime => self.enter().await,
+            TimerKind::GateDeadline | TimerKind::RetryPull | TimerKind::RuntimeRetry => {}
         }
     }
 
@@ -1153,20 +1215,20 @@ struct JobCtx {
 }
 
 impl JobCtx {
-    async fn or_cancelled<T>(&self, fut: impl Future<Output = T>) -> Result<T, String> {
+    async fn or_cancelled<T>(&self, fut: impl Future<Output = T>) -> Result<T, JobError> {
         let mut cancelled = self.cancelled.clone();
         tokio::select! {
             out = fut => Ok(out),
-            _ = cancelled.wait_for(|c| *c) => Err("superseded".into()),
+            _ = cancelled.wait_for(|c| *c) => Err(JobError::Failed("superseded".into())),
         }
     }
 
-    async fn acquire(&self, governor: &str) -> Result<Lease, String> {
+    async fn acquire(&self, governor: &str) -> Result<Lease, JobError> {
         let timeout = self.deps.rollout.governor_timeout;
         let began = Instant::now();
         let lease = self.or_cancelled(self.deps.governor.acquire(governor, &self.holder, timeout)).await;
         let _ = self.tx.send(Input::GovernorWaited(began.elapsed())).await;
-        lease?.map_err(|e| e.to_string())
+        lease?.map_err(|e| JobError::Failed(e.to_string()))
     }
 
     async fn release(&self, lease: Lease) {
@@ -1174,7 +1236,7 @@ impl JobCtx {
     }
 
     /// Pulls under the update governor, if one is set.
-    async fn pull(&self, image: &str, governor: Option<String>, lease: &mut Option<Lease>) -> Result<String, String> {
+    async fn pull(&self, image: &str, governor: Option<String>, lease: &mut Option<Lease>) -> Result<String, JobError> {
         if let Some(g) = governor {
             *lease = Some(self.acquire(&g).await?);
         }
@@ -1189,7 +1251,7 @@ impl JobCtx {
             }
         };
         let pulled = self.or_cancelled(self.deps.runtime.pull(image, &progress)).await?;
-        pulled.map_err(|e| e.to_string())
+        Ok(pulled?)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1202,7 +1264,7 @@ impl JobCtx {
         restart_governor: Option<String>,
         update_governor: Option<String>,
         lease: &mut Option<Lease>,
-    ) -> Result<JobDone, String> {
+    ) -> Result<JobDone, JobError> {
         if delay > Duration::ZERO {
             self.or_cancelled(tokio::time::sleep(delay)).await?;
         }
@@ -1214,7 +1276,7 @@ impl JobCtx {
         }
         let runtime = &self.deps.runtime;
         let image = spec.image_ref();
-        if runtime.image_id(&image).await.map_err(|e| e.to_string())?.is_none() {
+        if runtime.image_id(&image).await?.is_none() {
             let mut pull_lease = None;
             let pulled = self.pull(&image, update_governor, &mut pull_lease).await;
             if let Some(l) = pull_lease {
@@ -1226,9 +1288,9 @@ impl JobCtx {
             *lease = Some(self.acquire(&g).await?);
         }
         if let Some(old) = &existing {
-            self.or_cancelled(runtime.remove(&old.id)).await?.map_err(|e| e.to_string())?;
+            self.or_cancelled(runtime.remove(&old.id)).await??;
         }
-        let info = self.or_cancelled(runtime.run(spec)).await?.map_err(|e| e.to_string())?;
+        let info = self.or_cancelled(runtime.run(spec)).await??;
         Ok(JobDone::Running(info))
     }
 }

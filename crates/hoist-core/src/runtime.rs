@@ -110,7 +110,7 @@ pub enum RuntimeError {
     NotFound(String),
     #[error("pull of {image} failed: {message}")]
     Pull { image: String, message: String },
-    #[error("runtime unavailable: {0}")]
+    #[error("container runtime unavailable: {0}")]
     Unavailable(String),
     #[error("{0}")]
     Other(String),
@@ -136,8 +136,9 @@ pub trait Runtime: Send + Sync + 'static {
     async fn image_id(&self, image_ref: &str) -> RuntimeResult<Option<String>>;
     /// Pulls an image, reporting progress; returns the pulled image's content id.
     async fn pull(&self, image_ref: &str, progress: &(dyn Fn(PullProgress) + Send + Sync)) -> RuntimeResult<String>;
-    /// Events for containers labelled `io.hoist.node=<node>`. The stream ends when the runtime goes
-    /// away; the caller reconnects and re-inspects.
+
+    /// Events for containers labelled `io.hoist.node=<node>`: Err if the runtime cannot be reached
+    /// now; the stream ends when it goes away, and the caller reconnects and re-inspects.
     async fn events(&self, node: &str) -> RuntimeResult<BoxStream<'static, RuntimeEvent>>;
     /// Runs a probe against a running container; Err carries the reason it failed.
     async fn probe(&self, container: &ContainerInfo, probe: &Probe, timeout: Duration) -> Result<(), String>;

@@ -213,21 +213,29 @@ impl Runtime for DockerRuntime {
                 // bollard 0.21.1 misreads the end of the progress stream (bollard#560); whether the pull
                 // worked is decided by the image being present below.
                 Err(e) if e.to_string().contains("bytes remaining on stream") => break,
-                Err(e) => return Err(pull_error(docker_message(e))),
+                Err(e) => {
+                    return Err(match runtime_error(e) {
+                        unavailable @ RuntimeError::Unavailable(_) => unavailable,
+                        other => pull_error(other.to_string()),
+                    });
+                }
             }
         }
         self.image_id(image_ref).await?.ok_or_else(|| pull_error("the image is not present after the pull".into()))
     }
 
     async fn events(&self, node: &str) -> RuntimeResult<BoxStream<'static, RuntimeEvent>> {
+        // bollard connects only when the stream is first polled: ask the engine first, so that a
+        // caller told Ok knows the engine is there (and can re-read its containers).
+        self.docker.ping().await.map_err(runtime_error)?;
         let filters = HashMap::from([
             ("type", vec!["container".to_string()]),
             ("label", vec![format!("{LABEL_NODE}={node}")]),
             // Without an event filter, every healthcheck run adds exec_create/exec_start/exec_die.
             ("event", ["start", "die", "health_status", "destroy"].map(String::from).to_vec()),
         ]);
-        // bollard connects only when the stream is first polled; `since` now makes the engine replay
-        // whatever happens in between, so a caller that subscribes and then inspects misses nothing.
+        // `since` now makes the engine replay whatever happens before the stream is first polled, so a
+        // caller that subscribes and then inspects misses nothing.
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let since = format!("{}.{:09}", now.as_secs(), now.subsec_nanos());
         let options = EventsOptionsBuilder::default().since(&since).filters(&filters).build();
