@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
-for pkg in docker-registry busybox-static curl apache2-utils openssl; do
+# iproute2: the Docker-restart fault tests give their private dockerd a bridge of its own.
+for pkg in docker-registry busybox-static curl apache2-utils openssl iproute2; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }

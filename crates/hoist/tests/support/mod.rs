@@ -38,7 +38,12 @@ pub fn free_port() -> u16 {
 
 /// GET http://127.0.0.1:port/ and return the body, or None if nothing answers.
 pub fn http_get(port: u16) -> Option<String> {
-    let mut stream = TcpStream::connect_timeout(&format!("127.0.0.1:{port}").parse().unwrap(), Duration::from_secs(2)).ok()?;
+    http_get_at(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// GET http://address/ and return the body, or None if nothing answers.
+pub fn http_get_at(address: std::net::SocketAddr) -> Option<String> {
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     stream.write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n").ok()?;
     let mut response = String::new();
@@ -202,21 +207,28 @@ impl TestAgent {
         format!("{}_{container}", self.node)
     }
 
+    /// The docker CLI against the engine this agent uses (its `DOCKER_HOST`, if the test set one).
+    pub fn docker(&self, args: &[&str]) -> Output {
+        let host = self.env.iter().filter(|(k, _)| k == "DOCKER_HOST");
+        Command::new("docker").envs(host.cloned()).args(args).output().expect("docker CLI must be installed")
+    }
+
     /// Full id of the named container, or None if Docker has none.
     pub fn container_id(&self, container: &str) -> Option<String> {
-        let out = docker(&["inspect", "-f", "{{.Id}}", &self.container_name(container)]);
+        let out = self.docker(&["inspect", "-f", "{{.Id}}", &self.container_name(container)]);
         out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
     pub fn container_running(&self, container: &str) -> bool {
-        let out = docker(&["inspect", "-f", "{{.State.Running}}", &self.container_name(container)]);
+        let out = self.docker(&["inspect", "-f", "{{.State.Running}}", &self.container_name(container)]);
         out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "true"
     }
 
     /// All containers labelled for this node.
     pub fn labelled_containers(&self) -> Vec<String> {
-        let out = docker_ok(&["ps", "-a", "--filter", &format!("label=io.hoist.node={}", self.node), "--format", "{{.Names}}"]);
-        out.lines().map(str::to_string).filter(|l| !l.is_empty()).collect()
+        let out = self.docker(&["ps", "-a", "--filter", &format!("label=io.hoist.node={}", self.node), "--format", "{{.Names}}"]);
+        assert!(out.status.success(), "docker ps failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).filter(|l| !l.is_empty()).collect()
     }
 }
 
@@ -233,9 +245,9 @@ impl Drop for TestAgent {
             if sweep > 0 {
                 std::thread::sleep(Duration::from_secs(1));
             }
-            let ids = docker(&["ps", "-aq", "--filter", &format!("label=io.hoist.node={}", self.node)]);
+            let ids = self.docker(&["ps", "-aq", "--filter", &format!("label=io.hoist.node={}", self.node)]);
             for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
-                let _ = docker(&["rm", "-f", id]);
+                let _ = self.docker(&["rm", "-f", id]);
             }
         }
     }
