@@ -872,13 +872,15 @@ impl Machine {
         let epoch = self.epoch;
         self.timer(epoch, TimerKind::GateDeadline, self.deps.rollout.healthy_deadline);
         if self.cfg.health_check.is_none() {
-            let ran_for =
-                self.container.as_ref().map_or(Duration::ZERO, |c| Duration::from_secs((unix_now() - c.started_at).max(0) as u64));
-            let remaining = self.deps.rollout.unverified_wait.saturating_sub(ran_for);
+            let remaining = self.deps.rollout.unverified_wait.saturating_sub(self.uptime_credit());
             self.timer(epoch, TimerKind::Unverified, remaining);
         }
         self.activity = Some("waiting for the container to become healthy".into());
         self.check_gate();
+    }
+
+    fn uptime_credit(&self) -> Duration {
+        self.container.as_ref().map_or(Duration::ZERO, |c| gate_credit(self.gate.adopted, c.started_at, unix_now()))
     }
 
     fn check_gate(&mut self) {
@@ -897,9 +899,7 @@ impl Machine {
         if checked {
             // Healthy once is not enough: it must stay healthy for `min_healthy_time` (an adopted
             // container's time up counts) before the gate passes and the governor slot is freed.
-            let ran_for = Duration::from_secs((unix_now() - c.started_at).max(0) as u64);
-            let credit = if self.gate.adopted { ran_for } else { Duration::ZERO };
-            let needed = self.deps.rollout.min_healthy_time.saturating_sub(credit);
+            let needed = self.deps.rollout.min_healthy_time.saturating_sub(self.uptime_credit());
             let streak_starts = self.gate.healthy_since.is_none();
             let since = *self.gate.healthy_since.get_or_insert_with(Instant::now);
             let remaining = needed.saturating_sub(since.elapsed());
@@ -1337,6 +1337,13 @@ fn version_of(image: &str) -> Option<String> {
     last.split_once(':').map(|(_, tag)| tag.to_string())
 }
 
+/// The part of a health gate's wait a container has already served: for an adopted one, whole seconds
+/// since it started less one for the precision of `started_at` (seconds); for one this machine just
+/// started, none, since its `started_at` may already lie in the previous second.
+fn gate_credit(adopted: bool, started_at: i64, now: i64) -> Duration {
+    if adopted { Duration::from_secs((now - started_at - 1).max(0) as u64) } else { Duration::ZERO }
+}
+
 pub fn unix_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
@@ -1369,5 +1376,16 @@ mod tests {
         tally.last_report = Some(Instant::now() - Duration::from_secs(1));
         let later = tally.record("img:v2", &progress("a", 4_000_000, 4_000_000));
         assert_eq!(later.as_deref(), Some("pulling img:v2: 4.5/5.0 MB, 2 layer(s)"));
+    }
+
+    #[test]
+    fn only_an_adopted_container_gets_credit_for_its_time_up() {
+        // Just started by us, with the second boundary in between: no credit.
+        assert_eq!(gate_credit(false, 100, 101), Duration::ZERO);
+        assert_eq!(gate_credit(false, 100, 200), Duration::ZERO);
+        // Adopted: what it has surely been up, whatever the fraction of the start second.
+        assert_eq!(gate_credit(true, 100, 101), Duration::ZERO);
+        assert_eq!(gate_credit(true, 100, 112), Duration::from_secs(11));
+        assert_eq!(gate_credit(true, 100, 90), Duration::ZERO, "clock skew");
     }
 }
