@@ -1,5 +1,10 @@
 //! A rolling update across real agents (the `hoist` binary, distinct node names, one nats-server, one
-//! Docker Engine) through a restart governor, against ceil(N/c) × the update time of one node alone.
+//! Docker Engine) through a restart governor, against ceil(N/c) × the time of one round.
+//!
+//! A round is c nodes updating at once with nobody waiting: on a real fleet that takes as long as one
+//! node alone, but here all agents share one engine and two cores, so c containers starting together
+//! are slower than one. The bar is therefore taken against a measured round of c; the ratio against
+//! one node alone is printed as well.
 
 use crate::real::{NatsServer, RealAgent};
 use crate::report::Row;
@@ -19,42 +24,56 @@ pub async fn rolling(nodes: usize, capacity: u64) -> anyhow::Result<Vec<Row>> {
     let observer = NatsBackend::connect(opts).await?;
     observer.add(GOVERNOR, capacity, Duration::from_secs(300), 1).await?;
 
-    // One node alone, twice (v1→v2→v1): the per-node update time of the bar, governor included.
-    let mut agents = vec![RealAgent::start_with("roll0", 1, Some((&server.url, GOVERNOR))).await?];
-    agents[0].wait_run("v1", Duration::from_secs(60)).await?;
-    let mut solo = Duration::ZERO;
-    for tag in ["v2", "v1"] {
-        solo += roll(&observer, &agents[..1], tag).await?;
-    }
-    let per_node = solo / 2;
-
-    for i in 1..nodes {
-        agents.push(RealAgent::start_with(&format!("roll{i}"), 1, Some((&server.url, GOVERNOR))).await?);
-    }
-    for a in &agents {
-        a.wait_run("v1", Duration::from_secs(60)).await?;
-    }
+    // Every agent watches the same key, so each baseline runs before the next agents join; each is
+    // taken twice (v1→v2→v1), governor included.
+    let mut agents = Vec::new();
+    let solo = join_and_roll(&server.url, &observer, &mut agents, 1).await?;
+    let round = if capacity == 1 { solo } else { join_and_roll(&server.url, &observer, &mut agents, capacity as usize).await? };
+    join(&server.url, &mut agents, nodes).await?;
     let total = roll(&observer, &agents, "v2").await?;
     let rounds = nodes.div_ceil(capacity as usize) as u32;
-    let ideal = per_node * rounds;
-    let ratio = total.as_secs_f64() / ideal.as_secs_f64();
+    let ratio = total.as_secs_f64() / (round * rounds).as_secs_f64();
+    let solo_ratio = total.as_secs_f64() / (solo * rounds).as_secs_f64();
     Ok(vec![
         Row::info(
             &scenario,
             "one node alone: update time",
-            per_node.as_secs_f64(),
+            solo.as_secs_f64(),
             "s",
             "mean of v1→v2→v1, incl. the 1 s unverified_wait gate",
         ),
+        Row::info(&scenario, "one round (c nodes at once)", round.as_secs_f64(), "s", "mean of v1→v2→v1 of c nodes on the shared engine"),
+        Row::info(&scenario, "rolling v1→v2: total", total.as_secs_f64(), "s", format!("{rounds} rounds")),
         Row::info(
             &scenario,
-            "rolling v1→v2: total",
-            total.as_secs_f64(),
-            "s",
-            format!("ideal {:.2} s = {rounds} rounds × one node", ideal.as_secs_f64()),
+            "total / (rounds × one node alone)",
+            solo_ratio,
+            "×",
+            "the engine's own slowdown with c starts at once included",
         ),
-        Row::at_most(&scenario, "rolling v1→v2: total / ideal", ratio, "×", 1.1, ""),
+        Row::at_most(&scenario, "total / (rounds × one round)", ratio, "×", 1.1, ""),
     ])
+}
+
+/// Starts agents until there are `count`, all in RUN on v1.
+async fn join(url: &str, agents: &mut Vec<RealAgent>, count: usize) -> anyhow::Result<()> {
+    while agents.len() < count {
+        agents.push(RealAgent::start_with(&format!("roll{}", agents.len()), 1, Some((url, GOVERNOR))).await?);
+    }
+    for a in agents.iter() {
+        a.wait_run("v1", Duration::from_secs(60)).await?;
+    }
+    Ok(())
+}
+
+/// `join`s up to `count` agents, rolls them v1→v2→v1 and returns the mean time of one roll.
+async fn join_and_roll(url: &str, observer: &NatsBackend, agents: &mut Vec<RealAgent>, count: usize) -> anyhow::Result<Duration> {
+    join(url, agents, count).await?;
+    let mut sum = Duration::ZERO;
+    for tag in ["v2", "v1"] {
+        sum += roll(observer, agents, tag).await?;
+    }
+    Ok(sum / 2)
 }
 
 /// Puts `tag` and waits until every agent's machine reached RUN on it; returns the elapsed time.
