@@ -126,7 +126,11 @@ async fn transitions_are_choria_cloudevents_on_the_wire() {
     let backend = connect(vec![server.url()]).await;
     let client = async_nats::connect(server.url()).await.expect("plain connect");
     let mut raw = client.subscribe("choria.machine.transition").await.expect("subscribe");
-    client.flush().await.expect("flush");
+    // Our own message coming back proves the server has the subscription (a flush only empties the
+    // client's buffer): without this, an event from the other connection could overtake it.
+    client.publish("choria.machine.transition", "sync".into()).await.expect("publish");
+    let echo = timeout(Duration::from_secs(5), raw.next()).await.expect("our own message back").expect("a message");
+    assert_eq!(&echo.payload[..], b"sync");
     let event = TransitionEvent {
         protocol: TRANSITION_PROTOCOL.into(),
         identity: "node1".into(),
