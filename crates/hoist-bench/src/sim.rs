@@ -17,7 +17,8 @@ use hoist_core::fsm::State;
 use hoist_core::machine::MachineDeps;
 use hoist_core::persist::StateStore;
 use hoist_core::runtime::{
-    ContainerInfo, Probe, PullProgress, RunState, Runtime, RuntimeError, RuntimeEvent, RuntimeEventKind, RuntimeHealth, RuntimeResult,
+    ContainerInfo, Probe, ProbeError, PullProgress, RunState, Runtime, RuntimeError, RuntimeEvent, RuntimeEventKind, RuntimeHealth,
+    RuntimeResult,
 };
 use hoist_core::spec::{ContainerSpec, LABEL_NAME, LABEL_NODE, LABEL_SPEC};
 use hoist_nats::{NatsBackend, NatsOptions};
@@ -192,7 +193,7 @@ impl Runtime for SimRuntime {
         .boxed())
     }
 
-    async fn probe(&self, _container: &ContainerInfo, _probe: &Probe, _timeout: Duration) -> Result<(), String> {
+    async fn probe(&self, _container: &ContainerInfo, _probe: &Probe, _timeout: Duration) -> Result<(), ProbeError> {
         Ok(())
     }
 }

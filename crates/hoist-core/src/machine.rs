@@ -15,7 +15,7 @@ use crate::files::FileWatch;
 use crate::fsm::{self, State, Transition};
 use crate::persist::{Remembered, StateStore};
 use crate::registration;
-use crate::runtime::{ContainerInfo, RunState, Runtime, RuntimeError, RuntimeEvent, RuntimeEventKind, RuntimeHealth};
+use crate::runtime::{ContainerInfo, ProbeError, RunState, Runtime, RuntimeError, RuntimeEvent, RuntimeEventKind, RuntimeHealth};
 use crate::spec::{ContainerSpec, ImageVersion, LABEL_SPEC};
 use crate::status::{Health, MachineStatus};
 use futures_util::StreamExt;
@@ -65,7 +65,7 @@ pub enum Input {
     },
     Probe {
         epoch: u64,
-        result: Result<(), String>,
+        result: Result<(), ProbeError>,
     },
     /// A job waited this long for a governor slot (for metrics).
     GovernorWaited(Duration),
@@ -972,7 +972,7 @@ impl Machine {
         }
     }
 
-    async fn on_probe(&mut self, result: Result<(), String>) {
+    async fn on_probe(&mut self, result: Result<(), ProbeError>) {
         let Some(check) = &self.cfg.health_check else { return };
         match result {
             Ok(()) => {
@@ -980,7 +980,12 @@ impl Machine {
                 self.gate.probe_passed = true;
                 self.check_gate();
             }
-            Err(why) => {
+            // An engine restarting with live-restore keeps the container serving; an exec probe just
+            // cannot ask it meanwhile. That is no failure of the container.
+            Err(ProbeError::RuntimeUnavailable(why)) => {
+                tracing::debug!(container = %self.cfg.name, %why, "probe could not run");
+            }
+            Err(ProbeError::Failed(why)) => {
                 let started = self.container.as_ref().map_or(0, |c| c.started_at);
                 if (unix_now() - started) < check.start_period.as_secs() as i64 {
                     return;

@@ -102,6 +102,17 @@ pub enum Probe {
     Exec { command: Vec<String> },
 }
 
+/// Why a probe did not pass.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    /// The container failed the check.
+    #[error("{0}")]
+    Failed(String),
+    /// The runtime could not be asked (exec probes run through it): no verdict on the container.
+    #[error("container runtime unavailable: {0}")]
+    RuntimeUnavailable(String),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error("image {0} not found")]
@@ -141,5 +152,5 @@ pub trait Runtime: Send + Sync + 'static {
     /// now; the stream ends when it goes away, and the caller reconnects and re-inspects.
     async fn events(&self, node: &str) -> RuntimeResult<BoxStream<'static, RuntimeEvent>>;
     /// Runs a probe against a running container; Err carries the reason it failed.
-    async fn probe(&self, container: &ContainerInfo, probe: &Probe, timeout: Duration) -> Result<(), String>;
+    async fn probe(&self, container: &ContainerInfo, probe: &Probe, timeout: Duration) -> Result<(), ProbeError>;
 }

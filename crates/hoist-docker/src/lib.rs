@@ -19,7 +19,7 @@ use bollard::query_parameters::{
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use hoist_core::runtime::{
-    ContainerInfo, Probe, PullProgress, Runtime, RuntimeError, RuntimeEvent, RuntimeEventKind, RuntimeHealth, RuntimeResult,
+    ContainerInfo, Probe, ProbeError, PullProgress, Runtime, RuntimeError, RuntimeEvent, RuntimeEventKind, RuntimeHealth, RuntimeResult,
 };
 use hoist_core::spec::{ContainerSpec, LABEL_NAME, LABEL_NODE};
 use std::collections::HashMap;
@@ -80,14 +80,12 @@ impl DockerRuntime {
         self.remove(holder.id.as_deref().unwrap_or(&spec.container_name)).await
     }
 
-    async fn exec_probe(&self, container_id: &str, command: &[String]) -> Result<(), String> {
+    async fn exec_probe(&self, container_id: &str, command: &[String]) -> Result<(), ProbeError> {
         let options =
             CreateExecOptions { cmd: Some(command.to_vec()), attach_stdout: Some(true), attach_stderr: Some(true), ..Default::default() };
-        let exec = self.docker.create_exec(container_id, options).await.map_err(|e| format!("exec: {e}"))?;
+        let exec = self.docker.create_exec(container_id, options).await.map_err(exec_error)?;
         let mut output = Vec::new();
-        if let StartExecResults::Attached { output: mut stream, .. } =
-            self.docker.start_exec(&exec.id, None).await.map_err(|e| format!("exec: {e}"))?
-        {
+        if let StartExecResults::Attached { output: mut stream, .. } = self.docker.start_exec(&exec.id, None).await.map_err(exec_error)? {
             // Read to the end so the command has finished, keeping only the start of its output.
             while let Some(Ok(chunk)) = stream.next().await {
                 let bytes = chunk.into_bytes();
@@ -97,7 +95,7 @@ impl DockerRuntime {
         }
         // The exit code can lag the end of the output briefly; the caller's timeout bounds this loop.
         let exit_code = loop {
-            let state = self.docker.inspect_exec(&exec.id).await.map_err(|e| format!("exec: {e}"))?;
+            let state = self.docker.inspect_exec(&exec.id).await.map_err(exec_error)?;
             match (state.running, state.exit_code) {
                 (Some(false), Some(code)) => break code,
                 _ => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -107,10 +105,10 @@ impl DockerRuntime {
             return Ok(());
         }
         let output = String::from_utf8_lossy(&output);
-        match output.trim() {
-            "" => Err(format!("exit code {exit_code}")),
-            text => Err(format!("exit code {exit_code}: {text}")),
-        }
+        Err(ProbeError::Failed(match output.trim() {
+            "" => format!("exit code {exit_code}"),
+            text => format!("exit code {exit_code}: {text}"),
+        }))
     }
 }
 
@@ -252,16 +250,16 @@ impl Runtime for DockerRuntime {
         Ok(stream.boxed())
     }
 
-    async fn probe(&self, container: &ContainerInfo, probe: &Probe, timeout: Duration) -> Result<(), String> {
-        let ip = container.ip.ok_or("container has no IP address")?;
+    async fn probe(&self, container: &ContainerInfo, probe: &Probe, timeout: Duration) -> Result<(), ProbeError> {
+        let ip = container.ip.ok_or_else(|| ProbeError::Failed("container has no IP address".into()))?;
         let attempt = async {
             match probe {
-                Probe::Http { port, path } => probe::http(ip, *port, path).await,
-                Probe::Tcp { port } => probe::tcp(ip, *port).await.map(drop),
+                Probe::Http { port, path } => probe::http(ip, *port, path).await.map_err(ProbeError::Failed),
+                Probe::Tcp { port } => probe::tcp(ip, *port).await.map(drop).map_err(ProbeError::Failed),
                 Probe::Exec { command } => self.exec_probe(&container.id, command).await,
             }
         };
-        tokio::time::timeout(timeout, attempt).await.unwrap_or_else(|_| Err(format!("timed out after {timeout:?}")))
+        tokio::time::timeout(timeout, attempt).await.unwrap_or_else(|_| Err(ProbeError::Failed(format!("timed out after {timeout:?}"))))
     }
 }
 
@@ -328,6 +326,14 @@ fn docker_message(e: DockerError) -> String {
     match e {
         DockerError::DockerResponseServerError { message, .. } => message,
         other => other.to_string(),
+    }
+}
+
+/// An exec probe's own failure, or the engine not answering (no verdict on the container).
+fn exec_error(e: DockerError) -> ProbeError {
+    match runtime_error(e) {
+        RuntimeError::Unavailable(why) => ProbeError::RuntimeUnavailable(why),
+        other => ProbeError::Failed(format!("exec: {other}")),
     }
 }
 

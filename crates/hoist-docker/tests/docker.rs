@@ -144,7 +144,7 @@ async fn runs_lists_serves_and_probes() {
 
     let probe = |p: Probe| {
         let (runtime, info) = (runtime.clone(), info.clone());
-        async move { runtime.probe(&info, &p, Duration::from_secs(5)).await }
+        async move { runtime.probe(&info, &p, Duration::from_secs(5)).await.map_err(|e| e.to_string()) }
     };
     assert_eq!(probe(Probe::Http { port: 80, path: "/".into() }).await, Ok(()));
     assert_eq!(probe(Probe::Http { port: 80, path: "/missing".into() }).await, Err("HTTP 404".into()));

@@ -116,12 +116,13 @@ fn ip(args: &[&str]) -> Output {
 /// Under a shell that exits on SIGTERM, so the engine's shutdown does not wait out the stop timeout
 /// (a PID 1 without a handler ignores SIGTERM).
 fn agent_on(daemon: &PrivateDockerd, test: &str, port: u16) -> TestAgent {
-    agent_with_rollout(daemon, test, port, FAST_ROLLOUT)
+    agent_with(daemon, test, port, FAST_ROLLOUT, "type: http, port: 80")
 }
 
-fn agent_with_rollout(daemon: &PrivateDockerd, test: &str, port: u16, rollout: &str) -> TestAgent {
+/// `check`: the `health_check` fields besides its timing.
+fn agent_with(daemon: &PrivateDockerd, test: &str, port: u16, rollout: &str, check: &str) -> TestAgent {
     let yaml = format!(
-        "containers:\n  web:\n    image: {image}\n    image_tag: v1\n    kv_update: true\n    command: ['sh', '-c', 'trap \"exit 0\" TERM; httpd -f -p 80 -h /www & wait']\n    ports: ['127.0.0.1:{port}:80']\n    health_check: {{ type: http, port: 80, interval: 1s, timeout: 1s, retries: 2 }}\n",
+        "containers:\n  web:\n    image: {image}\n    image_tag: v1\n    kv_update: true\n    command: ['sh', '-c', 'trap \"exit 0\" TERM; httpd -f -p 80 -h /www & wait']\n    ports: ['127.0.0.1:{port}:80']\n    health_check: {{ {check}, interval: 1s, timeout: 1s, retries: 2 }}\n",
         image = image()
     );
     let mut agent = TestAgent::prepare(test, &yaml, "", rollout);
@@ -170,7 +171,10 @@ fn containers_come_back_after_the_docker_daemon_restarts() {
 fn with_live_restore_a_daemon_restart_leaves_containers_alone() {
     let mut daemon = PrivateDockerd::start(2, true);
     let port = free_port();
-    let agent = agent_on(&daemon, "dockerd-live-restore", port);
+    // An exec check runs through the engine, so it cannot run while the engine is down: that must not
+    // count against the container.
+    let check = "type: exec, command: ['wget', '-q', '-O-', 'http://127.0.0.1/']";
+    let agent = agent_with(&daemon, "dockerd-live-restore", port, FAST_ROLLOUT, check);
     let before = agent.wait_running("web");
 
     // The published port goes with the daemon (its userland proxy exits); the container's own
@@ -179,6 +183,8 @@ fn with_live_restore_a_daemon_restart_leaves_containers_alone() {
     let address = std::net::SocketAddr::new(String::from_utf8_lossy(&ip.stdout).trim().parse().expect("container IP"), 80);
     daemon.stop();
     assert_eq!(http_get_at(address).as_deref(), Some("v1"), "live-restore keeps the container running");
+    // Several probe intervals (1 s, 2 retries) without an engine.
+    std::thread::sleep(Duration::from_secs(4));
     daemon.launch();
     // The agent must have re-read the container after reconnecting: wait for the resync in its log.
     wait_until("the agent to reconnect to the engine", Duration::from_secs(30), || {
@@ -198,7 +204,7 @@ fn a_daemon_restart_in_the_middle_of_a_rollout_does_not_roll_it_back() {
     let port = free_port();
     // A long confirmation window, so the engine can be restarted while v2 is still on probation.
     let rollout = "{ unverified_wait: 1s, min_healthy_time: 8s, healthy_deadline: 60s, governor_timeout: 60s }";
-    let agent = agent_with_rollout(&daemon, "dockerd-rollout", port, rollout);
+    let agent = agent_with(&daemon, "dockerd-rollout", port, rollout, "type: http, port: 80");
     agent.wait_running("web");
     agent.hoist_ok(&["kv", "put", "HOIST", "container/web/tag", "v2"]);
     agent.wait_machine("web", "confirming v2", Duration::from_secs(60), |m| {
