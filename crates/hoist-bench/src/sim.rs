@@ -79,6 +79,10 @@ impl Runtime for SimRuntime {
         Ok(containers.values().filter(|c| c.label(LABEL_NODE) == Some(node)).cloned().collect())
     }
 
+    async fn find(&self, node: &str, name: &str) -> RuntimeResult<Vec<ContainerInfo>> {
+        Ok(self.list(node).await?.into_iter().filter(|c| c.label(LABEL_NAME) == Some(name)).collect())
+    }
+
     async fn inspect(&self, id: &str) -> RuntimeResult<Option<ContainerInfo>> {
         Ok(self.containers.lock().expect("not poisoned").get(id).cloned())
     }

@@ -165,7 +165,7 @@ impl Agent {
                     }
                 }
                 None => {
-                    let adopt = pick_adoptable(&self.deps, by_name.remove(name).unwrap_or_default()).await;
+                    let adopt = machine::pick_adoptable(&*self.deps.runtime, by_name.remove(name).unwrap_or_default()).await;
                     let handle = machine::spawn(cfg.clone(), self.deps.clone(), adopt).await;
                     self.machines.insert(name.clone(), handle);
                 }
@@ -206,18 +206,6 @@ impl Agent {
     }
 }
 
-/// Of the containers that carry one name (normally one; more after a crash mid-replace), keeps the
-/// newest running one to adopt and removes the rest, so a name never has duplicates.
-async fn pick_adoptable(deps: &MachineDeps, mut candidates: Vec<ContainerInfo>) -> Option<ContainerInfo> {
-    candidates.sort_by_key(|c| (c.state == RunState::Running, c.created));
-    let keep = candidates.pop();
-    for extra in candidates {
-        tracing::warn!(container = %extra.container_name, id = %extra.id, "removing a duplicate container");
-        let _ = deps.runtime.remove(&extra.id).await;
-    }
-    keep
-}
-
 /// Forwards runtime events to the agent, reconnecting with backoff when the runtime goes away (a
 /// Docker daemon restart) and asking every machine to re-inspect once it is back.
 async fn pump_runtime_events(deps: Arc<MachineDeps>, tx: mpsc::Sender<Command>) {
@@ -233,7 +221,6 @@ async fn pump_runtime_events(deps: Arc<MachineDeps>, tx: mpsc::Sender<Command>) 
                         return;
                     }
                 }
-                first = false;
                 while let Some(event) = events.next().await {
                     if tx.send(Command::RuntimeEvent(event)).await.is_err() {
                         return;
@@ -243,6 +230,8 @@ async fn pump_runtime_events(deps: Arc<MachineDeps>, tx: mpsc::Sender<Command>) 
             }
             Err(e) => tracing::warn!(error = %e, "runtime events unavailable; retrying"),
         }
+        // Not before: an engine that was down when the agent started is also "reconnected" to.
+        first = false;
         if tx.is_closed() {
             return;
         }

@@ -131,8 +131,11 @@ impl From<RuntimeError> for JobError {
 
 #[derive(Debug)]
 enum JobDone {
-    /// A container is running (new, or adopted as it was).
-    Running(ContainerInfo),
+    /// A container is running: a new one, or (`adopted`) one found running as it should.
+    Running {
+        info: ContainerInfo,
+        adopted: bool,
+    },
     /// The image is local; its content id.
     Pulled(String),
     Stopped,
@@ -717,8 +720,7 @@ impl Machine {
         let existing = self.container.clone();
         self.replacing = existing.as_ref().map(|c| c.id.clone());
         let delay = std::mem::take(&mut self.next_delay);
-        // The restart governor guards replacing a container; a first start on a node replaces nothing.
-        let restart_governor = if existing.is_some() { self.cfg.restart_governor.clone() } else { None };
+        let restart_governor = self.cfg.restart_governor.clone();
         let already_holds = self.lease.is_some();
         let update_governor = self.cfg.update_governor.clone();
         let activity = if delay > Duration::ZERO {
@@ -774,10 +776,8 @@ impl Machine {
             self.lease = Some(lease);
         }
         match outcome.result {
-            Ok(JobDone::Running(info)) => {
-                let replaced = self.replacing.take();
-                let adopted = replaced.as_deref() == Some(info.id.as_str());
-                if replaced.is_some() && !adopted {
+            Ok(JobDone::Running { info, adopted }) => {
+                if self.replacing.take().is_some() && !adopted {
                     self.restarts += 1;
                     self.remember().await;
                 }
@@ -1273,13 +1273,19 @@ impl JobCtx {
         if delay > Duration::ZERO {
             self.or_cancelled(tokio::time::sleep(delay)).await?;
         }
+        let runtime = &self.deps.runtime;
+        // A machine that knows of no container looks before it starts one: its agent may have started
+        // while the runtime was down, unable to list what runs.
+        let existing = match existing {
+            Some(c) => Some(c),
+            None => pick_adoptable(&**runtime, runtime.find(&spec.node, &spec.name).await?).await,
+        };
         if let Some(c) = existing.as_ref().filter(|c| !replace && c.state == RunState::Running)
             && c.label(LABEL_SPEC) == Some(spec.hash().as_str())
         {
             tracing::info!(container = %spec.name, id = %c.id, "adopted the running container");
-            return Ok(JobDone::Running(c.clone()));
+            return Ok(JobDone::Running { info: c.clone(), adopted: true });
         }
-        let runtime = &self.deps.runtime;
         let image = spec.image_ref();
         if runtime.image_id(&image).await?.is_none() {
             let mut pull_lease = None;
@@ -1289,15 +1295,28 @@ impl JobCtx {
             }
             pulled?;
         }
-        if let Some(g) = restart_governor {
+        // The restart governor guards replacing a container; a first start on a node replaces nothing.
+        if let Some(g) = restart_governor.filter(|_| existing.is_some()) {
             *lease = Some(self.acquire(&g).await?);
         }
         if let Some(old) = &existing {
             self.or_cancelled(runtime.remove(&old.id)).await??;
         }
         let info = self.or_cancelled(runtime.run(spec)).await??;
-        Ok(JobDone::Running(info))
+        Ok(JobDone::Running { info, adopted: false })
     }
+}
+
+/// The container to adopt among several of one name (left by a crash mid-replacement): the running
+/// one, else the newest. The others are removed.
+pub(crate) async fn pick_adoptable(runtime: &dyn Runtime, mut candidates: Vec<ContainerInfo>) -> Option<ContainerInfo> {
+    candidates.sort_by_key(|c| (c.state == RunState::Running, c.created));
+    let keep = candidates.pop();
+    for extra in candidates {
+        tracing::warn!(container = %extra.container_name, id = %extra.id, "removing a duplicate container");
+        let _ = runtime.remove(&extra.id).await;
+    }
+    keep
 }
 
 async fn release(governor: &dyn Governor, lease: Lease) {

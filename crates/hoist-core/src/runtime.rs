@@ -133,6 +133,8 @@ pub type RuntimeResult<T> = Result<T, RuntimeError>;
 pub trait Runtime: Send + Sync + 'static {
     /// Every container labelled `io.hoist.node=<node>`, running or not.
     async fn list(&self, node: &str) -> RuntimeResult<Vec<ContainerInfo>>;
+    /// The containers of one hoist container: labelled `io.hoist.node=<node>` and `io.hoist.name=<name>`.
+    async fn find(&self, node: &str, name: &str) -> RuntimeResult<Vec<ContainerInfo>>;
     /// None if it does not exist.
     async fn inspect(&self, id: &str) -> RuntimeResult<Option<ContainerInfo>>;
     /// Creates and starts a container from the spec, with hoist's labels. A stopped container holding

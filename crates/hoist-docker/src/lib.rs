@@ -25,6 +25,7 @@ use hoist_core::spec::{ContainerSpec, LABEL_NAME, LABEL_NODE};
 use std::collections::HashMap;
 use std::future::ready;
 use std::time::Duration;
+use tokio::sync::OnceCell;
 
 /// Where bollard connects when neither the configuration nor `DOCKER_HOST` names a host.
 const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
@@ -34,35 +35,65 @@ const EXEC_OUTPUT_LIMIT: usize = 4096;
 /// cut off long graceful stops.
 const STOP_TIMEOUT_MARGIN: Duration = Duration::from_secs(30);
 
-/// A connection to one Docker Engine. Cheap to clone; clones share the connection pool.
-#[derive(Clone)]
+/// A connection to one Docker Engine.
 pub struct DockerRuntime {
-    docker: Docker,
+    target: String,
+    /// Connected (API version negotiated) on first use rather than at construction, so an agent can
+    /// start before its engine (a boot where Docker comes up later) and wait for it as for any outage.
+    client: OnceCell<Docker>,
 }
 
 impl DockerRuntime {
-    /// Connects to `host` (`unix:///path`, `tcp://host:port` or `http://host:port`), or with None to
-    /// `DOCKER_HOST` or the local socket; negotiates the API version and pings the engine.
-    pub async fn connect(host: Option<&str>) -> Result<DockerRuntime, RuntimeError> {
+    /// Prepares a connection to `host` (`unix:///path`, `tcp://host:port` or `http://host:port`), or
+    /// with None to `DOCKER_HOST` or the local socket. Does not need the engine up: fails only on an
+    /// address bollard cannot use.
+    pub fn new(host: Option<&str>) -> Result<DockerRuntime, RuntimeError> {
         let target = host.map(str::to_string).or_else(|| std::env::var("DOCKER_HOST").ok()).unwrap_or_else(|| DEFAULT_HOST.into());
-        let unavailable = |e: DockerError| RuntimeError::Unavailable(format!("cannot reach the Docker Engine at {target}: {e}"));
-        let docker = Docker::connect_with_host(&target).map_err(unavailable)?;
-        let docker = docker.negotiate_version().await.map_err(unavailable)?;
-        docker.ping().await.map_err(unavailable)?;
-        Ok(DockerRuntime { docker })
+        match Docker::connect_with_host(&target) {
+            // dockerd creates its socket when it starts.
+            Ok(_) | Err(DockerError::SocketNotFoundError(_)) => Ok(DockerRuntime { target, client: OnceCell::new() }),
+            Err(e) => Err(RuntimeError::Other(format!("unusable Docker Engine address {target}: {e}"))),
+        }
+    }
+
+    /// `new`, then reaches the engine now.
+    pub async fn connect(host: Option<&str>) -> Result<DockerRuntime, RuntimeError> {
+        let runtime = DockerRuntime::new(host)?;
+        runtime.ping().await?;
+        Ok(runtime)
+    }
+
+    /// Whether the engine answers, connecting first if this is the first use.
+    pub async fn ping(&self) -> RuntimeResult<()> {
+        let docker = self.client().await?;
+        docker.ping().await.map_err(|e| self.unreachable(e))?;
+        Ok(())
+    }
+
+    async fn client(&self) -> RuntimeResult<&Docker> {
+        self.client
+            .get_or_try_init(|| async {
+                let docker = Docker::connect_with_host(&self.target).map_err(|e| self.unreachable(e))?;
+                docker.negotiate_version().await.map_err(|e| self.unreachable(e))
+            })
+            .await
+    }
+
+    fn unreachable(&self, e: DockerError) -> RuntimeError {
+        RuntimeError::Unavailable(format!("cannot reach the Docker Engine at {}: {e}", self.target))
     }
 
     async fn inspect_raw(&self, id: &str) -> RuntimeResult<Option<bollard::models::ContainerInspectResponse>> {
-        match self.docker.inspect_container(id, None).await {
+        match self.client().await?.inspect_container(id, None).await {
             Ok(doc) => Ok(Some(doc)),
             Err(e) if status(&e) == Some(404) => Ok(None),
             Err(e) => Err(runtime_error(e)),
         }
     }
 
-    async fn create(&self, spec: &ContainerSpec) -> Result<String, DockerError> {
+    async fn create(docker: &Docker, spec: &ContainerSpec) -> Result<String, DockerError> {
         let options = CreateContainerOptionsBuilder::default().name(&spec.container_name).build();
-        Ok(self.docker.create_container(Some(options), create_body(spec)).await?.id)
+        Ok(docker.create_container(Some(options), create_body(spec)).await?.id)
     }
 
     /// Frees the spec's container name after a 409: a leftover of the same hoist container (same node
@@ -80,12 +111,28 @@ impl DockerRuntime {
         self.remove(holder.id.as_deref().unwrap_or(&spec.container_name)).await
     }
 
+    /// Every container carrying all of `labels` (`key=value`), running or not.
+    async fn list_labelled(&self, labels: Vec<String>) -> RuntimeResult<Vec<ContainerInfo>> {
+        let filters = HashMap::from([("label", labels)]);
+        let options = ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
+        let summaries = self.client().await?.list_containers(Some(options)).await.map_err(runtime_error)?;
+        let mut containers = Vec::with_capacity(summaries.len());
+        for id in summaries.into_iter().filter_map(|s| s.id) {
+            // A container removed between the list and its inspection is simply not there any more.
+            if let Some(info) = self.inspect(&id).await? {
+                containers.push(info);
+            }
+        }
+        Ok(containers)
+    }
+
     async fn exec_probe(&self, container_id: &str, command: &[String]) -> Result<(), ProbeError> {
         let options =
             CreateExecOptions { cmd: Some(command.to_vec()), attach_stdout: Some(true), attach_stderr: Some(true), ..Default::default() };
-        let exec = self.docker.create_exec(container_id, options).await.map_err(exec_error)?;
+        let docker = self.client().await.map_err(|e| ProbeError::RuntimeUnavailable(e.to_string()))?;
+        let exec = docker.create_exec(container_id, options).await.map_err(exec_error)?;
         let mut output = Vec::new();
-        if let StartExecResults::Attached { output: mut stream, .. } = self.docker.start_exec(&exec.id, None).await.map_err(exec_error)? {
+        if let StartExecResults::Attached { output: mut stream, .. } = docker.start_exec(&exec.id, None).await.map_err(exec_error)? {
             // Read to the end so the command has finished, keeping only the start of its output.
             while let Some(Ok(chunk)) = stream.next().await {
                 let bytes = chunk.into_bytes();
@@ -95,7 +142,7 @@ impl DockerRuntime {
         }
         // The exit code can lag the end of the output briefly; the caller's timeout bounds this loop.
         let exit_code = loop {
-            let state = self.docker.inspect_exec(&exec.id).await.map_err(exec_error)?;
+            let state = docker.inspect_exec(&exec.id).await.map_err(exec_error)?;
             match (state.running, state.exit_code) {
                 (Some(false), Some(code)) => break code,
                 _ => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -115,17 +162,11 @@ impl DockerRuntime {
 #[async_trait]
 impl Runtime for DockerRuntime {
     async fn list(&self, node: &str) -> RuntimeResult<Vec<ContainerInfo>> {
-        let filters = HashMap::from([("label", vec![format!("{LABEL_NODE}={node}")])]);
-        let options = ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
-        let summaries = self.docker.list_containers(Some(options)).await.map_err(runtime_error)?;
-        let mut containers = Vec::with_capacity(summaries.len());
-        for id in summaries.into_iter().filter_map(|s| s.id) {
-            // A container removed between the list and its inspection is simply not there any more.
-            if let Some(info) = self.inspect(&id).await? {
-                containers.push(info);
-            }
-        }
-        Ok(containers)
+        self.list_labelled(vec![format!("{LABEL_NODE}={node}")]).await
+    }
+
+    async fn find(&self, node: &str, name: &str) -> RuntimeResult<Vec<ContainerInfo>> {
+        self.list_labelled(vec![format!("{LABEL_NODE}={node}"), format!("{LABEL_NAME}={name}")]).await
     }
 
     async fn inspect(&self, id: &str) -> RuntimeResult<Option<ContainerInfo>> {
@@ -137,10 +178,11 @@ impl Runtime for DockerRuntime {
         if self.image_id(&image).await?.is_none() {
             return Err(RuntimeError::ImageNotFound(image));
         }
-        let id = match self.create(spec).await {
+        let docker = self.client().await?;
+        let id = match Self::create(docker, spec).await {
             Err(e) if status(&e) == Some(409) => {
                 self.reclaim_name(spec).await?;
-                self.create(spec).await
+                Self::create(docker, spec).await
             }
             other => other,
         }
@@ -149,7 +191,7 @@ impl Runtime for DockerRuntime {
             Some(404) => RuntimeError::ImageNotFound(image.clone()),
             _ => runtime_error(e),
         })?;
-        if let Err(e) = self.docker.start_container(&id, None).await {
+        if let Err(e) = docker.start_container(&id, None).await {
             // Leave no half-made container behind: the next attempt starts from a clean name.
             if let Err(cleanup) = self.remove(&id).await {
                 tracing::warn!(container = %spec.container_name, error = %cleanup, "removing the container that failed to start");
@@ -165,7 +207,7 @@ impl Runtime for DockerRuntime {
     async fn stop(&self, id: &str, grace: Duration) -> RuntimeResult<()> {
         let seconds = i32::try_from(grace.as_secs() + u64::from(grace.subsec_nanos() > 0)).unwrap_or(i32::MAX);
         let options = StopContainerOptionsBuilder::default().t(seconds).build();
-        let docker = self.docker.clone().with_timeout(grace + STOP_TIMEOUT_MARGIN);
+        let docker = self.client().await?.clone().with_timeout(grace + STOP_TIMEOUT_MARGIN);
         match docker.stop_container(id, Some(options)).await {
             Err(e) if !matches!(status(&e), Some(304 | 404)) => Err(runtime_error(e)),
             _ => Ok(()),
@@ -174,14 +216,14 @@ impl Runtime for DockerRuntime {
 
     async fn remove(&self, id: &str) -> RuntimeResult<()> {
         let options = RemoveContainerOptionsBuilder::default().force(true).v(false).build();
-        match self.docker.remove_container(id, Some(options)).await {
+        match self.client().await?.remove_container(id, Some(options)).await {
             Err(e) if status(&e) != Some(404) => Err(runtime_error(e)),
             _ => Ok(()),
         }
     }
 
     async fn image_id(&self, image_ref: &str) -> RuntimeResult<Option<String>> {
-        match self.docker.inspect_image(image_ref).await {
+        match self.client().await?.inspect_image(image_ref).await {
             Ok(image) => Ok(image.id),
             Err(e) if status(&e) == Some(404) => Ok(None),
             Err(e) => Err(runtime_error(e)),
@@ -195,7 +237,7 @@ impl Runtime for DockerRuntime {
         if !tag.is_empty() {
             options = options.tag(tag);
         }
-        let mut stream = self.docker.create_image(Some(options.build()), None, image::credentials(image_ref));
+        let mut stream = self.client().await?.create_image(Some(options.build()), None, image::credentials(image_ref));
         while let Some(item) = stream.next().await {
             match item {
                 Ok(info) => {
@@ -225,7 +267,7 @@ impl Runtime for DockerRuntime {
     async fn events(&self, node: &str) -> RuntimeResult<BoxStream<'static, RuntimeEvent>> {
         // bollard connects only when the stream is first polled: ask the engine first, so that a
         // caller told Ok knows the engine is there (and can re-read its containers).
-        self.docker.ping().await.map_err(runtime_error)?;
+        self.ping().await?;
         let filters = HashMap::from([
             ("type", vec!["container".to_string()]),
             ("label", vec![format!("{LABEL_NODE}={node}")]),
@@ -238,7 +280,8 @@ impl Runtime for DockerRuntime {
         let since = format!("{}.{:09}", now.as_secs(), now.subsec_nanos());
         let options = EventsOptionsBuilder::default().since(&since).filters(&filters).build();
         let stream = self
-            .docker
+            .client()
+            .await?
             .events(Some(options))
             .take_while(|item| {
                 if let Err(e) = item {

@@ -139,13 +139,13 @@ async fn runs_lists_serves_and_probes() {
     assert_eq!(listed[0].label(LABEL_NAME), Some("web"));
     assert_eq!(listed[0].label(LABEL_NODE), Some(cleanup.node.as_str()));
     assert_eq!(listed[0].label(hoist_core::spec::LABEL_SPEC), Some(web.hash().as_str()));
+    let found: Vec<String> = runtime.find(&cleanup.node, "web").await.unwrap().into_iter().map(|c| c.id).collect();
+    assert_eq!(found, vec![info.id.clone()]);
+    assert!(runtime.find(&cleanup.node, "db").await.unwrap().is_empty(), "find matches the name label");
 
     assert!(http_body(port).await.contains("v1"));
 
-    let probe = |p: Probe| {
-        let (runtime, info) = (runtime.clone(), info.clone());
-        async move { runtime.probe(&info, &p, Duration::from_secs(5)).await.map_err(|e| e.to_string()) }
-    };
+    let probe = async |p: Probe| runtime.probe(&info, &p, Duration::from_secs(5)).await.map_err(|e| e.to_string());
     assert_eq!(probe(Probe::Http { port: 80, path: "/".into() }).await, Ok(()));
     assert_eq!(probe(Probe::Http { port: 80, path: "/missing".into() }).await, Err("HTTP 404".into()));
     assert!(probe(Probe::Tcp { port: 80 }).await.is_ok());
@@ -262,11 +262,18 @@ async fn name_conflicts() {
 
 #[tokio::test]
 async fn unreachable_engines_are_unavailable() {
-    for host in ["unix:///nonexistent/docker.sock", "tcp://127.0.0.1:1", "ftp://example.net"] {
+    for host in ["unix:///nonexistent/docker.sock", "tcp://127.0.0.1:1"] {
         match DockerRuntime::connect(Some(host)).await {
             Err(RuntimeError::Unavailable(message)) => assert!(message.contains(host), "{message}"),
             other => panic!("{host}: expected Unavailable, got {:?}", other.map(|_| "a connection")),
         }
+        // Not up yet is no reason to refuse the address: the engine may start later.
+        let later = DockerRuntime::new(Some(host)).expect("a well-formed address");
+        assert!(matches!(later.list("any").await, Err(RuntimeError::Unavailable(_))));
+    }
+    match DockerRuntime::new(Some("ftp://example.net")) {
+        Err(RuntimeError::Other(message)) => assert!(message.contains("ftp://example.net"), "{message}"),
+        other => panic!("expected an unusable address, got {:?}", other.map(|_| "a runtime")),
     }
     DockerRuntime::connect(Some("unix:///var/run/docker.sock")).await.expect("an explicit unix socket connects");
 }

@@ -71,7 +71,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             backends.kv.create_bucket(bucket, config).await.with_context(|| format!("creating the {bucket} bucket"))?;
         }
     }
-    let runtime = hoist_docker::DockerRuntime::connect(cfg.docker.host.as_deref()).await.context("connecting to Docker")?;
+    let runtime = hoist_docker::DockerRuntime::new(cfg.docker.host.as_deref()).context("docker.host")?;
+    // Docker may come up after the agent (boot order): containers start once it answers, and
+    // `hoist status` says what they wait for meanwhile.
+    if let Err(e) = runtime.ping().await {
+        tracing::warn!(error = %e, "Docker is not reachable yet; containers are started when it is");
+    }
     let deps = Arc::new(MachineDeps {
         runtime: Arc::new(runtime),
         kv: backends.kv.clone(),

@@ -1,6 +1,6 @@
-//! Fault: the Docker daemon restarts under a running agent (DESIGN.md §8). The agent must stay up, say
-//! that the engine is unreachable, reconnect when it is back and leave exactly one running container
-//! per definition.
+//! Fault: the Docker daemon restarts under a running agent, or is not up yet when the agent starts
+//! (DESIGN.md §8). The agent must stay up, say that the engine is unreachable, reconnect when it is
+//! back and leave exactly one running container per definition.
 //!
 //! Each test runs a Docker daemon of its own (own socket, data and exec roots, vfs storage, its own
 //! bridge, no iptables rules): stopping the machine's engine would stop every container of every test
@@ -196,6 +196,33 @@ fn with_live_restore_a_daemon_restart_leaves_containers_alone() {
     assert_eq!(after.started, before.started, "not restarted");
     assert_eq!(after.restarts, 0);
     assert_eq!(agent.labelled_containers(), vec![agent.container_name("web")]);
+}
+
+#[test]
+fn an_agent_started_while_docker_is_down_adopts_its_container_when_docker_is_back() {
+    let mut daemon = PrivateDockerd::start(4, true);
+    let port = free_port();
+    let mut agent = agent_on(&daemon, "dockerd-down-at-start", port);
+    let before = agent.wait_running("web");
+
+    // The node reboots its services: the agent is gone, and Docker (live-restore keeps the container)
+    // comes back only after the agent has started.
+    agent.kill_agent();
+    daemon.stop();
+    agent.spawn();
+    let waiting = agent.wait_machine("web", "waiting for the engine", Duration::from_secs(30), |m| {
+        m.activity.as_deref() == Some("waiting for the container runtime")
+    });
+    assert!(waiting.last_error.unwrap_or_default().contains("container runtime unavailable"));
+    assert!(agent.log().contains("Docker is not reachable yet"), "the agent says why nothing starts");
+
+    daemon.launch();
+    let after = agent.wait_machine("web", "running", Duration::from_secs(60), running);
+    assert_eq!(after.container_id, before.container_id, "the running container was adopted, not replaced");
+    assert_eq!(after.started, before.started, "not restarted");
+    assert_eq!(after.restarts, 0);
+    assert_eq!(agent.labelled_containers(), vec![agent.container_name("web")]);
+    assert_eq!(wait_until("v1 serving", Duration::from_secs(10), || http_get(port)), "v1");
 }
 
 #[test]
