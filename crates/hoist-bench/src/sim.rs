@@ -322,7 +322,7 @@ async fn start_agent(i: usize, url: &str, dir: &Path, set: ContainerSet, latenci
         },
         registration_interval: Duration::from_secs(15),
     });
-    let handle = agent::start(deps, set).await;
+    let handle = agent::start(deps, set, Duration::from_secs(60)).await;
     let kv: Arc<dyn Kv> = backend.clone();
     fleet::Fleet::serve(&*backend, Arc::new(AgentResponder { agent: handle.clone(), facts: serde_json::json!({}) })).await?;
     let announcer = tokio::spawn(announce(kv, Presence { node, facts: serde_json::json!({}) }));

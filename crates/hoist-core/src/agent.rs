@@ -17,12 +17,26 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 enum Command {
-    Status { container: Option<String>, reply: oneshot::Sender<NodeStatus> },
-    Transition { container: String, transition: Transition, reply: oneshot::Sender<Result<State, String>> },
-    Reload { set: Result<ContainerSet, String>, reply: oneshot::Sender<()> },
+    Status {
+        container: Option<String>,
+        reply: oneshot::Sender<NodeStatus>,
+    },
+    Transition {
+        container: String,
+        transition: Transition,
+        reply: oneshot::Sender<Result<State, String>>,
+    },
+    Reload {
+        set: Result<ContainerSet, String>,
+        reply: oneshot::Sender<()>,
+    },
     RuntimeEvent(RuntimeEvent),
     RuntimeReconnected,
-    Shutdown { reply: oneshot::Sender<()> },
+    /// Look again at orphans that were too young to purge.
+    Purge,
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 #[derive(Clone)]
@@ -69,14 +83,24 @@ struct Agent {
     set: ContainerSet,
     machines: BTreeMap<String, MachineHandle>,
     config_error: Option<String>,
+    /// How old an unmanaged container must be before purge removes it.
+    purge_grace: Duration,
+    /// Whether a `Purge` is already on its way for an orphan spared for being young.
+    purge_due: bool,
+    /// Weak, so the agent's own timers do not keep it alive once every handle is gone.
+    inbox: mpsc::WeakSender<Command>,
 }
 
-/// Starts the agent with an initial container set.
-pub async fn start(deps: Arc<MachineDeps>, set: ContainerSet) -> AgentHandle {
+/// Starts the agent with an initial container set. Containers labelled for this node but declared
+/// nowhere are purged (when the set says so) once older than `purge_grace`: a container seconds old
+/// may be in the middle of being made by someone else, such as the previous agent during a handover.
+pub async fn start(deps: Arc<MachineDeps>, set: ContainerSet, purge_grace: Duration) -> AgentHandle {
     let (tx, rx) = mpsc::channel(1024);
     let handle = AgentHandle { tx: tx.clone(), node: deps.node.clone() };
+    let inbox = tx.downgrade();
     tokio::spawn(pump_runtime_events(deps.clone(), tx));
-    let mut agent = Agent { deps, set: ContainerSet::default(), machines: BTreeMap::new(), config_error: None };
+    let mut agent =
+        Agent { deps, set: ContainerSet::default(), machines: BTreeMap::new(), config_error: None, purge_grace, purge_due: false, inbox };
     agent.apply(set).await;
     tokio::spawn(agent.run(rx));
     handle
@@ -121,6 +145,10 @@ impl Agent {
                     for m in self.machines.values() {
                         m.send(Input::Resync).await;
                     }
+                    self.purge_orphans().await;
+                }
+                Command::Purge => {
+                    self.purge_due = false;
                     self.purge_orphans().await;
                 }
                 Command::Shutdown { reply } => {
@@ -182,16 +210,36 @@ impl Agent {
     }
 
     /// Removes containers labelled for this node that no machine manages, when purge is on.
-    async fn purge_orphans(&self) {
+    async fn purge_orphans(&mut self) {
         if !self.set.purge {
             return;
         }
         let Ok(list) = self.deps.runtime.list(&self.deps.node).await else { return };
+        let grace = i64::try_from(self.purge_grace.as_secs()).unwrap_or(i64::MAX);
+        let mut next_look: Option<i64> = None;
         for c in list {
             let managed = c.label(LABEL_NAME).is_some_and(|n| self.machines.contains_key(n));
-            if !managed {
-                self.remove_container(&c, "purge: not in the config").await;
+            if managed {
+                continue;
             }
+            let age = machine::unix_now() - c.created;
+            if age < grace {
+                tracing::info!(container = %c.container_name, id = %c.id, age_s = age, "not in the config, but too new to purge yet");
+                next_look = Some(next_look.map_or(grace - age, |n| n.min(grace - age)));
+                continue;
+            }
+            self.remove_container(&c, "purge: not in the config").await;
+        }
+        if let Some(wait) = next_look.filter(|_| !self.purge_due) {
+            self.purge_due = true;
+            let inbox = self.inbox.clone();
+            tokio::spawn(async move {
+                // A second over, as creation times are whole seconds.
+                tokio::time::sleep(Duration::from_secs(wait.unsigned_abs() + 1)).await;
+                if let Some(tx) = inbox.upgrade() {
+                    let _ = tx.send(Command::Purge).await;
+                }
+            });
         }
     }
 

@@ -91,7 +91,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         registration_interval: cfg.registration.interval,
     });
     tracing::info!(node = %cfg.node, containers = set.containers.len(), "starting agent");
-    let handle = agent::start(deps, set).await;
+    let handle = agent::start(deps, set, cfg.docker.purge_grace).await;
     if let Some(fleet) = &backends.fleet {
         join_fleet(&**fleet, backends.kv.clone(), &handle, &cfg, facts.clone()).await?;
     }

@@ -138,6 +138,28 @@ fn a_container_removed_from_the_config_is_purged() {
 }
 
 #[test]
+fn purge_spares_a_container_someone_is_just_creating_until_its_grace_is_over() {
+    let port = free_port();
+    let agent = TestAgent::start("purge-grace", &web(port, "v1", ""));
+    agent.wait_running("web");
+    // Labelled for this node but declared nowhere, and seconds old: as if the previous agent of a
+    // handover were making it right now.
+    let stray = agent.container_name("stray");
+    let node_label = format!("io.hoist.node={}", agent.node);
+    let image = format!("{}:v1", image());
+    docker_ok(&["run", "-d", "--name", &stray, "--label", &node_label, "--label", "io.hoist.name=stray", &image]);
+    agent.signal("HUP");
+    wait_until("the reload's purge pass", Duration::from_secs(20), || agent.log().contains("too new to purge yet").then_some(()));
+    assert!(docker(&["inspect", &stray]).status.success(), "a container seconds old is left alone");
+
+    wait_until("the stray container purged after the grace", Duration::from_secs(30), || {
+        (!docker(&["inspect", &stray]).status.success()).then_some(())
+    });
+    assert_eq!(agent.labelled_containers(), vec![agent.container_name("web")]);
+    assert_eq!(agent.machine("web").unwrap().state, State::Run, "what is declared keeps running");
+}
+
+#[test]
 fn a_bad_config_is_refused_and_nothing_running_changes() {
     let port = free_port();
     let agent = TestAgent::start("badcfg", &web(port, "v1", ""));

@@ -37,6 +37,7 @@ struct RawDocker {
     host: Option<String>,
     name_prefix: Option<String>,
     stop_grace: Option<Secs>,
+    purge_grace: Option<Secs>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -176,6 +177,7 @@ fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<Path
             host: docker.host,
             name_prefix: docker.name_prefix.unwrap_or_else(|| "hoist_".into()),
             stop_grace: secs(docker.stop_grace, 10),
+            purge_grace: secs(docker.purge_grace, 60),
         },
         backend,
         nats: NatsConfig {

@@ -45,6 +45,9 @@ pub struct DockerConfig {
     pub name_prefix: String,
     /// How long `docker stop` waits before it kills; default 10 s.
     pub stop_grace: Duration,
+    /// How old a labelled container that is declared nowhere must be before purge removes it; default
+    /// 60 s, so a container someone is creating right now is not taken from under them.
+    pub purge_grace: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -409,7 +409,15 @@ fn agent_defaults() {
     assert!(!cfg.node.is_empty());
     assert_eq!(cfg.state_dir, PathBuf::from("/var/lib/hoist"));
     assert_eq!(cfg.data, [PathBuf::from("/etc/hoist/containers.d")]);
-    assert_eq!(cfg.docker, DockerConfig { host: None, name_prefix: "hoist_".into(), stop_grace: Duration::from_secs(10) });
+    assert_eq!(
+        cfg.docker,
+        DockerConfig {
+            host: None,
+            name_prefix: "hoist_".into(),
+            stop_grace: Duration::from_secs(10),
+            purge_grace: Duration::from_secs(60)
+        }
+    );
     assert_eq!(cfg.backend, BackendKind::Embedded);
     assert_eq!(cfg.nats.collective, "mcollective");
     assert_eq!(cfg.facts, json!({}));
@@ -445,7 +453,7 @@ fn agent_file_every_key() {
     let file = write(
         dir.path(),
         "hoist.yaml",
-        "node: n1\nstate_dir: state\ndata: [d1, /abs/d2]\ndocker: {host: 'unix:///run/docker.sock', name_prefix: x_, stop_grace: 3}\nbackend: nats\nnats:\n  servers: ['nats://a:4222']\n  creds: n.creds\n  token: t\n  tls: {ca: /ca.pem}\n  collective: c\nfacts: {dc: ams, networking: {zone: a}}\nregistration: {interval: 1m}\ncontrol: {socket: ctl.sock}\nmetrics: {listen: '127.0.0.1:9464'}\nrollout: {healthy_deadline: 1m, unverified_wait: 5s, governor_timeout: 30}\n",
+        "node: n1\nstate_dir: state\ndata: [d1, /abs/d2]\ndocker: {host: 'unix:///run/docker.sock', name_prefix: x_, stop_grace: 3, purge_grace: 5m}\nbackend: nats\nnats:\n  servers: ['nats://a:4222']\n  creds: n.creds\n  token: t\n  tls: {ca: /ca.pem}\n  collective: c\nfacts: {dc: ams, networking: {zone: a}}\nregistration: {interval: 1m}\ncontrol: {socket: ctl.sock}\nmetrics: {listen: '127.0.0.1:9464'}\nrollout: {healthy_deadline: 1m, unverified_wait: 5s, governor_timeout: 30}\n",
     );
     let cfg = AgentConfig::load(&file).unwrap();
     let base = dir.path();
@@ -453,6 +461,7 @@ fn agent_file_every_key() {
     assert_eq!(cfg.state_dir, base.join("state"));
     assert_eq!(cfg.data, [base.join("d1"), PathBuf::from("/abs/d2")]);
     assert_eq!(cfg.docker.stop_grace, Duration::from_secs(3));
+    assert_eq!(cfg.docker.purge_grace, Duration::from_secs(300));
     assert_eq!(cfg.docker.name_prefix, "x_");
     assert_eq!(cfg.backend, BackendKind::Nats);
     assert_eq!(cfg.nats.creds, Some(base.join("n.creds")));

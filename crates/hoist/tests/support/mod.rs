@@ -99,7 +99,7 @@ impl TestAgent {
         std::fs::create_dir_all(agent.path("containers.d")).unwrap();
         agent.write_containers(containers_yaml);
         let agent_yaml = format!(
-            "node: {node}\nstate_dir: {state}\ndocker:\n  name_prefix: {node}_\n  stop_grace: 2s\nrollout: {rollout}\n{extra_agent_yaml}",
+            "node: {node}\nstate_dir: {state}\ndocker:\n  name_prefix: {node}_\n  stop_grace: 2s\n  purge_grace: 4s\nrollout: {rollout}\n{extra_agent_yaml}",
             node = agent.node,
             state = agent.path("state").display(),
         );
