@@ -11,7 +11,7 @@ use crate::spec::LABEL_NAME;
 use crate::status::NodeStatus;
 use futures_util::StreamExt;
 use futures_util::future::join_all;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -206,7 +206,35 @@ impl Agent {
             }
         }
         self.set = set;
+        self.check_governors().await;
         self.purge_orphans().await;
+    }
+
+    /// Warns about governors that cannot do their job: missing ones (every update would fail), and
+    /// ones whose slots expire before an update can finish. A Choria governor lease has no keepalive,
+    /// so a slot that expires mid-update lets the next node go while this one is still down.
+    async fn check_governors(&self) {
+        let names: BTreeSet<&String> = self
+            .set
+            .containers
+            .values()
+            .filter(|c| c.ensure == Ensure::Present)
+            .flat_map(|c| [&c.restart_governor, &c.update_governor])
+            .flatten()
+            .collect();
+        let deadline = self.deps.rollout.healthy_deadline;
+        for name in names {
+            match self.deps.governor.view(name).await {
+                Err(e) => tracing::warn!(governor = %name, error = %e, "a governor the containers use is not usable"),
+                Ok(info) if info.expire < deadline => tracing::warn!(
+                    governor = %name,
+                    expire = %humantime::format_duration(info.expire),
+                    healthy_deadline = %humantime::format_duration(deadline),
+                    "the governor's slots expire before an update may finish (pull, start and rollout.healthy_deadline): a slow update can lose its slot and let another node start; raise its expiry"
+                ),
+                Ok(_) => {}
+            }
+        }
     }
 
     /// Removes containers labelled for this node that no machine manages, when purge is on.

@@ -720,9 +720,8 @@ impl Machine {
         let existing = self.container.clone();
         self.replacing = existing.as_ref().map(|c| c.id.clone());
         let delay = std::mem::take(&mut self.next_delay);
-        let restart_governor = self.cfg.restart_governor.clone();
-        let already_holds = self.lease.is_some();
-        let update_governor = self.cfg.update_governor.clone();
+        let slots =
+            Slots { restart: self.cfg.restart_governor.clone(), held: self.lease.clone(), update: self.cfg.update_governor.clone() };
         let activity = if delay > Duration::ZERO {
             format!("restarting in {:.1}s (backoff)", delay.as_secs_f64())
         } else {
@@ -730,9 +729,7 @@ impl Machine {
         };
         self.spawn_job(activity, move |ctx| async move {
             let mut lease = None;
-            let result = ctx
-                .provision(&spec, existing, replace, delay, restart_governor.filter(|_| !already_holds), update_governor, &mut lease)
-                .await;
+            let result = ctx.provision(&spec, existing, replace, delay, slots, &mut lease).await;
             JobOutcome { lease, result }
         });
     }
@@ -1211,6 +1208,17 @@ async fn watch_desired_tag(kv: Arc<dyn Kv>, key: String, resync: Duration, tx: m
 }
 
 /// What a job may use: the adapters, and a signal that it has been superseded.
+/// The governor slots a provision job works under.
+struct Slots {
+    /// Taken before a running container is replaced.
+    restart: Option<String>,
+    /// A restart slot the machine holds from the update it is now reverting: the revert replaces the
+    /// container within it, but only while the governor still counts it.
+    held: Option<Lease>,
+    /// Taken for the pull of an image that is not present.
+    update: Option<String>,
+}
+
 struct JobCtx {
     deps: Arc<MachineDeps>,
     epoch: u64,
@@ -1231,6 +1239,7 @@ impl JobCtx {
     async fn acquire(&self, governor: &str) -> Result<Lease, JobError> {
         let timeout = self.deps.rollout.governor_timeout;
         let began = Instant::now();
+        self.progress(format!("waiting for a slot of governor {governor}")).await;
         let lease = self.or_cancelled(self.deps.governor.acquire(governor, &self.holder, timeout)).await;
         let _ = self.tx.send(Input::GovernorWaited(began.elapsed())).await;
         lease?.map_err(|e| JobError::Failed(e.to_string()))
@@ -1238,6 +1247,11 @@ impl JobCtx {
 
     async fn release(&self, lease: Lease) {
         release(&*self.deps.governor, lease).await;
+    }
+
+    /// Replaces the job's activity line in status.
+    async fn progress(&self, activity: String) {
+        let _ = self.tx.send(Input::JobProgress { epoch: self.epoch, activity }).await;
     }
 
     /// Pulls under the update governor, if one is set.
@@ -1259,15 +1273,13 @@ impl JobCtx {
         Ok(pulled?)
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn provision(
         &self,
         spec: &ContainerSpec,
         existing: Option<ContainerInfo>,
         replace: bool,
         delay: Duration,
-        restart_governor: Option<String>,
-        update_governor: Option<String>,
+        slots: Slots,
         lease: &mut Option<Lease>,
     ) -> Result<JobDone, JobError> {
         if delay > Duration::ZERO {
@@ -1289,15 +1301,30 @@ impl JobCtx {
         let image = spec.image_ref();
         if runtime.image_id(&image).await?.is_none() {
             let mut pull_lease = None;
-            let pulled = self.pull(&image, update_governor, &mut pull_lease).await;
+            let pulled = self.pull(&image, slots.update, &mut pull_lease).await;
             if let Some(l) = pull_lease {
                 self.release(l).await;
             }
             pulled?;
         }
         // The restart governor guards replacing a container; a first start on a node replaces nothing.
-        if let Some(g) = restart_governor.filter(|_| existing.is_some()) {
-            *lease = Some(self.acquire(&g).await?);
+        if let Some(g) = slots.restart.filter(|_| existing.is_some()) {
+            let still_held = match &slots.held {
+                // Unknown (the store is unreachable) counts as lost: never replace on a slot not known to be ours.
+                Some(held) => self.deps.governor.holds(held).await.unwrap_or(false),
+                None => false,
+            };
+            if slots.held.is_some() && !still_held {
+                tracing::warn!(
+                    container = %spec.name,
+                    governor = %g,
+                    "the governor slot taken for this update was lost (expired, evicted, or the capacity lowered); waiting for a slot again"
+                );
+            }
+            if !still_held {
+                *lease = Some(self.acquire(&g).await?);
+                self.progress(format!("starting {image}")).await;
+            }
         }
         if let Some(old) = &existing {
             self.or_cancelled(runtime.remove(&old.id)).await??;

@@ -171,3 +171,58 @@ fn a_nats_outage_keeps_containers_remediated_locally_and_catches_up_on_kv_change
     agent.wait_machine("web", "on v2 after the outage", Duration::from_secs(60), |m| m.state == State::Run && m.version == "v2");
     assert_eq!(wait_until("v2 serving", Duration::from_secs(10), || http_get(port).filter(|b| b == "v2")), "v2");
 }
+
+#[test]
+fn a_revert_after_its_slot_was_lost_waits_for_a_slot_again() {
+    let server = nats::Server::start();
+    let agent_yaml = format!("backend: nats\nnats:\n  servers: ['{}']\n", server.url());
+    // Ten seconds of confirmation leave time to take a node's slot away and then fail its new version
+    // (the check fails once the test creates /tmp/fail in the container).
+    let rollout = "{ unverified_wait: 1s, min_healthy_time: 10s, healthy_deadline: 60s, governor_timeout: 120s }";
+    let container = |port: u16| {
+        format!(
+            "containers:\n  web:\n    image: {}\n    image_tag: v1\n    kv_update: true\n    restart_governor: RG\n    ports: ['127.0.0.1:{port}:80']\n    health_check: {{ type: exec, command: ['sh', '-c', 'test ! -f /tmp/fail'], interval: 1s, timeout: 1s, retries: 2 }}\n",
+            image()
+        )
+    };
+    let agents: Vec<TestAgent> = ["a", "b"]
+        .iter()
+        .map(|n| TestAgent::start_with_rollout(&format!("lostslot-{n}"), &container(free_port()), &agent_yaml, rollout))
+        .collect();
+    agents[0].hoist_ok(&["governor", "add", "RG", "1", "5m"]);
+    for a in &agents {
+        a.wait_running("web");
+    }
+    let record = record_webs(&agents);
+    agents[0].hoist_ok(&["kv", "put", "HOIST", "container/web/tag", "v2"]);
+    let confirming = |a: &TestAgent| {
+        a.machine("web").is_some_and(|m| m.state == State::Restart && m.activity.is_some_and(|x| x.starts_with("healthy; confirming")))
+    };
+    let first = wait_until("a node confirming v2", Duration::from_secs(60), || agents.iter().position(confirming));
+    let (first, second) = (&agents[first], &agents[1 - first]);
+
+    // The first node's slot goes (as an expiry or a lowered capacity would take it): the second takes
+    // it and updates too.
+    let view: hoist_core::backend::GovernorInfo = serde_json::from_str(&first.hoist_ok(&["governor", "view", "RG", "--json"])).unwrap();
+    assert_eq!(view.leases.len(), 1, "{view:?}");
+    first.hoist_ok(&["governor", "evict", "RG", &view.leases[0].seq.to_string()]);
+    wait_until("the second node confirming v2 in the freed slot", Duration::from_secs(30), || confirming(second).then_some(()));
+
+    // Now the first node's v2 fails: its revert to v1 must wait for a slot, not go on the lost one.
+    let out = first.docker(&["exec", &first.container_name("web"), "touch", "/tmp/fail"]);
+    assert!(out.status.success(), "{out:?}");
+    let waiting = first.wait_machine("web", "the revert waiting for a slot", Duration::from_secs(30), |m| {
+        m.activity.as_deref() == Some("waiting for a slot of governor RG")
+    });
+    assert_eq!(waiting.version, "v2", "v2 runs on meanwhile: {waiting:#?}");
+    assert!(waiting.desired_image.ends_with(":v1"), "reverting to v1: {waiting:#?}");
+    assert!(confirming(second), "the second node still holds the only slot");
+    assert!(first.log().contains("the governor slot taken for this update was lost"), "and says why it waits");
+
+    wait_until("the first node back on v1, the second on v2", Duration::from_secs(90), || {
+        let (a, b) = (first.machine("web")?, second.machine("web")?);
+        (a.state == State::Run && a.version == "v1" && b.state == State::Run && b.version == "v2").then_some(())
+    });
+    let (record, max_down) = record.finish();
+    assert_eq!(max_down, 1, "capacity 1 held even after a lost slot; docker events:\n{record}");
+}

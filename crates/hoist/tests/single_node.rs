@@ -358,6 +358,7 @@ fn an_update_waits_for_its_update_governor() {
     let extra = "    kv_update: true\n    update_governor: UG\n";
     let agent = TestAgent::start("updategov", &web(port, "v1", extra));
     agent.wait_running("web");
+    assert!(agent.log().contains("no governor named UG"), "the missing governor is warned about at start:\n{}", agent.log());
     // The image to roll to must be pulled (v3 is used by this test only, so nothing else holds it);
     // the pull waits for a slot of UG, which does not exist yet.
     docker(&["rmi", &format!("{}:v3", image())]);
@@ -373,6 +374,13 @@ fn an_update_waits_for_its_update_governor() {
     assert_eq!(wait_until("v3 serving", Duration::from_secs(10), || http_get(port).filter(|b| b == "v3")), "v3");
     let view = agent.hoist_ok(&["governor", "view", "UG"]);
     assert!(view.contains("0 active"), "the pull's lease is released: {view}");
+
+    // Slots that expire before rollout.healthy_deadline (30 s here) could be lost mid-update.
+    let warning = "slots expire before an update may finish";
+    assert!(!agent.log().contains(warning));
+    agent.hoist_ok(&["governor", "add", "UG", "1", "10s"]);
+    agent.signal("HUP");
+    wait_until("the short expiry warned about on reload", Duration::from_secs(20), || agent.log().contains(warning).then_some(()));
 }
 
 #[test]
