@@ -3,6 +3,7 @@
 mod agent;
 mod control;
 mod fleet;
+mod follow;
 mod inotify;
 mod metrics;
 mod output;
@@ -59,6 +60,10 @@ enum Command {
     Transition {
         container: String,
         transition: Transition,
+        /// Follow the container until it settles (RUN, or MAINTENANCE after stop), printing progress;
+        /// fails if it does not within LIMIT (default 10m) or settles with a condition such as a rollback.
+        #[arg(long, value_name = "LIMIT", num_args = 0..=1, default_missing_value = "10m", value_parser = humantime::parse_duration)]
+        wait: Option<Duration>,
         #[command(flatten)]
         fleet: fleet::FleetArgs,
     },
@@ -228,13 +233,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             print(g.json, &status, |s| output::status(std::slice::from_ref(s)));
         }
-        Command::Transition { container, transition, fleet } if fleet.wanted() => {
+        Command::Transition { container, transition, wait, fleet } if fleet.wanted() => {
+            anyhow::ensure!(wait.is_none(), "--wait follows this node's agent only; follow a fleet with `hoist watch --fleet`");
             let answer = fleet::ask(&agent_config(g)?, &fleet, Some(&container), Operation::Transition { transition }).await?;
             print(g.json, &answer, fleet::render);
             let refused = answer.replies.iter().flat_map(|r| &r.transitions).any(|t| t.error.is_some());
             if refused || !answer.missing.is_empty() {
                 return Ok(ExitCode::FAILURE);
             }
+        }
+        Command::Transition { container, transition, wait: Some(limit), .. } => {
+            let client = client(g)?;
+            client.transition(&container, transition).await?;
+            return follow::until_settled(&client, &container, transition, limit, g.json).await;
         }
         Command::Transition { container, transition, .. } => {
             let state = client(g)?.transition(&container, transition).await?;

@@ -481,3 +481,27 @@ fn register_ports_are_published_while_running_and_expire_when_the_agent_dies() {
     });
     assert!(!keys.contains(&first.id));
 }
+
+#[test]
+fn transition_wait_follows_the_container_until_it_settles() {
+    let port = free_port();
+    let check = "    health_check: { type: http, port: 80, interval: 1s }\n";
+    let rollout = "{ unverified_wait: 1s, min_healthy_time: 3s, healthy_deadline: 30s, governor_timeout: 60s }";
+    let agent = TestAgent::start_with_rollout("wait", &web(port, "v1", check), "", rollout);
+    agent.wait_running("web");
+
+    let out = agent.hoist_ok(&["transition", "web", "restart", "--wait"]);
+    assert!(out.contains("web: RESTART: healthy; confirming for"), "the gate's progress is shown: {out}");
+    assert!(out.trim_end().ends_with("web: RUN on v1"), "{out}");
+    assert_eq!(agent.machine("web").unwrap().restarts, 1, "settled means the restart is done");
+
+    // The gate needs 3 s of health, so a 1 s limit cannot see the restart settle.
+    let out = agent.hoist(&["transition", "web", "restart", "--wait", "1s"]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("web: still RESTART after 1s"), "{out:?}");
+    // A stop settles in MAINTENANCE.
+    agent.wait_running("web");
+    let out = agent.hoist_ok(&["transition", "web", "stop", "--wait"]);
+    assert!(out.trim_end().ends_with("web: MAINTENANCE on v1"), "{out}");
+    assert!(!agent.container_running("web"));
+}
