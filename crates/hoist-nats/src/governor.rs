@@ -278,7 +278,8 @@ impl Governor for NatsBackend {
         Ok(())
     }
 
+    /// Like `choria governor list`: this collective's governors only.
     async fn list(&self) -> BackendResult<Vec<String>> {
-        self.stream_names("GOVERNOR_").await
+        self.stream_names("GOVERNOR_", Some(&format!("{}.governor.*", self.collective))).await
     }
 }

@@ -110,7 +110,7 @@ impl Kv for NatsBackend {
     }
 
     async fn list_buckets(&self) -> BackendResult<Vec<String>> {
-        self.stream_names("KV_").await
+        self.stream_names("KV_", None).await
     }
 
     async fn get(&self, bucket: &str, key: &str) -> BackendResult<Option<KvEntry>> {

@@ -12,7 +12,7 @@ mod fleet;
 mod governor;
 mod kv;
 
-use async_nats::jetstream::{self, ErrorCode, context::GetStreamErrorKind, stream::Stream};
+use async_nats::jetstream::{self, ErrorCode, context::GetStreamErrorKind, response::Response, stream::Stream};
 use async_nats::{ConnectOptions, ServerAddr};
 use hoist_core::backend::BackendError;
 use std::fmt::Display;
@@ -110,11 +110,34 @@ impl NatsBackend {
         }
     }
 
-    /// Stream names starting with `prefix`, without it, sorted.
-    async fn stream_names(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
-        use futures_util::TryStreamExt;
-        let names: Vec<String> = self.js.stream_names().try_collect().await.map_err(|e| unavailable("listing streams", e))?;
-        let mut names: Vec<String> = names.into_iter().filter_map(|n| n.strip_prefix(prefix).map(str::to_string)).collect();
+    /// Stream names starting with `prefix`, without it, sorted; with `subject`, only streams that take
+    /// a subject it matches (the server filters, as `$JS.API.STREAM.NAMES` allows).
+    async fn stream_names(&self, prefix: &str, subject: Option<&str>) -> Result<Vec<String>, BackendError> {
+        #[derive(serde::Deserialize)]
+        struct Page {
+            total: usize,
+            // null on an empty page
+            streams: Option<Vec<String>>,
+        }
+        let mut names = Vec::new();
+        let mut offset = 0;
+        loop {
+            let mut request = serde_json::json!({ "offset": offset });
+            if let Some(subject) = subject {
+                request["subject"] = subject.into();
+            }
+            let page: Response<Page> = self.js.request("STREAM.NAMES", &request).await.map_err(|e| unavailable("listing streams", e))?;
+            let page = match page {
+                Response::Ok(page) => page,
+                Response::Err { error } => return Err(BackendError::Other(format!("listing streams: {error}"))),
+            };
+            let streams = page.streams.unwrap_or_default();
+            offset += streams.len();
+            names.extend(streams.into_iter().filter_map(|n| n.strip_prefix(prefix).map(str::to_string)));
+            if offset >= page.total || offset == 0 {
+                break;
+            }
+        }
         names.sort();
         Ok(names)
     }

@@ -106,6 +106,14 @@ async fn lays_streams_out_as_choria_does() {
     let holders: Vec<_> = backend.view("restart").await.expect("view").leases.into_iter().map(|l| (l.seq, l.holder)).collect();
     assert_eq!(holders, [(lease.seq, "web @ node1".to_string()), (ack["seq"].as_u64().expect("seq"), "node2.example.net".to_string())]);
 
+    // `governor ls` lists the collective's own governors, as `choria governor list` does.
+    let other = NatsBackend::connect(NatsOptions { servers: vec![server.url()], collective: "other".into(), ..NatsOptions::default() })
+        .await
+        .expect("connect under another collective");
+    other.add("deploy", 1, Duration::from_secs(60), 1).await.expect("add under another collective");
+    assert_eq!(backend.list().await.expect("list"), ["restart"]);
+    assert_eq!(other.list().await.expect("list"), ["deploy"]);
+
     backend.create_bucket("HOIST", BucketConfig::default()).await.expect("create bucket");
     let revision = backend.put("HOIST", "container/web/tag", b"v1").await.expect("put");
     let stream = js.get_stream("KV_HOIST").await.expect("the bucket's stream");
