@@ -1207,7 +1207,6 @@ async fn watch_desired_tag(kv: Arc<dyn Kv>, key: String, resync: Duration, tx: m
     }
 }
 
-/// What a job may use: the adapters, and a signal that it has been superseded.
 /// The governor slots a provision job works under.
 struct Slots {
     /// Taken before a running container is replaced.
@@ -1219,6 +1218,7 @@ struct Slots {
     update: Option<String>,
 }
 
+/// What a job may use: the adapters, and a signal that it has been superseded.
 struct JobCtx {
     deps: Arc<MachineDeps>,
     epoch: u64,
