@@ -14,6 +14,7 @@ pub mod fsm;
 pub mod machine;
 pub mod persist;
 pub mod registration;
+pub mod rollback_mark;
 pub mod runtime;
 pub mod spec;
 pub mod status;

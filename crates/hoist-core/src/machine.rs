@@ -15,6 +15,7 @@ use crate::files::FileWatch;
 use crate::fsm::{self, State, Transition};
 use crate::persist::{Remembered, StateStore};
 use crate::registration;
+use crate::rollback_mark::{self, RollbackMark};
 use crate::runtime::{ContainerInfo, ProbeError, RunState, Runtime, RuntimeError, RuntimeEvent, RuntimeEventKind, RuntimeHealth};
 use crate::spec::{ContainerSpec, ImageVersion, LABEL_SPEC};
 use crate::status::{Health, MachineStatus};
@@ -138,6 +139,8 @@ enum JobDone {
     },
     /// The image is local; its content id.
     Pulled(String),
+    /// Not replaced: another node rolled the version back (the slot, if taken, comes back with it).
+    RolledBackElsewhere(RollbackMark),
     Stopped,
 }
 
@@ -214,6 +217,8 @@ pub struct Machine {
     /// A version that failed its health gate and was rolled back from; not tried again until the
     /// desired version changes or an operator asks for `update`.
     bad_version: Option<ImageVersion>,
+    /// Where `bad_version` failed when it was not here: another node's rollback (`rollback_mark`).
+    bad_version_node: Option<String>,
     /// The next RESTART keeps the running container (an update found the same image).
     keep_unchanged: bool,
     /// The container the running provision job replaces, if any: when it produces a different one,
@@ -256,6 +261,7 @@ pub async fn spawn(cfg: ContainerConfig, deps: Arc<MachineDeps>, existing: Optio
         replacing: None,
         waiting_for_runtime: false,
         bad_version: remembered.as_ref().and_then(|r| r.bad_version.as_deref()).and_then(|v| ImageVersion::parse(v).ok()),
+        bad_version_node: remembered.as_ref().and_then(|r| r.bad_version_node.clone()),
         keep_unchanged: false,
         last_error: None,
         activity: None,
@@ -376,9 +382,14 @@ impl Machine {
             return Err(format!("{transition} is decided by the agent's health checks, not requested"));
         }
         fsm::check(self.state, transition).map_err(|e| e.to_string())?;
-        if transition == Transition::Update && self.bad_version.take().is_some() {
-            // The operator says the version is worth another try (e.g. the tag was re-pushed).
-            self.remember().await;
+        if transition == Transition::Update {
+            // The operator says the version is worth another try (e.g. the tag was re-pushed), here
+            // and, through the fleet's mark, on the nodes that skipped it.
+            if self.clear_bad_version() {
+                self.remember().await;
+            }
+            let (kv, name, version) = (self.deps.kv.clone(), self.cfg.name.clone(), self.wanted_version());
+            tokio::spawn(async move { rollback_mark::forget(&*kv, &name, &version).await });
         }
         self.apply(transition, "requested by operator".into()).await;
         Ok(self.state)
@@ -571,7 +582,15 @@ impl Machine {
 
     async fn roll_back(&mut self, why: String) {
         let failed = self.spec().image_ref();
-        self.bad_version = Some(self.wanted_version());
+        let wanted = self.wanted_version();
+        if self.cfg.kv_update && self.kv_version.is_some() {
+            // Asked for through the KV, so asked of the whole fleet: tell the nodes still waiting.
+            let (kv, name, version, node, why) =
+                (self.deps.kv.clone(), self.cfg.name.clone(), wanted.clone(), self.deps.node.clone(), why.clone());
+            tokio::spawn(async move { rollback_mark::record(&*kv, &name, &version, &node, &why).await });
+        }
+        self.bad_version = Some(wanted);
+        self.bad_version_node = None;
         self.remember().await;
         let message = format!("rolled back from {failed} to {}: {why}", self.spec().image_ref());
         tracing::warn!(container = %self.cfg.name, "{message}");
@@ -619,7 +638,7 @@ impl Machine {
         }
         let before = self.spec().image_ref();
         self.kv_version = parsed;
-        self.bad_version = None;
+        self.clear_bad_version();
         self.remember().await;
         let after = self.spec().image_ref();
         if before == after {
@@ -641,7 +660,7 @@ impl Machine {
         let probe_changed = cfg.health_check != self.cfg.health_check;
         let registrations_changed = cfg.register_ports != self.cfg.register_ports;
         if (&cfg.image, &cfg.image_tag) != (&self.cfg.image, &self.cfg.image_tag) {
-            self.bad_version = None;
+            self.clear_bad_version();
         }
         self.cfg = cfg;
         if watches_changed {
@@ -720,8 +739,12 @@ impl Machine {
         let existing = self.container.clone();
         self.replacing = existing.as_ref().map(|c| c.id.clone());
         let delay = std::mem::take(&mut self.next_delay);
-        let slots =
-            Slots { restart: self.cfg.restart_governor.clone(), held: self.lease.clone(), update: self.cfg.update_governor.clone() };
+        let turn = Turn {
+            restart: self.cfg.restart_governor.clone(),
+            held: self.lease.clone(),
+            update: self.cfg.update_governor.clone(),
+            check_fleet_mark: self.cfg.kv_update && self.kv_version.is_some() && self.trying_new_version(),
+        };
         let activity = if delay > Duration::ZERO {
             format!("restarting in {:.1}s (backoff)", delay.as_secs_f64())
         } else {
@@ -729,7 +752,7 @@ impl Machine {
         };
         self.spawn_job(activity, move |ctx| async move {
             let mut lease = None;
-            let result = ctx.provision(&spec, existing, replace, delay, slots, &mut lease).await;
+            let result = ctx.provision(&spec, existing, replace, delay, turn, &mut lease).await;
             JobOutcome { lease, result }
         });
     }
@@ -804,6 +827,19 @@ impl Machine {
                 });
                 let why = if self.keep_unchanged { "unchanged" } else { "pulled" };
                 self.want(Transition::Restart, format!("{why} {}", spec.image_ref()));
+            }
+            Ok(JobDone::RolledBackElsewhere(mark)) => {
+                let message = format!("{} was rolled back on {}: {}; not tried here", mark.version, mark.node, mark.reason);
+                tracing::warn!(container = %self.cfg.name, "{message}");
+                self.bad_version = Some(self.wanted_version());
+                self.bad_version_node = Some(mark.node);
+                self.remember().await;
+                self.notice(&message).await;
+                self.last_error = Some(message);
+                self.release_lease().await;
+                // RESTART again towards the last good version, keeping the container if it runs it.
+                self.keep_unchanged = true;
+                self.enter().await;
             }
             Ok(JobDone::Stopped) => {
                 if let Some(c) = self.container.as_mut() {
@@ -1078,6 +1114,7 @@ impl Machine {
             last_good_image: self.last_good_image.clone(),
             restarts: self.restarts,
             bad_version: self.bad_version.as_ref().map(|v| v.to_string()),
+            bad_version_node: self.bad_version_node.clone(),
         };
         if let Err(e) = self.deps.store.save(&self.cfg.name, &remembered).await {
             tracing::warn!(container = %self.cfg.name, error = %e, "could not save machine state");
@@ -1121,9 +1158,17 @@ impl Machine {
 
     fn rollback_condition(&self) -> Option<String> {
         let bad = self.bad_version.as_ref()?;
-        Some(format!(
-            "{bad} failed its health gate and was rolled back; not retried until the desired version changes or `update` is requested"
-        ))
+        let what = match &self.bad_version_node {
+            Some(node) => format!("{bad} was rolled back on {node}, so not tried here"),
+            None => format!("{bad} failed its health gate and was rolled back"),
+        };
+        Some(format!("{what}; not retried until the desired version changes or `update` is requested"))
+    }
+
+    /// Whether there was a mark to clear.
+    fn clear_bad_version(&mut self) -> bool {
+        self.bad_version_node = None;
+        self.bad_version.take().is_some()
     }
 
     fn status(&self) -> MachineStatus {
@@ -1207,8 +1252,9 @@ async fn watch_desired_tag(kv: Arc<dyn Kv>, key: String, resync: Duration, tx: m
     }
 }
 
-/// The governor slots a provision job works under.
-struct Slots {
+/// How a provision job takes its turn: the governor slots it works under, and whether a version new
+/// to this node must first be checked against the fleet's rollback mark.
+struct Turn {
     /// Taken before a running container is replaced.
     restart: Option<String>,
     /// A restart slot the machine holds from the update it is now reverting: the revert replaces the
@@ -1216,6 +1262,8 @@ struct Slots {
     held: Option<Lease>,
     /// Taken for the pull of an image that is not present.
     update: Option<String>,
+    /// The version comes from the KV and has not run here: another node may have rolled it back.
+    check_fleet_mark: bool,
 }
 
 /// What a job may use: the adapters, and a signal that it has been superseded.
@@ -1279,7 +1327,7 @@ impl JobCtx {
         existing: Option<ContainerInfo>,
         replace: bool,
         delay: Duration,
-        slots: Slots,
+        turn: Turn,
         lease: &mut Option<Lease>,
     ) -> Result<JobDone, JobError> {
         if delay > Duration::ZERO {
@@ -1301,20 +1349,20 @@ impl JobCtx {
         let image = spec.image_ref();
         if runtime.image_id(&image).await?.is_none() {
             let mut pull_lease = None;
-            let pulled = self.pull(&image, slots.update, &mut pull_lease).await;
+            let pulled = self.pull(&image, turn.update, &mut pull_lease).await;
             if let Some(l) = pull_lease {
                 self.release(l).await;
             }
             pulled?;
         }
         // The restart governor guards replacing a container; a first start on a node replaces nothing.
-        if let Some(g) = slots.restart.filter(|_| existing.is_some()) {
-            let still_held = match &slots.held {
+        if let Some(g) = turn.restart.filter(|_| existing.is_some()) {
+            let still_held = match &turn.held {
                 // Unknown (the store is unreachable) counts as lost: never replace on a slot not known to be ours.
                 Some(held) => self.deps.governor.holds(held).await.unwrap_or(false),
                 None => false,
             };
-            if slots.held.is_some() && !still_held {
+            if turn.held.is_some() && !still_held {
                 tracing::warn!(
                     container = %spec.name,
                     governor = %g,
@@ -1325,6 +1373,12 @@ impl JobCtx {
                 *lease = Some(self.acquire(&g).await?);
                 self.progress(format!("starting {image}")).await;
             }
+        }
+        // Checked after the wait for a slot: that is when an earlier node's verdict is known.
+        if turn.check_fleet_mark
+            && let Some(mark) = rollback_mark::find(&*self.deps.kv, &spec.name, &spec.version).await
+        {
+            return Ok(JobDone::RolledBackElsewhere(mark));
         }
         if let Some(old) = &existing {
             self.or_cancelled(runtime.remove(&old.id)).await??;

@@ -16,6 +16,9 @@ pub struct Remembered {
     /// A version rolled back from (absent in files written before rollbacks existed).
     #[serde(default)]
     pub bad_version: Option<String>,
+    /// The node where `bad_version` failed, when it was another node's rollback that stopped it here.
+    #[serde(default)]
+    pub bad_version_node: Option<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -107,26 +107,55 @@ fn a_fleet_rolls_one_instance_at_a_time_and_answers_fleet_commands() {
 }
 
 #[test]
-fn a_failing_version_is_rolled_back_across_the_fleet_one_instance_at_a_time() {
+fn a_failing_version_is_tried_on_one_node_and_stopped_fleet_wide() {
     let server = nats::Server::start();
     let agents = three_agents("fleetrb", &server);
     let record = record_webs(&agents);
     agents[0].hoist_ok(&["kv", "put", "HOIST", "container/web/tag", "broken"]);
-    wait_until("every node rolled back to v1", Duration::from_secs(120), || {
+    let answer = wait_until("every node on v1 with the version marked bad", Duration::from_secs(120), || {
         let a = fleet_status(&agents[0], &[]);
         (a.replies.len() == 3
             && a.replies
                 .iter()
                 .all(|r| r.status.machines.iter().all(|m| m.state == State::Run && m.version == "v1" && m.condition.is_some())))
-        .then_some(())
+        .then_some(a)
     });
     let (record, max_down) = record.finish();
-    // Each node's v1 died once (replaced by broken) and broken died until rolled back; the revert took
-    // the same governor slot, so never more than one node's web was down.
+    // One node tried it: its v1 died (replaced by broken), broken died, v1 came back, in one slot.
+    let tried: BTreeSet<&str> = record.lines().filter_map(|l| l.strip_prefix("die ")).collect();
+    assert_eq!(tried.len(), 1, "only one node tried the broken version; docker events:\n{record}");
     assert_eq!(max_down, 1, "docker events:\n{record}");
-    for a in &agents {
-        assert_eq!(http_get_container(a), Some("v1".to_string()), "{} serves v1 again", a.node);
+    let tried_node = agents.iter().find(|a| tried.contains(a.container_name("web").as_str())).expect("a node of the test").node.clone();
+
+    // The others say why they stayed, and the mark names where it failed.
+    for reply in answer.replies.iter().filter(|r| r.node != tried_node) {
+        let condition = reply.status.machines[0].condition.clone().unwrap_or_default();
+        assert!(condition.contains(&format!("broken was rolled back on {tried_node}")), "{}: {condition}", reply.node);
     }
+    let mark: serde_json::Value = serde_json::from_str(&agents[1].hoist_ok(&["kv", "get", "HOIST", "container/web/rollback"])).unwrap();
+    assert_eq!((mark["version"].as_str(), mark["node"].as_str()), (Some("broken"), Some(tried_node.as_str())), "{mark}");
+    for a in &agents {
+        assert_eq!(http_get_container(a), Some("v1".to_string()), "{} serves v1", a.node);
+    }
+
+    // An operator's `update` across the fleet asks for another try: again one node tries it and the
+    // rest stop at its verdict.
+    let mark_revision = || -> Option<u64> {
+        let out = agents[1].hoist(&["kv", "get", "HOIST", "container/web/rollback", "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).ok()?["revision"].as_u64()
+    };
+    let first_verdict = mark_revision().expect("the mark's revision");
+    let record = record_webs(&agents);
+    let out = agents[0].hoist_ok(&["transition", "--fleet", "web", "update", "--json"]);
+    let answer: FleetAnswer = serde_json::from_str(&out).unwrap();
+    assert_eq!(answer.replies.len(), 3, "{out}");
+    // `update` deletes the old verdict, or every node would stop at it and none would try.
+    wait_until("the retry's verdict recorded", Duration::from_secs(120), || mark_revision().filter(|r| *r > first_verdict));
+    all_on(&agents, "v1", "every node back on v1");
+    let (record, max_down) = record.finish();
+    let tried_again: BTreeSet<&str> = record.lines().filter_map(|l| l.strip_prefix("die ")).collect();
+    assert_eq!(tried_again.len(), 1, "one node tried it again; docker events:\n{record}");
+    assert_eq!(max_down, 1, "docker events:\n{record}");
 }
 
 /// What the node's web answers on its published port (found through Docker).
