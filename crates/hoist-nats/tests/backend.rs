@@ -208,6 +208,75 @@ async fn an_nkey_seed_file_authenticates() {
     backend.create_bucket("AUTHED", BucketConfig::default()).await.expect("use the connection");
 }
 
+/// A NATS JWT: `claims` (without iss/sub/iat/jti) issued by `issuer` about `subject`.
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use base64::Engine;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let claims = serde_json::json!({
+        "jti": format!("{}{now}", name.to_uppercase()),
+        "iat": now,
+        "iss": issuer.public_key(),
+        "sub": subject,
+        "name": name,
+        "nats": nats,
+    });
+    let signed = format!("{}.{}", b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#), b64(claims.to_string().as_bytes()));
+    let signature = issuer.sign(signed.as_bytes()).expect("sign");
+    format!("{signed}.{}", b64(&signature))
+}
+
+#[tokio::test]
+async fn a_creds_file_authenticates_against_an_operator_mode_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let (operator, account, user) = (nkeys::KeyPair::new_operator(), nkeys::KeyPair::new_account(), nkeys::KeyPair::new_user());
+    let operator_jwt = jwt(&operator, &operator.public_key(), "hoist-tests", serde_json::json!({ "type": "operator", "version": 2 }));
+    let unlimited = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true, "conn": -1, "leaf": -1,
+        "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1
+    });
+    let account_jwt =
+        jwt(&operator, &account.public_key(), "HOIST", serde_json::json!({ "limits": unlimited, "type": "account", "version": 2 }));
+    let user_jwt = jwt(
+        &account,
+        &user.public_key(),
+        "hoist",
+        serde_json::json!({ "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2 }),
+    );
+    // JetStream needs a system account in operator mode.
+    let system = nkeys::KeyPair::new_account();
+    let system_jwt = jwt(&operator, &system.public_key(), "SYS", serde_json::json!({ "type": "account", "version": 2 }));
+    let conf = dir.path().join("operator.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "operator: {operator_jwt}\nsystem_account: {sys}\nresolver: MEMORY\nresolver_preload: {{\n  {sys}: {system_jwt}\n  {}: {account_jwt}\n}}\n",
+            account.public_key(),
+            sys = system.public_key(),
+        ),
+    )
+    .unwrap();
+    // The layout `nsc generate creds` writes and Choria's tooling hands out.
+    let creds = dir.path().join("hoist.creds");
+    std::fs::write(
+        &creds,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n-----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().unwrap()
+        ),
+    )
+    .unwrap();
+    let server = Server::start_with(&["-c", conf.to_str().unwrap()]);
+
+    let without = NatsBackend::connect(NatsOptions { servers: vec![server.url()], ..NatsOptions::default() }).await;
+    assert!(matches!(without, Err(BackendError::Unavailable(_))), "connected without credentials");
+    let backend = NatsBackend::connect(NatsOptions { servers: vec![server.url()], creds: Some(creds), ..NatsOptions::default() })
+        .await
+        .expect("connect with the creds file");
+    backend.create_bucket("AUTHED", BucketConfig::default()).await.expect("JetStream through the account");
+    backend.add("restart", 1, Duration::from_secs(60), 1).await.expect("a governor through the account");
+}
+
 /// Runs openssl, failing the test with its output if it fails.
 fn openssl(dir: &std::path::Path, args: &[&str]) {
     let out = std::process::Command::new("openssl").current_dir(dir).args(args).output().expect("openssl");
