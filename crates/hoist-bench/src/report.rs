@@ -156,8 +156,11 @@ fn value_at(points: &[(f64, f64)], x: f64) -> f64 {
 
 fn to_svg(title: &str, series: &[Series]) -> String {
     let (w, h, left, right, top, bottom) = (720.0, 400.0, 60.0, 20.0, 40.0, 50.0);
-    let max_x = series.iter().flat_map(|s| s.points.iter().map(|p| p.0)).fold(1e-9_f64, f64::max);
-    let max_y = series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).fold(1.0_f64, f64::max);
+    // Axes end on a round tick at or past the data.
+    let data_x = series.iter().flat_map(|s| s.points.iter().map(|p| p.0)).fold(1e-9_f64, f64::max);
+    let data_y = series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).fold(1.0_f64, f64::max);
+    let (step_x, step_y) = (tick_step(data_x), tick_step(data_y));
+    let (max_x, max_y) = ((data_x / step_x).ceil() * step_x, (data_y / step_y).ceil() * step_y);
     let px = |x: f64| left + x / max_x * (w - left - right);
     let py = |y: f64| h - bottom - y / max_y * (h - top - bottom);
     let mut svg = format!(
@@ -167,11 +170,12 @@ fn to_svg(title: &str, series: &[Series]) -> String {
         w / 2.0,
         escape(title)
     );
-    // Axes with five ticks each.
     let _ = writeln!(svg, "<path d=\"M{left},{top} V{} H{}\" stroke=\"black\" fill=\"none\"/>", h - bottom, w - right);
-    for i in 0..=5 {
-        let (xv, yv) = (max_x * f64::from(i) / 5.0, max_y * f64::from(i) / 5.0);
-        let _ = writeln!(svg, "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{xv:.1}</text>", px(xv), h - bottom + 16.0);
+    let decimals = usize::from(step_x.fract() != 0.0);
+    for xv in ticks(max_x, step_x) {
+        let _ = writeln!(svg, "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{xv:.decimals$}</text>", px(xv), h - bottom + 16.0);
+    }
+    for yv in ticks(max_y, step_y) {
         let _ = writeln!(svg, "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{yv:.0}</text>", left - 6.0, py(yv) + 4.0);
         let _ = writeln!(svg, "<path d=\"M{left},{:.1} H{}\" stroke=\"#ddd\"/>", py(yv), w - right);
     }
@@ -198,6 +202,31 @@ fn to_svg(title: &str, series: &[Series]) -> String {
     svg
 }
 
+/// A round tick step (1, 2 or 5 × 10^k) that cuts `0..=max` into at most five intervals.
+fn tick_step(max: f64) -> f64 {
+    let rough = max / 5.0;
+    let magnitude = 10_f64.powf(rough.log10().floor());
+    [1.0, 2.0, 5.0, 10.0].into_iter().map(|m| m * magnitude).find(|step| *step >= rough).unwrap_or(10.0 * magnitude)
+}
+
+fn ticks(max: f64, step: f64) -> impl Iterator<Item = f64> {
+    (0..=(max / step).round() as u32).map(move |i| f64::from(i) * step)
+}
+
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ticks_are_round_and_cover_the_data() {
+        assert_eq!(tick_step(23.3), 5.0);
+        assert_eq!(tick_step(1000.0), 200.0);
+        assert_eq!(tick_step(105.3), 50.0);
+        assert_eq!(tick_step(0.9), 0.2);
+        assert_eq!(ticks(25.0, 5.0).collect::<Vec<_>>(), [0.0, 5.0, 10.0, 15.0, 20.0, 25.0]);
+    }
 }
