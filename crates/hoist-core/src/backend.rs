@@ -216,9 +216,36 @@ pub struct TransitionEvent {
 
 pub const TRANSITION_PROTOCOL: &str = "io.choria.machine.v1.transition";
 
+/// What happened to a governor slot, in Choria's words (`timeouts` is its spelling).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GovernorEventType {
+    Enter,
+    Exit,
+    Timeouts,
+    Eviction,
+}
+
+/// A governor lifecycle event, as Choria's autonomous agents and `choria governor evict` publish them
+/// (`io.choria.lifecycle.v1.governor`), so `choria tool event` shows hoist's slots too.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GovernorEvent {
+    /// The node; for an eviction, the evicted lease's name.
+    pub identity: String,
+    /// The machine (`hoist_web`), or `CLI` for an operator's eviction.
+    pub component: String,
+    pub governor: String,
+    /// The lease id; 0 when no slot was had (`timeouts`).
+    pub sequence: u64,
+    pub event_type: GovernorEventType,
+}
+
+pub const GOVERNOR_EVENT_PROTOCOL: &str = "io.choria.lifecycle.v1.governor";
+
 #[async_trait]
 pub trait Events: Send + Sync + 'static {
     async fn publish(&self, event: &TransitionEvent) -> BackendResult<()>;
+    async fn publish_governor(&self, event: &GovernorEvent) -> BackendResult<()>;
     /// Events published from now on (by any node, for a fleet backend).
     async fn subscribe(&self) -> BackendResult<BoxStream<'static, TransitionEvent>>;
 }
@@ -226,6 +253,16 @@ pub trait Events: Send + Sync + 'static {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn governor_event_types_are_spelled_as_choria_spells_them() {
+        let spelled: Vec<String> =
+            [GovernorEventType::Enter, GovernorEventType::Exit, GovernorEventType::Timeouts, GovernorEventType::Eviction]
+                .iter()
+                .map(|t| serde_json::to_string(t).unwrap())
+                .collect();
+        assert_eq!(spelled, [r#""enter""#, r#""exit""#, r#""timeouts""#, r#""eviction""#]);
+    }
 
     #[test]
     fn key_rules_and_patterns() {

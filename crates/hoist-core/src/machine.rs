@@ -8,7 +8,10 @@
 //! waits, pulls, create/start, stop) runs as a cancellable job whose outcome comes back as an input, so
 //! the actor always answers status and operator requests at once.
 
-use crate::backend::{Events, Governor, HOIST_BUCKET, Kv, Lease, TRANSITION_PROTOCOL, TransitionEvent, tag_key};
+use crate::backend::{
+    BackendError, Events, Governor, GovernorEvent, GovernorEventType, HOIST_BUCKET, Kv, Lease, TRANSITION_PROTOCOL, TransitionEvent,
+    tag_key,
+};
 use crate::backoff::CrashLoop;
 use crate::config::{ContainerConfig, RolloutConfig};
 use crate::files::FileWatch;
@@ -299,7 +302,7 @@ impl Machine {
                 rx.close();
                 while let Ok(input) = rx.try_recv() {
                     if let Input::JobDone { outcome: JobOutcome { lease: Some(lease), .. }, .. } = input {
-                        release(&*self.deps.governor, lease).await;
+                        release(&self.deps, &self.machine_name(), lease).await;
                     }
                 }
                 let _ = done.send(());
@@ -713,17 +716,18 @@ impl Machine {
             epoch: self.epoch,
             cancelled: cancelled.clone(),
             holder: format!("hoist {} @ {}", self.cfg.name, self.deps.node),
+            component: self.machine_name(),
             tx: self.tx.clone(),
         };
         let fut = job(ctx);
-        let (tx, epoch, governor) = (self.tx.clone(), self.epoch, self.deps.governor.clone());
+        let (tx, epoch, deps, component) = (self.tx.clone(), self.epoch, self.deps.clone(), self.machine_name());
         let task = tokio::spawn(async move {
             let outcome = fut.await;
             // A superseded job's slot is nobody's: free it here rather than hand it to a machine
             // that may already have shut down.
             if *cancelled.borrow() {
                 if let Some(lease) = outcome.lease {
-                    release(&*governor, lease).await;
+                    release(&deps, &component, lease).await;
                 }
                 return;
             }
@@ -786,7 +790,7 @@ impl Machine {
     async fn on_job_done(&mut self, epoch: u64, outcome: JobOutcome) {
         if epoch != self.epoch {
             if let Some(lease) = outcome.lease {
-                release(&*self.deps.governor, lease).await;
+                release(&self.deps, &self.machine_name(), lease).await;
             }
             return;
         }
@@ -1074,7 +1078,7 @@ impl Machine {
 
     async fn release_lease(&mut self) {
         if let Some(lease) = self.lease.take() {
-            release(&*self.deps.governor, lease).await;
+            release(&self.deps, &self.machine_name(), lease).await;
         }
     }
 
@@ -1272,6 +1276,8 @@ struct JobCtx {
     epoch: u64,
     cancelled: watch::Receiver<bool>,
     holder: String,
+    /// The machine's name, for governor lifecycle events.
+    component: String,
     tx: mpsc::Sender<Input>,
 }
 
@@ -1290,11 +1296,22 @@ impl JobCtx {
         self.progress(format!("waiting for a slot of governor {governor}")).await;
         let lease = self.or_cancelled(self.deps.governor.acquire(governor, &self.holder, timeout)).await;
         let _ = self.tx.send(Input::GovernorWaited(began.elapsed())).await;
-        lease?.map_err(|e| JobError::Failed(e.to_string()))
+        match lease? {
+            Ok(lease) => {
+                governor_event(&self.deps, &self.component, governor, lease.seq, GovernorEventType::Enter).await;
+                Ok(lease)
+            }
+            Err(e) => {
+                if matches!(e, BackendError::GovernorTimeout(..)) {
+                    governor_event(&self.deps, &self.component, governor, 0, GovernorEventType::Timeouts).await;
+                }
+                Err(JobError::Failed(e.to_string()))
+            }
+        }
     }
 
     async fn release(&self, lease: Lease) {
-        release(&*self.deps.governor, lease).await;
+        release(&self.deps, &self.component, lease).await;
     }
 
     /// Replaces the job's activity line in status.
@@ -1400,10 +1417,19 @@ pub(crate) async fn pick_adoptable(runtime: &dyn Runtime, mut candidates: Vec<Co
     keep
 }
 
-async fn release(governor: &dyn Governor, lease: Lease) {
-    if let Err(e) = governor.release(&lease).await {
+/// Frees a slot, telling the lifecycle bus first, as Choria's autonomous agents do.
+async fn release(deps: &MachineDeps, component: &str, lease: Lease) {
+    governor_event(deps, component, &lease.governor, lease.seq, GovernorEventType::Exit).await;
+    if let Err(e) = deps.governor.release(&lease).await {
         // Expiry or an eviction already freed it; Choria only logs this too.
         tracing::debug!(governor = %lease.governor, seq = lease.seq, error = %e, "lease release");
+    }
+}
+
+async fn governor_event(deps: &MachineDeps, component: &str, governor: &str, sequence: u64, event_type: GovernorEventType) {
+    let event = GovernorEvent { identity: deps.node.clone(), component: component.into(), governor: governor.into(), sequence, event_type };
+    if let Err(e) = deps.events.publish_governor(&event).await {
+        tracing::debug!(governor, error = %e, "could not publish a governor event");
     }
 }
 

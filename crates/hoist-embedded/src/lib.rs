@@ -7,7 +7,7 @@ mod kv;
 
 use async_trait::async_trait;
 use futures_util::stream::{self, BoxStream};
-use hoist_core::backend::{BackendError, BackendResult, Events, KvEntry, TransitionEvent};
+use hoist_core::backend::{BackendError, BackendResult, Events, GovernorEvent, KvEntry, TransitionEvent};
 use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -173,6 +173,12 @@ impl Events for EmbeddedStore {
     async fn publish(&self, event: &TransitionEvent) -> BackendResult<()> {
         // An error only means nobody is subscribed.
         let _ = self.inner.events.send(event.clone());
+        Ok(())
+    }
+
+    /// One node has no lifecycle bus for Choria's tools to read: the agent's log carries these.
+    async fn publish_governor(&self, event: &GovernorEvent) -> BackendResult<()> {
+        tracing::debug!(governor = %event.governor, seq = event.sequence, component = %event.component, kind = ?event.event_type, "governor event");
         Ok(())
     }
 

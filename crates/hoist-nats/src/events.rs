@@ -1,12 +1,15 @@
 //! Transition events as Choria's machine notifier sends them: a CloudEvent 1.0 on
 //! `choria.machine.transition` whose `data` is the transition, so `choria machine watch` and
-//! `choria scout watch` show hoist's machines too.
+//! `choria scout watch` show hoist's machines too. Governor lifecycle events are Choria's plain
+//! lifecycle JSON on `choria.lifecycle.event.governor.<component>`, as `choria tool event` reads them.
 
 use crate::{NatsBackend, unavailable};
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
-use hoist_core::backend::{BackendResult, Events, TRANSITION_PROTOCOL, TransitionEvent};
+use hoist_core::backend::{
+    BackendResult, Events, GOVERNOR_EVENT_PROTOCOL, GovernorEvent, GovernorEventType, TRANSITION_PROTOCOL, TransitionEvent,
+};
 use hoist_core::machine::uuid_v4;
 use serde::{Deserialize, Serialize};
 use tracing::debug;
@@ -24,6 +27,19 @@ struct CloudEvent {
     datacontenttype: String,
     time: String,
     data: TransitionEvent,
+}
+
+/// Choria's lifecycle envelope for governor events (`lifecycle/governor.go`).
+#[derive(Serialize)]
+struct GovernorLifecycle<'a> {
+    protocol: &'static str,
+    id: String,
+    identity: &'a str,
+    component: &'a str,
+    timestamp: i64,
+    governor: &'a str,
+    sequence: u64,
+    event_type: GovernorEventType,
 }
 
 /// RFC 3339 UTC with seconds precision, like Choria's `time` field.
@@ -57,6 +73,22 @@ impl Events for NatsBackend {
         };
         let body = serde_json::to_vec(&envelope).map_err(|e| unavailable("encoding a transition event", e))?;
         self.client.publish(SUBJECT, body.into()).await.map_err(|e| unavailable("publishing a transition event", e))
+    }
+
+    async fn publish_governor(&self, event: &GovernorEvent) -> BackendResult<()> {
+        let body = GovernorLifecycle {
+            protocol: GOVERNOR_EVENT_PROTOCOL,
+            id: uuid_v4(),
+            identity: &event.identity,
+            component: &event.component,
+            timestamp: hoist_core::machine::unix_now(),
+            governor: &event.governor,
+            sequence: event.sequence,
+            event_type: event.event_type,
+        };
+        let body = serde_json::to_vec(&body).map_err(|e| unavailable("encoding a governor event", e))?;
+        let subject = format!("choria.lifecycle.event.governor.{}", event.component);
+        self.client.publish(subject, body.into()).await.map_err(|e| unavailable("publishing a governor event", e))
     }
 
     async fn subscribe(&self) -> BackendResult<BoxStream<'static, TransitionEvent>> {

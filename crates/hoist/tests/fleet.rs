@@ -158,6 +158,42 @@ fn a_failing_version_is_tried_on_one_node_and_stopped_fleet_wide() {
     assert_eq!(max_down, 1, "docker events:\n{record}");
 }
 
+/// Choria governor lifecycle events as `choria tool event` would see them: (subject, body).
+struct LifecycleRecord {
+    _runtime: tokio::runtime::Runtime,
+    events: std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>,
+}
+
+impl LifecycleRecord {
+    fn start(server: &nats::Server) -> LifecycleRecord {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (url, sink) = (server.url(), events.clone());
+        runtime.spawn(async move {
+            use futures_util::StreamExt;
+            let client = async_nats::connect(url).await.expect("connect");
+            let mut messages = client.subscribe("choria.lifecycle.event.governor.>").await.expect("subscribe");
+            // Live once our own message comes back.
+            client.publish("choria.lifecycle.event.governor.sync", "{}".into()).await.unwrap();
+            while let Some(msg) = messages.next().await {
+                if msg.subject.as_str() == "choria.lifecycle.event.governor.sync" {
+                    let _ = ready_tx.send(());
+                    continue;
+                }
+                let body = serde_json::from_slice(&msg.payload).unwrap_or(serde_json::Value::Null);
+                sink.lock().unwrap().push((msg.subject.to_string(), body));
+            }
+        });
+        ready_rx.recv_timeout(Duration::from_secs(10)).expect("the lifecycle subscription");
+        LifecycleRecord { _runtime: runtime, events }
+    }
+
+    fn events(&self) -> Vec<(String, serde_json::Value)> {
+        self.events.lock().unwrap().clone()
+    }
+}
+
 /// What the node's web answers on its published port (found through Docker).
 fn http_get_container(agent: &TestAgent) -> Option<String> {
     let port = docker_ok(&["port", &agent.container_name("web"), "80/tcp"]);
@@ -223,6 +259,7 @@ fn a_revert_after_its_slot_was_lost_waits_for_a_slot_again() {
         a.wait_running("web");
     }
     let record = record_webs(&agents);
+    let lifecycle = LifecycleRecord::start(&server);
     agents[0].hoist_ok(&["kv", "put", "HOIST", "container/web/tag", "v2"]);
     let confirming = |a: &TestAgent| {
         a.machine("web").is_some_and(|m| m.state == State::Restart && m.activity.is_some_and(|x| x.starts_with("healthy; confirming")))
@@ -254,4 +291,22 @@ fn a_revert_after_its_slot_was_lost_waits_for_a_slot_again() {
     });
     let (record, max_down) = record.finish();
     assert_eq!(max_down, 1, "capacity 1 held even after a lost slot; docker events:\n{record}");
+
+    // Choria's tools saw it all: the first node entering, the operator's eviction, and the slots the
+    // nodes took and left afterwards.
+    let events = lifecycle.events();
+    let seq = view.leases[0].seq;
+    let find = |subject: &str, kind: &str| {
+        events.iter().find(|(s, e)| s == subject && e["event_type"] == kind && e["sequence"] == seq).map(|(_, e)| e.clone())
+    };
+    let enter = find("choria.lifecycle.event.governor.hoist_web", "enter").unwrap_or_else(|| panic!("no enter event: {events:#?}"));
+    assert_eq!(enter["protocol"], "io.choria.lifecycle.v1.governor");
+    assert_eq!(
+        (enter["identity"].as_str(), enter["component"].as_str(), enter["governor"].as_str()),
+        (Some(first.node.as_str()), Some("hoist_web"), Some("RG"))
+    );
+    let eviction = find("choria.lifecycle.event.governor.CLI", "eviction").unwrap_or_else(|| panic!("no eviction event: {events:#?}"));
+    assert_eq!(eviction["identity"].as_str(), Some(view.leases[0].holder.as_str()));
+    let exits = events.iter().filter(|(_, e)| e["event_type"] == "exit").count();
+    assert!(exits >= 2, "the second node's update and the first node's revert left their slots: {events:#?}");
 }

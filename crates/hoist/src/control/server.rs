@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use futures_util::{Stream, StreamExt};
 use hoist_core::agent::AgentHandle;
-use hoist_core::backend::{BackendError, BucketConfig, Events, Governor, Kv};
+use hoist_core::backend::{BackendError, BucketConfig, Events, Governor, GovernorEvent, GovernorEventType, Kv};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -176,8 +176,21 @@ async fn reset_governor(State(c): State<Control>, Path(name): Path<String>) -> A
     json(c.governor.reset(&name).await?)
 }
 
+/// Evicts a lease and says so on the lifecycle bus, as `choria governor evict` does (identity = the
+/// evicted lease's name).
 async fn evict(State(c): State<Control>, Path((name, seq)): Path<(String, u64)>) -> ApiResult<hoist_core::backend::LeaseInfo> {
-    json(c.governor.evict(&name, seq).await?)
+    let lease = c.governor.evict(&name, seq).await?;
+    let event = GovernorEvent {
+        identity: lease.holder.clone(),
+        component: "CLI".into(),
+        governor: name,
+        sequence: seq,
+        event_type: GovernorEventType::Eviction,
+    };
+    if let Err(e) = c.events.publish_governor(&event).await {
+        tracing::debug!(error = %e, "could not publish the eviction event");
+    }
+    json(lease)
 }
 
 async fn metrics_text(State(c): State<Control>) -> Response {
