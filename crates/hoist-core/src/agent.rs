@@ -16,6 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
+/// How often the governors' warnings are re-checked besides at every load.
+const GOVERNOR_CHECK: Duration = Duration::from_secs(30);
+
 enum Command {
     Status {
         container: Option<String>,
@@ -34,6 +37,9 @@ enum Command {
     RuntimeReconnected,
     /// Look again at orphans that were too young to purge.
     Purge,
+    /// Look again at the governors the containers use (every `GOVERNOR_CHECK`).
+    CheckGovernors,
+    Warnings(Vec<String>),
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -54,7 +60,7 @@ impl AgentHandle {
     pub async fn status(&self, container: Option<String>) -> NodeStatus {
         let (reply, rx) = oneshot::channel();
         let _ = self.tx.send(Command::Status { container, reply }).await;
-        rx.await.unwrap_or_else(|_| NodeStatus { node: self.node.clone(), machines: vec![], config_error: None })
+        rx.await.unwrap_or_else(|_| NodeStatus { node: self.node.clone(), machines: vec![], config_error: None, warnings: vec![] })
     }
 
     pub async fn transition(&self, container: &str, transition: Transition) -> Result<State, String> {
@@ -83,6 +89,8 @@ struct Agent {
     set: ContainerSet,
     machines: BTreeMap<String, MachineHandle>,
     config_error: Option<String>,
+    /// From the last load's checks (`check_governors`), shown in status.
+    warnings: Vec<String>,
     /// How old an unmanaged container must be before purge removes it.
     purge_grace: Duration,
     /// Whether a `Purge` is already on its way for an orphan spared for being young.
@@ -98,9 +106,18 @@ pub async fn start(deps: Arc<MachineDeps>, set: ContainerSet, purge_grace: Durat
     let (tx, rx) = mpsc::channel(1024);
     let handle = AgentHandle { tx: tx.clone(), node: deps.node.clone() };
     let inbox = tx.downgrade();
+    tokio::spawn(recheck_governors(inbox.clone()));
     tokio::spawn(pump_runtime_events(deps.clone(), tx));
-    let mut agent =
-        Agent { deps, set: ContainerSet::default(), machines: BTreeMap::new(), config_error: None, purge_grace, purge_due: false, inbox };
+    let mut agent = Agent {
+        deps,
+        set: ContainerSet::default(),
+        machines: BTreeMap::new(),
+        config_error: None,
+        warnings: Vec::new(),
+        purge_grace,
+        purge_due: false,
+        inbox,
+    };
     agent.apply(set).await;
     tokio::spawn(agent.run(rx));
     handle
@@ -114,7 +131,12 @@ impl Agent {
                     let handles: Vec<&MachineHandle> =
                         self.machines.values().filter(|m| container.as_ref().is_none_or(|c| *c == m.name)).collect();
                     let machines = join_all(handles.into_iter().map(|m| m.status())).await.into_iter().flatten().collect();
-                    let _ = reply.send(NodeStatus { node: self.deps.node.clone(), machines, config_error: self.config_error.clone() });
+                    let _ = reply.send(NodeStatus {
+                        node: self.deps.node.clone(),
+                        machines,
+                        config_error: self.config_error.clone(),
+                        warnings: self.warnings.clone(),
+                    });
                 }
                 Command::Transition { container, transition, reply } => {
                     let result = match self.machines.get(&container) {
@@ -150,6 +172,13 @@ impl Agent {
                 Command::Purge => {
                     self.purge_due = false;
                     self.purge_orphans().await;
+                }
+                Command::CheckGovernors => self.check_governors(),
+                Command::Warnings(warnings) => {
+                    for new in warnings.iter().filter(|w| !self.warnings.contains(w)) {
+                        tracing::warn!("{new}");
+                    }
+                    self.warnings = warnings;
                 }
                 Command::Shutdown { reply } => {
                     join_all(self.machines.values().map(|m| m.shutdown(false))).await;
@@ -206,35 +235,42 @@ impl Agent {
             }
         }
         self.set = set;
-        self.check_governors().await;
+        self.check_governors();
         self.purge_orphans().await;
     }
 
-    /// Warns about governors that cannot do their job: missing ones (every update would fail), and
-    /// ones whose slots expire before an update can finish. A Choria governor lease has no keepalive,
-    /// so a slot that expires mid-update lets the next node go while this one is still down.
-    async fn check_governors(&self) {
-        let names: BTreeSet<&String> = self
+    /// Checks, off the agent's loop, the governors the containers use: missing ones (every update
+    /// would fail), and ones whose slots expire before an update can finish (a Choria governor lease
+    /// has no keepalive, so a slot that expires mid-update lets the next node go while this one is
+    /// still down). The answer comes back as `Command::Warnings`.
+    fn check_governors(&self) {
+        let names: BTreeSet<String> = self
             .set
             .containers
             .values()
             .filter(|c| c.ensure == Ensure::Present)
             .flat_map(|c| [&c.restart_governor, &c.update_governor])
             .flatten()
+            .cloned()
             .collect();
-        let deadline = self.deps.rollout.healthy_deadline;
-        for name in names {
-            match self.deps.governor.view(name).await {
-                Err(e) => tracing::warn!(governor = %name, error = %e, "a governor the containers use is not usable"),
-                Ok(info) if info.expire < deadline => tracing::warn!(
-                    governor = %name,
-                    expire = %humantime::format_duration(info.expire),
-                    healthy_deadline = %humantime::format_duration(deadline),
-                    "the governor's slots expire before an update may finish (pull, start and rollout.healthy_deadline): a slow update can lose its slot and let another node start; raise its expiry"
-                ),
-                Ok(_) => {}
+        let (governor, deadline, inbox) = (self.deps.governor.clone(), self.deps.rollout.healthy_deadline, self.inbox.clone());
+        tokio::spawn(async move {
+            let mut warnings = Vec::new();
+            for name in names {
+                warnings.push(match governor.view(&name).await {
+                    Err(e) => format!("governor {name} is not usable: {e}"),
+                    Ok(info) if info.expire < deadline => format!(
+                        "governor {name}'s slots expire after {}, before an update may finish (pull, start and rollout.healthy_deadline {}): a slow update can lose its slot and let another node start; raise its expiry",
+                        humantime::format_duration(info.expire),
+                        humantime::format_duration(deadline)
+                    ),
+                    Ok(_) => continue,
+                });
             }
-        }
+            if let Some(tx) = inbox.upgrade() {
+                let _ = tx.send(Command::Warnings(warnings)).await;
+            }
+        });
     }
 
     /// Removes containers labelled for this node that no machine manages, when purge is on.
@@ -278,6 +314,18 @@ impl Agent {
         }
         if let Err(e) = self.deps.runtime.remove(&c.id).await {
             tracing::warn!(container = %c.container_name, error = %e, "could not remove");
+        }
+    }
+}
+
+/// Governors change under a running agent (`hoist governor add`, another node's operator): keeps the
+/// warnings in status current.
+async fn recheck_governors(inbox: mpsc::WeakSender<Command>) {
+    loop {
+        tokio::time::sleep(GOVERNOR_CHECK).await;
+        let Some(tx) = inbox.upgrade() else { return };
+        if tx.send(Command::CheckGovernors).await.is_err() {
+            return;
         }
     }
 }

@@ -60,6 +60,10 @@ pub struct NodeStatus {
     pub machines: Vec<MachineStatus>,
     /// The last config reload that was refused, with its errors; the running set was left untouched.
     pub config_error: Option<String>,
+    /// Problems with how the node is set up that do not stop it, such as a governor whose slots
+    /// expire before an update can finish; rechecked at every load.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -42,6 +42,11 @@ pub fn status(nodes: &[NodeStatus]) -> String {
     for (title, counts) in [("State", &summaries.state), ("Version", &summaries.version), ("Image", &summaries.image)] {
         out.push_str(&summary(title, counts));
     }
+    for n in nodes {
+        for warning in &n.warnings {
+            out.push_str(&format!("\n{}: warning: {warning}\n", n.node));
+        }
+    }
     for n in nodes.iter().filter(|n| n.config_error.is_some()) {
         out.push_str(&format!(
             "\n{}: the last config reload was refused, still running the previous config:\n{}\n",

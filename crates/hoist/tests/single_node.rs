@@ -358,7 +358,12 @@ fn an_update_waits_for_its_update_governor() {
     let extra = "    kv_update: true\n    update_governor: UG\n";
     let agent = TestAgent::start("updategov", &web(port, "v1", extra));
     agent.wait_running("web");
-    assert!(agent.log().contains("no governor named UG"), "the missing governor is warned about at start:\n{}", agent.log());
+    // The missing governor is warned about in status (and the log) from the start.
+    let warned = wait_until("the missing governor in status", Duration::from_secs(10), || {
+        agent.status().warnings.into_iter().find(|w| w.contains("governor UG is not usable: no governor named UG"))
+    });
+    assert!(agent.hoist_ok(&["status"]).contains(&format!("warning: {warned}")));
+    assert!(agent.log().contains("no governor named UG"));
     // The image to roll to must be pulled (v3 is used by this test only, so nothing else holds it);
     // the pull waits for a slot of UG, which does not exist yet.
     docker(&["rmi", &format!("{}:v3", image())]);
@@ -375,12 +380,20 @@ fn an_update_waits_for_its_update_governor() {
     let view = agent.hoist_ok(&["governor", "view", "UG"]);
     assert!(view.contains("0 active"), "the pull's lease is released: {view}");
 
+    // Rechecked at every load (and every 30 s): the governor exists now, so no warning.
+    agent.signal("HUP");
+    wait_until("the warning gone", Duration::from_secs(20), || agent.status().warnings.is_empty().then_some(()));
     // Slots that expire before rollout.healthy_deadline (30 s here) could be lost mid-update.
-    let warning = "slots expire before an update may finish";
-    assert!(!agent.log().contains(warning));
     agent.hoist_ok(&["governor", "add", "UG", "1", "10s"]);
     agent.signal("HUP");
-    wait_until("the short expiry warned about on reload", Duration::from_secs(20), || agent.log().contains(warning).then_some(()));
+    wait_until("the short expiry warned about", Duration::from_secs(20), || {
+        agent
+            .status()
+            .warnings
+            .iter()
+            .any(|w| w.contains("governor UG's slots expire after 10s, before an update may finish"))
+            .then_some(())
+    });
 }
 
 #[test]
