@@ -242,6 +242,17 @@ pub struct GovernorEvent {
 
 pub const GOVERNOR_EVENT_PROTOCOL: &str = "io.choria.lifecycle.v1.governor";
 
+/// Every current entry of `bucket`, in key order, read with up to 64 gets in flight: one at a time, a
+/// fleet's thousand presence or service keys would take a thousand round trips.
+pub async fn read_all(kv: &dyn Kv, bucket: &str) -> BackendResult<Vec<KvEntry>> {
+    use futures_util::StreamExt;
+    let keys = kv.keys(bucket).await?;
+    let entries: Vec<BackendResult<Option<KvEntry>>> =
+        futures_util::stream::iter(keys).map(|key| async move { kv.get(bucket, &key).await }).buffered(64).collect().await;
+    // A key deleted between the listing and its read is simply gone.
+    Ok(entries.into_iter().collect::<BackendResult<Vec<_>>>()?.into_iter().flatten().collect())
+}
+
 #[async_trait]
 pub trait Events: Send + Sync + 'static {
     async fn publish(&self, event: &TransitionEvent) -> BackendResult<()>;

@@ -2,7 +2,9 @@
 //! naming the broken expectation. Names carry a random suffix so several suites, or several test
 //! processes, can share one server.
 
-use crate::backend::{BackendError, BucketConfig, Events, Governor, Kv, KvEntry, KvOperation, Lease, TRANSITION_PROTOCOL, TransitionEvent};
+use crate::backend::{
+    BackendError, BucketConfig, Events, Governor, Kv, KvEntry, KvOperation, Lease, TRANSITION_PROTOCOL, TransitionEvent, read_all,
+};
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use std::time::Duration;
@@ -88,6 +90,8 @@ pub async fn kv_suite(kv: &dyn Kv) {
     kv.delete(&bucket, key).await.expect("delete");
     assert_eq!(kv.get(&bucket, key).await.expect("get after delete"), None, "a deleted key");
     assert_eq!(kv.keys(&bucket).await.expect("keys"), ["a.first"], "keys after a delete");
+    let all: Vec<(String, Vec<u8>)> = read_all(kv, &bucket).await.expect("read all").into_iter().map(|e| (e.key, e.value)).collect();
+    assert_eq!(all, [("a.first".to_string(), b"x".to_vec())], "read_all: current values only");
     let again = kv.put(&bucket, key, b"v3").await.expect("put after delete");
     assert!(again > other, "a put after a delete gets a new revision");
 

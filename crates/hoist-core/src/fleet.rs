@@ -4,7 +4,7 @@
 //! The transport is a `Fleet` implementation (NATS request/reply in `hoist-nats`).
 
 use crate::agent::AgentHandle;
-use crate::backend::{BackendResult, BucketConfig, Kv};
+use crate::backend::{BackendResult, BucketConfig, Kv, read_all};
 use crate::fsm::{State, Transition};
 use crate::status::NodeStatus;
 use async_trait::async_trait;
@@ -126,8 +126,7 @@ pub trait Fleet: Send + Sync + 'static {
 /// themselves and match the filter, did not.
 pub async fn ask(fleet: &dyn Fleet, kv: &dyn Kv, request: &FleetRequest, deadline: Duration) -> BackendResult<FleetAnswer> {
     let mut expected = BTreeSet::new();
-    for node in kv.keys(NODES_BUCKET).await.unwrap_or_default() {
-        let Ok(Some(entry)) = kv.get(NODES_BUCKET, &node).await else { continue };
+    for entry in read_all(kv, NODES_BUCKET).await.unwrap_or_default() {
         if let Ok(p) = serde_json::from_slice::<Presence>(&entry.value)
             && request.filter.matches_node(&p.node, &p.facts)
         {

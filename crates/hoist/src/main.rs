@@ -12,7 +12,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use control::client::ControlClient;
 use futures_util::StreamExt;
-use hoist_core::backend::{BucketConfig, Governor, Kv};
+use hoist_core::backend::{BucketConfig, Governor, Kv, read_all};
 use hoist_core::config::{AgentConfig, DEFAULT_AGENT_FILE, load_containers};
 use hoist_core::fleet::Operation;
 use hoist_core::fsm::Transition;
@@ -304,12 +304,11 @@ fn validate(g: &Global, files: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
 
 async fn services(g: &Global, kv: &dyn Kv, only: Option<&str>) -> anyhow::Result<()> {
     let mut found = Vec::new();
-    for key in kv.keys(SERVICES_BUCKET).await? {
-        let Some(entry) = kv.get(SERVICES_BUCKET, &key).await? else { continue };
+    for entry in read_all(kv, SERVICES_BUCKET).await? {
         match serde_json::from_slice::<ServiceEntry>(&entry.value) {
-            Ok(service) if only.is_none_or(|s| s == service.service) => found.push((key, service)),
+            Ok(service) if only.is_none_or(|s| s == service.service) => found.push((entry.key, service)),
             Ok(_) => {}
-            Err(e) => tracing::debug!(%key, error = %e, "not a service entry"),
+            Err(e) => tracing::debug!(key = %entry.key, error = %e, "not a service entry"),
         }
     }
     print(g.json, &found.iter().map(|(_, s)| s).collect::<Vec<_>>(), |_| output::services(&found));
