@@ -91,8 +91,6 @@ struct Agent {
     config_error: Option<String>,
     /// From the last load's checks (`check_governors`), shown in status.
     warnings: Vec<String>,
-    /// How old an unmanaged container must be before purge removes it.
-    purge_grace: Duration,
     /// Whether a `Purge` is already on its way for an orphan spared for being young.
     purge_due: bool,
     /// Weak, so the agent's own timers do not keep it alive once every handle is gone.
@@ -100,9 +98,9 @@ struct Agent {
 }
 
 /// Starts the agent with an initial container set. Containers labelled for this node but declared
-/// nowhere are purged (when the set says so) once older than `purge_grace`: a container seconds old
-/// may be in the middle of being made by someone else, such as the previous agent during a handover.
-pub async fn start(deps: Arc<MachineDeps>, set: ContainerSet, purge_grace: Duration) -> AgentHandle {
+/// nowhere are purged (when the set says so) once older than `docker.purge_grace`: a container seconds
+/// old may be in the middle of being made by someone else, such as the previous agent during a handover.
+pub async fn start(deps: Arc<MachineDeps>, set: ContainerSet) -> AgentHandle {
     let (tx, rx) = mpsc::channel(1024);
     let handle = AgentHandle { tx: tx.clone(), node: deps.node.clone() };
     let inbox = tx.downgrade();
@@ -114,7 +112,6 @@ pub async fn start(deps: Arc<MachineDeps>, set: ContainerSet, purge_grace: Durat
         machines: BTreeMap::new(),
         config_error: None,
         warnings: Vec::new(),
-        purge_grace,
         purge_due: false,
         inbox,
     };
@@ -279,7 +276,7 @@ impl Agent {
             return;
         }
         let Ok(list) = self.deps.runtime.list(&self.deps.node).await else { return };
-        let grace = i64::try_from(self.purge_grace.as_secs()).unwrap_or(i64::MAX);
+        let grace = i64::try_from(self.deps.docker.purge_grace.as_secs()).unwrap_or(i64::MAX);
         let mut next_look: Option<i64> = None;
         for c in list {
             let managed = c.label(LABEL_NAME).is_some_and(|n| self.machines.contains_key(n));
@@ -310,7 +307,7 @@ impl Agent {
     async fn remove_container(&self, c: &ContainerInfo, why: &str) {
         tracing::info!(container = %c.container_name, id = %c.id, reason = why, "removing container");
         if c.state == RunState::Running {
-            let _ = self.deps.runtime.stop(&c.id, self.deps.stop_grace).await;
+            let _ = self.deps.runtime.stop(&c.id, self.deps.docker.stop_grace).await;
         }
         if let Err(e) = self.deps.runtime.remove(&c.id).await {
             tracing::warn!(container = %c.container_name, error = %e, "could not remove");

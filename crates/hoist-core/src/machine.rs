@@ -13,7 +13,7 @@ use crate::backend::{
     tag_key,
 };
 use crate::backoff::CrashLoop;
-use crate::config::{ContainerConfig, RolloutConfig};
+use crate::config::{ContainerConfig, DockerConfig, RolloutConfig};
 use crate::files::FileWatch;
 use crate::fsm::{self, State, Transition};
 use crate::persist::{Remembered, StateStore};
@@ -43,8 +43,8 @@ pub struct MachineDeps {
     pub files: Arc<dyn FileWatch>,
     pub store: StateStore,
     pub node: String,
-    pub name_prefix: String,
-    pub stop_grace: Duration,
+    /// Container naming, stop grace, purge grace, syslog address.
+    pub docker: DockerConfig,
     pub rollout: RolloutConfig,
     /// How often `register_ports` entries are refreshed while a container is in RUN.
     pub registration_interval: Duration,
@@ -314,7 +314,7 @@ impl Machine {
     }
 
     fn spec(&self) -> ContainerSpec {
-        self.cfg.spec(&self.deps.node, &self.deps.name_prefix, &self.desired_version())
+        self.cfg.spec(&self.deps.node, &self.deps.docker, &self.desired_version())
     }
 
     /// What the KV or the config asks for.
@@ -780,7 +780,7 @@ impl Machine {
         let id = self.container.as_ref().filter(|c| c.state == RunState::Running).map(|c| c.id.clone());
         self.spawn_job("stopping".into(), move |ctx| async move {
             let result = match id {
-                Some(id) => ctx.deps.runtime.stop(&id, ctx.deps.stop_grace).await.map_err(JobError::from),
+                Some(id) => ctx.deps.runtime.stop(&id, ctx.deps.docker.stop_grace).await.map_err(JobError::from),
                 None => Ok(()),
             };
             JobOutcome { lease: None, result: result.map(|()| JobDone::Stopped) }
@@ -1098,7 +1098,7 @@ impl Machine {
         if remove {
             if let Some(c) = self.container.take() {
                 if c.state == RunState::Running {
-                    let _ = self.deps.runtime.stop(&c.id, self.deps.stop_grace).await;
+                    let _ = self.deps.runtime.stop(&c.id, self.deps.docker.stop_grace).await;
                 }
                 if let Err(e) = self.deps.runtime.remove(&c.id).await {
                     tracing::warn!(container = %self.cfg.name, error = %e, "could not remove the container");

@@ -115,6 +115,10 @@ pub struct ContainerSpec {
     pub volumes: Vec<VolumeMount>,
     pub environment: Vec<EnvVar>,
     pub syslog: bool,
+    /// Left out of the serialised form (and so of the hash) when unset, so specs made before the
+    /// setting existed hash as they did and their containers are not replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub syslog_address: Option<String>,
 }
 
 impl ContainerSpec {
@@ -148,6 +152,9 @@ impl ContainerSpec {
         if self.syslog {
             args.push("--log-driver syslog".into());
             args.push(format!("--log-opt tag={}", shell_quote(&self.container_name)));
+            if let Some(address) = &self.syslog_address {
+                args.push(format!("--log-opt syslog-address={}", shell_quote(address)));
+            }
         }
         for p in &self.ports {
             args.push(format!("-p {p}"));
@@ -445,7 +452,10 @@ mod tests {
             volumes: vec![],
             environment: vec![parse_env("A=1").unwrap()],
             syslog: false,
+            syslog_address: None,
         };
+        // Pinned: a change to the serialised form would replace every container on an agent upgrade.
+        assert_eq!(spec.hash(), "fcf9919eea97cd45");
         let mut other = spec.clone();
         assert_eq!(spec.hash(), other.hash());
         other.version = ImageVersion::Tag("v2".into());
@@ -457,5 +467,8 @@ mod tests {
                 spec.hash()
             )
         );
+        let logged = ContainerSpec { syslog: true, syslog_address: Some("udp://10.0.0.9:514".into()), ..spec.clone() };
+        assert_ne!(logged.hash(), spec.hash());
+        assert!(logged.docker_run().contains("--log-driver syslog --log-opt tag=hoist_web --log-opt syslog-address=udp://10.0.0.9:514"));
     }
 }

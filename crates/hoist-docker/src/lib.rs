@@ -317,9 +317,12 @@ fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
     }
     let mut exposed_ports: Vec<String> = port_bindings.keys().cloned().collect();
     exposed_ports.sort();
-    let log_config = spec.syslog.then(|| HostConfigLogConfig {
-        typ: Some("syslog".into()),
-        config: Some(HashMap::from([("tag".to_string(), spec.container_name.clone())])),
+    let log_config = spec.syslog.then(|| {
+        let mut options = HashMap::from([("tag".to_string(), spec.container_name.clone())]);
+        if let Some(address) = &spec.syslog_address {
+            options.insert("syslog-address".into(), address.clone());
+        }
+        HostConfigLogConfig { typ: Some("syslog".into()), config: Some(options) }
     });
     ContainerCreateBody {
         image: Some(spec.image_ref()),
@@ -421,6 +424,7 @@ mod tests {
             volumes: vec![VolumeMount { source: "/srv".into(), target: "/data".into(), read_only: true }],
             environment: vec![EnvVar { key: "A".into(), value: "b=c".into() }],
             syslog: true,
+            syslog_address: Some("udp://10.0.0.9:514".into()),
         }
     }
 
@@ -443,7 +447,9 @@ mod tests {
         assert_eq!(host.network_mode.as_deref(), Some("bridge"));
         assert_eq!(host.restart_policy, None);
         let log = host.log_config.unwrap();
-        assert_eq!((log.typ.as_deref(), log.config.unwrap()["tag"].as_str()), (Some("syslog"), "hoist_web"));
+        let options = log.config.unwrap();
+        assert_eq!((log.typ.as_deref(), options["tag"].as_str()), (Some("syslog"), "hoist_web"));
+        assert_eq!(options["syslog-address"], "udp://10.0.0.9:514");
     }
 
     fn event(action: &str, attributes: &[(&str, &str)]) -> EventMessage {

@@ -70,6 +70,7 @@ fn spec(node: &str, name: &str, tag: &str) -> ContainerSpec {
         volumes: vec![],
         environment: vec![],
         syslog: false,
+        syslog_address: None,
     }
 }
 
@@ -166,6 +167,34 @@ async fn runs_lists_serves_and_probes() {
     runtime.remove(&info.id).await.expect("removing a missing container is fine");
     runtime.stop(&info.id, Duration::from_secs(1)).await.expect("stopping a missing container is fine");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn syslog_containers_log_to_the_configured_address_under_their_name() {
+    let runtime = runtime_with("v1").await;
+    let cleanup = Cleanup::new("syslog");
+    let receiver = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("udp://{}", receiver.local_addr().unwrap());
+    let logged = ContainerSpec {
+        command: vec!["sh".into(), "-c".into(), "echo hello from the container; sleep 30".into()],
+        syslog: true,
+        syslog_address: Some(address),
+        ..spec(&cleanup.node, "logged", "v1")
+    };
+    runtime.run(&logged).await.expect("run with the syslog driver");
+    let mut buf = vec![0; 2048];
+    let line = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let n = receiver.recv(&mut buf).await.unwrap();
+            let line = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if line.contains("hello from the container") {
+                return line;
+            }
+        }
+    })
+    .await
+    .expect("a syslog message from the container");
+    assert!(line.contains(&format!("{}[", logged.container_name)), "tagged with the container name: {line}");
 }
 
 #[tokio::test]

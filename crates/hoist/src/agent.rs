@@ -85,13 +85,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         files: Arc::new(Inotify),
         store: StateStore::new(&cfg.state_dir),
         node: cfg.node.clone(),
-        name_prefix: cfg.docker.name_prefix.clone(),
-        stop_grace: cfg.docker.stop_grace,
+        docker: cfg.docker.clone(),
         rollout: cfg.rollout.clone(),
         registration_interval: cfg.registration.interval,
     });
     tracing::info!(node = %cfg.node, containers = set.containers.len(), "starting agent");
-    let handle = agent::start(deps, set, cfg.docker.purge_grace).await;
+    let handle = agent::start(deps, set).await;
     if let Some(fleet) = &backends.fleet {
         join_fleet(&**fleet, backends.kv.clone(), &handle, &cfg, facts.clone()).await?;
     }

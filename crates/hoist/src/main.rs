@@ -292,7 +292,7 @@ fn validate(g: &Global, files: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
                             String::new()
                         };
                         println!("# {name}{note}");
-                        println!("{}", c.spec(&cfg.node, &cfg.docker.name_prefix, &c.image_tag).docker_run());
+                        println!("{}", c.spec(&cfg.node, &cfg.docker, &c.image_tag).docker_run());
                     }
                 }
             }

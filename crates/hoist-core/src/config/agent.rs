@@ -38,6 +38,7 @@ struct RawDocker {
     name_prefix: Option<String>,
     stop_grace: Option<Secs>,
     purge_grace: Option<Secs>,
+    syslog_address: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -142,6 +143,9 @@ impl AgentConfig {
     }
 }
 
+/// The transports of Docker's syslog log driver.
+const SYSLOG_SCHEMES: [&str; 5] = ["udp", "tcp", "tcp+tls", "unix", "unixgram"];
+
 /// Applies defaults and resolves relative paths against `base` (the agent file's directory), so the
 /// agent behaves the same whatever its working directory.
 fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<PathBuf>) -> Result<AgentConfig, ConfigErrors> {
@@ -156,6 +160,14 @@ fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<Path
     };
     let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
 
+    if let Some(address) = &docker.syslog_address
+        && !SYSLOG_SCHEMES.iter().any(|scheme| address.strip_prefix(scheme).is_some_and(|rest| rest.starts_with("://") && rest.len() > 3))
+    {
+        error(
+            "docker.syslog_address",
+            format!("{address:?} is not a syslog address Docker takes: use udp://, tcp://, tcp+tls://, unix:// or unixgram://"),
+        );
+    }
     let node = raw.node.unwrap_or_else(hostname);
     if node.is_empty() || node.chars().any(|c| c.is_whitespace() || c.is_control()) {
         error("node", format!("{node:?} is not a valid node name: it must be non-empty without spaces"));
@@ -178,6 +190,7 @@ fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<Path
             name_prefix: docker.name_prefix.unwrap_or_else(|| "hoist_".into()),
             stop_grace: secs(docker.stop_grace, 10),
             purge_grace: secs(docker.purge_grace, 60),
+            syslog_address: docker.syslog_address,
         },
         backend,
         nats: NatsConfig {

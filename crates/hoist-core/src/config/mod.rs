@@ -48,6 +48,9 @@ pub struct DockerConfig {
     /// How old a labelled container that is declared nowhere must be before purge removes it; default
     /// 60 s, so a container someone is creating right now is not taken from under them.
     pub purge_grace: Duration,
+    /// Where containers with `syslog: true` send their output (`udp://host:514`, `unix:///dev/log`…);
+    /// default: Docker's own default, the local syslog socket.
+    pub syslog_address: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -219,8 +222,10 @@ impl fmt::Display for ConfigErrors {
 impl std::error::Error for ConfigErrors {}
 
 impl ContainerConfig {
-    /// The runtime spec for this definition running `version` on `node`.
-    pub fn spec(&self, node: &str, name_prefix: &str, version: &ImageVersion) -> ContainerSpec {
+    /// The runtime spec for this definition running `version` on `node` under the agent's `docker`
+    /// settings.
+    pub fn spec(&self, node: &str, docker: &DockerConfig, version: &ImageVersion) -> ContainerSpec {
+        let name_prefix = &docker.name_prefix;
         ContainerSpec {
             name: self.name.clone(),
             container_name: format!("{name_prefix}{}", self.name),
@@ -234,6 +239,7 @@ impl ContainerConfig {
             volumes: self.volumes.clone(),
             environment: self.environment.clone(),
             syslog: self.syslog,
+            syslog_address: docker.syslog_address.clone().filter(|_| self.syslog),
         }
     }
 }

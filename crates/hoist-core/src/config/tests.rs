@@ -415,7 +415,8 @@ fn agent_defaults() {
             host: None,
             name_prefix: "hoist_".into(),
             stop_grace: Duration::from_secs(10),
-            purge_grace: Duration::from_secs(60)
+            purge_grace: Duration::from_secs(60),
+            syslog_address: None,
         }
     );
     assert_eq!(cfg.backend, BackendKind::Embedded);
@@ -453,7 +454,7 @@ fn agent_file_every_key() {
     let file = write(
         dir.path(),
         "hoist.yaml",
-        "node: n1\nstate_dir: state\ndata: [d1, /abs/d2]\ndocker: {host: 'unix:///run/docker.sock', name_prefix: x_, stop_grace: 3, purge_grace: 5m}\nbackend: nats\nnats:\n  servers: ['nats://a:4222']\n  creds: n.creds\n  token: t\n  tls: {ca: /ca.pem}\n  collective: c\nfacts: {dc: ams, networking: {zone: a}}\nregistration: {interval: 1m}\ncontrol: {socket: ctl.sock}\nmetrics: {listen: '127.0.0.1:9464'}\nrollout: {healthy_deadline: 1m, unverified_wait: 5s, governor_timeout: 30}\n",
+        "node: n1\nstate_dir: state\ndata: [d1, /abs/d2]\ndocker: {host: 'unix:///run/docker.sock', name_prefix: x_, stop_grace: 3, purge_grace: 5m, syslog_address: 'udp://10.0.0.9:514'}\nbackend: nats\nnats:\n  servers: ['nats://a:4222']\n  creds: n.creds\n  token: t\n  tls: {ca: /ca.pem}\n  collective: c\nfacts: {dc: ams, networking: {zone: a}}\nregistration: {interval: 1m}\ncontrol: {socket: ctl.sock}\nmetrics: {listen: '127.0.0.1:9464'}\nrollout: {healthy_deadline: 1m, unverified_wait: 5s, governor_timeout: 30}\n",
     );
     let cfg = AgentConfig::load(&file).unwrap();
     let base = dir.path();
@@ -463,6 +464,7 @@ fn agent_file_every_key() {
     assert_eq!(cfg.docker.stop_grace, Duration::from_secs(3));
     assert_eq!(cfg.docker.purge_grace, Duration::from_secs(300));
     assert_eq!(cfg.docker.name_prefix, "x_");
+    assert_eq!(cfg.docker.syslog_address.as_deref(), Some("udp://10.0.0.9:514"));
     assert_eq!(cfg.backend, BackendKind::Nats);
     assert_eq!(cfg.nats.creds, Some(base.join("n.creds")));
     assert_eq!(cfg.nats.tls.as_ref().unwrap().ca, Some(PathBuf::from("/ca.pem")));
@@ -505,6 +507,9 @@ fn agent_file_errors() {
     assert_eq!(load("backend: kafka\n").field.as_deref(), Some("backend"));
     assert_eq!(load("metrics: {listen: nowhere}\n").field.as_deref(), Some("metrics.listen"));
     assert_eq!(load("facts: [a]\n").field.as_deref(), Some("facts"));
+    let e = load("docker: {syslog_address: '10.0.0.9:514'}\n");
+    assert_eq!(e.field.as_deref(), Some("docker.syslog_address"));
+    assert!(e.message.contains("udp://"), "{e}");
     assert!(load("node: [\n").message.contains("line"));
     let missing = AgentConfig::load(&dir.path().join("nope.yaml")).unwrap_err();
     assert!(missing.to_string().contains("nope.yaml"), "{missing}");
