@@ -1379,14 +1379,14 @@ impl JobCtx {
                 Some(held) => self.deps.governor.holds(held).await.unwrap_or(false),
                 None => false,
             };
-            if turn.held.is_some() && !still_held {
-                tracing::warn!(
-                    container = %spec.name,
-                    governor = %g,
-                    "the governor slot taken for this update was lost (expired, evicted, or the capacity lowered); waiting for a slot again"
-                );
-            }
             if !still_held {
+                if turn.held.is_some() {
+                    tracing::warn!(
+                        container = %spec.name,
+                        governor = %g,
+                        "the governor slot taken for this update was lost (expired, evicted, or the capacity lowered); waiting for a slot again"
+                    );
+                }
                 *lease = Some(self.acquire(&g).await?);
                 self.progress(format!("starting {image}")).await;
             }
