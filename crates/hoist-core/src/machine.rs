@@ -102,6 +102,8 @@ pub enum TimerKind {
     RuntimeRetry,
 }
 
+/// How long an operator's `update` waits to delete the fleet's rollback mark.
+const MARK_FORGET_LIMIT: Duration = Duration::from_secs(2);
 /// How often a machine waiting for an unreachable runtime tries again without being told it is back.
 const RUNTIME_RETRY: Duration = Duration::from_secs(10);
 
@@ -391,8 +393,13 @@ impl Machine {
             if self.clear_bad_version() {
                 self.remember().await;
             }
-            let (kv, name, version) = (self.deps.kv.clone(), self.cfg.name.clone(), self.wanted_version());
-            tokio::spawn(async move { rollback_mark::forget(&*kv, &name, &version).await });
+            // Done before replying, not in the background: a late delete could remove the verdict of
+            // the retry that another node has meanwhile made. Capped, as the store may be unreachable.
+            let wanted = self.wanted_version();
+            let forget = rollback_mark::forget(&*self.deps.kv, &self.cfg.name, &wanted);
+            if tokio::time::timeout(MARK_FORGET_LIMIT, forget).await.is_err() {
+                tracing::warn!(container = %self.cfg.name, "could not delete the fleet's rollback mark in time");
+            }
         }
         self.apply(transition, "requested by operator".into()).await;
         Ok(self.state)
