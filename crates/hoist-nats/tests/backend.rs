@@ -176,18 +176,24 @@ async fn connect_failure_names_the_servers() {
     }
 }
 
+/// A server that requires credentials refuses a client without any, with a clear reason, and serves
+/// one with `credentials` (servers filled in) through JetStream.
+async fn refused_without_and_served_with(server: &Server, credentials: NatsOptions) -> NatsBackend {
+    match NatsBackend::connect(NatsOptions { servers: vec![server.url()], ..NatsOptions::default() }).await {
+        Err(BackendError::Unavailable(reason)) => assert!(reason.to_lowercase().contains("auth"), "unclear error: {reason}"),
+        Err(other) => panic!("expected Unavailable, got {other}"),
+        Ok(_) => panic!("connected without credentials"),
+    }
+    let backend =
+        NatsBackend::connect(NatsOptions { servers: vec![server.url()], ..credentials }).await.expect("connect with the credentials");
+    backend.create_bucket("AUTHED", BucketConfig::default()).await.expect("JetStream through the connection");
+    backend
+}
+
 #[tokio::test]
 async fn a_token_is_sent_and_a_refusal_is_clear() {
     let server = Server::start_with(&["--auth", "s3cret-token"]);
-    let options =
-        |token: Option<&str>| NatsOptions { servers: vec![server.url()], token: token.map(str::to_string), ..NatsOptions::default() };
-    match NatsBackend::connect(options(None)).await {
-        Err(BackendError::Unavailable(reason)) => assert!(reason.to_lowercase().contains("auth"), "unclear error: {reason}"),
-        Err(other) => panic!("expected Unavailable, got {other}"),
-        Ok(_) => panic!("connected without the token"),
-    }
-    let backend = NatsBackend::connect(options(Some("s3cret-token"))).await.expect("connect with the token");
-    backend.create_bucket("AUTHED", BucketConfig::default()).await.expect("use the connection");
+    refused_without_and_served_with(&server, NatsOptions { token: Some("s3cret-token".into()), ..NatsOptions::default() }).await;
 }
 
 #[tokio::test]
@@ -199,13 +205,7 @@ async fn an_nkey_seed_file_authenticates() {
     let seed = dir.path().join("user.nk");
     std::fs::write(&seed, user.seed().unwrap()).unwrap();
     let server = Server::start_with(&["-c", conf.to_str().unwrap()]);
-
-    let without = NatsBackend::connect(NatsOptions { servers: vec![server.url()], ..NatsOptions::default() }).await;
-    assert!(matches!(without, Err(BackendError::Unavailable(_))), "connected without the nkey");
-    let backend = NatsBackend::connect(NatsOptions { servers: vec![server.url()], nkey: Some(seed), ..NatsOptions::default() })
-        .await
-        .expect("connect with the nkey seed file");
-    backend.create_bucket("AUTHED", BucketConfig::default()).await.expect("use the connection");
+    refused_without_and_served_with(&server, NatsOptions { nkey: Some(seed), ..NatsOptions::default() }).await;
 }
 
 /// A NATS JWT: `claims` (without iss/sub/iat/jti) issued by `issuer` about `subject`.
@@ -267,13 +267,7 @@ async fn a_creds_file_authenticates_against_an_operator_mode_server() {
     )
     .unwrap();
     let server = Server::start_with(&["-c", conf.to_str().unwrap()]);
-
-    let without = NatsBackend::connect(NatsOptions { servers: vec![server.url()], ..NatsOptions::default() }).await;
-    assert!(matches!(without, Err(BackendError::Unavailable(_))), "connected without credentials");
-    let backend = NatsBackend::connect(NatsOptions { servers: vec![server.url()], creds: Some(creds), ..NatsOptions::default() })
-        .await
-        .expect("connect with the creds file");
-    backend.create_bucket("AUTHED", BucketConfig::default()).await.expect("JetStream through the account");
+    let backend = refused_without_and_served_with(&server, NatsOptions { creds: Some(creds), ..NatsOptions::default() }).await;
     backend.add("restart", 1, Duration::from_secs(60), 1).await.expect("a governor through the account");
 }
 
