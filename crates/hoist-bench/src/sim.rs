@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use futures_util::stream::{self, BoxStream, StreamExt};
 use hoist_core::agent::{self, AgentHandle};
 use hoist_core::backend::{BucketConfig, Events, Governor, HOIST_BUCKET, Kv, tag_key};
-use hoist_core::config::{ContainerSet, DockerConfig, RolloutConfig, load_containers};
+use hoist_core::config::{AgentConfig, ContainerSet, DockerConfig, RolloutConfig, load_containers};
 use hoist_core::files::FileWatch;
 use hoist_core::fleet::{self, AgentResponder, FleetRequest, NODES_BUCKET, Operation, Presence, announce, nodes_bucket};
 use hoist_core::fsm::State;
@@ -308,13 +308,7 @@ async fn start_agent(i: usize, url: &str, dir: &Path, set: ContainerSet, latenci
         // Each node persists its machines in its own directory, as separate machines would.
         store: StateStore::new(dir.join(&node)),
         node: node.clone(),
-        docker: DockerConfig {
-            host: None,
-            name_prefix: "hoist_".into(),
-            stop_grace: Duration::from_secs(1),
-            purge_grace: Duration::from_secs(60),
-            syslog_address: None,
-        },
+        docker: DockerConfig { stop_grace: Duration::from_secs(1), ..AgentConfig::defaults().docker },
         rollout: RolloutConfig {
             healthy_deadline: Duration::from_secs(300),
             // The simulated health latency is the whole gate; a hold after healthy would only add a

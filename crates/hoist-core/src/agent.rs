@@ -89,7 +89,7 @@ struct Agent {
     set: ContainerSet,
     machines: BTreeMap<String, MachineHandle>,
     config_error: Option<String>,
-    /// From the last load's checks (`check_governors`), shown in status.
+    /// From the latest `check_governors` (at every load and every `GOVERNOR_CHECK`), shown in status.
     warnings: Vec<String>,
     /// Whether a `Purge` is already on its way for an orphan spared for being young.
     purge_due: bool,

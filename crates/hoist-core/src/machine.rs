@@ -321,10 +321,12 @@ impl Machine {
 
     /// What the KV or the config asks for.
     fn wanted_version(&self) -> ImageVersion {
-        match (&self.kv_version, self.cfg.kv_update) {
-            (Some(v), true) => v.clone(),
-            _ => self.cfg.image_tag.clone(),
-        }
+        self.kv_asks().unwrap_or(&self.cfg.image_tag).clone()
+    }
+
+    /// The version the KV asks for, when it is what this container follows: asked of the whole fleet.
+    fn kv_asks(&self) -> Option<&ImageVersion> {
+        self.kv_version.as_ref().filter(|_| self.cfg.kv_update)
     }
 
     /// What to run: the wanted version, unless it was rolled back from; then the last good one.
@@ -395,10 +397,11 @@ impl Machine {
             }
             // Done before replying, not in the background: a late delete could remove the verdict of
             // the retry that another node has meanwhile made. Capped, as the store may be unreachable.
-            let wanted = self.wanted_version();
-            let forget = rollback_mark::forget(&*self.deps.kv, &self.cfg.name, &wanted);
-            if tokio::time::timeout(MARK_FORGET_LIMIT, forget).await.is_err() {
-                tracing::warn!(container = %self.cfg.name, "could not delete the fleet's rollback mark in time");
+            if let Some(asked) = self.kv_asks() {
+                let forget = rollback_mark::forget(&*self.deps.kv, &self.cfg.name, asked);
+                if tokio::time::timeout(MARK_FORGET_LIMIT, forget).await.is_err() {
+                    tracing::warn!(container = %self.cfg.name, "could not delete the fleet's rollback mark in time");
+                }
             }
         }
         self.apply(transition, "requested by operator".into()).await;
@@ -592,14 +595,13 @@ impl Machine {
 
     async fn roll_back(&mut self, why: String) {
         let failed = self.spec().image_ref();
-        let wanted = self.wanted_version();
-        if self.cfg.kv_update && self.kv_version.is_some() {
-            // Asked for through the KV, so asked of the whole fleet: tell the nodes still waiting.
+        if let Some(asked) = self.kv_asks() {
+            // Asked of the whole fleet: tell the nodes still waiting.
             let (kv, name, version, node, why) =
-                (self.deps.kv.clone(), self.cfg.name.clone(), wanted.clone(), self.deps.node.clone(), why.clone());
+                (self.deps.kv.clone(), self.cfg.name.clone(), asked.clone(), self.deps.node.clone(), why.clone());
             tokio::spawn(async move { rollback_mark::record(&*kv, &name, &version, &node, &why).await });
         }
-        self.bad_version = Some(wanted);
+        self.bad_version = Some(self.wanted_version());
         self.bad_version_node = None;
         self.remember().await;
         let message = format!("rolled back from {failed} to {}: {why}", self.spec().image_ref());
@@ -754,7 +756,7 @@ impl Machine {
             restart: self.cfg.restart_governor.clone(),
             held: self.lease.clone(),
             update: self.cfg.update_governor.clone(),
-            check_fleet_mark: self.cfg.kv_update && self.kv_version.is_some() && self.trying_new_version(),
+            check_fleet_mark: self.kv_asks().is_some() && self.trying_new_version(),
         };
         let activity = if delay > Duration::ZERO {
             format!("restarting in {:.1}s (backoff)", delay.as_secs_f64())

@@ -7,9 +7,7 @@ use crate::{NatsBackend, unavailable};
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
-use hoist_core::backend::{
-    BackendResult, Events, GOVERNOR_EVENT_PROTOCOL, GovernorEvent, GovernorEventType, TRANSITION_PROTOCOL, TransitionEvent,
-};
+use hoist_core::backend::{BackendResult, Events, GOVERNOR_EVENT_PROTOCOL, GovernorEvent, TRANSITION_PROTOCOL, TransitionEvent};
 use hoist_core::machine::uuid_v4;
 use serde::{Deserialize, Serialize};
 use tracing::debug;
@@ -29,17 +27,15 @@ struct CloudEvent {
     data: TransitionEvent,
 }
 
-/// Choria's lifecycle envelope for governor events (`lifecycle/governor.go`).
+/// Choria's lifecycle envelope for governor events (`lifecycle/governor.go`): the event's own fields
+/// at the top level, next to these.
 #[derive(Serialize)]
 struct GovernorLifecycle<'a> {
     protocol: &'static str,
     id: String,
-    identity: &'a str,
-    component: &'a str,
     timestamp: i64,
-    governor: &'a str,
-    sequence: u64,
-    event_type: GovernorEventType,
+    #[serde(flatten)]
+    event: &'a GovernorEvent,
 }
 
 /// RFC 3339 UTC with seconds precision, like Choria's `time` field.
@@ -76,16 +72,8 @@ impl Events for NatsBackend {
     }
 
     async fn publish_governor(&self, event: &GovernorEvent) -> BackendResult<()> {
-        let body = GovernorLifecycle {
-            protocol: GOVERNOR_EVENT_PROTOCOL,
-            id: uuid_v4(),
-            identity: &event.identity,
-            component: &event.component,
-            timestamp: hoist_core::machine::unix_now(),
-            governor: &event.governor,
-            sequence: event.sequence,
-            event_type: event.event_type,
-        };
+        let body =
+            GovernorLifecycle { protocol: GOVERNOR_EVENT_PROTOCOL, id: uuid_v4(), timestamp: hoist_core::machine::unix_now(), event };
         let body = serde_json::to_vec(&body).map_err(|e| unavailable("encoding a governor event", e))?;
         let subject = format!("choria.lifecycle.event.governor.{}", event.component);
         self.client.publish(subject, body.into()).await.map_err(|e| unavailable("publishing a governor event", e))
