@@ -320,6 +320,7 @@ async fn start_agent(i: usize, url: &str, dir: &Path, set: ContainerSet, latenci
             governor_timeout: Duration::from_secs(3600),
         },
         registration_interval: Duration::from_secs(15),
+        conditions: Default::default(),
     });
     let handle = agent::start(deps, set).await;
     let kv: Arc<dyn Kv> = backend.clone();

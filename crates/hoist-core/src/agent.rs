@@ -128,11 +128,13 @@ impl Agent {
                     let handles: Vec<&MachineHandle> =
                         self.machines.values().filter(|m| container.as_ref().is_none_or(|c| *c == m.name)).collect();
                     let machines = join_all(handles.into_iter().map(|m| m.status())).await.into_iter().flatten().collect();
+                    let mut warnings = self.deps.conditions.list();
+                    warnings.extend(self.warnings.iter().cloned());
                     let _ = reply.send(NodeStatus {
                         node: self.deps.node.clone(),
                         machines,
                         config_error: self.config_error.clone(),
-                        warnings: self.warnings.clone(),
+                        warnings,
                     });
                 }
                 Command::Transition { container, transition, reply } => {

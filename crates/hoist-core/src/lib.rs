@@ -11,6 +11,7 @@ pub mod conformance;
 pub mod files;
 pub mod fleet;
 pub mod fsm;
+pub mod health;
 pub mod machine;
 pub mod persist;
 pub mod registration;

@@ -48,6 +48,8 @@ pub struct MachineDeps {
     pub rollout: RolloutConfig,
     /// How often `register_ports` entries are refreshed while a container is in RUN.
     pub registration_interval: Duration,
+    /// Problems of the node's dependencies, shown in `hoist status` (`NodeStatus::warnings`).
+    pub conditions: crate::health::Conditions,
 }
 
 /// Everything a machine reacts to.

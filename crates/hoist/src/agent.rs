@@ -60,6 +60,8 @@ pub fn nats_options(cfg: &AgentConfig) -> hoist_nats::NatsOptions {
 
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let facts = cfg.facts();
+    // What the adapters report about themselves (store failing, NATS unreachable), shown in status.
+    let conditions = hoist_core::health::Conditions::default();
     // Refuse to start on a bad config rather than start empty: an empty set would purge what runs.
     let set = load_containers(&cfg.data, &facts).map_err(|e| anyhow::anyhow!("refusing to start, the config has errors:\n{e}"))?;
     tokio::fs::create_dir_all(&cfg.state_dir).await.with_context(|| format!("creating {}", cfg.state_dir.display()))?;
@@ -88,6 +90,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         docker: cfg.docker.clone(),
         rollout: cfg.rollout.clone(),
         registration_interval: cfg.registration.interval,
+        conditions: conditions.clone(),
     });
     tracing::info!(node = %cfg.node, containers = set.containers.len(), "starting agent");
     let handle = agent::start(deps, set).await;
