@@ -20,6 +20,7 @@ use hoist_core::runtime::{
     ContainerInfo, Probe, ProbeError, PullProgress, RunState, Runtime, RuntimeError, RuntimeEvent, RuntimeEventKind, RuntimeHealth,
     RuntimeResult,
 };
+use hoist_core::slot::SlotKeeper;
 use hoist_core::spec::{ContainerSpec, LABEL_NAME, LABEL_NODE, LABEL_SPEC};
 use hoist_nats::{NatsBackend, NatsOptions};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -318,9 +319,11 @@ async fn start_agent(i: usize, url: &str, dir: &Path, set: ContainerSet, latenci
             unverified_wait: Duration::ZERO,
             // Long enough that no waiter gives up during the largest rollout.
             governor_timeout: Duration::from_secs(3600),
+            restart_backoff: Default::default(),
         },
         registration_interval: Duration::from_secs(15),
         conditions: Default::default(),
+        slots: SlotKeeper::start(backend.clone(), backend.clone(), node.clone()),
     });
     let handle = agent::start(deps, set).await;
     let kv: Arc<dyn Kv> = backend.clone();

@@ -18,6 +18,8 @@ use tokio::sync::{mpsc, oneshot};
 
 /// How often the governors' warnings are re-checked besides at every load.
 const GOVERNOR_CHECK: Duration = Duration::from_secs(30);
+/// How long shutdown waits for governor slots to be released (the governor's expiry is the fallback).
+const SHUTDOWN_RELEASES: Duration = Duration::from_secs(5);
 
 enum Command {
     Status {
@@ -181,6 +183,8 @@ impl Agent {
                 }
                 Command::Shutdown { reply } => {
                     join_all(self.machines.values().map(|m| m.shutdown(false))).await;
+                    // Every slot the machines let go of is released before the agent exits.
+                    self.deps.slots.settle(SHUTDOWN_RELEASES).await;
                     let _ = reply.send(());
                     return;
                 }

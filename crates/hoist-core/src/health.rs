@@ -30,6 +30,15 @@ impl Conditions {
         }
     }
 
+    /// Clears `source`'s problem if it is one `is_ours` recognises (a source shared by several
+    /// reporters, such as the probes of several containers).
+    pub fn clear_if(&self, source: &'static str, is_ours: impl Fn(&str) -> bool) {
+        let ours = self.current.lock().expect("not poisoned").get(source).is_some_and(|p| is_ours(p));
+        if ours {
+            self.set(source, None);
+        }
+    }
+
     /// `source: problem` for every current problem, sorted by source.
     pub fn list(&self) -> Vec<String> {
         self.current.lock().expect("not poisoned").iter().map(|(s, p)| format!("{s}: {p}")).collect()

@@ -17,5 +17,6 @@ pub mod persist;
 pub mod registration;
 pub mod rollback_mark;
 pub mod runtime;
+pub mod slot;
 pub mod spec;
 pub mod status;

@@ -8,11 +8,8 @@
 //! waits, pulls, create/start, stop) runs as a cancellable job whose outcome comes back as an input, so
 //! the actor always answers status and operator requests at once.
 
-use crate::backend::{
-    BackendError, Events, Governor, GovernorEvent, GovernorEventType, HOIST_BUCKET, Kv, Lease, TRANSITION_PROTOCOL, TransitionEvent,
-    tag_key,
-};
-use crate::backoff::CrashLoop;
+use crate::backend::{BackendError, Events, Governor, GovernorEventType, HOIST_BUCKET, Kv, TRANSITION_PROTOCOL, TransitionEvent, tag_key};
+use crate::backoff::{CrashLoop, Retry};
 use crate::config::{ContainerConfig, DockerConfig, RolloutConfig};
 use crate::files::FileWatch;
 use crate::fsm::{self, State, Transition};
@@ -20,6 +17,7 @@ use crate::persist::{Remembered, StateStore};
 use crate::registration;
 use crate::rollback_mark::{self, RollbackMark};
 use crate::runtime::{ContainerInfo, ProbeError, RunState, Runtime, RuntimeError, RuntimeEvent, RuntimeEventKind, RuntimeHealth};
+use crate::slot::{self, Slot, SlotKeeper};
 use crate::spec::{ContainerSpec, ImageVersion, LABEL_SPEC};
 use crate::status::{Health, MachineStatus};
 use futures_util::StreamExt;
@@ -50,6 +48,8 @@ pub struct MachineDeps {
     pub registration_interval: Duration,
     /// Problems of the node's dependencies, shown in `hoist status` (`NodeStatus::warnings`).
     pub conditions: crate::health::Conditions,
+    /// Releases every governor slot a machine lets go of.
+    pub slots: SlotKeeper,
 }
 
 /// Everything a machine reacts to.
@@ -102,6 +102,8 @@ pub enum TimerKind {
     MinHealthy,
     /// A job that found the runtime unreachable is tried again.
     RuntimeRetry,
+    /// A job that found the coordination backend unreachable (or a governor wait timed out) is tried again.
+    BackendRetry,
 }
 
 /// How long an operator's `update` waits to delete the fleet's rollback mark.
@@ -112,7 +114,7 @@ const RUNTIME_RETRY: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct JobOutcome {
     /// A governor slot the job took and the machine now holds.
-    lease: Option<Lease>,
+    lease: Option<Slot>,
     result: Result<JobDone, JobError>,
 }
 
@@ -124,6 +126,15 @@ enum JobError {
     /// retried once the runtime is back.
     #[error(transparent)]
     RuntimeUnavailable(RuntimeError),
+    /// The coordination backend (KV, governor) did not answer, or a governor wait timed out. Never a
+    /// failure of the container or of its version: no crash-loop count, no rollback, no fleet mark;
+    /// the job waits and is tried again.
+    #[error("{0}")]
+    Backend(String),
+    /// The image could not be pulled (registry down, tag missing, login refused). Nothing ran, so this
+    /// is no failure of the version either: the running container is left alone and the pull retried.
+    #[error(transparent)]
+    Pull(RuntimeError),
     #[error("{0}")]
     Failed(String),
 }
@@ -132,8 +143,15 @@ impl From<RuntimeError> for JobError {
     fn from(e: RuntimeError) -> JobError {
         match e {
             RuntimeError::Unavailable(_) => JobError::RuntimeUnavailable(e),
+            RuntimeError::Pull { .. } => JobError::Pull(e),
             other => JobError::Failed(other.to_string()),
         }
+    }
+}
+
+impl From<BackendError> for JobError {
+    fn from(e: BackendError) -> JobError {
+        JobError::Backend(e.to_string())
     }
 }
 
@@ -148,6 +166,9 @@ enum JobDone {
     Pulled(String),
     /// Not replaced: another node rolled the version back (the slot, if taken, comes back with it).
     RolledBackElsewhere(RollbackMark),
+    /// Not replaced: the image is not here, and a running container must not wait on a pull; the
+    /// machine pulls in UPDATE first, where that container is left alone.
+    NeedsPull,
     Stopped,
 }
 
@@ -207,7 +228,7 @@ pub struct Machine {
     container: Option<ContainerInfo>,
     kv_version: Option<ImageVersion>,
     last_good_image: Option<String>,
-    lease: Option<Lease>,
+    lease: Option<Slot>,
     /// Bumped whenever a job, probe or timer is superseded, so their late results are ignored.
     epoch: u64,
     cancel_job: Option<watch::Sender<bool>>,
@@ -220,6 +241,20 @@ pub struct Machine {
     registration: Option<registration::Publisher>,
     crash: CrashLoop,
     next_delay: Duration,
+    /// Pull retries, apart from crashes: a registry that refuses is no fault of the container.
+    pull_retry: Retry,
+    /// No pull before this (the backoff after a failed one), even across a revival.
+    pull_due: Option<Instant>,
+    /// Waits for a coordination backend that did not answer.
+    backend_retry: Retry,
+    /// The next provision replaces a container that has failed (died, unhealthy, failed its gate):
+    /// it is down already, so an unreachable governor does not hold it back.
+    remediating: bool,
+    /// The version to bring back instead of the desired one: the running container died (or an
+    /// operator asked for `restart`) while an update was still waiting for its pull.
+    revive: Option<ImageVersion>,
+    /// The current UPDATE has pulled its image (its RESTART is the update itself, not a revival).
+    update_pulled: bool,
     restarts: u64,
     /// A version that failed its health gate and was rolled back from; not tried again until the
     /// desired version changes or an operator asks for `update`.
@@ -262,8 +297,14 @@ pub async fn spawn(cfg: ContainerConfig, deps: Arc<MachineDeps>, existing: Optio
         probe_task: None,
         watch_tasks: Vec::new(),
         registration: None,
-        crash: CrashLoop::default(),
+        crash: CrashLoop::new(cfg.restart_backoff.unwrap_or(deps.rollout.restart_backoff)),
         next_delay: Duration::ZERO,
+        pull_retry: Retry::default(),
+        pull_due: None,
+        backend_retry: Retry::default(),
+        remediating: false,
+        revive: None,
+        update_pulled: false,
         restarts: remembered.as_ref().map_or(0, |r| r.restarts),
         replacing: None,
         waiting_for_runtime: false,
@@ -302,13 +343,9 @@ impl Machine {
             if let Input::Shutdown { remove, done } = input {
                 self.shutdown(remove).await;
                 // A job that finished just before the shutdown may have queued its outcome, and the
-                // governor slot with it.
+                // governor slot with it: dropping it releases the slot.
                 rx.close();
-                while let Ok(input) = rx.try_recv() {
-                    if let Input::JobDone { outcome: JobOutcome { lease: Some(lease), .. }, .. } = input {
-                        release(&self.deps, &self.machine_name(), lease).await;
-                    }
-                }
+                while rx.try_recv().is_ok() {}
                 let _ = done.send(());
                 return;
             }
@@ -331,8 +368,12 @@ impl Machine {
         self.kv_version.as_ref().filter(|_| self.cfg.kv_update)
     }
 
-    /// What to run: the wanted version, unless it was rolled back from; then the last good one.
+    /// What to run: the wanted version, unless it was rolled back from (then the last good one) or a
+    /// revival brings back what ran before an update could pull.
     fn desired_version(&self) -> ImageVersion {
+        if let Some(revive) = &self.revive {
+            return revive.clone();
+        }
         let wanted = self.wanted_version();
         if self.bad_version.as_ref() == Some(&wanted)
             && let Some(good) = self.last_good_image.as_deref().and_then(version_of).and_then(|v| ImageVersion::parse(&v).ok())
@@ -428,6 +469,10 @@ impl Machine {
     async fn apply(&mut self, transition: Transition, why: String) {
         let Ok(to) = fsm::check(self.state, transition) else { return };
         let from = self.state;
+        if from == State::Update && to == State::Restart && !self.update_pulled {
+            // The update has not pulled its image: bring back what ran, and update once it can.
+            self.revive = self.container.as_ref().and_then(|c| version_of(&c.image)).and_then(|v| ImageVersion::parse(&v).ok());
+        }
         self.state = to;
         tracing::info!(container = %self.cfg.name, %transition, %from, %to, reason = %why, "transition");
         self.publish(transition, from, &why).await;
@@ -451,20 +496,25 @@ impl Machine {
                 self.start_provision(replace).await
             }
             State::Update => {
+                self.update_pulled = false;
                 self.update_started.get_or_insert_with(Instant::now);
                 self.start_pull();
             }
             State::Stop => {
-                self.release_lease().await;
+                self.lease = None;
                 self.start_stop();
             }
             State::Maintenance => {
                 self.update_started = None;
-                self.release_lease().await;
+                self.lease = None;
+                self.revive = None;
                 self.activity = None;
             }
             State::Run => {
-                self.release_lease().await;
+                self.lease = None;
+                self.revive = None;
+                self.remediating = false;
+                self.backend_retry.reset();
                 self.activity = None;
                 self.crash.healthy(Instant::now());
                 if let Some(started) = self.update_started.take() {
@@ -532,14 +582,19 @@ impl Machine {
                 c.state = RunState::Exited;
                 c.exit_code = exit_code;
                 self.stop_probe();
-                if matches!(self.state, State::Run | State::Start | State::Restart) && self.cancel_job.is_none() {
+                if matches!(self.state, State::Run | State::Start | State::Restart | State::Update)
+                    && (self.cancel_job.is_none() || self.state == State::Update)
+                {
                     let why = format!("container died ({})", exit_text(exit_code));
                     // An engine stopping without live-restore kills its containers and stops
                     // answering: no crash of the container, and no reason to roll a new version back.
                     // It is replaced all the same, once the engine is back.
                     match self.deps.runtime.inspect(&event.container_id).await {
                         Err(RuntimeError::Unavailable(_)) => self.last_error = Some(format!("{why}: the container runtime went away")),
-                        _ => self.failed(why).await,
+                        _ => {
+                            self.failed(why.clone()).await;
+                            self.revive_during_update(&why);
+                        }
                     }
                 }
             }
@@ -552,6 +607,14 @@ impl Machine {
             }
         }
         self.after_observation().await;
+    }
+
+    /// The running container failed while its update waits for a pull (a registry that refuses, a
+    /// tag not pushed yet): bring back the version it ran at once, and update once the pull works.
+    fn revive_during_update(&mut self, why: &str) {
+        if self.state == State::Update && self.container.as_ref().is_some_and(|c| c.state != RunState::Running) {
+            self.want(Transition::Restart, format!("{why} while its update waits for the pull; bringing it back"));
+        }
     }
 
     /// Re-reads the container after the event stream was interrupted, and retries a job that found
@@ -582,6 +645,8 @@ impl Machine {
     /// version fails its health gate, by rolling back to the last version that passed it.
     async fn failed(&mut self, why: String) {
         tracing::warn!(container = %self.cfg.name, state = %self.state, reason = %why, "container failed");
+        // Its replacement brings back a container that is down already.
+        self.remediating = true;
         if matches!(self.state, State::Start | State::Restart) && self.trying_new_version() {
             self.roll_back(why).await;
             return;
@@ -591,7 +656,7 @@ impl Machine {
         if matches!(self.state, State::Start | State::Restart) {
             // A container that cannot come up must not hold the fleet's slot through its backoff;
             // the next attempt campaigns again.
-            self.release_lease().await;
+            self.lease = None;
         }
     }
 
@@ -653,6 +718,7 @@ impl Machine {
         let before = self.spec().image_ref();
         self.kv_version = parsed;
         self.clear_bad_version();
+        self.forget_pull_failures();
         self.remember().await;
         let after = self.spec().image_ref();
         if before == after {
@@ -675,7 +741,9 @@ impl Machine {
         let registrations_changed = cfg.register_ports != self.cfg.register_ports;
         if (&cfg.image, &cfg.image_tag) != (&self.cfg.image, &self.cfg.image_tag) {
             self.clear_bad_version();
+            self.forget_pull_failures();
         }
+        self.crash.reconfigure(cfg.restart_backoff.unwrap_or(self.deps.rollout.restart_backoff));
         self.cfg = cfg;
         if watches_changed {
             for task in self.watch_tasks.drain(..) {
@@ -731,15 +799,12 @@ impl Machine {
             tx: self.tx.clone(),
         };
         let fut = job(ctx);
-        let (tx, epoch, deps, component) = (self.tx.clone(), self.epoch, self.deps.clone(), self.machine_name());
+        let (tx, epoch) = (self.tx.clone(), self.epoch);
         let task = tokio::spawn(async move {
             let outcome = fut.await;
-            // A superseded job's slot is nobody's: free it here rather than hand it to a machine
-            // that may already have shut down.
+            // A superseded job's slot is nobody's: dropped here, it is released, rather than handed
+            // to a machine that may already have shut down.
             if *cancelled.borrow() {
-                if let Some(lease) = outcome.lease {
-                    release(&deps, &component, lease).await;
-                }
                 return;
             }
             let _ = tx.send(Input::JobDone { epoch, outcome }).await;
@@ -753,17 +818,23 @@ impl Machine {
         let spec = self.spec();
         let existing = self.container.clone();
         self.replacing = existing.as_ref().map(|c| c.id.clone());
-        let delay = std::mem::take(&mut self.next_delay);
+        let backoff = std::mem::take(&mut self.next_delay);
+        let pull_wait = self.pull_wait();
+        let delay = backoff.max(pull_wait);
         let turn = Turn {
             restart: self.cfg.restart_governor.clone(),
-            held: self.lease.clone(),
+            held: self.lease.as_ref().map(|slot| slot.lease().clone()),
             update: self.cfg.update_governor.clone(),
             check_fleet_mark: self.kv_asks().is_some() && self.trying_new_version(),
+            remediation: std::mem::take(&mut self.remediating),
+            stop_grace: self.cfg.stop_grace(&self.deps.docker),
         };
-        let activity = if delay > Duration::ZERO {
-            format!("restarting in {:.1}s (backoff)", delay.as_secs_f64())
-        } else {
+        let activity = if delay.is_zero() {
             format!("starting {}", spec.image_ref())
+        } else if pull_wait >= backoff {
+            format!("retrying the pull in {:.0} s", delay.as_secs_f64().ceil())
+        } else {
+            format!("restart in {:.1} s (backoff after {} failures)", delay.as_secs_f64(), self.crash.consecutive())
         };
         self.spawn_job(activity, move |ctx| async move {
             let mut lease = None;
@@ -772,26 +843,51 @@ impl Machine {
         });
     }
 
+    /// How long until a pull may be tried again after a failed one.
+    fn pull_wait(&self) -> Duration {
+        self.pull_due.map_or(Duration::ZERO, |due| due.saturating_duration_since(Instant::now()))
+    }
+
+    /// A new version to pull: earlier pull failures were about another one.
+    fn forget_pull_failures(&mut self) {
+        self.pull_retry.reset();
+        self.pull_due = None;
+    }
+
     fn start_pull(&mut self) {
-        let image = self.spec().image_ref();
+        let spec = self.spec();
+        let image = spec.image_ref();
         let governor = self.cfg.update_governor.clone();
-        self.spawn_job(format!("pulling {image}"), move |ctx| async move {
-            let mut lease = None;
-            let result = ctx.pull(&image, governor, &mut lease).await.map(JobDone::Pulled);
-            // The update governor limits concurrent pulls only; the restart that follows is governed
-            // by the restart governor.
-            if let Some(l) = lease.take() {
-                ctx.release(l).await;
+        // Read before the pull, so a version the fleet already rejected is not even fetched here.
+        let check_fleet_mark = self.kv_asks().is_some() && self.trying_new_version();
+        let wait = self.pull_wait();
+        let activity =
+            if wait.is_zero() { format!("pulling {image}") } else { format!("retrying the pull in {:.0} s", wait.as_secs_f64().ceil()) };
+        self.spawn_job(activity, move |ctx| async move {
+            let result = async {
+                if !wait.is_zero() {
+                    ctx.or_cancelled(tokio::time::sleep(wait)).await?;
+                }
+                if check_fleet_mark && let Some(mark) = rollback_mark::find(&*ctx.deps.kv, &spec.name, &spec.version).await {
+                    return Ok(JobDone::RolledBackElsewhere(mark));
+                }
+                // The update governor limits concurrent pulls only; its slot is dropped (released)
+                // with the pull. The restart that follows is governed by the restart governor.
+                let mut slot = None;
+                ctx.progress(format!("pulling {image}")).await;
+                ctx.pull(&image, governor, &mut slot).await.map(JobDone::Pulled)
             }
+            .await;
             JobOutcome { lease: None, result }
         });
     }
 
     fn start_stop(&mut self) {
         let id = self.container.as_ref().filter(|c| c.state == RunState::Running).map(|c| c.id.clone());
-        self.spawn_job("stopping".into(), move |ctx| async move {
+        let grace = self.cfg.stop_grace(&self.deps.docker);
+        self.spawn_job(format!("stopping, {} grace", humantime::format_duration(grace)), move |ctx| async move {
             let result = match id {
-                Some(id) => ctx.deps.runtime.stop(&id, ctx.deps.docker.stop_grace).await.map_err(JobError::from),
+                Some(id) => ctx.deps.runtime.stop(&id, grace).await.map_err(JobError::from),
                 None => Ok(()),
             };
             JobOutcome { lease: None, result: result.map(|()| JobDone::Stopped) }
@@ -800,9 +896,7 @@ impl Machine {
 
     async fn on_job_done(&mut self, epoch: u64, outcome: JobOutcome) {
         if epoch != self.epoch {
-            if let Some(lease) = outcome.lease {
-                release(&self.deps, &self.machine_name(), lease).await;
-            }
+            // Stale: its slot, if any, is released as the outcome is dropped.
             return;
         }
         self.cancel_job = None;
@@ -834,6 +928,8 @@ impl Machine {
                 }
             }
             Ok(JobDone::Pulled(image_id)) => {
+                self.forget_pull_failures();
+                self.update_pulled = true;
                 // `update` of a moving tag (latest) that still names the image already running: go
                 // through RESTART without replacing anything.
                 let spec = self.spec();
@@ -851,10 +947,20 @@ impl Machine {
                 self.remember().await;
                 self.notice(&message).await;
                 self.last_error = Some(message);
-                self.release_lease().await;
-                // RESTART again towards the last good version, keeping the container if it runs it.
+                self.lease = None;
+                // Towards the last good version, keeping the container if it runs it: from UPDATE
+                // (the mark was read before pulling) through RESTART, in START/RESTART again.
                 self.keep_unchanged = true;
-                self.enter().await;
+                self.update_pulled = true;
+                if self.state == State::Update {
+                    self.want(Transition::Restart, "the fleet rolled this version back".into());
+                } else {
+                    self.enter().await;
+                }
+            }
+            Ok(JobDone::NeedsPull) => {
+                let image = self.spec().image_ref();
+                self.want(Transition::Update, format!("{image} is pulled first; the running container is left alone meanwhile"));
             }
             Ok(JobDone::Stopped) => {
                 if let Some(c) = self.container.as_mut() {
@@ -863,6 +969,27 @@ impl Machine {
                 self.want(Transition::Maintenance, "stopped by operator".into());
             }
             Err(JobError::RuntimeUnavailable(e)) => self.wait_for_runtime(e.to_string()).await,
+            Err(JobError::Backend(e)) => self.wait_for_backend(e).await,
+            Err(JobError::Pull(e)) => {
+                let e = e.to_string();
+                tracing::warn!(container = %self.cfg.name, state = %self.state, error = %e, "pull failed");
+                if self.pull_due.is_none() {
+                    self.notice(&e).await;
+                }
+                self.last_error = Some(e);
+                let delay = self.pull_retry.next();
+                self.pull_due = Some(Instant::now() + delay);
+                match self.state {
+                    // Nothing runs that this could replace (a first start, or a container that is
+                    // gone): try again after the pull backoff.
+                    State::Start | State::Restart => self.start_provision(true).await,
+                    State::Update => {
+                        self.activity = Some(format!("retrying the pull in {:.0} s", delay.as_secs_f64().ceil()));
+                        self.timer(self.epoch, TimerKind::RetryPull, delay);
+                    }
+                    State::Run | State::Stop | State::Maintenance => {}
+                }
+            }
             Err(JobError::Failed(e)) => {
                 tracing::warn!(container = %self.cfg.name, state = %self.state, error = %e, "job failed");
                 self.notice(&e).await;
@@ -879,10 +1006,11 @@ impl Machine {
                         self.start_provision(true).await
                     }
                     State::Update => {
-                        // Retry the pull after a backoff; the running container is untouched.
+                        // Retry after a backoff, which is no crash: the running container is untouched.
                         self.last_error = Some(e);
-                        let delay = self.crash.failed(Instant::now()).max(Duration::from_secs(1));
-                        self.activity = Some(format!("retrying the pull in {:.0}s", delay.as_secs_f64()));
+                        let delay = self.pull_retry.next();
+                        self.pull_due = Some(Instant::now() + delay);
+                        self.activity = Some(format!("retrying the pull in {:.0} s", delay.as_secs_f64().ceil()));
                         self.timer(self.epoch, TimerKind::RetryPull, delay);
                     }
                     State::Stop => {
@@ -907,9 +1035,21 @@ impl Machine {
         self.waiting_for_runtime = true;
         self.activity = Some("waiting for the container runtime".into());
         if matches!(self.state, State::Start | State::Restart) {
-            self.release_lease().await;
+            self.lease = None;
         }
         self.timer(self.epoch, TimerKind::RuntimeRetry, RUNTIME_RETRY);
+    }
+
+    /// A job could not reach the coordination backend, or waited out `governor_timeout`. That says
+    /// nothing about the container or its version: no crash count, no rollback, no fleet mark. A slot
+    /// the machine holds is kept (its container may be down, so letting go would let another node
+    /// take one down too); the job is tried again with a growing wait.
+    async fn wait_for_backend(&mut self, why: String) {
+        tracing::warn!(container = %self.cfg.name, state = %self.state, error = %why, "waiting for the coordination backend");
+        let delay = self.backend_retry.next();
+        self.last_error = Some(why.clone());
+        self.activity = Some(format!("waiting for the coordination backend ({why}); trying again in {:.0} s", delay.as_secs_f64().ceil()));
+        self.timer(self.epoch, TimerKind::BackendRetry, delay);
     }
 
     // ---- health gate ---------------------------------------------------------------------------
@@ -979,6 +1119,7 @@ impl Machine {
             TimerKind::RetryPull if self.state == State::Update => self.enter().await,
             TimerKind::MinHealthy => self.check_gate(),
             TimerKind::RuntimeRetry if self.waiting_for_runtime => self.enter().await,
+            TimerKind::BackendRetry => self.enter().await,
             TimerKind::GateDeadline | TimerKind::RetryPull | TimerKind::RuntimeRetry => {}
         }
     }
@@ -1024,6 +1165,8 @@ impl Machine {
         let Some(check) = &self.cfg.health_check else { return };
         match result {
             Ok(()) => {
+                let name = self.cfg.name.clone();
+                self.deps.conditions.clear_if("probes", |p| p.starts_with(&format!("{name}:")));
                 self.gate.probe_failures = 0;
                 self.gate.probe_passed = true;
                 self.check_gate();
@@ -1032,6 +1175,13 @@ impl Machine {
             // cannot ask it meanwhile. That is no failure of the container.
             Err(ProbeError::RuntimeUnavailable(why)) => {
                 tracing::debug!(container = %self.cfg.name, %why, "probe could not run");
+            }
+            // Out of descriptors or memory here says nothing about the container: no verdict, and a
+            // warning for the operator, since the host needs attention.
+            Err(ProbeError::Local(why)) => {
+                self.deps
+                    .conditions
+                    .set("probes", Some(format!("{}: health check could not run on this host ({why}); no verdict", self.cfg.name)));
             }
             Err(ProbeError::Failed(why)) => {
                 let started = self.container.as_ref().map_or(0, |c| c.started_at);
@@ -1087,12 +1237,6 @@ impl Machine {
 
     // ---- leases, events, status ----------------------------------------------------------------
 
-    async fn release_lease(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            release(&self.deps, &self.machine_name(), lease).await;
-        }
-    }
-
     async fn shutdown(&mut self, remove: bool) {
         self.supersede();
         if let Some(job) = self.job.take() {
@@ -1102,14 +1246,14 @@ impl Machine {
         for task in self.watch_tasks.drain(..) {
             task.abort();
         }
-        self.release_lease().await;
+        self.lease = None;
         if let Some(publisher) = self.registration.take() {
             publisher.withdraw().await;
         }
         if remove {
             if let Some(c) = self.container.take() {
                 if c.state == RunState::Running {
-                    let _ = self.deps.runtime.stop(&c.id, self.deps.docker.stop_grace).await;
+                    let _ = self.deps.runtime.stop(&c.id, self.cfg.stop_grace(&self.deps.docker)).await;
                 }
                 if let Err(e) = self.deps.runtime.remove(&c.id).await {
                     tracing::warn!(container = %self.cfg.name, error = %e, "could not remove the container");
@@ -1263,7 +1407,8 @@ async fn watch_desired_tag(kv: Arc<dyn Kv>, key: String, resync: Duration, tx: m
             Err(e) => tracing::debug!(key = %key, error = %e, "KV watch unavailable, retrying"),
         }
         tokio::time::sleep(retry).await;
-        retry = (retry * 2).min(Duration::from_secs(30));
+        // Capped low: after a NATS outage this is how soon the tag is followed again.
+        retry = (retry * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -1274,11 +1419,16 @@ struct Turn {
     restart: Option<String>,
     /// A restart slot the machine holds from the update it is now reverting: the revert replaces the
     /// container within it, but only while the governor still counts it.
-    held: Option<Lease>,
+    held: Option<crate::backend::Lease>,
     /// Taken for the pull of an image that is not present.
     update: Option<String>,
     /// The version comes from the KV and has not run here: another node may have rolled it back.
     check_fleet_mark: bool,
+    /// The container being replaced has failed: it is down already, so a governor that cannot be
+    /// reached does not hold its replacement back (one that answers "full" still does).
+    remediation: bool,
+    /// How long the replaced container gets to stop before it is killed.
+    stop_grace: Duration,
 }
 
 /// What a job may use: the adapters, and a signal that it has been superseded.
@@ -1301,28 +1451,23 @@ impl JobCtx {
         }
     }
 
-    async fn acquire(&self, governor: &str) -> Result<Lease, JobError> {
+    /// A slot of `governor`. Every error is a backend one (unreachable, missing governor, a wait that
+    /// timed out): never a failure of the container.
+    async fn acquire(&self, governor: &str) -> Result<Slot, JobError> {
         let timeout = self.deps.rollout.governor_timeout;
         let began = Instant::now();
         self.progress(format!("waiting for a slot of governor {governor}")).await;
         let lease = self.or_cancelled(self.deps.governor.acquire(governor, &self.holder, timeout)).await;
         let _ = self.tx.send(Input::GovernorWaited(began.elapsed())).await;
         match lease? {
-            Ok(lease) => {
-                governor_event(&self.deps, &self.component, governor, lease.seq, GovernorEventType::Enter).await;
-                Ok(lease)
-            }
+            Ok(lease) => Ok(self.deps.slots.hold(lease, &self.component, &self.deps.node, &*self.deps.events).await),
             Err(e) => {
                 if matches!(e, BackendError::GovernorTimeout(..)) {
-                    governor_event(&self.deps, &self.component, governor, 0, GovernorEventType::Timeouts).await;
+                    slot::lifecycle(&*self.deps.events, &self.deps.node, &self.component, governor, 0, GovernorEventType::Timeouts).await;
                 }
-                Err(JobError::Failed(e.to_string()))
+                Err(e.into())
             }
         }
-    }
-
-    async fn release(&self, lease: Lease) {
-        release(&self.deps, &self.component, lease).await;
     }
 
     /// Replaces the job's activity line in status.
@@ -1331,7 +1476,7 @@ impl JobCtx {
     }
 
     /// Pulls under the update governor, if one is set.
-    async fn pull(&self, image: &str, governor: Option<String>, lease: &mut Option<Lease>) -> Result<String, JobError> {
+    async fn pull(&self, image: &str, governor: Option<String>, lease: &mut Option<Slot>) -> Result<String, JobError> {
         if let Some(g) = governor {
             *lease = Some(self.acquire(&g).await?);
         }
@@ -1356,7 +1501,7 @@ impl JobCtx {
         replace: bool,
         delay: Duration,
         turn: Turn,
-        lease: &mut Option<Lease>,
+        lease: &mut Option<Slot>,
     ) -> Result<JobDone, JobError> {
         if delay > Duration::ZERO {
             self.or_cancelled(tokio::time::sleep(delay)).await?;
@@ -1375,16 +1520,19 @@ impl JobCtx {
             return Ok(JobDone::Running { info: c.clone(), adopted: true });
         }
         let image = spec.image_ref();
+        let running = existing.as_ref().filter(|c| c.state == RunState::Running);
         if runtime.image_id(&image).await?.is_none() {
-            let mut pull_lease = None;
-            let pulled = self.pull(&image, turn.update, &mut pull_lease).await;
-            if let Some(l) = pull_lease {
-                self.release(l).await;
+            if running.is_some() {
+                return Ok(JobDone::NeedsPull);
             }
-            pulled?;
+            // Nothing runs that a pull could keep waiting: pull here, under the update governor,
+            // whose slot is dropped (released) with the pull.
+            let mut pull_slot = None;
+            self.pull(&image, turn.update, &mut pull_slot).await?;
         }
-        // The restart governor guards replacing a container; a first start on a node replaces nothing.
-        if let Some(g) = turn.restart.filter(|_| existing.is_some()) {
+        // The restart governor counts the instances hoist takes down. One that is down already
+        // (exited, killed, removed, or a first start) takes nothing down and waits for no slot.
+        if let Some(g) = turn.restart.filter(|_| running.is_some()) {
             let still_held = match &turn.held {
                 // Unknown (the store is unreachable) counts as lost: never replace on a slot not known to be ours.
                 Some(held) => self.deps.governor.holds(held).await.unwrap_or(false),
@@ -1398,7 +1546,14 @@ impl JobCtx {
                         "the governor slot taken for this update was lost (expired, evicted, or the capacity lowered); waiting for a slot again"
                     );
                 }
-                *lease = Some(self.acquire(&g).await?);
+                match self.acquire(&g).await {
+                    Ok(slot) => *lease = Some(slot),
+                    // A failed container must come back even while the fleet's store is out of reach.
+                    Err(JobError::Backend(e)) if turn.remediation => {
+                        tracing::warn!(container = %spec.name, governor = %g, error = %e, "replacing a failed container without a slot: the governor cannot be reached");
+                    }
+                    Err(e) => return Err(e),
+                }
                 self.progress(format!("starting {image}")).await;
             }
         }
@@ -1409,6 +1564,15 @@ impl JobCtx {
             return Ok(JobDone::RolledBackElsewhere(mark));
         }
         if let Some(old) = &existing {
+            if old.state == RunState::Running {
+                // Gracefully, as `docker stop` does: the container's stop signal (the image's
+                // STOPSIGNAL or `stop_signal`, else SIGTERM), then the grace, then a kill.
+                let short: String = old.id.chars().take(12).collect();
+                let grace = humantime::format_duration(turn.stop_grace);
+                tracing::info!(container = %spec.name, id = %short, %grace, "stopping the replaced container");
+                self.progress(format!("stopping {short}, {grace} grace")).await;
+                self.or_cancelled(runtime.stop(&old.id, turn.stop_grace)).await??;
+            }
             self.or_cancelled(runtime.remove(&old.id)).await??;
         }
         let info = self.or_cancelled(runtime.run(spec)).await??;
@@ -1426,22 +1590,6 @@ pub(crate) async fn pick_adoptable(runtime: &dyn Runtime, mut candidates: Vec<Co
         let _ = runtime.remove(&extra.id).await;
     }
     keep
-}
-
-/// Frees a slot, telling the lifecycle bus first, as Choria's autonomous agents do.
-async fn release(deps: &MachineDeps, component: &str, lease: Lease) {
-    governor_event(deps, component, &lease.governor, lease.seq, GovernorEventType::Exit).await;
-    if let Err(e) = deps.governor.release(&lease).await {
-        // Expiry or an eviction already freed it; Choria only logs this too.
-        tracing::debug!(governor = %lease.governor, seq = lease.seq, error = %e, "lease release");
-    }
-}
-
-async fn governor_event(deps: &MachineDeps, component: &str, governor: &str, sequence: u64, event_type: GovernorEventType) {
-    let event = GovernorEvent { identity: deps.node.clone(), component: component.into(), governor: governor.into(), sequence, event_type };
-    if let Err(e) = deps.events.publish_governor(&event).await {
-        tracing::debug!(governor, error = %e, "could not publish a governor event");
-    }
 }
 
 /// Bytes pulled so far across layers, turned into an activity line at most twice a second.

@@ -111,6 +111,10 @@ pub enum ProbeError {
     /// The runtime could not be asked (exec probes run through it): no verdict on the container.
     #[error("container runtime unavailable: {0}")]
     RuntimeUnavailable(String),
+    /// The probe could not run for a reason of this host (out of file descriptors or memory): no
+    /// verdict on the container, which may be serving fine.
+    #[error("probe could not run on this host: {0}")]
+    Local(String),
 }
 
 #[derive(Debug, thiserror::Error)]

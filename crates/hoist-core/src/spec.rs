@@ -119,6 +119,10 @@ pub struct ContainerSpec {
     /// setting existed hash as they did and their containers are not replaced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub syslog_address: Option<String>,
+    /// The signal `docker stop` sends first; None leaves the image's `STOPSIGNAL` (else SIGTERM).
+    /// Out of the hash when unset, like `syslog_address`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_signal: Option<String>,
 }
 
 impl ContainerSpec {
@@ -155,6 +159,9 @@ impl ContainerSpec {
             if let Some(address) = &self.syslog_address {
                 args.push(format!("--log-opt syslog-address={}", shell_quote(address)));
             }
+        }
+        if let Some(signal) = &self.stop_signal {
+            args.push(format!("--stop-signal {}", shell_quote(signal)));
         }
         for p in &self.ports {
             args.push(format!("-p {p}"));
@@ -453,6 +460,7 @@ mod tests {
             environment: vec![parse_env("A=1").unwrap()],
             syslog: false,
             syslog_address: None,
+            stop_signal: None,
         };
         // Pinned: a change to the serialised form would replace every container on an agent upgrade.
         assert_eq!(spec.hash(), "fcf9919eea97cd45");

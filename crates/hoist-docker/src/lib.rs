@@ -297,8 +297,8 @@ impl Runtime for DockerRuntime {
         let ip = container.ip.ok_or_else(|| ProbeError::Failed("container has no IP address".into()))?;
         let attempt = async {
             match probe {
-                Probe::Http { port, path } => probe::http(ip, *port, path).await.map_err(ProbeError::Failed),
-                Probe::Tcp { port } => probe::tcp(ip, *port).await.map(drop).map_err(ProbeError::Failed),
+                Probe::Http { port, path } => probe::http(ip, *port, path).await,
+                Probe::Tcp { port } => probe::tcp(ip, *port).await.map(drop),
                 Probe::Exec { command } => self.exec_probe(&container.id, command).await,
             }
         };
@@ -338,6 +338,7 @@ fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
             log_config,
             ..Default::default()
         }),
+        stop_signal: spec.stop_signal.clone(),
         ..Default::default()
     }
 }
@@ -425,6 +426,7 @@ mod tests {
             environment: vec![EnvVar { key: "A".into(), value: "b=c".into() }],
             syslog: true,
             syslog_address: Some("udp://10.0.0.9:514".into()),
+            stop_signal: Some("SIGQUIT".into()),
         }
     }
 
@@ -450,6 +452,7 @@ mod tests {
         let options = log.config.unwrap();
         assert_eq!((log.typ.as_deref(), options["tag"].as_str()), (Some("syslog"), "hoist_web"));
         assert_eq!(options["syslog-address"], "udp://10.0.0.9:514");
+        assert_eq!(body.stop_signal.as_deref(), Some("SIGQUIT"));
     }
 
     fn event(action: &str, attributes: &[(&str, &str)]) -> EventMessage {

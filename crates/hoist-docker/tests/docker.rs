@@ -71,6 +71,7 @@ fn spec(node: &str, name: &str, tag: &str) -> ContainerSpec {
         environment: vec![],
         syslog: false,
         syslog_address: None,
+        stop_signal: None,
     }
 }
 

@@ -39,7 +39,7 @@ struct GovernorLifecycle<'a> {
 }
 
 /// RFC 3339 UTC with seconds precision, like Choria's `time` field.
-fn rfc3339(unix_s: i64) -> String {
+pub(crate) fn rfc3339(unix_s: i64) -> String {
     let (days, secs) = (unix_s.div_euclid(86_400), unix_s.rem_euclid(86_400));
     // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
     let z = days + 719_468;

@@ -11,6 +11,8 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use hoist_core::backend::{BackendError, BackendResult, Governor, GovernorInfo, Lease, LeaseInfo};
 use serde::Deserialize;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::{Instant, sleep};
 use tracing::debug;
@@ -62,6 +64,43 @@ struct ApiError {
     description: String,
 }
 
+/// What this connection knows of its own leases. A campaign whose reply was lost may still have been
+/// stored (Choria's own caveat), and one queued while disconnected may reach the server after its
+/// caller gave up: such a lease carries this connection's holder name but no job holds it, and the
+/// whole fleet would wait for its expiry. So leases under a holder name this connection campaigned
+/// with, that it did not hand out, are released — after a campaign fails and after every reconnect.
+/// Each (governor, holder) has a lock a campaign and a sweep both take, so a sweep never deletes the
+/// lease of a campaign still waiting for its reply.
+#[derive(Default)]
+pub(crate) struct LeaseBook {
+    /// (governor, seq) handed out by `acquire` and not released.
+    held: Mutex<HashSet<(String, u64)>>,
+    /// Every (governor, holder) campaigned with, and its lock.
+    holders: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl LeaseBook {
+    fn lock(&self, governor: &str, holder: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.holders.lock().expect("not poisoned").entry((governor.to_string(), holder.to_string())).or_default().clone()
+    }
+
+    fn holds(&self, governor: &str, seq: u64) -> bool {
+        self.held.lock().expect("not poisoned").contains(&(governor.to_string(), seq))
+    }
+
+    fn hand_out(&self, governor: &str, seq: u64) {
+        self.held.lock().expect("not poisoned").insert((governor.to_string(), seq));
+    }
+
+    fn forget(&self, governor: &str, seq: u64) {
+        self.held.lock().expect("not poisoned").remove(&(governor.to_string(), seq));
+    }
+
+    fn campaigned(&self) -> Vec<(String, String)> {
+        self.holders.lock().expect("not poisoned").keys().cloned().collect()
+    }
+}
+
 /// A lease message's body is the holder's name; its time is when the lease was taken.
 fn lease_from(msg: &StreamMessage) -> LeaseInfo {
     LeaseInfo { seq: msg.sequence, holder: String::from_utf8_lossy(&msg.payload).into_owned(), taken_ms: unix_ms(msg.time) }
@@ -77,8 +116,10 @@ impl NatsBackend {
         self.find_stream(&stream_name(name)).await?.ok_or_else(|| BackendError::NoGovernor(name.into()))
     }
 
-    /// One campaign: Some(lease) if taken, None if full.
+    /// One campaign: Some(lease) if taken, None if full. Fails at once while disconnected: queued, the
+    /// request would be sent on reconnect and could take a slot nobody waits for any more.
     async fn campaign(&self, name: &str, holder: &str) -> BackendResult<Option<u64>> {
+        self.require_connected(&format!("taking a lease in governor {name}"))?;
         let request = Request::new().payload(holder.to_string().into()).timeout(Some(CAMPAIGN_TIMEOUT));
         let reply = match self.client.send_request(self.governor_subject(name), request).await {
             Ok(reply) => reply,
@@ -170,6 +211,58 @@ impl NatsBackend {
     }
 }
 
+impl NatsBackend {
+    /// Releases `holder`'s leases in `governor` that this connection did not hand out. Err when the
+    /// governor could not be read or a lease not deleted; the caller tries again later.
+    async fn sweep(&self, governor: &str, holder: &str) -> BackendResult<usize> {
+        let lock = self.leases.lock(governor, holder);
+        let _turn = lock.lock().await;
+        let info = match self.governor(governor).await {
+            Ok(stream) => stream.cached_info().clone(),
+            Err(BackendError::NoGovernor(_)) => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let mut released = 0;
+        for lease in self.leases(governor, &info).await? {
+            if lease.holder == holder && !self.leases.holds(governor, lease.seq) {
+                tracing::warn!(governor, seq = lease.seq, holder, "releasing a lease no job of this agent holds (a lost campaign reply)");
+                match self.delete_lease(governor, lease.seq, false).await {
+                    Ok(()) | Err(BackendError::NoLease { .. }) => released += 1,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(released)
+    }
+
+    /// Sweeps `holder`'s leftovers once the governor answers, giving up when a lease would have
+    /// expired anyway (no governor keeps a lease longer than a day in practice).
+    async fn sweep_later(self, governor: String, holder: String) {
+        let mut wait = Duration::from_millis(500);
+        let give_up = Instant::now() + Duration::from_secs(86_400);
+        while Instant::now() < give_up {
+            match self.sweep(&governor, &holder).await {
+                Ok(_) => return,
+                Err(e) => debug!(governor, holder, error = %e, "sweep for leftover leases failed; retrying"),
+            }
+            sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    /// After every reconnect, sweep every holder this connection campaigned with: campaigns queued
+    /// during the outage may have landed as the connection came back.
+    pub(crate) async fn sweep_on_reconnect(self, mut connected: tokio::sync::watch::Receiver<u64>) {
+        // The first connection has nothing to sweep.
+        let _ = connected.borrow_and_update();
+        while connected.changed().await.is_ok() {
+            for (governor, holder) in self.leases.campaigned() {
+                tokio::spawn(self.clone().sweep_later(governor, holder));
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl Governor for NatsBackend {
     async fn add(&self, name: &str, capacity: u64, expire: Duration, replicas: u8) -> BackendResult<()> {
@@ -215,9 +308,24 @@ impl Governor for NatsBackend {
         let mut tries = 0;
         // Subscribed before the first campaign, so a slot freed in between is not missed.
         let mut freed = self.client.subscribe(freed_subject(name)).await.map_err(|e| unavailable("subscribing to freed slots", e))?;
+        let lock = self.leases.lock(name, holder);
         loop {
-            if let Some(seq) = self.campaign(name, holder).await? {
-                return Ok(Lease { governor: name.into(), seq });
+            let attempt = {
+                let _turn = lock.lock().await;
+                let attempt = self.campaign(name, holder).await;
+                if let Ok(Some(seq)) = attempt {
+                    self.leases.hand_out(name, seq);
+                }
+                attempt
+            };
+            match attempt {
+                Ok(Some(seq)) => return Ok(Lease { governor: name.into(), seq }),
+                Ok(None) => {}
+                Err(e) => {
+                    // The request may have been stored with its reply lost: look for it.
+                    tokio::spawn(self.clone().sweep_later(name.to_string(), holder.to_string()));
+                    return Err(e);
+                }
             }
             let now = Instant::now();
             if now >= deadline {
@@ -235,7 +343,11 @@ impl Governor for NatsBackend {
     }
 
     async fn release(&self, lease: &Lease) -> BackendResult<()> {
-        self.delete_lease(&lease.governor, lease.seq, false).await
+        let result = self.delete_lease(&lease.governor, lease.seq, false).await;
+        if matches!(result, Ok(()) | Err(BackendError::NoLease { .. } | BackendError::NoGovernor(_))) {
+            self.leases.forget(&lease.governor, lease.seq);
+        }
+        result
     }
 
     async fn holds(&self, lease: &Lease) -> BackendResult<bool> {

@@ -13,10 +13,20 @@ mod governor;
 mod kv;
 
 use async_nats::jetstream::{self, ErrorCode, context::GetStreamErrorKind, response::Response, stream::Stream};
-use async_nats::{ConnectOptions, ServerAddr};
+use async_nats::{ConnectOptions, Event, ServerAddr};
 use hoist_core::backend::BackendError;
+use hoist_core::health::Conditions;
 use std::fmt::Display;
 use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// The source name of the connection's condition in `hoist status`.
+const CONDITION: &str = "nats";
+
+fn now_rfc3339() -> String {
+    events::rfc3339(hoist_core::machine::unix_now())
+}
 
 /// How to reach the NATS servers. Independent of hoist's config so this crate stands alone.
 #[derive(Debug, Clone)]
@@ -34,6 +44,12 @@ pub struct NatsOptions {
     pub collective: String,
     /// The connection name the servers show, e.g. `hoist node1`.
     pub name: String,
+    /// Return at once and connect in the background, retrying, instead of failing when no server
+    /// answers: an agent must start (and keep its containers) while NATS is down; a CLI command
+    /// should fail fast.
+    pub connect_in_background: bool,
+    /// Where the connection's trouble is reported (`nats: not reachable since …`), for `hoist status`.
+    pub conditions: Option<Conditions>,
 }
 
 impl Default for NatsOptions {
@@ -48,6 +64,8 @@ impl Default for NatsOptions {
             tls_key: None,
             collective: "mcollective".into(),
             name: "hoist".into(),
+            connect_in_background: false,
+            conditions: None,
         }
     }
 }
@@ -58,6 +76,8 @@ pub struct NatsBackend {
     client: async_nats::Client,
     js: jetstream::Context,
     collective: String,
+    /// The leases this connection took, to tell its own from ones a lost reply left behind.
+    leases: Arc<governor::LeaseBook>,
 }
 
 impl NatsBackend {
@@ -94,9 +114,43 @@ impl NatsBackend {
             _ => return Err(unavailable("tls_cert and tls_key must be given together".into())),
         }
 
+        let conditions = opts.conditions.clone().unwrap_or_default();
+        let (connected_tx, connected) = watch::channel(0u64);
+        let reporter = conditions.clone();
+        options = options.event_callback(move |event| {
+            let (conditions, connected_tx) = (reporter.clone(), connected_tx.clone());
+            async move {
+                match event {
+                    Event::Connected => {
+                        conditions.set(CONDITION, None);
+                        connected_tx.send_modify(|generation| *generation += 1);
+                    }
+                    Event::Disconnected => {
+                        conditions.set(CONDITION, Some(format!("not reachable since {}; running on the last desired state", now_rfc3339())))
+                    }
+                    Event::ServerError(e) => conditions.set(CONDITION, Some(format!("server error: {e}"))),
+                    _ => {}
+                }
+            }
+        });
+        if opts.connect_in_background {
+            options = options.retry_on_initial_connect();
+            conditions.set(CONDITION, Some(format!("not reachable yet at {servers}; running on the last desired state")));
+        }
         let client = options.connect(addrs).await.map_err(|e| unavailable(e.to_string()))?;
         let js = jetstream::new(client.clone());
-        Ok(NatsBackend { client, js, collective: opts.collective })
+        let backend = NatsBackend { client, js, collective: opts.collective, leases: Arc::default() };
+        tokio::spawn(backend.clone().sweep_on_reconnect(connected));
+        Ok(backend)
+    }
+
+    /// Whether the connection is up right now. A request made while it is not would be queued and
+    /// sent once it is back, long after its caller gave up on it.
+    fn require_connected(&self, what: &str) -> Result<(), BackendError> {
+        match self.client.connection_state() {
+            async_nats::connection::State::Connected => Ok(()),
+            _ => Err(BackendError::Unavailable(format!("{what}: not connected to NATS"))),
+        }
     }
 
     /// The stream, or None if the server says it does not exist.

@@ -10,6 +10,7 @@ use hoist_core::backend::{BucketConfig, Events, Governor, HOIST_BUCKET, Kv};
 use hoist_core::config::{AgentConfig, BackendKind, load_containers};
 use hoist_core::files::FileWatch;
 use hoist_core::fleet::{AgentResponder, Fleet, NODES_BUCKET, Presence, announce, nodes_bucket};
+use hoist_core::health::Conditions;
 use hoist_core::machine::MachineDeps;
 use hoist_core::persist::StateStore;
 use hoist_core::registration::{SERVICES_BUCKET, services_bucket};
@@ -26,7 +27,7 @@ struct Backends {
     fleet: Option<Arc<dyn Fleet>>,
 }
 
-async fn open_backends(cfg: &AgentConfig) -> anyhow::Result<Backends> {
+async fn open_backends(cfg: &AgentConfig, conditions: &Conditions) -> anyhow::Result<Backends> {
     match cfg.backend {
         BackendKind::Embedded => {
             let path = cfg.state_dir.join("hoist.redb");
@@ -35,7 +36,11 @@ async fn open_backends(cfg: &AgentConfig) -> anyhow::Result<Backends> {
             Ok(Backends { kv: Arc::new(store.clone()), governor: Arc::new(store.clone()), events: Arc::new(store), fleet: None })
         }
         BackendKind::Nats => {
-            let backend = hoist_nats::NatsBackend::connect(nats_options(cfg)).await.context("connecting to NATS")?;
+            // In the background: an agent starts, adopts and keeps its containers while NATS is down,
+            // and catches up once it answers.
+            let options =
+                hoist_nats::NatsOptions { connect_in_background: true, conditions: Some(conditions.clone()), ..nats_options(cfg) };
+            let backend = hoist_nats::NatsBackend::connect(options).await.context("connecting to NATS")?;
             let backend = Arc::new(backend);
             Ok(Backends { kv: backend.clone(), governor: backend.clone(), events: backend.clone(), fleet: Some(backend) })
         }
@@ -55,24 +60,24 @@ pub fn nats_options(cfg: &AgentConfig) -> hoist_nats::NatsOptions {
         tls_key: tls.and_then(|t| t.key.clone()),
         collective: n.collective.clone(),
         name: format!("hoist {}", cfg.node),
+        connect_in_background: false,
+        conditions: None,
     }
 }
 
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let facts = cfg.facts();
     // What the adapters report about themselves (store failing, NATS unreachable), shown in status.
-    let conditions = hoist_core::health::Conditions::default();
+    let conditions = Conditions::default();
     // Refuse to start on a bad config rather than start empty: an empty set would purge what runs.
     let set = load_containers(&cfg.data, &facts).map_err(|e| anyhow::anyhow!("refusing to start, the config has errors:\n{e}"))?;
     tokio::fs::create_dir_all(&cfg.state_dir).await.with_context(|| format!("creating {}", cfg.state_dir.display()))?;
-    let backends = open_backends(&cfg).await?;
-    // Operators may have created these with their own settings (`hoist kv add`); only fill gaps.
-    for (bucket, config) in [(HOIST_BUCKET, BucketConfig::default()), (SERVICES_BUCKET, services_bucket(cfg.registration.interval))] {
-        if let Err(e) = backends.kv.bucket_config(bucket).await {
-            tracing::debug!(error = %e, bucket, "creating the bucket");
-            backends.kv.create_bucket(bucket, config).await.with_context(|| format!("creating the {bucket} bucket"))?;
-        }
+    let backends = open_backends(&cfg, &conditions).await?;
+    let mut buckets = vec![(HOIST_BUCKET, BucketConfig::default()), (SERVICES_BUCKET, services_bucket(cfg.registration.interval))];
+    if backends.fleet.is_some() {
+        buckets.push((NODES_BUCKET, nodes_bucket()));
     }
+    tokio::spawn(ensure_buckets(backends.kv.clone(), buckets));
     let runtime = hoist_docker::DockerRuntime::new(cfg.docker.host.as_deref()).context("docker.host")?;
     // Docker may come up after the agent (boot order): containers start once it answers, and
     // `hoist status` says what they wait for meanwhile.
@@ -91,6 +96,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         rollout: cfg.rollout.clone(),
         registration_interval: cfg.registration.interval,
         conditions: conditions.clone(),
+        slots: hoist_core::slot::SlotKeeper::start(backends.governor.clone(), backends.events.clone(), cfg.node.clone()),
     });
     tracing::info!(node = %cfg.node, containers = set.containers.len(), "starting agent");
     let handle = agent::start(deps, set).await;
@@ -117,6 +123,30 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Creates the buckets the agent needs that do not exist yet, trying again while the backend does not
+/// answer (the agent does not wait for it: its machines run on their persisted state meanwhile).
+/// Operators may have created them with their own settings (`hoist kv add`); only gaps are filled.
+async fn ensure_buckets(kv: Arc<dyn Kv>, mut missing: Vec<(&'static str, BucketConfig)>) {
+    let mut wait = Duration::from_millis(500);
+    while !missing.is_empty() {
+        let mut still = Vec::new();
+        for (bucket, config) in missing {
+            if kv.bucket_config(bucket).await.is_ok() {
+                continue;
+            }
+            if let Err(e) = kv.create_bucket(bucket, config.clone()).await {
+                tracing::debug!(error = %e, bucket, "could not create the bucket yet");
+                still.push((bucket, config));
+            }
+        }
+        missing = still;
+        if !missing.is_empty() {
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(10));
+        }
+    }
+}
+
 /// Answers fleet commands and announces this node, so callers know who should answer.
 async fn join_fleet(
     fleet: &dyn Fleet,
@@ -125,9 +155,6 @@ async fn join_fleet(
     cfg: &AgentConfig,
     facts: serde_json::Value,
 ) -> anyhow::Result<()> {
-    if kv.bucket_config(NODES_BUCKET).await.is_err() {
-        kv.create_bucket(NODES_BUCKET, nodes_bucket()).await.with_context(|| format!("creating the {NODES_BUCKET} bucket"))?;
-    }
     fleet.serve(Arc::new(AgentResponder { agent: handle.clone(), facts: facts.clone() })).await.context("answering fleet requests")?;
     tokio::spawn(announce(kv, Presence { node: cfg.node.clone(), facts }));
     Ok(())

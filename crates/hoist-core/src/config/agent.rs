@@ -6,6 +6,7 @@ use super::{
     AgentConfig, BackendKind, ConfigError, ConfigErrors, ControlConfig, DockerConfig, MetricsConfig, NatsConfig, RegistrationConfig,
     RolloutConfig, TlsConfig,
 };
+use crate::backoff::BackoffConfig;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 use std::net::SocketAddr;
@@ -85,6 +86,15 @@ struct RawRollout {
     min_healthy_time: Option<Secs>,
     unverified_wait: Option<Secs>,
     governor_timeout: Option<Secs>,
+    restart_backoff: Option<RawBackoff>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackoff {
+    initial: Option<Secs>,
+    max: Option<Secs>,
+    reset_after: Option<Secs>,
 }
 
 /// A duration as a humantime string (`10s`) or whole seconds, like the container data. A visitor (not
@@ -109,6 +119,23 @@ impl<'de> Deserialize<'de> for Secs {
         }
         deserializer.deserialize_any(SecsVisitor)
     }
+}
+
+/// `rollout.restart_backoff`, unset keys from the built-in defaults.
+fn backoff(raw: RawBackoff, error: &mut impl FnMut(&str, String)) -> BackoffConfig {
+    let defaults = BackoffConfig::default();
+    let config = BackoffConfig {
+        initial: raw.initial.map_or(defaults.initial, |s| s.0),
+        max: raw.max.map_or(defaults.max, |s| s.0),
+        reset_after: raw.reset_after.map_or(defaults.reset_after, |s| s.0),
+    };
+    if config.initial.is_zero() || config.initial > config.max {
+        error("rollout.restart_backoff.initial", "must be longer than zero and not longer than max".into());
+    }
+    if config.reset_after < Duration::from_secs(1) {
+        error("rollout.restart_backoff.reset_after", "must be at least 1 second".into());
+    }
+    config
 }
 
 fn secs(value: Option<Secs>, default: u64) -> Duration {
@@ -210,6 +237,7 @@ fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<Path
             min_healthy_time: secs(rollout.min_healthy_time, 10),
             unverified_wait: secs(rollout.unverified_wait, 10),
             governor_timeout: secs(rollout.governor_timeout, 300),
+            restart_backoff: backoff(rollout.restart_backoff.unwrap_or_default(), &mut error),
         },
         state_dir,
     };

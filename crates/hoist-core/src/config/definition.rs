@@ -3,6 +3,7 @@
 
 use super::value::{self, Fields, describe};
 use super::{ContainerConfig, Ensure, HealthCheck, Registration};
+use crate::backoff::BackoffConfig;
 use crate::runtime::Probe;
 use crate::spec::{self, EnvVar, ImageVersion};
 use serde_json::{Map, Value};
@@ -28,7 +29,11 @@ const FIELDS: &[&str] = &[
     "environment",
     "register_ports",
     "health_check",
+    "stop_signal",
+    "stop_grace",
+    "restart_backoff",
 ];
+const BACKOFF_FIELDS: &[&str] = &["initial", "max", "reset_after"];
 const REGISTRATION_FIELDS: &[&str] = &["cluster", "service", "protocol", "ip", "port", "priority", "annotations"];
 const HEALTH_CHECK_FIELDS: &[&str] = &["type", "port", "path", "command", "interval", "timeout", "retries", "start_period"];
 
@@ -62,6 +67,9 @@ pub(crate) fn container(fields: &mut Fields<'_>) -> ContainerConfig {
         environment: environment(fields),
         register_ports: register_ports(fields),
         health_check: health_check(fields),
+        stop_signal: fields.parse("stop_signal", None, |v| stop_signal(v).map(Some)),
+        stop_grace: fields.parse("stop_grace", None, |v| bounded_duration(v, Duration::ZERO, MAX_STOP_GRACE).map(Some)),
+        restart_backoff: restart_backoff(fields),
         sources: fields.sources().to_vec(),
     }
 }
@@ -339,6 +347,62 @@ fn health_check(fields: &mut Fields<'_>) -> Option<HealthCheck> {
     let start_period = optional(fields, path, map, "start_period", Duration::ZERO, value::duration);
     let check = HealthCheck { probe: probe?, interval, timeout, retries, start_period };
     (fields.error_count() == before).then_some(check)
+}
+
+/// Longer than any sane drain, short enough that a stuck stop is noticed.
+const MAX_STOP_GRACE: Duration = Duration::from_secs(3600);
+
+/// `SIGTERM`, `TERM`, `SIGRTMIN+3` or a number, as `docker run --stop-signal` takes it.
+fn stop_signal(value: &Value) -> Result<String, String> {
+    let signal = value::scalar(value)?;
+    let name = signal.strip_prefix("SIG").unwrap_or(&signal);
+    let numeric = name.parse::<u8>().is_ok_and(|n| (1..=64).contains(&n));
+    let named = !name.is_empty() && name.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'+' || b == b'-');
+    if numeric || named {
+        Ok(signal)
+    } else {
+        Err(format!("{signal:?} is not a signal: use a name such as SIGTERM or SIGQUIT, or a number 1-64"))
+    }
+}
+
+fn bounded_duration(value: &Value, min: Duration, max: Duration) -> Result<Duration, String> {
+    let d = value::duration(value)?;
+    if d < min || d > max {
+        return Err(format!(
+            "must be from {} to {}, found {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max),
+            humantime::format_duration(d)
+        ));
+    }
+    Ok(d)
+}
+
+/// `restart_backoff: { initial, max, reset_after }`; unset keys take the built-in defaults.
+fn restart_backoff(fields: &mut Fields<'_>) -> Option<BackoffConfig> {
+    let map = match fields.get("restart_backoff")? {
+        Value::Object(map) => map,
+        other => {
+            fields.error("restart_backoff", format!("expected a mapping with initial, max and reset_after, found {}", describe(other)));
+            return None;
+        }
+    };
+    let path = "restart_backoff";
+    let before = fields.error_count();
+    fields.reject_unknown(path, map, BACKOFF_FIELDS);
+    let defaults = BackoffConfig::default();
+    let (hour, day) = (Duration::from_secs(3600), Duration::from_secs(86_400));
+    let initial = optional(fields, path, map, "initial", defaults.initial, |v| bounded_duration(v, Duration::from_millis(100), hour));
+    let max = optional(fields, path, map, "max", defaults.max, |v| bounded_duration(v, Duration::from_millis(100), day));
+    let reset_after =
+        optional(fields, path, map, "reset_after", defaults.reset_after, |v| bounded_duration(v, Duration::from_secs(1), day));
+    if initial > max {
+        fields.error(
+            &format!("{path}.initial"),
+            format!("{} is longer than max {}", humantime::format_duration(initial), humantime::format_duration(max)),
+        );
+    }
+    (fields.error_count() == before).then_some(BackoffConfig { initial, max, reset_after })
 }
 
 fn positive_duration(value: &Value) -> Result<Duration, String> {

@@ -2,6 +2,7 @@
 //! `hoist::purge`, or plain `containers:` / `purge:`), merged, interpolated and validated into typed
 //! values. Every error names the file, the container and the field.
 
+use crate::backoff::BackoffConfig;
 use crate::runtime::Probe;
 use crate::spec::{ContainerSpec, EnvVar, ImageVersion, PortMapping, VolumeMount};
 use serde::{Deserialize, Serialize};
@@ -107,6 +108,8 @@ pub struct RolloutConfig {
     pub unverified_wait: Duration,
     /// How long `acquire` waits for a governor slot before the attempt fails and is retried; default 5 min.
     pub governor_timeout: Duration,
+    /// The crash backoff of every container that sets none of its own.
+    pub restart_backoff: BackoffConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,6 +144,13 @@ pub struct ContainerConfig {
     pub environment: Vec<EnvVar>,
     pub register_ports: Vec<Registration>,
     pub health_check: Option<HealthCheck>,
+    /// The signal that asks the container to stop (`SIGTERM`, `SIGQUIT`…); None: the image's
+    /// `STOPSIGNAL`, else SIGTERM.
+    pub stop_signal: Option<String>,
+    /// How long a stop waits for the container to exit before it is killed; None: `docker.stop_grace`.
+    pub stop_grace: Option<Duration>,
+    /// None: `rollout.restart_backoff`.
+    pub restart_backoff: Option<BackoffConfig>,
     /// The files that contributed to this definition, in merge order (for messages).
     pub sources: Vec<PathBuf>,
 }
@@ -222,6 +232,11 @@ impl fmt::Display for ConfigErrors {
 impl std::error::Error for ConfigErrors {}
 
 impl ContainerConfig {
+    /// How long a stop of this container waits before it kills.
+    pub fn stop_grace(&self, docker: &DockerConfig) -> Duration {
+        self.stop_grace.unwrap_or(docker.stop_grace)
+    }
+
     /// The runtime spec for this definition running `version` on `node` under the agent's `docker`
     /// settings.
     pub fn spec(&self, node: &str, docker: &DockerConfig, version: &ImageVersion) -> ContainerSpec {
@@ -240,6 +255,7 @@ impl ContainerConfig {
             environment: self.environment.clone(),
             syslog: self.syslog,
             syslog_address: docker.syslog_address.clone().filter(|_| self.syslog),
+            stop_signal: self.stop_signal.clone(),
         }
     }
 }

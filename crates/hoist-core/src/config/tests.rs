@@ -77,6 +77,9 @@ fn a_minimal_definition_gets_every_default() {
         environment: vec![],
         register_ports: vec![],
         health_check: None,
+        stop_signal: None,
+        stop_grace: None,
+        restart_backoff: None,
         sources: vec![dir.path().join("containers.yaml")],
     };
     assert_eq!(web, &expected);
@@ -431,7 +434,8 @@ fn agent_defaults() {
             healthy_deadline: Duration::from_secs(300),
             min_healthy_time: Duration::from_secs(10),
             unverified_wait: Duration::from_secs(10),
-            governor_timeout: Duration::from_secs(300)
+            governor_timeout: Duration::from_secs(300),
+            restart_backoff: crate::backoff::BackoffConfig::default(),
         }
     );
 }
