@@ -225,8 +225,8 @@ impl Agent {
                     }
                 }
                 None => {
-                    let adopt = machine::pick_adoptable(&*self.deps.runtime, by_name.remove(name).unwrap_or_default()).await;
-                    let handle = machine::spawn(cfg.clone(), self.deps.clone(), adopt).await;
+                    let candidates = by_name.remove(name).unwrap_or_default();
+                    let handle = machine::spawn(cfg.clone(), self.deps.clone(), candidates).await;
                     self.machines.insert(name.clone(), handle);
                 }
             }

@@ -255,6 +255,8 @@ pub struct Machine {
     revive: Option<ImageVersion>,
     /// The current UPDATE has pulled its image (its RESTART is the update itself, not a revival).
     update_pulled: bool,
+    /// The KV's value for this container has not been read yet and nothing was remembered of it.
+    kv_pending: bool,
     restarts: u64,
     /// A version that failed its health gate and was rolled back from; not tried again until the
     /// desired version changes or an operator asks for `update`.
@@ -278,11 +280,16 @@ pub struct Machine {
     pending: Vec<(Transition, String)>,
 }
 
-/// Spawns a machine for `cfg`, adopting `existing` if the runtime already has its container.
-pub async fn spawn(cfg: ContainerConfig, deps: Arc<MachineDeps>, existing: Option<ContainerInfo>) -> MachineHandle {
+/// Spawns a machine for `cfg`, adopting one of `candidates` (the runtime's containers of this name) if
+/// the runtime already has its container.
+pub async fn spawn(cfg: ContainerConfig, deps: Arc<MachineDeps>, candidates: Vec<ContainerInfo>) -> MachineHandle {
     let (tx, rx) = mpsc::channel(256);
     let remembered = deps.store.load(&cfg.name).await;
     let kv_version = remembered.as_ref().and_then(|r| r.desired_version.as_deref()).and_then(|v| ImageVersion::parse(v).ok());
+    let wanted = kv_version.clone().filter(|_| cfg.kv_update).unwrap_or_else(|| cfg.image_tag.clone());
+    let preferred =
+        Preferred { id: remembered.as_ref().and_then(|r| r.container_id.clone()), spec: cfg.spec(&deps.node, &deps.docker, &wanted) };
+    let existing = pick_adoptable(&*deps.runtime, candidates, &preferred).await;
     let machine = Machine {
         instance_id: uuid_v4(),
         state: State::Start,
@@ -305,6 +312,9 @@ pub async fn spawn(cfg: ContainerConfig, deps: Arc<MachineDeps>, existing: Optio
         remediating: false,
         revive: None,
         update_pulled: false,
+        // Without its state file a machine does not know what the KV last asked for: it keeps what runs
+        // until the KV answers, rather than move it back to the configured tag meanwhile.
+        kv_pending: cfg.kv_update && remembered.is_none(),
         restarts: remembered.as_ref().map_or(0, |r| r.restarts),
         replacing: None,
         waiting_for_runtime: false,
@@ -549,6 +559,10 @@ impl Machine {
             Some(c) if c.state != RunState::Running => {
                 Some((Transition::Restart, format!("container not running ({})", exit_text(c.exit_code))))
             }
+            Some(c) if c.image != spec.image_ref() && self.kv_pending => {
+                tracing::info!(container = %self.cfg.name, image = %c.image, "keeping the running version until the KV answers");
+                None
+            }
             Some(c) if c.image != spec.image_ref() => Some((Transition::Update, format!("image {} → {}", c.image, spec.image_ref()))),
             Some(c) if c.label(LABEL_SPEC) != Some(spec.hash().as_str()) => Some((Transition::Restart, "definition changed".to_string())),
             Some(c) if c.health == RuntimeHealth::Unhealthy => {
@@ -712,6 +726,10 @@ impl Machine {
                 }
             },
         };
+        if std::mem::take(&mut self.kv_pending) && self.state == State::Run {
+            // Now it is known whether the version that runs is the one asked for.
+            self.reconcile_run();
+        }
         if parsed == self.kv_version {
             return;
         }
@@ -1274,6 +1292,7 @@ impl Machine {
             restarts: self.restarts,
             bad_version: self.bad_version.as_ref().map(|v| v.to_string()),
             bad_version_node: self.bad_version_node.clone(),
+            container_id: self.container.as_ref().map(|c| c.id.clone()),
         };
         if let Err(e) = self.deps.store.save(&self.cfg.name, &remembered).await {
             tracing::warn!(container = %self.cfg.name, error = %e, "could not save machine state");
@@ -1511,10 +1530,13 @@ impl JobCtx {
         // while the runtime was down, unable to list what runs.
         let existing = match existing {
             Some(c) => Some(c),
-            None => pick_adoptable(&**runtime, runtime.find(&spec.node, &spec.name).await?).await,
+            None => {
+                let preferred = Preferred { id: None, spec: spec.clone() };
+                pick_adoptable(&**runtime, runtime.find(&spec.node, &spec.name).await?, &preferred).await
+            }
         };
         if let Some(c) = existing.as_ref().filter(|c| !replace && c.state == RunState::Running)
-            && c.label(LABEL_SPEC) == Some(spec.hash().as_str())
+            && (c.label(LABEL_SPEC) == Some(spec.hash().as_str()) || same_definition_other_version(c, spec))
         {
             tracing::info!(container = %spec.name, id = %c.id, "adopted the running container");
             return Ok(JobDone::Running { info: c.clone(), adopted: true });
@@ -1580,14 +1602,49 @@ impl JobCtx {
     }
 }
 
-/// The container to adopt among several of one name (left by a crash mid-replacement): the running
-/// one, else the newest. The others are removed.
-pub(crate) async fn pick_adoptable(runtime: &dyn Runtime, mut candidates: Vec<ContainerInfo>) -> Option<ContainerInfo> {
-    candidates.sort_by_key(|c| (c.state == RunState::Running, c.created));
-    let keep = candidates.pop();
+/// Whether `c` runs the definition `spec` describes, only at another version (its own tag): adopted at
+/// start, it keeps serving while the machine updates it, instead of being replaced before the new
+/// image is even here (and it is kept if the KV, not read yet, still asks for what it runs).
+fn same_definition_other_version(c: &ContainerInfo, spec: &ContainerSpec) -> bool {
+    let Some(version) = version_of(&c.image).and_then(|v| ImageVersion::parse(&v).ok()) else { return false };
+    let other = ContainerSpec { version, ..spec.clone() };
+    c.label(LABEL_SPEC) == Some(other.hash().as_str()) && c.image == other.image_ref()
+}
+
+/// What a machine knows of the container it should adopt.
+pub(crate) struct Preferred {
+    /// The container it managed before (from its state file).
+    pub id: Option<String>,
+    /// What it wants to run.
+    pub spec: ContainerSpec,
+}
+
+/// The container to adopt among several of one name (left by a crash mid-replacement, or a look-alike
+/// someone made with copied labels): the one the machine managed before, else one under hoist's own
+/// name for it that matches the definition, else one under its name, each preferring a running one,
+/// then the newest. Never a stopped or foreign container over a running one of its own. Duplicates
+/// under hoist's name are removed; a container that only copies the labels is left alone.
+pub(crate) async fn pick_adoptable(runtime: &dyn Runtime, candidates: Vec<ContainerInfo>, preferred: &Preferred) -> Option<ContainerInfo> {
+    let hash = preferred.spec.hash();
+    let rank = |c: &ContainerInfo| {
+        let named = c.container_name == preferred.spec.container_name;
+        let matching = named && c.label(LABEL_SPEC) == Some(hash.as_str()) && c.image == preferred.spec.image_ref();
+        let running = c.state == RunState::Running;
+        (preferred.id.as_deref() == Some(c.id.as_str()) && running, running && matching, running && named, running, named, c.created)
+    };
+    let mut candidates = candidates;
+    candidates.sort_by_key(|c| std::cmp::Reverse(rank(c)));
+    let mut candidates = candidates.into_iter();
+    let keep = candidates.next();
     for extra in candidates {
-        tracing::warn!(container = %extra.container_name, id = %extra.id, "removing a duplicate container");
-        let _ = runtime.remove(&extra.id).await;
+        // A leftover of a replacement hoist was in the middle of holds hoist's name for it (or held
+        // it: a stopped one renamed by nobody); anything else is someone's copy.
+        if extra.container_name == preferred.spec.container_name || extra.state != RunState::Running {
+            tracing::warn!(container = %extra.container_name, id = %extra.id, "removing a duplicate container");
+            let _ = runtime.remove(&extra.id).await;
+        } else {
+            tracing::warn!(container = %extra.container_name, id = %extra.id, "a container carries this machine's labels under another name; left alone");
+        }
     }
     keep
 }

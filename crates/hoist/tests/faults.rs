@@ -296,3 +296,48 @@ fn the_crash_backoff_is_set_per_container_and_shown() {
     let secs: f64 = activity.trim_start_matches("restart in ").split(' ').next().unwrap().parse().unwrap();
     assert!((14.0..=48.0).contains(&secs), "the container's own backoff: {activity}");
 }
+
+#[test]
+fn a_restarted_agent_without_its_state_file_adopts_what_runs() {
+    let port = free_port();
+    let mut agent = TestAgent::start("loststate", &web(port, ""));
+    agent.wait_running("web");
+    agent.hoist_ok(&["kv", "put", "HOIST", "container/web/tag", "v2"]);
+    let on_v2 = agent.wait_machine("web", "on v2", Duration::from_secs(60), |m| running_on(m, "v2"));
+    for round in 0..3 {
+        agent.stop_agent();
+        std::fs::remove_dir_all(agent.path("state/machines")).unwrap();
+        agent.spawn();
+        let m = agent.wait_machine("web", "adopted", Duration::from_secs(30), |m| running_on(m, "v2"));
+        std::thread::sleep(Duration::from_secs(2));
+        let later = agent.machine("web").unwrap();
+        assert_eq!((m.container_id.clone(), later.container_id), (on_v2.container_id.clone(), on_v2.container_id.clone()), "round {round}");
+        assert_eq!(later.version, "v2", "round {round}: not moved back to the configured v1");
+    }
+}
+
+#[test]
+fn a_look_alike_with_copied_labels_does_not_win_adoption() {
+    let port = free_port();
+    let mut agent = TestAgent::start("lookalike", &web(port, ""));
+    let real = agent.wait_running("web");
+    agent.stop_agent();
+    let name = agent.container_name("web");
+    let labels = agent.docker(&["inspect", "-f", "{{range $k, $v := .Config.Labels}}{{$k}}={{$v}}\n{{end}}", &name]);
+    let mut run = vec!["run".to_string(), "-d".into(), "--name".into(), format!("{name}-copy")];
+    for label in String::from_utf8_lossy(&labels.stdout).lines().filter(|l| l.starts_with("io.hoist.")) {
+        run.extend(["--label".to_string(), label.to_string()]);
+    }
+    run.push(format!("{}:v1", image()));
+    let run: Vec<&str> = run.iter().map(String::as_str).collect();
+    docker_ok(&run);
+
+    agent.spawn();
+    let m = agent.wait_running("web");
+    std::thread::sleep(Duration::from_secs(2));
+    let real_id = agent.container_id("web").expect("the real container is still there");
+    assert_eq!(m.container_id.as_deref(), Some(&real_id[..12]), "the real one was adopted: {m:?}");
+    assert!(real.container_id.as_deref().is_some_and(|id| real_id.starts_with(id)), "and it is the one that ran before");
+    assert!(agent.container_running("web"));
+    assert_eq!(http_get(port).as_deref(), Some("v1"));
+}
