@@ -247,7 +247,7 @@ async fn fleet_of(n: usize, opts: &FleetOpts) -> anyhow::Result<Vec<Row>> {
     let observer = Arc::new(NatsBackend::connect(nats_options(&server.url, "hoist-bench simulator observer".into())).await?);
     // Created once here; each real agent would only fill these gaps.
     observer.create_bucket(HOIST_BUCKET, BucketConfig::default()).await?;
-    observer.create_bucket(NODES_BUCKET, nodes_bucket()).await?;
+    observer.create_bucket(NODES_BUCKET, nodes_bucket(fleet::DEFAULT_NODE_RETENTION, 1)).await?;
 
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("containers.yaml");
@@ -328,7 +328,7 @@ async fn start_agent(i: usize, url: &str, dir: &Path, set: ContainerSet, latenci
     let handle = agent::start(deps, set).await;
     let kv: Arc<dyn Kv> = backend.clone();
     fleet::Fleet::serve(&*backend, Arc::new(AgentResponder { agent: handle.clone(), facts: serde_json::json!({}) })).await?;
-    let announcer = tokio::spawn(announce(kv, Presence { node, facts: serde_json::json!({}) }));
+    let announcer = tokio::spawn(announce(kv, Presence { node, facts: serde_json::json!({}), instance: None }));
     Ok(SimAgent { handle, announcer })
 }
 

@@ -16,8 +16,8 @@ pub const SERVICES_BUCKET: &str = "CHORIA_SERVICES";
 
 /// How long an entry outlives its last refresh: long enough to ride out a missed refresh or two,
 /// short enough that a dead node's services vanish quickly.
-pub fn services_bucket(interval: Duration) -> BucketConfig {
-    BucketConfig { history: 1, ttl: Some(interval * 3), replicas: 1 }
+pub fn services_bucket(interval: Duration, replicas: u8) -> BucketConfig {
+    BucketConfig { history: 1, ttl: Some(interval * 3), replicas }
 }
 
 /// One registered endpoint, as published (Choria's JSON: the config's `ip` is `address` here).

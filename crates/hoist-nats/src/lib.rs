@@ -153,6 +153,13 @@ impl NatsBackend {
         }
     }
 
+    /// How many servers the cluster has, as the connected server tells its clients: a clustered
+    /// server lists every member's client address (its own too) in `connect_urls`, and sends the
+    /// list again whenever a member joins or leaves. A standalone server lists none.
+    pub fn cluster_size(&self) -> usize {
+        self.client.server_info().connect_urls.len().max(1)
+    }
+
     /// The stream, or None if the server says it does not exist.
     async fn find_stream(&self, name: &str) -> Result<Option<Stream>, BackendError> {
         match self.js.get_stream(name).await {

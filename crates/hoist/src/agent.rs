@@ -7,17 +7,23 @@ use anyhow::Context;
 use futures_util::StreamExt;
 use hoist_core::agent::{self, AgentHandle};
 use hoist_core::backend::{BucketConfig, Events, Governor, HOIST_BUCKET, Kv};
-use hoist_core::config::{AgentConfig, BackendKind, load_containers};
+use hoist_core::config::{AgentConfig, BackendKind, ConfigErrors, ContainerSet, Ensure, load_containers};
 use hoist_core::files::FileWatch;
-use hoist_core::fleet::{AgentResponder, Fleet, NODES_BUCKET, Presence, announce, nodes_bucket};
+use hoist_core::fleet::{
+    AgentResponder, Announced, Fleet, LIVENESS, NODES_BUCKET, PRESENCE_INTERVAL, Presence, announce, held_elsewhere, nodes_bucket,
+};
 use hoist_core::health::Conditions;
 use hoist_core::machine::MachineDeps;
 use hoist_core::persist::StateStore;
 use hoist_core::registration::{SERVICES_BUCKET, services_bucket};
-use std::os::unix::fs::PermissionsExt;
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
 
 struct Backends {
     kv: Arc<dyn Kv>,
@@ -25,7 +31,13 @@ struct Backends {
     events: Arc<dyn Events>,
     /// Only a shared backend has a fleet to answer.
     fleet: Option<Arc<dyn Fleet>>,
+    /// Copies of each bucket the agent creates (the embedded store keeps one whatever is asked), known
+    /// once the backend answers: a NATS cluster's size is learnt on connecting.
+    replicas: Replicas,
 }
+
+/// How many copies the agent asks for, read when it creates or checks something.
+type Replicas = Arc<dyn Fn() -> u8 + Send + Sync>;
 
 async fn open_backends(cfg: &AgentConfig, conditions: &Conditions) -> anyhow::Result<Backends> {
     match cfg.backend {
@@ -33,18 +45,31 @@ async fn open_backends(cfg: &AgentConfig, conditions: &Conditions) -> anyhow::Re
             let path = cfg.state_dir.join("hoist.redb");
             let store =
                 hoist_embedded::EmbeddedStore::open(&path).with_context(|| format!("opening the embedded store {}", path.display()))?;
-            Ok(Backends { kv: Arc::new(store.clone()), governor: Arc::new(store.clone()), events: Arc::new(store), fleet: None })
+            Ok(Backends {
+                kv: Arc::new(store.clone()),
+                governor: Arc::new(store.clone()),
+                events: Arc::new(store),
+                fleet: None,
+                replicas: Arc::new(|| 1),
+            })
         }
         BackendKind::Nats => {
             // In the background: an agent starts, adopts and keeps its containers while NATS is down,
             // and catches up once it answers.
             let options =
                 hoist_nats::NatsOptions { connect_in_background: true, conditions: Some(conditions.clone()), ..nats_options(cfg) };
-            let backend = hoist_nats::NatsBackend::connect(options).await.context("connecting to NATS")?;
-            let backend = Arc::new(backend);
-            Ok(Backends { kv: backend.clone(), governor: backend.clone(), events: backend.clone(), fleet: Some(backend) })
+            let backend = Arc::new(hoist_nats::NatsBackend::connect(options).await.context("connecting to NATS")?);
+            let (nats, cfg) = (backend.clone(), cfg.clone());
+            let replicas: Replicas = Arc::new(move || replicas(&cfg, &nats));
+            Ok(Backends { kv: backend.clone(), governor: backend.clone(), events: backend.clone(), fleet: Some(backend), replicas })
         }
     }
+}
+
+/// `nats.replicas`, or one copy per server of the cluster up to 3: a bucket or governor kept on one
+/// server stops working with that server, and three copies already survive the loss of any one.
+pub fn replicas(cfg: &AgentConfig, nats: &hoist_nats::NatsBackend) -> u8 {
+    cfg.nats.replicas.unwrap_or_else(|| u8::try_from(nats.cluster_size().min(3)).expect("at most 3"))
 }
 
 pub fn nats_options(cfg: &AgentConfig) -> hoist_nats::NatsOptions {
@@ -72,12 +97,23 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // Refuse to start on a bad config rather than start empty: an empty set would purge what runs.
     let set = load_containers(&cfg.data, &facts).map_err(|e| anyhow::anyhow!("refusing to start, the config has errors:\n{e}"))?;
     tokio::fs::create_dir_all(&cfg.state_dir).await.with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+    // Registered before anything can stand by, so a SIGHUP meanwhile does not end the agent.
+    let hup = signal(SignalKind::hangup())?;
     let backends = open_backends(&cfg, &conditions).await?;
-    let mut buckets = vec![(HOIST_BUCKET, BucketConfig::default()), (SERVICES_BUCKET, services_bucket(cfg.registration.interval))];
-    if backends.fleet.is_some() {
-        buckets.push((NODES_BUCKET, nodes_bucket()));
-    }
-    tokio::spawn(ensure_buckets(backends.kv.clone(), buckets));
+    tokio::spawn(ensure_buckets(backends.kv.clone(), backends.replicas.clone(), cfg.clone(), backends.fleet.is_some()));
+    let member = match &backends.fleet {
+        Some(fleet) => Some(Member { fleet: fleet.clone(), instance: instance_id(&cfg.state_dir)? }),
+        None => None,
+    };
+    // Another machine running under this node name manages the same containers (same labels): two
+    // agents would replace each other's containers forever, so this one waits until that one is gone.
+    let holder = match &member {
+        Some(m) => held_elsewhere(&*backends.kv, &cfg.node, &m.instance).await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot tell whether another machine runs node {}; managing its containers", cfg.node);
+            None
+        }),
+        None => None,
+    };
     let runtime = hoist_docker::DockerRuntime::new(cfg.docker.host.as_deref()).context("docker.host")?;
     // Docker may come up after the agent (boot order): containers start once it answers, and
     // `hoist status` says what they wait for meanwhile.
@@ -98,18 +134,36 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         conditions: conditions.clone(),
         slots: hoist_core::slot::SlotKeeper::start(backends.governor.clone(), backends.events.clone(), cfg.node.clone()),
     });
-    tracing::info!(node = %cfg.node, containers = set.containers.len(), "starting agent");
-    let handle = agent::start(deps, set).await;
-    if let Some(fleet) = &backends.fleet {
-        join_fleet(&**fleet, backends.kv.clone(), &handle, &cfg, facts.clone()).await?;
+    let (sets, _) = watch::channel(set.clone());
+    if let Some(m) = &member {
+        let (kv, governor, replicas) = (backends.kv.clone(), backends.governor.clone(), backends.replicas.clone());
+        tokio::spawn(warn_short_replicas(kv, governor, replicas, conditions.clone(), sets.subscribe()));
+        if let Some(holder) = &holder {
+            conditions.set("standby", Some(standby_reason(&cfg.node, &m.instance, holder)));
+        }
     }
-    let control = Control { agent: handle.clone(), kv: backends.kv, governor: backends.governor, events: backends.events };
+    // Standing by, the agent starts with nothing to manage and purge off, so it touches no container;
+    // it still serves `hoist status`, which says why.
+    let initial = if holder.is_some() { ContainerSet::default() } else { set };
+    tracing::info!(node = %cfg.node, containers = initial.containers.len(), "starting agent");
+    let handle = agent::start(deps, initial).await;
+    if let (Some(m), None) = (&member, &holder) {
+        join_fleet(m, backends.kv.clone(), &handle, &cfg, facts.clone()).await?;
+    }
+    let control = Control { agent: handle.clone(), kv: backends.kv.clone(), governor: backends.governor, events: backends.events };
     serve_control(&cfg, control.clone()).await?;
     if let Some(addr) = cfg.metrics.listen {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics.listen {addr}"))?;
         tokio::spawn(async move { axum::serve(listener, server::metrics_router(control)).await });
     }
-    tokio::spawn(reload_on_change(cfg.clone(), facts, handle.clone()));
+    let standing_by = member.zip(holder);
+    let (kv, agent_cfg, agent) = (backends.kv, cfg.clone(), handle.clone());
+    tokio::spawn(async move {
+        if let Some((member, holder)) = standing_by {
+            take_over(member, holder, kv, &agent_cfg, &facts, &agent, &sets, &conditions).await;
+        }
+        reload_on_change(agent_cfg, facts, agent, sets, hup).await;
+    });
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -123,41 +177,210 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Creates the buckets the agent needs that do not exist yet, trying again while the backend does not
-/// answer (the agent does not wait for it: its machines run on their persisted state meanwhile).
-/// Operators may have created them with their own settings (`hoist kv add`); only gaps are filled.
-async fn ensure_buckets(kv: Arc<dyn Kv>, mut missing: Vec<(&'static str, BucketConfig)>) {
+/// This agent's part in a fleet.
+struct Member {
+    fleet: Arc<dyn Fleet>,
+    /// This install's id in its presence, from `instance_id`.
+    instance: String,
+}
+
+/// This install's identity in `HOIST_NODES`: random, written once to `<state_dir>/instance-id` (mode
+/// 0600), so the agent knows its own previous run's presence from another machine's with the same
+/// node name. A state_dir copied to another machine carries the id with it.
+fn instance_id(state_dir: &Path) -> anyhow::Result<String> {
+    let path = state_dir.join("instance-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
+        // Empty: the agent died between creating and writing it.
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).context("reading /dev/urandom")?;
+    let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
+        file.write_all(id.as_bytes())?;
+        file.sync_all()
+    };
+    write().with_context(|| format!("writing {}", path.display()))?;
+    Ok(id)
+}
+
+/// Creates the buckets the agent needs, trying again while the backend does not answer: the agent
+/// does not wait for it, its machines run on their persisted state meanwhile. Operators may have
+/// created HOIST and CHORIA_SERVICES with their own settings (`hoist kv add`); only gaps are filled.
+async fn ensure_buckets(kv: Arc<dyn Kv>, replicas: Replicas, cfg: AgentConfig, fleet: bool) {
     let mut wait = Duration::from_millis(500);
-    while !missing.is_empty() {
-        let mut still = Vec::new();
-        for (bucket, config) in missing {
-            if kv.bucket_config(bucket).await.is_ok() {
-                continue;
+    loop {
+        let created = async {
+            let replicas = replicas();
+            for (bucket, config) in [
+                (HOIST_BUCKET, BucketConfig { replicas, ..BucketConfig::default() }),
+                (SERVICES_BUCKET, services_bucket(cfg.registration.interval, replicas)),
+            ] {
+                if kv.bucket_config(bucket).await.is_err() {
+                    kv.create_bucket(bucket, config).await.map_err(|e| (bucket, e))?;
+                }
             }
-            if let Err(e) = kv.create_bucket(bucket, config.clone()).await {
-                tracing::debug!(error = %e, bucket, "could not create the bucket yet");
-                still.push((bucket, config));
+            if fleet {
+                ensure_nodes_bucket(&*kv, &cfg, replicas).await.map_err(|e| (NODES_BUCKET, e))?;
+            }
+            Ok::<(), (&str, hoist_core::backend::BackendError)>(())
+        };
+        match created.await {
+            Ok(()) => return,
+            Err((bucket, e)) => tracing::debug!(error = %e, bucket, "could not create the bucket yet; retrying"),
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// `HOIST_NODES` belongs to the agents: its TTL is how long a silent node stays listed, so an existing
+/// bucket is brought to this agent's `fleet.node_retention` and replica count.
+async fn ensure_nodes_bucket(kv: &dyn Kv, cfg: &AgentConfig, replicas: u8) -> Result<(), hoist_core::backend::BackendError> {
+    let wanted = nodes_bucket(cfg.fleet.node_retention, replicas);
+    match kv.bucket_config(NODES_BUCKET).await {
+        Ok(have) if have == wanted => {}
+        Ok(have) => {
+            tracing::info!(bucket = NODES_BUCKET, ?have, ?wanted, "updating the bucket's settings");
+            // The bucket works as it is; a cluster that cannot move replicas right now is no reason to stop.
+            if let Err(e) = kv.create_bucket(NODES_BUCKET, wanted).await {
+                tracing::warn!(bucket = NODES_BUCKET, error = %e, "could not update the bucket's settings");
             }
         }
-        missing = still;
-        if !missing.is_empty() {
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_secs(10));
+        Err(e) => {
+            tracing::debug!(error = %e, bucket = NODES_BUCKET, "creating the bucket");
+            kv.create_bucket(NODES_BUCKET, wanted).await?;
         }
+    }
+    Ok(())
+}
+
+/// Why this agent manages nothing, for `hoist status` and the log.
+fn standby_reason(node: &str, instance: &str, holder: &Announced) -> String {
+    let facts = &holder.presence.facts;
+    let host = facts["hostname"].as_str().unwrap_or("?");
+    let ip = facts["networking"]["ip"].as_str().unwrap_or("?");
+    let other = holder.presence.instance.as_deref().unwrap_or("unknown (an older hoist)");
+    format!(
+        "standing by, managing no container: node {node} is run by the agent of another machine (hostname {host}, ip {ip}, instance {other}; this is instance {instance}); taking over once it has been silent for {}",
+        humantime::format_duration(LIVENESS)
+    )
+}
+
+/// Waits until `holder`, the other machine announcing this node, has been silent for `LIVENESS`, then
+/// manages the node's containers (adopting what runs) and joins the fleet in its place.
+#[allow(clippy::too_many_arguments)]
+async fn take_over(
+    member: Member,
+    mut holder: Announced,
+    kv: Arc<dyn Kv>,
+    cfg: &AgentConfig,
+    facts: &serde_json::Value,
+    handle: &AgentHandle,
+    sets: &watch::Sender<ContainerSet>,
+    conditions: &Conditions,
+) {
+    loop {
+        // Look again when the holder would turn stale, or after a presence interval if sooner.
+        let stale_in = (holder.last_seen + LIVENESS).duration_since(SystemTime::now()).unwrap_or_default();
+        tokio::time::sleep(stale_in.min(PRESENCE_INTERVAL) + Duration::from_millis(100)).await;
+        match held_elsewhere(&*kv, &cfg.node, &member.instance).await {
+            Ok(Some(still)) => holder = still,
+            Ok(None) => break,
+            Err(e) => tracing::warn!(error = %e, "cannot read {NODES_BUCKET}; still standing by"),
+        }
+        conditions.set("standby", Some(standby_reason(&cfg.node, &member.instance, &holder)));
+    }
+    conditions.set("standby", None);
+    tracing::info!(node = %cfg.node, "the other machine running this node has been silent for {}; taking over", humantime::format_duration(LIVENESS));
+    reload(handle, sets, load_containers(&cfg.data, facts)).await;
+    if let Err(e) = join_fleet(&member, kv, handle, cfg, facts.clone()).await {
+        tracing::error!(error = format!("{e:#}"), "could not join the fleet after taking over");
     }
 }
 
 /// Answers fleet commands and announces this node, so callers know who should answer.
 async fn join_fleet(
-    fleet: &dyn Fleet,
+    member: &Member,
     kv: Arc<dyn Kv>,
     handle: &AgentHandle,
     cfg: &AgentConfig,
     facts: serde_json::Value,
 ) -> anyhow::Result<()> {
-    fleet.serve(Arc::new(AgentResponder { agent: handle.clone(), facts: facts.clone() })).await.context("answering fleet requests")?;
-    tokio::spawn(announce(kv, Presence { node: cfg.node.clone(), facts }));
+    member
+        .fleet
+        .serve(Arc::new(AgentResponder { agent: handle.clone(), facts: facts.clone() }))
+        .await
+        .context("answering fleet requests")?;
+    tokio::spawn(announce(kv, Presence { node: cfg.node.clone(), facts, instance: Some(member.instance.clone()) }));
     Ok(())
+}
+
+/// Warns, in status and the log, while a bucket or governor the containers use keeps fewer copies
+/// than the agent creates its own with: it stops working with the one server that holds it. Checked
+/// at every config change and every 30 s, since operators change them under a running agent.
+async fn warn_short_replicas(
+    kv: Arc<dyn Kv>,
+    governor: Arc<dyn Governor>,
+    replicas: Replicas,
+    conditions: Conditions,
+    mut sets: watch::Receiver<ContainerSet>,
+) {
+    loop {
+        let want = replicas();
+        let set = sets.borrow_and_update().clone();
+        let used = set.containers.values().filter(|c| c.ensure == Ensure::Present);
+        let mut buckets = BTreeSet::new();
+        let mut governors = BTreeSet::new();
+        for c in used {
+            if c.kv_update {
+                buckets.insert(HOIST_BUCKET);
+            }
+            if !c.register_ports.is_empty() {
+                buckets.insert(SERVICES_BUCKET);
+            }
+            governors.extend(c.restart_governor.iter().chain(&c.update_governor).cloned());
+        }
+        let mut short = Vec::new();
+        for bucket in buckets {
+            if let Ok(c) = kv.bucket_config(bucket).await
+                && c.replicas < want
+            {
+                let ttl = c.ttl.map(|t| format!(" --ttl {}", compact(t))).unwrap_or_default();
+                short.push(format!(
+                    "bucket {bucket} has {} replica(s) where the cluster could keep {want} (`hoist kv add {bucket} --history {}{ttl} --replicas {want}`)",
+                    c.replicas, c.history
+                ));
+            }
+        }
+        for name in governors {
+            if let Ok(g) = governor.view(&name).await
+                && g.replicas < want
+            {
+                short.push(format!(
+                    "governor {name} has {} replica(s) where the cluster could keep {want} (`hoist governor add {name} {} {} --replicas {want}`)",
+                    g.replicas,
+                    g.capacity,
+                    compact(g.expire)
+                ));
+            }
+        }
+        let problem = (!short.is_empty()).then(|| format!("{}; each stops working if the server holding it is lost", short.join("; ")));
+        conditions.set("replicas", problem);
+        tokio::select! {
+            changed = sets.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(Duration::from_secs(30)) => {}
+        }
+    }
+}
+
+/// `1m30s`: a duration as the CLI takes it back, without the spaces humantime puts in.
+fn compact(d: Duration) -> String {
+    humantime::format_duration(d).to_string().replace(' ', "")
 }
 
 async fn serve_control(cfg: &AgentConfig, control: Control) -> anyhow::Result<()> {
@@ -178,8 +401,13 @@ async fn serve_control(cfg: &AgentConfig, control: Control) -> anyhow::Result<()
 
 /// Reloads the container data on SIGHUP or when a data file changes. A refused config leaves the
 /// running set untouched and is reported in `hoist status` and the logs.
-async fn reload_on_change(cfg: AgentConfig, facts: serde_json::Value, handle: AgentHandle) {
-    let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+async fn reload_on_change(
+    cfg: AgentConfig,
+    facts: serde_json::Value,
+    handle: AgentHandle,
+    sets: watch::Sender<ContainerSet>,
+    mut hup: tokio::signal::unix::Signal,
+) {
     let mut changes = Inotify.watch(&cfg.data);
     loop {
         let why = tokio::select! {
@@ -189,7 +417,15 @@ async fn reload_on_change(cfg: AgentConfig, facts: serde_json::Value, handle: Ag
         // Let an editor or config management finish writing every file before reading them.
         tokio::time::sleep(Duration::from_millis(200)).await;
         tracing::info!(reason = why, "reloading container config");
-        let loaded = load_containers(&cfg.data, &facts).map_err(|e| e.to_string());
-        handle.reload(loaded).await;
+        reload(&handle, &sets, load_containers(&cfg.data, &facts)).await;
     }
+}
+
+/// Hands a freshly loaded set (or why it was refused) to the agent, and an accepted one to the checks
+/// that follow the config.
+async fn reload(handle: &AgentHandle, sets: &watch::Sender<ContainerSet>, loaded: Result<ContainerSet, ConfigErrors>) {
+    if let Ok(set) = &loaded {
+        sets.send_replace(set.clone());
+    }
+    handle.reload(loaded.map_err(|e| e.to_string())).await;
 }

@@ -5,11 +5,12 @@
 use crate::output;
 use anyhow::Context;
 use clap::Args;
-use hoist_core::backend::Events;
+use comfy_table::{Table, presets::NOTHING};
+use hoist_core::backend::{Events, Kv};
 use hoist_core::config::{AgentConfig, BackendKind};
-use hoist_core::fleet::{self, Filter, FleetAnswer, FleetRequest, Operation};
+use hoist_core::fleet::{self, Filter, FleetAnswer, FleetRequest, NODES_BUCKET, NodeSeen, Operation, PRESENCE_INTERVAL};
 use hoist_nats::NatsBackend;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 #[derive(Args, Debug, Default)]
 pub struct FleetArgs {
@@ -74,9 +75,57 @@ pub fn render(answer: &FleetAnswer) -> String {
     if answer.missing.is_empty() {
         out.push('\n');
     } else {
-        out.push_str(&format!(", {} did not: {}\n", answer.missing.len(), answer.missing.join(", ")));
+        out.push_str(&format!(", {} did not:\n", answer.missing.len()));
+        for m in &answer.missing {
+            if m.alive {
+                out.push_str(&format!("  {} did not answer in time (alive, last seen {})\n", m.node, when(m.last_seen)));
+            } else {
+                out.push_str(&format!("  {} missing since {}\n", m.node, when(m.last_seen)));
+            }
+        }
     }
     out
+}
+
+/// `2026-12-01T10:31:02Z (3m12s ago)`.
+pub fn when(t: SystemTime) -> String {
+    let ago = SystemTime::now().duration_since(t).unwrap_or_default();
+    let ago = humantime::format_duration(Duration::from_secs(ago.as_secs())).to_string().replace(' ', "");
+    format!("{} ({ago} ago)", humantime::format_rfc3339_seconds(t))
+}
+
+/// Every node `HOIST_NODES` remembers.
+pub async fn nodes(cfg: &AgentConfig) -> anyhow::Result<Vec<NodeSeen>> {
+    let nats = connect(cfg).await?;
+    let now = SystemTime::now();
+    Ok(fleet::announced(&nats).await?.iter().map(|a| a.seen(now)).collect())
+}
+
+pub fn render_nodes(nodes: &[NodeSeen]) -> String {
+    let mut t = Table::new();
+    t.load_style(NOTHING).set_header(vec!["NODE", "LAST SEEN", "ALIVE"]);
+    for n in nodes {
+        t.add_row(vec![n.node.clone(), when(n.last_seen), if n.alive { "yes" } else { "no" }.to_string()]);
+    }
+    format!("{t}\n")
+}
+
+/// Removes a dead node's entry. A live one is refused: its agent would announce it again at once.
+pub async fn forget(cfg: &AgentConfig, node: &str) -> anyhow::Result<NodeSeen> {
+    let nats = connect(cfg).await?;
+    let now = SystemTime::now();
+    let seen = fleet::announcement(&nats, node)
+        .await?
+        .with_context(|| format!("no node named {node:?} is remembered in {NODES_BUCKET} (see `hoist node ls`)"))?
+        .seen(now);
+    anyhow::ensure!(
+        !seen.alive,
+        "node {node} is alive (last seen {}): its agent would announce it again within {}; stop that agent first",
+        when(seen.last_seen),
+        humantime::format_duration(PRESENCE_INTERVAL)
+    );
+    nats.delete(NODES_BUCKET, node).await?;
+    Ok(seen)
 }
 
 /// Transition events from every node.

@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use control::client::ControlClient;
 use futures_util::StreamExt;
 use hoist_core::backend::{BucketConfig, Governor, Kv, read_all};
-use hoist_core::config::{AgentConfig, DEFAULT_AGENT_FILE, load_containers};
+use hoist_core::config::{AgentConfig, BackendKind, DEFAULT_AGENT_FILE, load_containers};
 use hoist_core::fleet::Operation;
 use hoist_core::fsm::Transition;
 use hoist_core::registration::{SERVICES_BUCKET, ServiceEntry};
@@ -91,6 +91,17 @@ enum Command {
     /// Governors: fleet-wide limits on concurrent pulls and restarts.
     #[command(subcommand)]
     Governor(GovernorCommand),
+    /// The nodes of the fleet, as they announce themselves in HOIST_NODES (NATS backend).
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Every node remembered, when it last announced itself and whether it is alive.
+    Ls,
+    /// Stop listing a dead node (one removed for good), so fleet commands no longer report it missing.
+    Forget { node: String },
 }
 
 #[derive(Subcommand)]
@@ -103,8 +114,9 @@ enum KvCommand {
         /// Entries older than this vanish, e.g. 1m.
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
-        #[arg(long, default_value_t = 1)]
-        replicas: u8,
+        /// Copies kept in a NATS cluster (default: `nats.replicas`, else one per server up to 3).
+        #[arg(long)]
+        replicas: Option<u8>,
     },
     Put {
         bucket: String,
@@ -138,8 +150,9 @@ enum GovernorCommand {
         capacity: u64,
         #[arg(value_parser = humantime::parse_duration)]
         expire: Duration,
-        #[arg(long, default_value_t = 1)]
-        replicas: u8,
+        /// Copies kept in a NATS cluster (default: `nats.replicas`, else one per server up to 3).
+        #[arg(long)]
+        replicas: Option<u8>,
     },
     /// Show capacity and the leases held.
     View {
@@ -264,6 +277,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Validate { files } => return validate(g, files),
         Command::Kv(cmd) => kv(g, &client(g)?, cmd).await?,
         Command::Governor(cmd) => governor(g, &client(g)?, cmd).await?,
+        Command::Node(NodeCommand::Ls) => {
+            let nodes = fleet::nodes(&agent_config(g)?).await?;
+            print(g.json, &nodes, |n| fleet::render_nodes(n));
+        }
+        Command::Node(NodeCommand::Forget { node }) => {
+            let seen = fleet::forget(&agent_config(g)?, &node).await?;
+            print(g.json, &seen, |s| format!("forgot node {} (last seen {})\n", s.node, fleet::when(s.last_seen)));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -302,6 +323,15 @@ fn validate(g: &Global, files: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The replica count the agent gives what it creates, for what an operator creates without `--replicas`.
+async fn default_replicas(g: &Global) -> anyhow::Result<u8> {
+    let cfg = agent_config(g)?;
+    match cfg.backend {
+        BackendKind::Embedded => Ok(1),
+        BackendKind::Nats => Ok(agent::replicas(&cfg, &fleet::connect(&cfg).await?)),
+    }
+}
+
 async fn services(g: &Global, kv: &dyn Kv, only: Option<&str>) -> anyhow::Result<()> {
     let mut found = Vec::new();
     for entry in read_all(kv, SERVICES_BUCKET).await? {
@@ -318,6 +348,10 @@ async fn services(g: &Global, kv: &dyn Kv, only: Option<&str>) -> anyhow::Result
 async fn kv(g: &Global, kv: &dyn Kv, cmd: KvCommand) -> anyhow::Result<()> {
     match cmd {
         KvCommand::Add { bucket, history, ttl, replicas } => {
+            let replicas = match replicas {
+                Some(n) => n,
+                None => default_replicas(g).await?,
+            };
             kv.create_bucket(&bucket, BucketConfig { history, ttl, replicas }).await?;
             // What the backend now holds, not what was asked for.
             let config = kv.bucket_config(&bucket).await?;
@@ -362,6 +396,10 @@ async fn kv(g: &Global, kv: &dyn Kv, cmd: KvCommand) -> anyhow::Result<()> {
 async fn governor(g: &Global, gov: &dyn Governor, cmd: GovernorCommand) -> anyhow::Result<()> {
     match cmd {
         GovernorCommand::Add { name, capacity, expire, replicas } => {
+            let replicas = match replicas {
+                Some(n) => n,
+                None => default_replicas(g).await?,
+            };
             gov.add(&name, capacity, expire, replicas).await?;
             let info = gov.view(&name).await?;
             print(g.json, &info, output::governor);

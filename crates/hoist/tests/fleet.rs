@@ -102,7 +102,7 @@ fn a_fleet_rolls_one_instance_at_a_time_and_answers_fleet_commands() {
     agents[2].kill_agent();
     let answer = fleet_status(&agents[0], &["--timeout", "1s"]);
     assert_eq!(answer.replies.len(), 2);
-    assert_eq!(answer.missing, vec![dead]);
+    assert_eq!(answer.missing.iter().map(|m| m.node.clone()).collect::<Vec<_>>(), vec![dead]);
     wait_until("the dead node's registration to expire", Duration::from_secs(10), || (services(&agents[0]).len() == 1).then_some(()));
 }
 

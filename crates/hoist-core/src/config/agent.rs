@@ -3,8 +3,8 @@
 
 use super::raw::{self, file_error};
 use super::{
-    AgentConfig, BackendKind, ConfigError, ConfigErrors, ControlConfig, DockerConfig, MetricsConfig, NatsConfig, RegistrationConfig,
-    RolloutConfig, TlsConfig,
+    AgentConfig, BackendKind, ConfigError, ConfigErrors, ControlConfig, DockerConfig, FleetConfig, MetricsConfig, NatsConfig,
+    RegistrationConfig, RolloutConfig, TlsConfig,
 };
 use crate::backoff::BackoffConfig;
 use serde::{Deserialize, Deserializer};
@@ -30,6 +30,7 @@ struct RawAgent {
     control: Option<RawControl>,
     metrics: Option<RawMetrics>,
     rollout: Option<RawRollout>,
+    fleet: Option<RawFleet>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -51,6 +52,7 @@ struct RawNats {
     token: Option<String>,
     tls: Option<RawTls>,
     collective: Option<String>,
+    replicas: Option<u8>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -95,6 +97,12 @@ struct RawBackoff {
     initial: Option<Secs>,
     max: Option<Secs>,
     reset_after: Option<Secs>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFleet {
+    node_retention: Option<Secs>,
 }
 
 /// A duration as a humantime string (`10s`) or whole seconds, like the container data. A visitor (not
@@ -180,6 +188,7 @@ fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<Path
     let (docker, nats) = (raw.docker.unwrap_or_default(), raw.nats.unwrap_or_default());
     let (registration, control) = (raw.registration.unwrap_or_default(), raw.control.unwrap_or_default());
     let (metrics, rollout) = (raw.metrics.unwrap_or_default(), raw.rollout.unwrap_or_default());
+    let fleet = raw.fleet.unwrap_or_default();
     let servers = nats.servers.unwrap_or_default();
     let mut errors = Vec::new();
     let mut error = |field: &str, message: String| {
@@ -202,6 +211,22 @@ fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<Path
     let backend = raw.backend.unwrap_or(BackendKind::Embedded);
     if backend == BackendKind::Nats && servers.is_empty() {
         error("nats.servers", "backend nats needs at least one server, e.g. [\"nats://n1:4222\"]".into());
+    }
+    if let Some(replicas) = nats.replicas
+        && !(1..=5).contains(&replicas)
+    {
+        error("nats.replicas", format!("{replicas} is not a replica count NATS keeps: use 1 to 5"));
+    }
+    let node_retention = fleet.node_retention.map_or(crate::fleet::DEFAULT_NODE_RETENTION, |s| s.0);
+    if node_retention < crate::fleet::LIVENESS {
+        error(
+            "fleet.node_retention",
+            format!(
+                "{} is shorter than a node takes to count as dead ({}): use days, e.g. 7d",
+                humantime::format_duration(node_retention),
+                humantime::format_duration(crate::fleet::LIVENESS)
+            ),
+        );
     }
     let facts = raw.facts.unwrap_or_else(|| Value::Object(Default::default()));
     if !facts.is_object() {
@@ -227,6 +252,7 @@ fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<Path
             token: nats.token,
             tls: nats.tls.map(|tls| TlsConfig { ca: tls.ca.map(resolve), cert: tls.cert.map(resolve), key: tls.key.map(resolve) }),
             collective: nats.collective.unwrap_or_else(|| "mcollective".into()),
+            replicas: nats.replicas,
         },
         facts,
         registration: RegistrationConfig { interval: secs(registration.interval, 15) },
@@ -239,6 +265,7 @@ fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<Path
             governor_timeout: secs(rollout.governor_timeout, 300),
             restart_backoff: backoff(rollout.restart_backoff.unwrap_or_default(), &mut error),
         },
+        fleet: FleetConfig { node_retention },
         state_dir,
     };
     if errors.is_empty() { Ok(config) } else { Err(ConfigErrors(errors)) }

@@ -36,6 +36,7 @@ pub struct AgentConfig {
     pub control: ControlConfig,
     pub metrics: MetricsConfig,
     pub rollout: RolloutConfig,
+    pub fleet: FleetConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -70,6 +71,17 @@ pub struct NatsConfig {
     pub tls: Option<TlsConfig>,
     /// Governor subjects are `<collective>.governor.<name>`; default `mcollective` as Choria's.
     pub collective: String,
+    /// Copies of each bucket and governor hoist creates; default: as many servers as the cluster has,
+    /// up to 3.
+    pub replicas: Option<u8>,
+}
+
+/// How the fleet remembers its nodes (`fleet:` in the agent file).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FleetConfig {
+    /// How long a node that stopped announcing itself stays listed (as missing) before it is
+    /// forgotten: the TTL of `HOIST_NODES`. Default 7 days.
+    pub node_retention: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

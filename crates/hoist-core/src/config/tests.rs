@@ -428,6 +428,8 @@ fn agent_defaults() {
     assert_eq!(cfg.registration.interval, Duration::from_secs(15));
     assert_eq!(cfg.control.socket, PathBuf::from("/var/lib/hoist/hoist.sock"));
     assert_eq!(cfg.metrics.listen, None);
+    assert_eq!(cfg.nats.replicas, None, "as many as the cluster has, decided once connected");
+    assert_eq!(cfg.fleet.node_retention, Duration::from_secs(7 * 24 * 3600));
     assert_eq!(
         cfg.rollout,
         RolloutConfig {
@@ -458,7 +460,7 @@ fn agent_file_every_key() {
     let file = write(
         dir.path(),
         "hoist.yaml",
-        "node: n1\nstate_dir: state\ndata: [d1, /abs/d2]\ndocker: {host: 'unix:///run/docker.sock', name_prefix: x_, stop_grace: 3, purge_grace: 5m, syslog_address: 'udp://10.0.0.9:514'}\nbackend: nats\nnats:\n  servers: ['nats://a:4222']\n  creds: n.creds\n  token: t\n  tls: {ca: /ca.pem}\n  collective: c\nfacts: {dc: ams, networking: {zone: a}}\nregistration: {interval: 1m}\ncontrol: {socket: ctl.sock}\nmetrics: {listen: '127.0.0.1:9464'}\nrollout: {healthy_deadline: 1m, unverified_wait: 5s, governor_timeout: 30}\n",
+        "node: n1\nstate_dir: state\ndata: [d1, /abs/d2]\ndocker: {host: 'unix:///run/docker.sock', name_prefix: x_, stop_grace: 3, purge_grace: 5m, syslog_address: 'udp://10.0.0.9:514'}\nbackend: nats\nnats:\n  servers: ['nats://a:4222']\n  creds: n.creds\n  token: t\n  tls: {ca: /ca.pem}\n  collective: c\n  replicas: 2\nfleet: {node_retention: 2d}\nfacts: {dc: ams, networking: {zone: a}}\nregistration: {interval: 1m}\ncontrol: {socket: ctl.sock}\nmetrics: {listen: '127.0.0.1:9464'}\nrollout: {healthy_deadline: 1m, unverified_wait: 5s, governor_timeout: 30}\n",
     );
     let cfg = AgentConfig::load(&file).unwrap();
     let base = dir.path();
@@ -473,6 +475,8 @@ fn agent_file_every_key() {
     assert_eq!(cfg.nats.creds, Some(base.join("n.creds")));
     assert_eq!(cfg.nats.tls.as_ref().unwrap().ca, Some(PathBuf::from("/ca.pem")));
     assert_eq!(cfg.nats.collective, "c");
+    assert_eq!(cfg.nats.replicas, Some(2));
+    assert_eq!(cfg.fleet.node_retention, Duration::from_secs(2 * 24 * 3600));
     assert_eq!(cfg.registration.interval, Duration::from_secs(60));
     assert_eq!(cfg.control.socket, base.join("ctl.sock"));
     assert_eq!(cfg.metrics.listen, Some("127.0.0.1:9464".parse().unwrap()));
@@ -515,6 +519,12 @@ fn agent_file_errors() {
     assert_eq!(e.field.as_deref(), Some("docker.syslog_address"));
     assert!(e.message.contains("udp://"), "{e}");
     assert!(load("node: [\n").message.contains("line"));
+    let e = load("nats: {servers: ['nats://a:4222'], replicas: 7}\n");
+    assert_eq!(e.field.as_deref(), Some("nats.replicas"));
+    assert!(e.message.contains("1 to 5"), "{e}");
+    let e = load("fleet: {node_retention: 10s}\n");
+    assert_eq!(e.field.as_deref(), Some("fleet.node_retention"));
+    assert!(e.message.contains("use days"), "{e}");
     let missing = AgentConfig::load(&dir.path().join("nope.yaml")).unwrap_err();
     assert!(missing.to_string().contains("nope.yaml"), "{missing}");
 }
