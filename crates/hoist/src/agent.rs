@@ -215,14 +215,16 @@ async fn ensure_buckets(kv: Arc<dyn Kv>, replicas: Replicas, cfg: AgentConfig, f
     let mut wait = Duration::from_millis(500);
     loop {
         let created = async {
+            // Asked only once the backend has answered: a NATS cluster's size is known from then on.
+            let answered = kv.bucket_config(HOIST_BUCKET).await;
             let replicas = replicas();
-            for (bucket, config) in [
-                (HOIST_BUCKET, BucketConfig { replicas, ..BucketConfig::default() }),
-                (SERVICES_BUCKET, services_bucket(cfg.registration.interval, replicas)),
-            ] {
-                if kv.bucket_config(bucket).await.is_err() {
-                    kv.create_bucket(bucket, config).await.map_err(|e| (bucket, e))?;
-                }
+            let hoist = BucketConfig { replicas, ..BucketConfig::default() };
+            let services = services_bucket(cfg.registration.interval, replicas);
+            if answered.is_err() {
+                kv.create_bucket(HOIST_BUCKET, hoist).await.map_err(|e| (HOIST_BUCKET, e))?;
+            }
+            if kv.bucket_config(SERVICES_BUCKET).await.is_err() {
+                kv.create_bucket(SERVICES_BUCKET, services).await.map_err(|e| (SERVICES_BUCKET, e))?;
             }
             if fleet {
                 ensure_nodes_bucket(&*kv, &cfg, replicas).await.map_err(|e| (NODES_BUCKET, e))?;
