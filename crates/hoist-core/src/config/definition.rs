@@ -95,13 +95,16 @@ fn image(fields: &mut Fields<'_>, ensure: Ensure) -> String {
     }
 }
 
-/// Tags are usually strings, but YAML reads `image_tag: 2` or `1.5` as numbers; those are taken as
-/// their text. A float loses trailing zeros (`1.10` reads as 1.1), so that case is worth a warning.
+/// A tag must be written as text. YAML reads an unquoted `1.10` as the number 1.1 and `0x10` as 16, so
+/// taking a number as its text would deploy a tag nobody wrote; the operator is asked to quote it.
 fn image_tag(value: &Value) -> Result<ImageVersion, String> {
-    if value.as_f64().is_some_and(|f| f.fract() != 0.0) {
-        tracing::warn!(tag = %value, "image_tag was written as a number; quote it if it has trailing zeros (\"1.10\")");
+    if value.is_number() {
+        return Err(format!(
+            "YAML reads this unquoted value as {}, which is not reliably the tag written (1.10 reads as 1.1, 0x10 as 16); quote the tag, e.g. image_tag: \"1.10\"",
+            describe(value)
+        ));
     }
-    ImageVersion::parse(&value::scalar(value)?)
+    ImageVersion::parse(&value::string(value)?)
 }
 
 /// A string is the single executable (as `docker run --entrypoint`); a list is taken as is.

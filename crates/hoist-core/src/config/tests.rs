@@ -88,7 +88,7 @@ fn every_field_parsed() {
         r#"containers:
   web:
     image: registry.example.net:5000/team/web
-    image_tag: 1.5
+    image_tag: "1.5"
     command: "httpd -f -p '8080'"
     entrypoint: /bin/sh
     network: host
@@ -119,12 +119,26 @@ fn every_field_parsed() {
 }
 
 #[test]
-fn integer_image_tag_and_digest() {
-    let (_dir, set) =
-        load_one(&format!("containers:\n  a: {{image: x, image_tag: 2}}\n  b: {{image: x, image_tag: 'sha256:{}'}}\n", "b".repeat(64)));
+fn a_quoted_tag_and_a_digest() {
+    let (_dir, set) = load_one(&format!(
+        "containers:\n  a: {{image: x, image_tag: '1.10'}}\n  b: {{image: x, image_tag: 'sha256:{}'}}\n",
+        "b".repeat(64)
+    ));
     let set = set.unwrap();
-    assert_eq!(set.containers["a"].image_tag, ImageVersion::Tag("2".into()));
+    assert_eq!(set.containers["a"].image_tag, ImageVersion::Tag("1.10".into()));
     assert!(matches!(set.containers["b"].image_tag, ImageVersion::Digest(_)));
+}
+
+#[test]
+fn an_unquoted_number_as_image_tag_is_refused_with_a_hint_to_quote_it() {
+    // YAML reads 1.10 as 1.1 and 0x10 as 16: taken as text they would deploy tags nobody wrote.
+    for (tag, read_as) in [("1.10", "1.1"), ("0x10", "16"), ("2", "2"), ("1e3", "1000")] {
+        let e = only_error(&format!("containers:\n  web: {{image: x, image_tag: {tag}}}\n"));
+        assert_eq!((e.container.as_deref(), e.field.as_deref()), (Some("web"), Some("image_tag")), "{tag}: {e}");
+        assert!(e.file.as_ref().is_some_and(|f| f.ends_with("containers.yaml")), "{e}");
+        assert!(e.message.contains(&format!("the number {read_as}")), "{tag}: {e}");
+        assert!(e.message.contains(r#"image_tag: "1.10""#), "{tag}: {e}");
+    }
 }
 
 #[test]

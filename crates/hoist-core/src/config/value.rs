@@ -26,8 +26,8 @@ pub(crate) fn string(value: &Value) -> Result<String, String> {
     }
 }
 
-/// A string, or a number or boolean taken as its text: YAML reads `image_tag: 2` as a number, and an
-/// environment value `PORT: 80` is meant as the text "80".
+/// A string, or a number or boolean taken as its text: an environment value `PORT: 80` is meant as the
+/// text "80". (Not for `image_tag`, where a number's text is not reliably what was written.)
 pub(crate) fn scalar(value: &Value) -> Result<String, String> {
     match value {
         Value::String(s) => Ok(s.clone()),
