@@ -5,7 +5,8 @@
 
 use super::raw::{self, file_error};
 use super::value::Fields;
-use super::{ConfigError, ConfigErrors, ContainerConfig, ContainerSet};
+use super::{ConfigError, ConfigErrors, ContainerConfig, ContainerSet, Ensure};
+use crate::spec::PortMapping;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -61,12 +62,15 @@ pub fn load_containers(paths: &[PathBuf], facts: &Value) -> Result<ContainerSet,
         }
     }
     let mut containers = BTreeMap::new();
+    let mut ports_origins = BTreeMap::new();
     for (name, mut container) in merged.containers {
         interpolate_container(&name, &mut container, facts, &mut errors);
         if let Some(config) = validate_container(&name, &container, &mut errors) {
+            ports_origins.insert(name.clone(), container.origin("ports"));
             containers.insert(name, config);
         }
     }
+    port_conflicts(&containers, &ports_origins, &mut errors);
     if errors.is_empty() { Ok(ContainerSet { purge: merged.purge.unwrap_or(true), containers }) } else { Err(ConfigErrors(errors)) }
 }
 
@@ -198,4 +202,57 @@ fn validate_container(name: &str, container: &RawContainer, errors: &mut Vec<Con
     let mut fields = Fields::new(name, container, errors);
     let config = super::definition::container(&mut fields);
     (errors.len() == before).then_some(config)
+}
+
+/// Two mappings of the same host address, port and protocol would let the first container start and
+/// the second fail to bind and crash-loop, so such a set is refused. A mapping without a host port
+/// (Docker picks one) never conflicts. Each conflict is reported on the later mapping, naming both.
+fn port_conflicts(
+    containers: &BTreeMap<String, ContainerConfig>,
+    origins: &BTreeMap<String, Option<PathBuf>>,
+    errors: &mut Vec<ConfigError>,
+) {
+    let published: Vec<(&str, usize, &PortMapping)> = containers
+        .values()
+        .filter(|c| c.ensure == Ensure::Present)
+        .flat_map(|c| c.ports.iter().enumerate().filter(|(_, p)| p.host_port.is_some()).map(|(i, p)| (c.name.as_str(), i, p)))
+        .collect();
+    for (later, &(name, index, port)) in published.iter().enumerate() {
+        let Some(&(first_name, first_index, _)) = published[..later].iter().find(|(_, _, other)| overlaps(other, port)) else {
+            continue;
+        };
+        let first_file = origins.get(first_name).cloned().flatten().map(|f| format!(" in {}", f.display())).unwrap_or_default();
+        let whose = if first_name == name { "this container".to_string() } else { format!("container {first_name}") };
+        errors.push(ConfigError {
+            file: origins.get(name).cloned().flatten(),
+            container: Some(name.to_string()),
+            field: Some(format!("ports[{index}]")),
+            message: format!(
+                "host port {} is also published by {whose} (ports[{first_index}]{first_file}); only one container can listen on a host address and port: give one of them another host port, or leave the host port out to let Docker pick one",
+                host_side(port)
+            ),
+        });
+    }
+}
+
+/// Same protocol and host port, and addresses that can collide: no address (Docker binds all of them)
+/// or `::` (dual-stack on Linux) collides with every address, 0.0.0.0 with every IPv4 address.
+fn overlaps(a: &PortMapping, b: &PortMapping) -> bool {
+    let covers_all = |p: &PortMapping| p.host_ip.is_none_or(|ip| ip.is_ipv6() && ip.is_unspecified());
+    let ips_collide = match (a.host_ip, b.host_ip) {
+        _ if covers_all(a) || covers_all(b) => true,
+        (Some(x), Some(y)) => x == y || (x.is_ipv4() && y.is_ipv4() && (x.is_unspecified() || y.is_unspecified())),
+        _ => true,
+    };
+    a.protocol == b.protocol && a.host_port == b.host_port && ips_collide
+}
+
+/// `127.0.0.1:8080/tcp`, `*:8080/udp` (no address: all of them).
+fn host_side(port: &PortMapping) -> String {
+    let address = match port.host_ip {
+        Some(std::net::IpAddr::V6(ip)) => format!("[{ip}]"),
+        Some(ip) => ip.to_string(),
+        None => "*".into(),
+    };
+    format!("{address}:{}/{}", port.host_port.unwrap_or_default(), port.protocol.as_str())
 }

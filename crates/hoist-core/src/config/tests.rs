@@ -539,3 +539,53 @@ fn the_shipped_examples_load() {
     let set = load_containers(&cfg.data, &cfg.facts()).unwrap();
     assert!(set.containers.contains_key("web"), "{set:?}");
 }
+
+#[test]
+fn two_containers_on_one_host_port_are_refused_naming_both() {
+    let dir = TempDir::new().unwrap();
+    let first = write(dir.path(), "1.yaml", "containers:\n  api: {image: x, ports: ['127.0.0.1:8080:80']}\n");
+    let second = write(dir.path(), "2.yaml", "containers:\n  web: {image: x, ports: ['9000:9000', '8080:80']}\n");
+    let errors = load_containers(&[first.clone(), second.clone()], &facts()).unwrap_err().0;
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    let e = &errors[0];
+    assert_eq!((e.file.as_ref(), e.container.as_deref(), e.field.as_deref()), (Some(&second), Some("web"), Some("ports[1]")));
+    let text = e.to_string();
+    for part in ["*:8080/tcp", "container api", "ports[0]", "1.yaml", "another host port"] {
+        assert!(text.contains(part), "{part} missing from {text}");
+    }
+}
+
+#[test]
+fn host_ports_conflict_only_on_the_same_protocol_and_an_overlapping_address() {
+    let conflicts = |a: &str, b: &str| {
+        let (_dir, result) = load_one(&format!("containers:\n  a: {{image: x, ports: ['{a}']}}\n  b: {{image: x, ports: ['{b}']}}\n"));
+        result.is_err()
+    };
+    for (a, b) in [
+        ("8080:80", "8080:81"),
+        ("0.0.0.0:8080:80", "127.0.0.1:8080:80"),
+        ("127.0.0.1:8080:80", "127.0.0.1:8080:81"),
+        ("[::]:8080:80", "10.0.0.1:8080:80"),
+        ("[::1]:8080:80", "8080:80"),
+        ("53:53/udp", "0.0.0.0:53:53/udp"),
+    ] {
+        assert!(conflicts(a, b), "{a} and {b} should conflict");
+    }
+    for (a, b) in [
+        ("8080:80", "8080:80/udp"),
+        ("127.0.0.1:8080:80", "127.0.0.2:8080:80"),
+        ("0.0.0.0:8080:80", "[::1]:8080:80"),
+        ("8080:80", "8081:80"),
+        ("80", "80"),
+        ("127.0.0.1::80", "127.0.0.1::80"),
+    ] {
+        assert!(!conflicts(a, b), "{a} and {b} should not conflict");
+    }
+    // One container publishing a port twice fails in Docker the same way.
+    let e = only_error("containers:\n  a: {image: x, ports: ['8080:80', '8080:81']}\n");
+    assert_eq!(e.field.as_deref(), Some("ports[1]"));
+    assert!(e.message.contains("this container (ports[0]"), "{e}");
+    // A container being removed holds no port.
+    let (_dir, set) = load_one("containers:\n  a: {ensure: absent, ports: ['8080:80']}\n  b: {image: x, ports: ['8080:80']}\n");
+    assert!(set.is_ok());
+}
