@@ -168,10 +168,7 @@ fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<Path
             format!("{address:?} is not a syslog address Docker takes: use udp://, tcp://, tcp+tls://, unix:// or unixgram://"),
         );
     }
-    let node = raw.node.unwrap_or_else(hostname);
-    if node.is_empty() || node.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        error("node", format!("{node:?} is not a valid node name: it must be non-empty without spaces"));
-    }
+    let node = raw.node.unwrap_or_else(default_node);
     let backend = raw.backend.unwrap_or(BackendKind::Embedded);
     if backend == BackendKind::Nats && servers.is_empty() {
         error("nats.servers", "backend nats needs at least one server, e.g. [\"nats://n1:4222\"]".into());
@@ -213,6 +210,9 @@ fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<Path
         },
         state_dir,
     };
+    for (field, message) in super::limits::agent(&config) {
+        error(field, message);
+    }
     if errors.is_empty() { Ok(config) } else { Err(ConfigErrors(errors)) }
 }
 
@@ -244,10 +244,17 @@ fn serde_field(message: &str) -> Option<(String, &str)> {
     }
 }
 
-/// The kernel's hostname, as the node's default identity and the `hostname` fact.
+/// The kernel's hostname, the `hostname` fact.
 fn hostname() -> String {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default();
     if name.is_empty() { "localhost".into() } else { name }
+}
+
+/// The hostname up to its first dot: a node name is a NATS subject token, which cannot hold dots.
+fn default_node() -> String {
+    let host = hostname();
+    let first = host.split('.').next().unwrap_or_default();
+    if first.is_empty() { "localhost".into() } else { first.to_string() }
 }
 
 /// The source address the kernel would use for the default route. Connecting a UDP socket only

@@ -1,6 +1,7 @@
 //! The typed layer: one merged, interpolated container definition checked field by field against the
 //! parameters of the original `hoist::container` define (same names, same defaults) plus `health_check`.
 
+use super::limits;
 use super::value::{self, Fields, describe};
 use super::{ContainerConfig, Ensure, HealthCheck, Registration};
 use crate::runtime::Probe;
@@ -126,11 +127,7 @@ fn network(value: &Value) -> Result<String, String> {
 }
 
 fn kv_interval(value: &Value) -> Result<Duration, String> {
-    let interval = value::duration(value)?;
-    if interval < Duration::from_secs(1) {
-        return Err("must be at least 1 second".into());
-    }
-    Ok(interval)
+    limits::within(value::duration(value)?, limits::KV_INTERVAL)
 }
 
 /// Governor names become NATS subjects and stream names (`GOVERNOR_<name>`); "" means none.
@@ -333,18 +330,17 @@ fn health_check(fields: &mut Fields<'_>) -> Option<HealthCheck> {
         None => None,
     };
     // Timings are read even when the probe is broken, so all problems are reported together.
-    let interval = optional(fields, path, map, "interval", Duration::from_secs(10), positive_duration);
-    let timeout = optional(fields, path, map, "timeout", Duration::from_secs(5), positive_duration);
-    let retries = optional(fields, path, map, "retries", 3, |v| match value::integer(v)? {
-        0 => Err("must be at least 1".to_string()),
-        n => u32::try_from(n).map_err(|_| "is too large".to_string()),
+    let timing = |bounds| move |v: &Value| limits::within(value::duration(v)?, bounds);
+    let interval = optional(fields, path, map, "interval", Duration::from_secs(10), timing(limits::PROBE_INTERVAL));
+    let timeout = optional(fields, path, map, "timeout", Duration::from_secs(5), timing(limits::PROBE_TIMEOUT));
+    let retries = optional(fields, path, map, "retries", 3, |v| {
+        let (min, max) = limits::PROBE_RETRIES;
+        match value::integer(v)? {
+            n if (min..=max).contains(&n) => Ok(n as u32),
+            n => Err(format!("must be from {min} to {max} consecutive failures, found {n}")),
+        }
     });
-    let start_period = optional(fields, path, map, "start_period", Duration::ZERO, value::duration);
+    let start_period = optional(fields, path, map, "start_period", Duration::ZERO, timing(limits::PROBE_START_PERIOD));
     let check = HealthCheck { probe: probe?, interval, timeout, retries, start_period };
     (fields.error_count() == before).then_some(check)
-}
-
-fn positive_duration(value: &Value) -> Result<Duration, String> {
-    let d = value::duration(value)?;
-    if d.is_zero() { Err("must be longer than zero".into()) } else { Ok(d) }
 }

@@ -18,7 +18,7 @@ pub const DEFAULT_AGENT_FILE: &str = "/etc/hoist/hoist.yaml";
 pub struct AgentConfig {
     /// The file this was read from (None for built-in defaults).
     pub path: Option<PathBuf>,
-    /// This node's identity; default: the hostname.
+    /// This node's identity; default: the hostname up to its first dot.
     pub node: String,
     /// Machine state and the embedded store live here; default `/var/lib/hoist`.
     pub state_dir: PathBuf,
@@ -247,6 +247,7 @@ impl ContainerConfig {
 mod agent;
 mod containers;
 mod definition;
+mod limits;
 mod raw;
 mod value;
 

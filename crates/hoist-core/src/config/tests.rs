@@ -465,10 +465,15 @@ fn agent_file_defaults_are_relative_to_the_file() {
 #[test]
 fn agent_file_every_key() {
     let dir = TempDir::new().unwrap();
+    write(dir.path(), "n.creds", "");
+    let ca = write(dir.path(), "ca.pem", "");
     let file = write(
         dir.path(),
         "hoist.yaml",
-        "node: n1\nstate_dir: state\ndata: [d1, /abs/d2]\ndocker: {host: 'unix:///run/docker.sock', name_prefix: x_, stop_grace: 3, purge_grace: 5m, syslog_address: 'udp://10.0.0.9:514'}\nbackend: nats\nnats:\n  servers: ['nats://a:4222']\n  creds: n.creds\n  token: t\n  tls: {ca: /ca.pem}\n  collective: c\nfacts: {dc: ams, networking: {zone: a}}\nregistration: {interval: 1m}\ncontrol: {socket: ctl.sock}\nmetrics: {listen: '127.0.0.1:9464'}\nrollout: {healthy_deadline: 1m, unverified_wait: 5s, governor_timeout: 30}\n",
+        &format!(
+            "node: n1\nstate_dir: state\ndata: [d1, /abs/d2]\ndocker: {{host: 'unix:///run/docker.sock', name_prefix: x_, stop_grace: 3, purge_grace: 5m, syslog_address: 'udp://10.0.0.9:514'}}\nbackend: nats\nnats:\n  servers: ['nats://a:4222']\n  creds: n.creds\n  tls: {{ca: {}}}\n  collective: c\nfacts: {{dc: ams, networking: {{zone: a}}}}\nregistration: {{interval: 1m}}\ncontrol: {{socket: ctl.sock}}\nmetrics: {{listen: '127.0.0.1:9464'}}\nrollout: {{healthy_deadline: 1m, unverified_wait: 5s, governor_timeout: 30}}\n",
+            ca.display()
+        ),
     );
     let cfg = AgentConfig::load(&file).unwrap();
     let base = dir.path();
@@ -481,7 +486,7 @@ fn agent_file_every_key() {
     assert_eq!(cfg.docker.syslog_address.as_deref(), Some("udp://10.0.0.9:514"));
     assert_eq!(cfg.backend, BackendKind::Nats);
     assert_eq!(cfg.nats.creds, Some(base.join("n.creds")));
-    assert_eq!(cfg.nats.tls.as_ref().unwrap().ca, Some(PathBuf::from("/ca.pem")));
+    assert_eq!(cfg.nats.tls.as_ref().unwrap().ca, Some(ca));
     assert_eq!(cfg.nats.collective, "c");
     assert_eq!(cfg.registration.interval, Duration::from_secs(60));
     assert_eq!(cfg.control.socket, base.join("ctl.sock"));
@@ -588,4 +593,77 @@ fn host_ports_conflict_only_on_the_same_protocol_and_an_overlapping_address() {
     // A container being removed holds no port.
     let (_dir, set) = load_one("containers:\n  a: {ensure: absent, ports: ['8080:80']}\n  b: {image: x, ports: ['8080:80']}\n");
     assert!(set.is_ok());
+}
+
+#[test]
+fn agent_settings_outside_their_range_are_refused_all_at_once() {
+    let dir = TempDir::new().unwrap();
+    let file = write(
+        dir.path(),
+        "hoist.yaml",
+        "node: web01.example.net\ndocker: {name_prefix: _x, stop_grace: 2h, purge_grace: 400d, host: docker.sock}\nbackend: nats\nnats: {servers: ['nats://a:4222', 'http://b:4222', 'c:99999'], collective: a.b, token: '', nkey: /nope/nkey}\nregistration: {interval: 0}\nrollout: {healthy_deadline: 0, min_healthy_time: 2h, unverified_wait: 0, governor_timeout: 0}\nmetrics: {listen: '127.0.0.1:0'}\n",
+    );
+    let errors = AgentConfig::load(&file).unwrap_err();
+    let text = errors.to_string();
+    for (field, says) in [
+        ("node", "NATS subject token"),
+        ("docker.name_prefix", "starting with a letter or digit"),
+        ("docker.stop_grace", "must be from 0s to 1h, found 2h"),
+        ("docker.purge_grace", "must be from 0s to 1day"),
+        ("docker.host", "unix:///"),
+        ("nats.servers", "\"http://b:4222\" has the scheme http://"),
+        ("nats.servers", "\"c:99999\" has no valid port"),
+        ("nats.collective", "single NATS subject token"),
+        ("nats", "give only one"),
+        ("nats.token", "is empty"),
+        ("nats.nkey", "/nope/nkey does not exist"),
+        ("registration.interval", "must be from 1s to 1h, found 0s"),
+        ("rollout.healthy_deadline", "must be from 1s to 1day, found 0s"),
+        ("rollout.min_healthy_time", "must be from 0s to 1h, found 2h"),
+        ("rollout.governor_timeout", "must be from 1s"),
+        ("metrics.listen", "port 0"),
+    ] {
+        let found = errors.0.iter().any(|e| e.field.as_deref() == Some(field) && e.message.contains(says));
+        assert!(found, "no error for {field} saying {says:?} in:\n{text}");
+    }
+    assert!(errors.0.iter().all(|e| e.file.as_deref() == Some(file.as_path())), "{text}");
+
+    // A gate held longer than it is given could never pass.
+    let file = write(dir.path(), "hoist.yaml", "rollout: {healthy_deadline: 30s, min_healthy_time: 30s}\n");
+    let e = AgentConfig::load(&file).unwrap_err().0.remove(0);
+    assert_eq!(e.field.as_deref(), Some("rollout.min_healthy_time"));
+    assert!(e.message.contains("not shorter than rollout.healthy_deadline"), "{e}");
+    // The socket path is bounded by the kernel.
+    let file = write(dir.path(), "hoist.yaml", &format!("control: {{socket: /{}/hoist.sock}}\n", "d".repeat(100)));
+    assert_eq!(AgentConfig::load(&file).unwrap_err().0[0].field.as_deref(), Some("control.socket"));
+    // The bounds themselves are accepted.
+    let file = write(
+        dir.path(),
+        "hoist.yaml",
+        "node: n_1-a\ndocker: {name_prefix: '', stop_grace: 0, purge_grace: 1day}\nregistration: {interval: 1h}\nrollout: {healthy_deadline: 1s, min_healthy_time: 0, unverified_wait: 0, governor_timeout: 1s}\nnats: {servers: ['tls://n1:4222', 'n2']}\n",
+    );
+    AgentConfig::load(&file).unwrap();
+}
+
+#[test]
+fn container_timings_outside_their_range_are_refused() {
+    let cases = [
+        ("kv_interval: 0", "kv_interval", "must be from 1s to 1day, found 0s"),
+        ("kv_interval: 2d", "kv_interval", "found 2days"),
+        ("health_check: {type: tcp, port: 80, interval: 0}", "health_check.interval", "must be from 1s to 1h"),
+        ("health_check: {type: tcp, port: 80, interval: 2h}", "health_check.interval", "found 2h"),
+        ("health_check: {type: tcp, port: 80, timeout: 1ms}", "health_check.timeout", "must be from 100ms to 5m"),
+        ("health_check: {type: tcp, port: 80, retries: 0}", "health_check.retries", "must be from 1 to 100"),
+        ("health_check: {type: tcp, port: 80, retries: 5000000000}", "health_check.retries", "found 5000000000"),
+        ("health_check: {type: tcp, port: 80, start_period: 100y}", "health_check.start_period", "must be from 0s to 1h"),
+    ];
+    for (setting, field, says) in cases {
+        let e = only_error(&format!("containers:\n  web: {{image: x, {setting}}}\n"));
+        assert_eq!((e.container.as_deref(), e.field.as_deref()), (Some("web"), Some(field)), "{setting}: {e}");
+        assert!(e.message.contains(says), "{setting}: {e}");
+    }
+    let (_dir, set) = load_one(
+        "containers:\n  web: {image: x, kv_interval: 1d, health_check: {type: tcp, port: 80, interval: 1s, timeout: 100ms, retries: 100, start_period: 1h}}\n",
+    );
+    set.unwrap();
 }
