@@ -7,9 +7,10 @@ use anyhow::Context;
 use futures_util::StreamExt;
 use hoist_core::agent::{self, AgentHandle};
 use hoist_core::backend::{BucketConfig, Events, Governor, HOIST_BUCKET, Kv};
-use hoist_core::config::{AgentConfig, BackendKind, load_containers};
+use hoist_core::config::{AgentConfig, BackendKind, ContainerSet, LastGood, load_containers};
 use hoist_core::files::FileWatch;
 use hoist_core::fleet::{AgentResponder, Fleet, NODES_BUCKET, Presence, announce, nodes_bucket};
+use hoist_core::health::Conditions;
 use hoist_core::machine::MachineDeps;
 use hoist_core::persist::StateStore;
 use hoist_core::registration::{SERVICES_BUCKET, services_bucket};
@@ -61,10 +62,9 @@ pub fn nats_options(cfg: &AgentConfig) -> hoist_nats::NatsOptions {
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let facts = cfg.facts();
     // What the adapters report about themselves (store failing, NATS unreachable), shown in status.
-    let conditions = hoist_core::health::Conditions::default();
-    // Refuse to start on a bad config rather than start empty: an empty set would purge what runs.
-    let set = load_containers(&cfg.data, &facts).map_err(|e| anyhow::anyhow!("refusing to start, the config has errors:\n{e}"))?;
+    let conditions = Conditions::default();
     tokio::fs::create_dir_all(&cfg.state_dir).await.with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+    let (set, refused) = initial_set(&cfg, &facts, &conditions)?;
     let backends = open_backends(&cfg).await?;
     // Operators may have created these with their own settings (`hoist kv add`); only fill gaps.
     for (bucket, config) in [(HOIST_BUCKET, BucketConfig::default()), (SERVICES_BUCKET, services_bucket(cfg.registration.interval))] {
@@ -94,6 +94,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     });
     tracing::info!(node = %cfg.node, containers = set.containers.len(), "starting agent");
     let handle = agent::start(deps, set).await;
+    if let Some(refusal) = refused {
+        handle.reload(Err(refusal)).await;
+    }
     if let Some(fleet) = &backends.fleet {
         join_fleet(&**fleet, backends.kv.clone(), &handle, &cfg, facts.clone()).await?;
     }
@@ -103,7 +106,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics.listen {addr}"))?;
         tokio::spawn(async move { axum::serve(listener, server::metrics_router(control)).await });
     }
-    tokio::spawn(reload_on_change(cfg.clone(), facts, handle.clone()));
+    tokio::spawn(reload_on_change(cfg.clone(), facts, handle.clone(), conditions));
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -149,9 +152,51 @@ async fn serve_control(cfg: &AgentConfig, control: Control) -> anyhow::Result<()
     Ok(())
 }
 
+/// The set to start with: the data files' if they load (saved as the last good set), else the last
+/// good set with the refusal to report. With neither there is nothing safe to run: starting empty
+/// would purge what runs, so the agent refuses to start.
+fn initial_set(cfg: &AgentConfig, facts: &serde_json::Value, conditions: &Conditions) -> anyhow::Result<(ContainerSet, Option<String>)> {
+    let errors = match load_containers(&cfg.data, facts) {
+        Ok(set) => {
+            save_last_good(cfg, &set, conditions);
+            return Ok((set, None));
+        }
+        Err(errors) => errors,
+    };
+    let path = LastGood::path(&cfg.state_dir);
+    match LastGood::load(&cfg.state_dir) {
+        Ok(Some(last)) => {
+            let saved = std::time::UNIX_EPOCH + Duration::from_secs(last.saved.max(0) as u64);
+            let refusal = format!(
+                "{errors}\nrefused at start; running the last good configuration instead, loaded {} and kept in {}",
+                humantime::format_rfc3339_seconds(saved),
+                path.display()
+            );
+            Ok((last.set, Some(refusal)))
+        }
+        Ok(None) => anyhow::bail!(
+            "refusing to start, the config has errors and no earlier good configuration was kept in {}:\n{errors}",
+            path.display()
+        ),
+        Err(unusable) => {
+            anyhow::bail!("refusing to start, the config has errors and the last good configuration is unusable ({unusable}):\n{errors}")
+        }
+    }
+}
+
+/// Keeps `set` as the last good configuration. Failing to is no reason to stop managing containers,
+/// but it is reported among the node's warnings: the next start on a broken file would refuse.
+fn save_last_good(cfg: &AgentConfig, set: &ContainerSet, conditions: &Conditions) {
+    let problem = LastGood::save(&cfg.state_dir, set, hoist_core::machine::unix_now())
+        .err()
+        .map(|e| format!("cannot keep the last good configuration in {}: {e}", LastGood::path(&cfg.state_dir).display()));
+    conditions.set("last_good", problem);
+}
+
 /// Reloads the container data on SIGHUP or when a data file changes. A refused config leaves the
-/// running set untouched and is reported in `hoist status` and the logs.
-async fn reload_on_change(cfg: AgentConfig, facts: serde_json::Value, handle: AgentHandle) {
+/// running set untouched and is reported in `hoist status` and the logs; an accepted one becomes the
+/// last good configuration.
+async fn reload_on_change(cfg: AgentConfig, facts: serde_json::Value, handle: AgentHandle, conditions: Conditions) {
     let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
     let mut changes = Inotify.watch(&cfg.data);
     loop {
@@ -163,6 +208,9 @@ async fn reload_on_change(cfg: AgentConfig, facts: serde_json::Value, handle: Ag
         tokio::time::sleep(Duration::from_millis(200)).await;
         tracing::info!(reason = why, "reloading container config");
         let loaded = load_containers(&cfg.data, &facts).map_err(|e| e.to_string());
+        if let Ok(set) = &loaded {
+            save_last_good(&cfg, set, &conditions);
+        }
         handle.reload(loaded).await;
     }
 }

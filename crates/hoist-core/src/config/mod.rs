@@ -117,7 +117,7 @@ pub enum Ensure {
 }
 
 /// One container definition after merging, interpolation and validation.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ContainerConfig {
     pub name: String,
     pub ensure: Ensure,
@@ -158,7 +158,7 @@ pub struct Registration {
     pub annotations: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthCheck {
     pub probe: Probe,
     /// Default 10 s.
@@ -172,7 +172,7 @@ pub struct HealthCheck {
 }
 
 /// Everything the container data files declare.
-#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct ContainerSet {
     /// Default true: containers hoist made for this node but no longer declared are removed.
     pub purge: bool,
@@ -247,11 +247,13 @@ impl ContainerConfig {
 mod agent;
 mod containers;
 mod definition;
+mod last_good;
 mod limits;
 mod raw;
 mod value;
 
 pub use containers::load_containers;
+pub use last_good::{LAST_GOOD_FILE, LastGood};
 
 #[cfg(test)]
 mod tests;

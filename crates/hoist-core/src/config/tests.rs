@@ -667,3 +667,17 @@ fn container_timings_outside_their_range_are_refused() {
     );
     set.unwrap();
 }
+
+#[test]
+fn the_last_good_set_survives_a_round_trip_through_its_file() {
+    let (_dir, set) = load_one(
+        "containers:\n  web:\n    image: x\n    image_tag: '1.10'\n    ports: ['127.0.0.1:8080:80/udp']\n    volumes: ['/a:/b:ro']\n    environment: {A: '1'}\n    register_ports: [{cluster: c, service: s, ip: 10.0.0.1, port: 80, annotations: {k: v}}]\n    health_check: {type: http, port: 80, path: /h, timeout: 500ms}\n  old: {ensure: absent}\n",
+    );
+    let set = set.unwrap();
+    let state = TempDir::new().unwrap();
+    assert_eq!(LastGood::load(state.path()).unwrap(), None, "nothing saved yet");
+    LastGood::save(state.path(), &set, 1234).unwrap();
+    assert_eq!(LastGood::load(state.path()).unwrap(), Some(LastGood { saved: 1234, set }));
+    std::fs::write(state.path().join(LAST_GOOD_FILE), "{\"saved\": 1").unwrap();
+    assert!(LastGood::load(state.path()).unwrap_err().contains("last-good.json is unreadable"));
+}
