@@ -7,7 +7,7 @@ use anyhow::Context;
 use futures_util::StreamExt;
 use hoist_core::agent::{self, AgentHandle};
 use hoist_core::backend::{BucketConfig, Events, Governor, HOIST_BUCKET, Kv};
-use hoist_core::config::{AgentConfig, BackendKind, ContainerSet, LastGood, load_containers};
+use hoist_core::config::{AgentConfig, BackendKind, ContainerSet, LOCAL_SYSLOG_SOCKETS, LastGood, load_containers, syslog_warning};
 use hoist_core::files::FileWatch;
 use hoist_core::fleet::{AgentResponder, Fleet, NODES_BUCKET, Presence, announce, nodes_bucket};
 use hoist_core::health::Conditions;
@@ -159,6 +159,7 @@ fn initial_set(cfg: &AgentConfig, facts: &serde_json::Value, conditions: &Condit
     let errors = match load_containers(&cfg.data, facts) {
         Ok(set) => {
             save_last_good(cfg, &set, conditions);
+            check_host(cfg, &set, conditions);
             return Ok((set, None));
         }
         Err(errors) => errors,
@@ -172,6 +173,7 @@ fn initial_set(cfg: &AgentConfig, facts: &serde_json::Value, conditions: &Condit
                 humantime::format_rfc3339_seconds(saved),
                 path.display()
             );
+            check_host(cfg, &last.set, conditions);
             Ok((last.set, Some(refusal)))
         }
         Ok(None) => anyhow::bail!(
@@ -193,6 +195,12 @@ fn save_last_good(cfg: &AgentConfig, set: &ContainerSet, conditions: &Conditions
     conditions.set("last_good", problem);
 }
 
+/// What the set in use will hit on this host, among the node's warnings (`hoist status`, the log).
+fn check_host(cfg: &AgentConfig, set: &ContainerSet, conditions: &Conditions) {
+    let docker_host = std::env::var("DOCKER_HOST").ok();
+    conditions.set("syslog", syslog_warning(set, &cfg.docker, docker_host.as_deref(), &LOCAL_SYSLOG_SOCKETS));
+}
+
 /// Reloads the container data on SIGHUP or when a data file changes. A refused config leaves the
 /// running set untouched and is reported in `hoist status` and the logs; an accepted one becomes the
 /// last good configuration.
@@ -210,6 +218,7 @@ async fn reload_on_change(cfg: AgentConfig, facts: serde_json::Value, handle: Ag
         let loaded = load_containers(&cfg.data, &facts).map_err(|e| e.to_string());
         if let Ok(set) = &loaded {
             save_last_good(&cfg, set, &conditions);
+            check_host(&cfg, set, &conditions);
         }
         handle.reload(loaded).await;
     }

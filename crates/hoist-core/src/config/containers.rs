@@ -218,7 +218,7 @@ fn port_conflicts(
         .flat_map(|c| c.ports.iter().enumerate().filter(|(_, p)| p.host_port.is_some()).map(|(i, p)| (c.name.as_str(), i, p)))
         .collect();
     for (later, &(name, index, port)) in published.iter().enumerate() {
-        let Some(&(first_name, first_index, _)) = published[..later].iter().find(|(_, _, other)| overlaps(other, port)) else {
+        let Some(&(first_name, first_index, first)) = published[..later].iter().find(|(_, _, other)| overlaps(other, port)) else {
             continue;
         };
         let first_file = origins.get(first_name).cloned().flatten().map(|f| format!(" in {}", f.display())).unwrap_or_default();
@@ -228,8 +228,9 @@ fn port_conflicts(
             container: Some(name.to_string()),
             field: Some(format!("ports[{index}]")),
             message: format!(
-                "host port {} is also published by {whose} (ports[{first_index}]{first_file}); only one container can listen on a host address and port: give one of them another host port, or leave the host port out to let Docker pick one",
-                host_side(port)
+                "host port {} collides with {}, published by {whose} (ports[{first_index}]{first_file}); only one container can listen on a host address and port: give one of them another host port, or leave the host port out to let Docker pick one",
+                host_side(port),
+                host_side(first)
             ),
         });
     }

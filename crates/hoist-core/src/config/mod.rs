@@ -247,12 +247,14 @@ impl ContainerConfig {
 mod agent;
 mod containers;
 mod definition;
+mod host;
 mod last_good;
 mod limits;
 mod raw;
 mod value;
 
 pub use containers::load_containers;
+pub use host::{LOCAL_SYSLOG_SOCKETS, syslog_warning};
 pub use last_good::{LAST_GOOD_FILE, LastGood};
 
 #[cfg(test)]

@@ -555,7 +555,9 @@ fn two_containers_on_one_host_port_are_refused_naming_both() {
     let e = &errors[0];
     assert_eq!((e.file.as_ref(), e.container.as_deref(), e.field.as_deref()), (Some(&second), Some("web"), Some("ports[1]")));
     let text = e.to_string();
-    for part in ["*:8080/tcp", "container api", "ports[0]", "1.yaml", "another host port"] {
+    for part in
+        ["host port *:8080/tcp collides with 127.0.0.1:8080/tcp, published by container api (ports[0] in", "1.yaml", "another host port"]
+    {
         assert!(text.contains(part), "{part} missing from {text}");
     }
 }
@@ -680,4 +682,28 @@ fn the_last_good_set_survives_a_round_trip_through_its_file() {
     assert_eq!(LastGood::load(state.path()).unwrap(), Some(LastGood { saved: 1234, set }));
     std::fs::write(state.path().join(LAST_GOOD_FILE), "{\"saved\": 1").unwrap();
     assert!(LastGood::load(state.path()).unwrap_err().contains("last-good.json is unreadable"));
+}
+
+#[test]
+fn syslog_without_a_local_socket_or_an_address_is_warned_about() {
+    let (dir, set) = load_one("containers:\n  web: {image: x, syslog: true}\n  api: {image: x, syslog: true}\n  db: {image: x}\n");
+    let set = set.unwrap();
+    let missing = dir.path().join("no-log");
+    let missing = missing.to_str().unwrap();
+    let docker = AgentConfig::defaults().docker;
+    let warning = syslog_warning(&set, &docker, None, &[missing]).expect("a warning");
+    for part in ["api, web", "syslog: true", "docker.syslog_address", missing] {
+        assert!(warning.contains(part), "{part} missing from {warning}");
+    }
+    assert!(warning.contains("api, web have"), "db does not log to syslog: {warning}");
+    // A local socket, an address, or an engine elsewhere (whose host cannot be checked): no warning.
+    let socket = dir.path().join("log");
+    let _listener = std::os::unix::net::UnixDatagram::bind(&socket).unwrap();
+    assert_eq!(syslog_warning(&set, &docker, None, &[missing, socket.to_str().unwrap()]), None);
+    let with_address = DockerConfig { syslog_address: Some("udp://10.0.0.9:514".into()), ..docker.clone() };
+    assert_eq!(syslog_warning(&set, &with_address, None, &[missing]), None);
+    assert_eq!(syslog_warning(&set, &docker, Some("tcp://10.0.0.2:2375"), &[missing]), None);
+    assert!(syslog_warning(&set, &docker, Some("unix:///run/docker.sock"), &[missing]).is_some());
+    // A directory of that name is not a socket.
+    assert!(syslog_warning(&set, &docker, None, &[dir.path().to_str().unwrap()]).is_some());
 }
