@@ -120,7 +120,12 @@ impl AgentConfig {
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigErrors> {
         let text = raw::read_text(path).map_err(|e| ConfigErrors(vec![e]))?;
         // An empty file is valid: every key is optional.
-        let parsed: Option<RawAgent> = serde_yaml::from_str(&text).map_err(|e| ConfigErrors(vec![serde_error(path, &e)]))?;
+        let mut parsed: Option<RawAgent> = serde_yaml::from_str(&text).map_err(|e| ConfigErrors(vec![serde_error(path, &e)]))?;
+        // Facts are text to interpolate and filter on: a fact written 1.10 stays "1.10", not YAML's 1.1.
+        if let Some(agent) = parsed.as_mut().filter(|agent| agent.facts.is_some()) {
+            let mut document = raw::parse_yaml(path, &text).map_err(|e| ConfigErrors(vec![e]))?;
+            agent.facts = document.texts.get_mut("facts").map(Value::take);
+        }
         let base = path.parent().unwrap_or(Path::new(""));
         build(parsed.unwrap_or_default(), Some(path), base, vec![base.join("containers.d")])
     }

@@ -16,6 +16,9 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Default)]
 pub(crate) struct RawContainer {
     pub(crate) definition: Map<String, Value>,
+    /// `definition` with numbers as written (see [`raw::Document`]), merged alike; not interpolated,
+    /// since only numbers are read from it.
+    pub(crate) texts: Map<String, Value>,
     pub(crate) sources: Vec<PathBuf>,
     pub(crate) origins: BTreeMap<String, PathBuf>,
 }
@@ -27,17 +30,19 @@ impl RawContainer {
         self.origins.get(top).or(self.sources.last()).cloned()
     }
 
-    fn merge(&mut self, file: &Path, definition: Map<String, Value>) {
+    fn merge(&mut self, file: &Path, definition: Map<String, Value>, texts: Map<String, Value>) {
         for key in definition.keys() {
             self.origins.insert(key.clone(), file.to_path_buf());
         }
         if self.sources.last().map(PathBuf::as_path) != Some(file) {
             self.sources.push(file.to_path_buf());
         }
-        let mut merged = Value::Object(std::mem::take(&mut self.definition));
-        raw::deep_merge(&mut merged, Value::Object(definition));
-        if let Value::Object(map) = merged {
-            self.definition = map;
+        for (tree, over) in [(&mut self.definition, definition), (&mut self.texts, texts)] {
+            let mut merged = Value::Object(std::mem::take(tree));
+            raw::deep_merge(&mut merged, Value::Object(over));
+            if let Value::Object(map) = merged {
+                *tree = map;
+            }
         }
     }
 }
@@ -116,8 +121,12 @@ fn is_yaml_name(path: &Path) -> bool {
 
 /// Folds one file's top level into the merge. Hiera files carry other classes' data (`ntp::servers`)
 /// and `lookup_options`; those are ignored. Unknown `hoist::` keys and unknown plain keys are errors.
-fn merge_document(merged: &mut Merged, file: &Path, document: Value, errors: &mut Vec<ConfigError>) {
-    let top = match document {
+fn merge_document(merged: &mut Merged, file: &Path, document: raw::Document, errors: &mut Vec<ConfigError>) {
+    let mut texts = match document.texts {
+        Value::Object(texts) => texts,
+        _ => Map::new(),
+    };
+    let top = match document.value {
         Value::Null => return,
         Value::Object(top) => top,
         _ => {
@@ -129,7 +138,10 @@ fn merge_document(merged: &mut Merged, file: &Path, document: Value, errors: &mu
     };
     for (key, value) in top {
         match key.as_str() {
-            "containers" | "hoist::containers" => merge_containers(merged, file, &key, value, errors),
+            "containers" | "hoist::containers" => {
+                let texts = texts.remove(&key).unwrap_or_default();
+                merge_containers(merged, file, &key, value, texts, errors)
+            }
             "purge" | "hoist::purge" => match value {
                 Value::Bool(purge) => merged.purge = Some(purge),
                 Value::Null => {}
@@ -151,7 +163,7 @@ fn merge_document(merged: &mut Merged, file: &Path, document: Value, errors: &mu
     }
 }
 
-fn merge_containers(merged: &mut Merged, file: &Path, key: &str, value: Value, errors: &mut Vec<ConfigError>) {
+fn merge_containers(merged: &mut Merged, file: &Path, key: &str, value: Value, mut texts: Value, errors: &mut Vec<ConfigError>) {
     let definitions = match value {
         Value::Null => return,
         Value::Object(definitions) => definitions,
@@ -176,7 +188,11 @@ fn merge_containers(merged: &mut Merged, file: &Path, key: &str, value: Value, e
                 continue;
             }
         };
-        merged.containers.entry(name).or_default().merge(file, definition);
+        let texts = match texts.get_mut(&name).map(Value::take) {
+            Some(Value::Object(texts)) => texts,
+            _ => Map::new(),
+        };
+        merged.containers.entry(name).or_default().merge(file, definition, texts);
     }
 }
 

@@ -169,6 +169,8 @@ fn environment(fields: &mut Fields<'_>) -> Vec<EnvVar> {
             let mut out = Vec::new();
             for (key, v) in map.iter().filter(|(_, v)| !v.is_null()) {
                 let path = format!("environment.{key}");
+                // Values are text: `VERSION: 1.10` is "1.10", not YAML's number 1.1.
+                let v = fields.as_written(&["environment", key], v);
                 let parsed = value::scalar(v).and_then(|v| {
                     let var = spec::parse_env(&format!("{key}={v}"))?;
                     // parse_env splits at the first '='; a key containing '=' would shift into the value.
@@ -199,7 +201,7 @@ fn register_ports(fields: &mut Fields<'_>) -> Vec<Registration> {
         let path = format!("register_ports[{i}]");
         match item {
             Value::Object(map) => {
-                if let Some(registration) = registration(fields, &path, map) {
+                if let Some(registration) = registration(fields, i, map) {
                     out.push(registration);
                 }
             }
@@ -209,7 +211,9 @@ fn register_ports(fields: &mut Fields<'_>) -> Vec<Registration> {
     out
 }
 
-fn registration(fields: &mut Fields<'_>, path: &str, map: &Map<String, Value>) -> Option<Registration> {
+fn registration(fields: &mut Fields<'_>, index: usize, map: &Map<String, Value>) -> Option<Registration> {
+    let path = &format!("register_ports[{index}]");
+    let index = index.to_string();
     let before = fields.error_count();
     fields.reject_unknown(path, map, REGISTRATION_FIELDS);
     let cluster = required(fields, path, map, "cluster", key_token);
@@ -226,8 +230,15 @@ fn registration(fields: &mut Fields<'_>, path: &str, map: &Map<String, Value>) -
     let priority = optional(fields, path, map, "priority", 1, |v| {
         u32::try_from(value::integer(v)?).map_err(|_| "expected a whole number that fits 32 bits".to_string())
     });
+    // Annotations are text: a version written 1.10 stays "1.10".
+    let written: BTreeMap<&String, &Value> = match map.get("annotations") {
+        Some(Value::Object(annotations)) => {
+            annotations.iter().map(|(k, v)| (k, fields.as_written(&["register_ports", &index, "annotations", k], v))).collect()
+        }
+        _ => BTreeMap::new(),
+    };
     let annotations = optional(fields, path, map, "annotations", BTreeMap::new(), |v| match v {
-        Value::Object(map) => map.iter().map(|(k, v)| Ok((k.clone(), value::scalar(v).map_err(|e| format!("{k}: {e}"))?))).collect(),
+        Value::Object(_) => written.iter().map(|(k, v)| Ok((k.to_string(), value::scalar(v).map_err(|e| format!("{k}: {e}"))?))).collect(),
         other => Err(format!("expected a mapping of names to values, found {}", describe(other))),
     });
     if fields.error_count() != before {

@@ -707,3 +707,25 @@ fn syslog_without_a_local_socket_or_an_address_is_warned_about() {
     // A directory of that name is not a socket.
     assert!(syslog_warning(&set, &docker, None, &[dir.path().to_str().unwrap()]).is_some());
 }
+
+#[test]
+fn values_meant_as_text_keep_a_number_as_it_was_written() {
+    // YAML reads 1.10 as 1.1 and 0x10 as 16; environment values, annotations and facts are text.
+    let dir = TempDir::new().unwrap();
+    let agent = write(dir.path(), "hoist.yaml", "facts: {app: {version: 2.10}, port: 8080}\n");
+    let facts = AgentConfig::load(&agent).unwrap().facts();
+    assert_eq!((&facts["app"]["version"], &facts["port"]), (&json!("2.10"), &json!("8080")));
+    let data = write(
+        dir.path(),
+        "containers.yaml",
+        "containers:\n  web:\n    image: x\n    image_tag: '%{facts.app.version}'\n    environment: {VERSION: 1.10, MASK: 0x10, PORT: 80, RATE: 1.5, ON: true, APP: '%{facts.app.version}'}\n    register_ports: [{cluster: c, service: s, ip: 10.0.0.1, port: 8080, annotations: {version: 1.20}}]\n",
+    );
+    let base = write(dir.path(), "base.yaml", "containers:\n  web:\n    environment: {OLD: 1.0}\n");
+    let set = load_containers(&[base, data], &facts).unwrap();
+    let web = &set.containers["web"];
+    let env: Vec<_> = web.environment.iter().map(|e| format!("{}={}", e.key, e.value)).collect();
+    assert_eq!(env, ["APP=2.10", "MASK=0x10", "OLD=1.0", "ON=true", "PORT=80", "RATE=1.5", "VERSION=1.10"]);
+    assert_eq!(web.image_tag, ImageVersion::Tag("2.10".into()));
+    assert_eq!(web.register_ports[0].annotations["version"], "1.20");
+    assert_eq!(web.register_ports[0].port, 8080, "numbers meant as numbers are read as YAML types them");
+}

@@ -127,6 +127,22 @@ impl<'a> Fields<'a> {
         self.container.definition.get(key).filter(|v| !v.is_null())
     }
 
+    /// The value at `path` (keys and list indexes below the definition) with a number as it was
+    /// written, for values meant as text: YAML reads `VERSION: 1.10` as 1.1.
+    pub(crate) fn as_written(&self, path: &[&str], value: &'a Value) -> &'a Value {
+        if !value.is_number() {
+            return value;
+        }
+        let mut current = self.container.texts.get(path[0]);
+        for segment in &path[1..] {
+            current = current.and_then(|v| match v {
+                Value::Array(items) => segment.parse::<usize>().ok().and_then(|i| items.get(i)),
+                other => other.get(segment),
+            });
+        }
+        current.unwrap_or(value)
+    }
+
     /// Converts an optional field, recording a failure and falling back to `default`.
     pub(crate) fn parse<T>(&mut self, key: &str, default: T, convert: impl FnOnce(&Value) -> Result<T, String>) -> T {
         self.parse_at(key, self.get(key), default, convert)
