@@ -81,11 +81,17 @@ fn agent_file_settings_outside_their_range_are_refused_by_validate_and_agent() {
     let file = agent.path("hoist.yaml");
     let text = std::fs::read_to_string(&file).unwrap();
     // The harness writes its own docker and rollout sections; the bad values replace its values.
-    let text = text.replace("stop_grace: 2s", "stop_grace: 2h").replace("name_prefix: ", "name_prefix: -");
+    let text = text
+        .replace("stop_grace: 2s", "stop_grace: 2h")
+        .replace("name_prefix: ", "name_prefix: -")
+        .replace("purge_grace: 4s", "purge_grace: 400d\n  host: docker.sock")
+        .replace(&format!("node: {}", agent.node), "node: web01.example.net");
     let text = text.replace("rollout: {", "rollout: { healthy_deadline: 0, ").replace(", healthy_deadline: 30s", "");
     std::fs::write(
         &file,
-        format!("{text}registration: {{interval: 0}}\nbackend: nats\nnats: {{servers: ['nats//n1'], collective: 'a.b'}}\n"),
+        format!(
+            "{text}registration: {{interval: 0}}\nmetrics: {{listen: '127.0.0.1:0'}}\nbackend: nats\nnats: {{servers: ['nats//n1'], collective: 'a.b', token: ''}}\n"
+        ),
     )
     .unwrap();
     let expected = [
@@ -93,6 +99,11 @@ fn agent_file_settings_outside_their_range_are_refused_by_validate_and_agent() {
         "field rollout.healthy_deadline: must be from 1s to 1day, found 0s",
         "field docker.stop_grace: must be from 0s to 1h, found 2h",
         "field docker.name_prefix:",
+        "field docker.purge_grace: must be from 0s to 1day",
+        "field docker.host: \"docker.sock\" is not a Docker Engine address",
+        "field node: \"web01.example.net\" is not a valid node name",
+        "field metrics.listen: port 0",
+        "field nats.token: is empty",
         "field nats.collective:",
         "field nats.servers: \"nats//n1\"",
     ];
