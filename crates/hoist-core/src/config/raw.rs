@@ -273,13 +273,13 @@ mod tests {
 
     #[test]
     fn numbers_are_also_kept_as_written() {
-        let text = "a: 1.10\nb: [0x10, '1.10', true, ~, 7]\n0x10: {c: 1e3}\nbase: &v 010\nd: *v\nm: &m {e: 2.50}\nn:\n  <<: *m\n";
+        let text = "a: 1.10\nb: [0x10, '1.10', true, ~, 7]\n0x10: {c: 1e3}\nbase: &v 1.50\nd: *v\nm: &m {e: 2.50}\nn:\n  <<: *m\n";
         let doc = parse_yaml(Path::new("f.yaml"), text).unwrap();
         assert_eq!(doc.value["a"], json!(1.1));
         assert_eq!(doc.value["b"], json!([16, "1.10", true, null, 7]));
         assert_eq!(
             doc.texts,
-            json!({"a": "1.10", "b": ["0x10", "1.10", true, null, "7"], "16": {"c": "1e3"}, "base": "010", "d": "010", "m": {"e": "2.50"}, "n": {"e": "2.50"}})
+            json!({"a": "1.10", "b": ["0x10", "1.10", true, null, "7"], "16": {"c": "1e3"}, "base": "1.50", "d": "1.50", "m": {"e": "2.50"}, "n": {"e": "2.50"}})
         );
     }
 
