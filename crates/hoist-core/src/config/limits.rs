@@ -54,7 +54,8 @@ pub(crate) fn agent(cfg: &AgentConfig) -> Vec<(&'static str, String)> {
     range("rollout.governor_timeout", rollout.governor_timeout, (SECOND, DAY));
     // A gate that must be held longer than it is given can never pass: every update would roll back.
     for (field, wait) in [("rollout.min_healthy_time", rollout.min_healthy_time), ("rollout.unverified_wait", rollout.unverified_wait)] {
-        if wait >= rollout.healthy_deadline && rollout.healthy_deadline >= SECOND {
+        // Only between values each in range, so one mistake is reported once.
+        if wait >= rollout.healthy_deadline && wait <= HOUR && rollout.healthy_deadline >= SECOND {
             errors.push((
                 field,
                 format!(
