@@ -48,8 +48,8 @@ pub(crate) fn container(fields: &mut Fields<'_>) -> ContainerConfig {
         image: image(fields, ensure),
         ensure,
         image_tag: fields.parse("image_tag", ImageVersion::Tag("latest".into()), image_tag),
-        command: fields.parse("command", Vec::new(), value::words),
-        entrypoint: fields.parse("entrypoint", Vec::new(), entrypoint),
+        command: command_line(fields, "command", value::words),
+        entrypoint: command_line(fields, "entrypoint", entrypoint),
         // The original module ran containers on `bridge`, which is also Docker's own default.
         network: fields.parse("network", "bridge".to_string(), network),
         syslog: fields.parse("syslog", false, value::boolean),
@@ -65,6 +65,12 @@ pub(crate) fn container(fields: &mut Fields<'_>) -> ContainerConfig {
         health_check: health_check(fields),
         sources: fields.sources().to_vec(),
     }
+}
+
+/// `command` or `entrypoint`; the words of a list are text, so `[app, --ratio, 1.10]` passes "1.10".
+fn command_line(fields: &mut Fields<'_>, key: &str, convert: fn(&Value) -> Result<Vec<String>, String>) -> Vec<String> {
+    let written = fields.get(key).map(|v| fields.words_as_written(&[key], v));
+    fields.parse_at(key, written.as_ref(), Vec::new(), convert)
 }
 
 fn valid_name(name: &str) -> bool {
@@ -333,11 +339,14 @@ fn health_check(fields: &mut Fields<'_>) -> Option<HealthCheck> {
             port.map(|port| Probe::Http { port, path: check_path })
         }
         Some("tcp") => required(fields, path, map, "port", port).map(|port| Probe::Tcp { port }),
-        Some(_) => required(fields, path, map, "command", |v| {
-            let command = value::words(v)?;
-            if command.is_empty() { Err("must not be empty".to_string()) } else { Ok(command) }
-        })
-        .map(|command| Probe::Exec { command }),
+        Some(_) => {
+            let written = map.get("command").map(|v| fields.words_as_written(&["health_check", "command"], v));
+            required(fields, path, map, "command", |v| {
+                let command = value::words(written.as_ref().unwrap_or(v))?;
+                if command.is_empty() { Err("must not be empty".to_string()) } else { Ok(command) }
+            })
+            .map(|command| Probe::Exec { command })
+        }
         None => None,
     };
     // Timings are read even when the probe is broken, so all problems are reported together.

@@ -718,7 +718,7 @@ fn values_meant_as_text_keep_a_number_as_it_was_written() {
     let data = write(
         dir.path(),
         "containers.yaml",
-        "containers:\n  web:\n    image: x\n    image_tag: '%{facts.app.version}'\n    environment: {VERSION: 1.10, MASK: 0x10, PORT: 80, RATE: 1.5, ON: true, APP: '%{facts.app.version}'}\n    register_ports: [{cluster: c, service: s, ip: 10.0.0.1, port: 8080, annotations: {version: 1.20}}]\n",
+        "containers:\n  web:\n    image: x\n    image_tag: '%{facts.app.version}'\n    environment: {VERSION: 1.10, MASK: 0x10, PORT: 80, RATE: 1.5, ON: true, APP: '%{facts.app.version}'}\n    register_ports: [{cluster: c, service: s, ip: 10.0.0.1, port: 8080, annotations: {version: 1.20}}]\n    command: [app, --ratio, 0.50]\n    entrypoint: [run, 1.0]\n    health_check: {type: exec, command: [check, 2.0]}\n",
     );
     let base = write(dir.path(), "base.yaml", "containers:\n  web:\n    environment: {OLD: 1.0}\n");
     let set = load_containers(&[base, data], &facts).unwrap();
@@ -727,5 +727,10 @@ fn values_meant_as_text_keep_a_number_as_it_was_written() {
     assert_eq!(env, ["APP=2.10", "MASK=0x10", "OLD=1.0", "ON=true", "PORT=80", "RATE=1.5", "VERSION=1.10"]);
     assert_eq!(web.image_tag, ImageVersion::Tag("2.10".into()));
     assert_eq!(web.register_ports[0].annotations["version"], "1.20");
+    assert_eq!(
+        (&web.command, &web.entrypoint),
+        (&vec!["app".to_string(), "--ratio".into(), "0.50".into()], &vec!["run".to_string(), "1.0".into()])
+    );
+    assert_eq!(web.health_check.as_ref().unwrap().probe, Probe::Exec { command: vec!["check".into(), "2.0".into()] });
     assert_eq!(web.register_ports[0].port, 8080, "numbers meant as numbers are read as YAML types them");
 }
