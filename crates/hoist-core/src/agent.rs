@@ -3,6 +3,7 @@
 //! right machine, applies config reloads as a diff (new → spawn, changed → reconfigure, gone → stop
 //! and purge), and removes labelled orphans. Operators reach it through `AgentHandle`.
 
+use crate::backend::{TRANSITION_PROTOCOL, TransitionEvent};
 use crate::config::{ContainerConfig, ContainerSet, Ensure};
 use crate::fsm::{State, Transition};
 use crate::machine::{self, Input, MachineDeps, MachineHandle};
@@ -154,6 +155,7 @@ impl Agent {
                         }
                         Err(e) => {
                             tracing::error!(errors = %e, "config refused; the running set is unchanged");
+                            self.publish_refusal(&e).await;
                             self.config_error = Some(e);
                         }
                     }
@@ -189,6 +191,28 @@ impl Agent {
                     return;
                 }
             }
+        }
+    }
+
+    /// A refused config in the event stream (`hoist watch`, and NATS for a fleet), in the transition
+    /// shape the machines' own error events use, from the agent itself (machine `hoist`) rather than
+    /// one container's machine.
+    async fn publish_refusal(&self, errors: &str) {
+        let event = TransitionEvent {
+            protocol: TRANSITION_PROTOCOL.into(),
+            identity: self.deps.node.clone(),
+            id: self.deps.node.clone(),
+            version: machine::MACHINE_VERSION.into(),
+            timestamp: machine::unix_now(),
+            machine: "hoist".into(),
+            transition: "config_refused".into(),
+            from_state: String::new(),
+            to_state: String::new(),
+            detail: Some(errors.to_string()),
+            image: None,
+        };
+        if let Err(e) = self.deps.events.publish(&event).await {
+            tracing::debug!(error = %e, "could not publish the config refusal");
         }
     }
 

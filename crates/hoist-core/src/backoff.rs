@@ -6,7 +6,7 @@
 //! not answer): it never counts as a crash.
 
 use rand::Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,7 @@ const LOOP_THRESHOLD: usize = 5;
 /// The crash backoff's settings (`rollout.restart_backoff` in the agent file, `restart_backoff` per
 /// container). Defaults as Kubernetes' CrashLoopBackOff caps and forgives (5 min, 10 min), but with
 /// an immediate first restart and a 1 s first delay, since most crashes are one-offs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackoffConfig {
     /// The delay before the second restart in a row; each further failure doubles it.
     pub initial: Duration,

@@ -7,7 +7,9 @@ use anyhow::Context;
 use futures_util::StreamExt;
 use hoist_core::agent::{self, AgentHandle};
 use hoist_core::backend::{BucketConfig, Events, Governor, HOIST_BUCKET, Kv};
-use hoist_core::config::{AgentConfig, BackendKind, ConfigErrors, ContainerSet, Ensure, load_containers};
+use hoist_core::config::{
+    AgentConfig, BackendKind, ConfigErrors, ContainerSet, Ensure, LOCAL_SYSLOG_SOCKETS, LastGood, load_containers, syslog_warning,
+};
 use hoist_core::files::FileWatch;
 use hoist_core::fleet::{
     AgentResponder, Announced, Fleet, LIVENESS, NODES_BUCKET, PRESENCE_INTERVAL, Presence, announce, held_elsewhere, nodes_bucket,
@@ -94,9 +96,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let facts = cfg.facts();
     // What the adapters report about themselves (store failing, NATS unreachable), shown in status.
     let conditions = Conditions::default();
-    // Refuse to start on a bad config rather than start empty: an empty set would purge what runs.
-    let set = load_containers(&cfg.data, &facts).map_err(|e| anyhow::anyhow!("refusing to start, the config has errors:\n{e}"))?;
     tokio::fs::create_dir_all(&cfg.state_dir).await.with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+    let (set, refused) = initial_set(&cfg, &facts, &conditions)?;
     // Registered before anything can stand by, so a SIGHUP meanwhile does not end the agent.
     let hup = signal(SignalKind::hangup())?;
     let backends = open_backends(&cfg, &conditions).await?;
@@ -147,6 +148,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let initial = if holder.is_some() { ContainerSet::default() } else { set };
     tracing::info!(node = %cfg.node, containers = initial.containers.len(), "starting agent");
     let handle = agent::start(deps, initial).await;
+    if let Some(refusal) = refused {
+        handle.reload(Err(refusal)).await;
+    }
     if let (Some(m), None) = (&member, &holder) {
         join_fleet(m, backends.kv.clone(), &handle, &cfg, facts.clone()).await?;
     }
@@ -162,7 +166,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         if let Some((member, holder)) = standing_by {
             take_over(member, holder, kv, &agent_cfg, &facts, &agent, &sets, &conditions).await;
         }
-        reload_on_change(agent_cfg, facts, agent, sets, hup).await;
+        reload_on_change(agent_cfg, facts, agent, sets, hup, conditions).await;
     });
 
     let mut term = signal(SignalKind::terminate())?;
@@ -299,7 +303,7 @@ async fn take_over(
     }
     conditions.set("standby", None);
     tracing::info!(node = %cfg.node, "the other machine running this node has been silent for {}; taking over", humantime::format_duration(LIVENESS));
-    reload(handle, sets, load_containers(&cfg.data, facts)).await;
+    reload(handle, sets, load_containers(&cfg.data, facts), cfg, conditions).await;
     if let Err(e) = join_fleet(&member, kv, handle, cfg, facts.clone()).await {
         tracing::error!(error = format!("{e:#}"), "could not join the fleet after taking over");
     }
@@ -401,6 +405,55 @@ async fn serve_control(cfg: &AgentConfig, control: Control) -> anyhow::Result<()
     Ok(())
 }
 
+/// The set to start with: the data files' if they load (saved as the last good set), else the last
+/// good set with the refusal to report. With neither there is nothing safe to run: starting empty
+/// would purge what runs, so the agent refuses to start.
+fn initial_set(cfg: &AgentConfig, facts: &serde_json::Value, conditions: &Conditions) -> anyhow::Result<(ContainerSet, Option<String>)> {
+    let errors = match load_containers(&cfg.data, facts) {
+        Ok(set) => {
+            save_last_good(cfg, &set, conditions);
+            check_host(cfg, &set, conditions);
+            return Ok((set, None));
+        }
+        Err(errors) => errors,
+    };
+    let path = LastGood::path(&cfg.state_dir);
+    match LastGood::load(&cfg.state_dir) {
+        Ok(Some(last)) => {
+            let saved = std::time::UNIX_EPOCH + Duration::from_secs(last.saved.max(0) as u64);
+            let refusal = format!(
+                "{errors}\nrefused at start; running the last good configuration instead, loaded {} and kept in {}",
+                humantime::format_rfc3339_seconds(saved),
+                path.display()
+            );
+            check_host(cfg, &last.set, conditions);
+            Ok((last.set, Some(refusal)))
+        }
+        Ok(None) => anyhow::bail!(
+            "refusing to start, the config has errors and no earlier good configuration was kept in {}:\n{errors}",
+            path.display()
+        ),
+        Err(unusable) => {
+            anyhow::bail!("refusing to start, the config has errors and the last good configuration is unusable ({unusable}):\n{errors}")
+        }
+    }
+}
+
+/// Keeps `set` as the last good configuration. Failing to is no reason to stop managing containers,
+/// but it is reported among the node's warnings: the next start on a broken file would refuse.
+fn save_last_good(cfg: &AgentConfig, set: &ContainerSet, conditions: &Conditions) {
+    let problem = LastGood::save(&cfg.state_dir, set, hoist_core::machine::unix_now())
+        .err()
+        .map(|e| format!("cannot keep the last good configuration in {}: {e}", LastGood::path(&cfg.state_dir).display()));
+    conditions.set("last_good", problem);
+}
+
+/// What the set in use will hit on this host, among the node's warnings (`hoist status`, the log).
+fn check_host(cfg: &AgentConfig, set: &ContainerSet, conditions: &Conditions) {
+    let docker_host = std::env::var("DOCKER_HOST").ok();
+    conditions.set("syslog", syslog_warning(set, &cfg.docker, docker_host.as_deref(), &LOCAL_SYSLOG_SOCKETS));
+}
+
 /// Reloads the container data on SIGHUP or when a data file changes. A refused config leaves the
 /// running set untouched and is reported in `hoist status` and the logs.
 async fn reload_on_change(
@@ -409,6 +462,7 @@ async fn reload_on_change(
     handle: AgentHandle,
     sets: watch::Sender<ContainerSet>,
     mut hup: tokio::signal::unix::Signal,
+    conditions: Conditions,
 ) {
     let mut changes = Inotify.watch(&cfg.data);
     loop {
@@ -419,14 +473,22 @@ async fn reload_on_change(
         // Let an editor or config management finish writing every file before reading them.
         tokio::time::sleep(Duration::from_millis(200)).await;
         tracing::info!(reason = why, "reloading container config");
-        reload(&handle, &sets, load_containers(&cfg.data, &facts)).await;
+        reload(&handle, &sets, load_containers(&cfg.data, &facts), &cfg, &conditions).await;
     }
 }
 
 /// Hands a freshly loaded set (or why it was refused) to the agent, and an accepted one to the checks
-/// that follow the config.
-async fn reload(handle: &AgentHandle, sets: &watch::Sender<ContainerSet>, loaded: Result<ContainerSet, ConfigErrors>) {
+/// that follow the config; an accepted one becomes the last good configuration.
+async fn reload(
+    handle: &AgentHandle,
+    sets: &watch::Sender<ContainerSet>,
+    loaded: Result<ContainerSet, ConfigErrors>,
+    cfg: &AgentConfig,
+    conditions: &Conditions,
+) {
     if let Ok(set) = &loaded {
+        save_last_good(cfg, set, conditions);
+        check_host(cfg, set, conditions);
         sets.send_replace(set.clone());
     }
     handle.reload(loaded.map_err(|e| e.to_string())).await;

@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use control::client::ControlClient;
 use futures_util::StreamExt;
 use hoist_core::backend::{BucketConfig, Governor, Kv, read_all};
-use hoist_core::config::{AgentConfig, BackendKind, DEFAULT_AGENT_FILE, load_containers};
+use hoist_core::config::{AgentConfig, BackendKind, DEFAULT_AGENT_FILE, LOCAL_SYSLOG_SOCKETS, load_containers, syslog_warning};
 use hoist_core::fleet::Operation;
 use hoist_core::fsm::Transition;
 use hoist_core::registration::{SERVICES_BUCKET, ServiceEntry};
@@ -299,6 +299,11 @@ fn validate(g: &Global, files: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::FAILURE)
         }
         Ok(set) => {
+            // On stderr, so the JSON and the `docker run` lines stay clean for scripts.
+            let docker_host = std::env::var("DOCKER_HOST").ok();
+            if let Some(warning) = syslog_warning(&set, &cfg.docker, docker_host.as_deref(), &LOCAL_SYSLOG_SOCKETS) {
+                eprintln!("warning: {warning}");
+            }
             if g.json {
                 println!("{}", serde_json::to_string_pretty(&set).expect("serialises"));
                 return Ok(ExitCode::SUCCESS);

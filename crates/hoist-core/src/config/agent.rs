@@ -155,7 +155,12 @@ impl AgentConfig {
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigErrors> {
         let text = raw::read_text(path).map_err(|e| ConfigErrors(vec![e]))?;
         // An empty file is valid: every key is optional.
-        let parsed: Option<RawAgent> = serde_yaml::from_str(&text).map_err(|e| ConfigErrors(vec![serde_error(path, &e)]))?;
+        let mut parsed: Option<RawAgent> = serde_yaml::from_str(&text).map_err(|e| ConfigErrors(vec![serde_error(path, &e)]))?;
+        // Facts are text to interpolate and filter on: a fact written 1.10 stays "1.10", not YAML's 1.1.
+        if let Some(agent) = parsed.as_mut().filter(|agent| agent.facts.is_some()) {
+            let mut document = raw::parse_yaml(path, &text).map_err(|e| ConfigErrors(vec![e]))?;
+            agent.facts = document.texts.get_mut("facts").map(Value::take);
+        }
         let base = path.parent().unwrap_or(Path::new(""));
         build(parsed.unwrap_or_default(), Some(path), base, vec![base.join("containers.d")])
     }
@@ -204,10 +209,7 @@ fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<Path
             format!("{address:?} is not a syslog address Docker takes: use udp://, tcp://, tcp+tls://, unix:// or unixgram://"),
         );
     }
-    let node = raw.node.unwrap_or_else(hostname);
-    if node.is_empty() || node.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        error("node", format!("{node:?} is not a valid node name: it must be non-empty without spaces"));
-    }
+    let node = raw.node.unwrap_or_else(default_node);
     let backend = raw.backend.unwrap_or(BackendKind::Embedded);
     if backend == BackendKind::Nats && servers.is_empty() {
         error("nats.servers", "backend nats needs at least one server, e.g. [\"nats://n1:4222\"]".into());
@@ -268,6 +270,9 @@ fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<Path
         fleet: FleetConfig { node_retention },
         state_dir,
     };
+    for (field, message) in super::limits::agent(&config) {
+        error(field, message);
+    }
     if errors.is_empty() { Ok(config) } else { Err(ConfigErrors(errors)) }
 }
 
@@ -299,10 +304,15 @@ fn serde_field(message: &str) -> Option<(String, &str)> {
     }
 }
 
-/// The kernel's hostname, as the node's default identity and the `hostname` fact.
+/// The kernel's hostname, the `hostname` fact.
 fn hostname() -> String {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default();
     if name.is_empty() { "localhost".into() } else { name }
+}
+
+/// The hostname, as Choria names its identities.
+fn default_node() -> String {
+    hostname()
 }
 
 /// The source address the kernel would use for the default route. Connecting a UDP socket only

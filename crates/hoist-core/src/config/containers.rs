@@ -5,7 +5,8 @@
 
 use super::raw::{self, file_error};
 use super::value::Fields;
-use super::{ConfigError, ConfigErrors, ContainerConfig, ContainerSet};
+use super::{ConfigError, ConfigErrors, ContainerConfig, ContainerSet, Ensure};
+use crate::spec::PortMapping;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,9 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Default)]
 pub(crate) struct RawContainer {
     pub(crate) definition: Map<String, Value>,
+    /// `definition` with numbers as written (see [`raw::Document`]), merged alike; not interpolated,
+    /// since only numbers are read from it.
+    pub(crate) texts: Map<String, Value>,
     pub(crate) sources: Vec<PathBuf>,
     pub(crate) origins: BTreeMap<String, PathBuf>,
 }
@@ -26,17 +30,19 @@ impl RawContainer {
         self.origins.get(top).or(self.sources.last()).cloned()
     }
 
-    fn merge(&mut self, file: &Path, definition: Map<String, Value>) {
+    fn merge(&mut self, file: &Path, definition: Map<String, Value>, texts: Map<String, Value>) {
         for key in definition.keys() {
             self.origins.insert(key.clone(), file.to_path_buf());
         }
         if self.sources.last().map(PathBuf::as_path) != Some(file) {
             self.sources.push(file.to_path_buf());
         }
-        let mut merged = Value::Object(std::mem::take(&mut self.definition));
-        raw::deep_merge(&mut merged, Value::Object(definition));
-        if let Value::Object(map) = merged {
-            self.definition = map;
+        for (tree, over) in [(&mut self.definition, definition), (&mut self.texts, texts)] {
+            let mut merged = Value::Object(std::mem::take(tree));
+            raw::deep_merge(&mut merged, Value::Object(over));
+            if let Value::Object(map) = merged {
+                *tree = map;
+            }
         }
     }
 }
@@ -61,12 +67,15 @@ pub fn load_containers(paths: &[PathBuf], facts: &Value) -> Result<ContainerSet,
         }
     }
     let mut containers = BTreeMap::new();
+    let mut ports_origins = BTreeMap::new();
     for (name, mut container) in merged.containers {
         interpolate_container(&name, &mut container, facts, &mut errors);
         if let Some(config) = validate_container(&name, &container, &mut errors) {
+            ports_origins.insert(name.clone(), container.origin("ports"));
             containers.insert(name, config);
         }
     }
+    port_conflicts(&containers, &ports_origins, &mut errors);
     if errors.is_empty() { Ok(ContainerSet { purge: merged.purge.unwrap_or(true), containers }) } else { Err(ConfigErrors(errors)) }
 }
 
@@ -112,8 +121,12 @@ fn is_yaml_name(path: &Path) -> bool {
 
 /// Folds one file's top level into the merge. Hiera files carry other classes' data (`ntp::servers`)
 /// and `lookup_options`; those are ignored. Unknown `hoist::` keys and unknown plain keys are errors.
-fn merge_document(merged: &mut Merged, file: &Path, document: Value, errors: &mut Vec<ConfigError>) {
-    let top = match document {
+fn merge_document(merged: &mut Merged, file: &Path, document: raw::Document, errors: &mut Vec<ConfigError>) {
+    let mut texts = match document.texts {
+        Value::Object(texts) => texts,
+        _ => Map::new(),
+    };
+    let top = match document.value {
         Value::Null => return,
         Value::Object(top) => top,
         _ => {
@@ -125,7 +138,10 @@ fn merge_document(merged: &mut Merged, file: &Path, document: Value, errors: &mu
     };
     for (key, value) in top {
         match key.as_str() {
-            "containers" | "hoist::containers" => merge_containers(merged, file, &key, value, errors),
+            "containers" | "hoist::containers" => {
+                let texts = texts.remove(&key).unwrap_or_default();
+                merge_containers(merged, file, &key, value, texts, errors)
+            }
             "purge" | "hoist::purge" => match value {
                 Value::Bool(purge) => merged.purge = Some(purge),
                 Value::Null => {}
@@ -147,7 +163,7 @@ fn merge_document(merged: &mut Merged, file: &Path, document: Value, errors: &mu
     }
 }
 
-fn merge_containers(merged: &mut Merged, file: &Path, key: &str, value: Value, errors: &mut Vec<ConfigError>) {
+fn merge_containers(merged: &mut Merged, file: &Path, key: &str, value: Value, mut texts: Value, errors: &mut Vec<ConfigError>) {
     let definitions = match value {
         Value::Null => return,
         Value::Object(definitions) => definitions,
@@ -172,7 +188,11 @@ fn merge_containers(merged: &mut Merged, file: &Path, key: &str, value: Value, e
                 continue;
             }
         };
-        merged.containers.entry(name).or_default().merge(file, definition);
+        let texts = match texts.get_mut(&name).map(Value::take) {
+            Some(Value::Object(texts)) => texts,
+            _ => Map::new(),
+        };
+        merged.containers.entry(name).or_default().merge(file, definition, texts);
     }
 }
 
@@ -198,4 +218,58 @@ fn validate_container(name: &str, container: &RawContainer, errors: &mut Vec<Con
     let mut fields = Fields::new(name, container, errors);
     let config = super::definition::container(&mut fields);
     (errors.len() == before).then_some(config)
+}
+
+/// Two mappings of the same host address, port and protocol would let the first container start and
+/// the second fail to bind and crash-loop, so such a set is refused. A mapping without a host port
+/// (Docker picks one) never conflicts. Each conflict is reported on the later mapping, naming both.
+fn port_conflicts(
+    containers: &BTreeMap<String, ContainerConfig>,
+    origins: &BTreeMap<String, Option<PathBuf>>,
+    errors: &mut Vec<ConfigError>,
+) {
+    let published: Vec<(&str, usize, &PortMapping)> = containers
+        .values()
+        .filter(|c| c.ensure == Ensure::Present)
+        .flat_map(|c| c.ports.iter().enumerate().filter(|(_, p)| p.host_port.is_some()).map(|(i, p)| (c.name.as_str(), i, p)))
+        .collect();
+    for (later, &(name, index, port)) in published.iter().enumerate() {
+        let Some(&(first_name, first_index, first)) = published[..later].iter().find(|(_, _, other)| overlaps(other, port)) else {
+            continue;
+        };
+        let first_file = origins.get(first_name).cloned().flatten().map(|f| format!(" in {}", f.display())).unwrap_or_default();
+        let whose = if first_name == name { "this container".to_string() } else { format!("container {first_name}") };
+        errors.push(ConfigError {
+            file: origins.get(name).cloned().flatten(),
+            container: Some(name.to_string()),
+            field: Some(format!("ports[{index}]")),
+            message: format!(
+                "host port {} collides with {}, published by {whose} (ports[{first_index}]{first_file}); only one container can listen on a host address and port: give one of them another host port, or leave the host port out to let Docker pick one",
+                host_side(port),
+                host_side(first)
+            ),
+        });
+    }
+}
+
+/// Same protocol and host port, and addresses that can collide: no address (Docker binds all of them)
+/// or `::` (dual-stack on Linux) collides with every address, 0.0.0.0 with every IPv4 address.
+fn overlaps(a: &PortMapping, b: &PortMapping) -> bool {
+    let covers_all = |p: &PortMapping| p.host_ip.is_none_or(|ip| ip.is_ipv6() && ip.is_unspecified());
+    let ips_collide = match (a.host_ip, b.host_ip) {
+        _ if covers_all(a) || covers_all(b) => true,
+        (Some(x), Some(y)) => x == y || (x.is_ipv4() && y.is_ipv4() && (x.is_unspecified() || y.is_unspecified())),
+        _ => true,
+    };
+    a.protocol == b.protocol && a.host_port == b.host_port && ips_collide
+}
+
+/// `127.0.0.1:8080/tcp`, `*:8080/udp` (no address: all of them).
+fn host_side(port: &PortMapping) -> String {
+    let address = match port.host_ip {
+        Some(std::net::IpAddr::V6(ip)) => format!("[{ip}]"),
+        Some(ip) => ip.to_string(),
+        None => "*".into(),
+    };
+    format!("{address}:{}/{}", port.host_port.unwrap_or_default(), port.protocol.as_str())
 }

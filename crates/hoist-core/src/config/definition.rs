@@ -1,6 +1,7 @@
 //! The typed layer: one merged, interpolated container definition checked field by field against the
 //! parameters of the original `hoist::container` define (same names, same defaults) plus `health_check`.
 
+use super::limits;
 use super::value::{self, Fields, describe};
 use super::{ContainerConfig, Ensure, HealthCheck, Registration};
 use crate::backoff::BackoffConfig;
@@ -52,8 +53,8 @@ pub(crate) fn container(fields: &mut Fields<'_>) -> ContainerConfig {
         image: image(fields, ensure),
         ensure,
         image_tag: fields.parse("image_tag", ImageVersion::Tag("latest".into()), image_tag),
-        command: fields.parse("command", Vec::new(), value::words),
-        entrypoint: fields.parse("entrypoint", Vec::new(), entrypoint),
+        command: command_line(fields, "command", value::words),
+        entrypoint: command_line(fields, "entrypoint", entrypoint),
         // The original module ran containers on `bridge`, which is also Docker's own default.
         network: fields.parse("network", "bridge".to_string(), network),
         syslog: fields.parse("syslog", false, value::boolean),
@@ -72,6 +73,12 @@ pub(crate) fn container(fields: &mut Fields<'_>) -> ContainerConfig {
         restart_backoff: restart_backoff(fields),
         sources: fields.sources().to_vec(),
     }
+}
+
+/// `command` or `entrypoint`; the words of a list are text, so `[app, --ratio, 1.10]` passes "1.10".
+fn command_line(fields: &mut Fields<'_>, key: &str, convert: fn(&Value) -> Result<Vec<String>, String>) -> Vec<String> {
+    let written = fields.get(key).map(|v| fields.words_as_written(&[key], v));
+    fields.parse_at(key, written.as_ref(), Vec::new(), convert)
 }
 
 fn valid_name(name: &str) -> bool {
@@ -103,13 +110,16 @@ fn image(fields: &mut Fields<'_>, ensure: Ensure) -> String {
     }
 }
 
-/// Tags are usually strings, but YAML reads `image_tag: 2` or `1.5` as numbers; those are taken as
-/// their text. A float loses trailing zeros (`1.10` reads as 1.1), so that case is worth a warning.
+/// A tag must be written as text. YAML reads an unquoted `1.10` as the number 1.1 and `0x10` as 16, so
+/// taking a number as its text would deploy a tag nobody wrote; the operator is asked to quote it.
 fn image_tag(value: &Value) -> Result<ImageVersion, String> {
-    if value.as_f64().is_some_and(|f| f.fract() != 0.0) {
-        tracing::warn!(tag = %value, "image_tag was written as a number; quote it if it has trailing zeros (\"1.10\")");
+    if value.is_number() {
+        return Err(format!(
+            "YAML reads this unquoted value as {}, which is not reliably the tag written (1.10 reads as 1.1, 0x10 as 16); quote the tag, e.g. image_tag: \"1.10\"",
+            describe(value)
+        ));
     }
-    ImageVersion::parse(&value::scalar(value)?)
+    ImageVersion::parse(&value::string(value)?)
 }
 
 /// A string is the single executable (as `docker run --entrypoint`); a list is taken as is.
@@ -131,11 +141,7 @@ fn network(value: &Value) -> Result<String, String> {
 }
 
 fn kv_interval(value: &Value) -> Result<Duration, String> {
-    let interval = value::duration(value)?;
-    if interval < Duration::from_secs(1) {
-        return Err("must be at least 1 second".into());
-    }
-    Ok(interval)
+    limits::within(value::duration(value)?, limits::KV_INTERVAL)
 }
 
 /// Governor names become NATS subjects and stream names (`GOVERNOR_<name>`); "" means none.
@@ -177,6 +183,8 @@ fn environment(fields: &mut Fields<'_>) -> Vec<EnvVar> {
             let mut out = Vec::new();
             for (key, v) in map.iter().filter(|(_, v)| !v.is_null()) {
                 let path = format!("environment.{key}");
+                // Values are text: `VERSION: 1.10` is "1.10", not YAML's number 1.1.
+                let v = fields.as_written(&["environment", key], v);
                 let parsed = value::scalar(v).and_then(|v| {
                     let var = spec::parse_env(&format!("{key}={v}"))?;
                     // parse_env splits at the first '='; a key containing '=' would shift into the value.
@@ -207,7 +215,7 @@ fn register_ports(fields: &mut Fields<'_>) -> Vec<Registration> {
         let path = format!("register_ports[{i}]");
         match item {
             Value::Object(map) => {
-                if let Some(registration) = registration(fields, &path, map) {
+                if let Some(registration) = registration(fields, i, map) {
                     out.push(registration);
                 }
             }
@@ -217,7 +225,9 @@ fn register_ports(fields: &mut Fields<'_>) -> Vec<Registration> {
     out
 }
 
-fn registration(fields: &mut Fields<'_>, path: &str, map: &Map<String, Value>) -> Option<Registration> {
+fn registration(fields: &mut Fields<'_>, index: usize, map: &Map<String, Value>) -> Option<Registration> {
+    let path = &format!("register_ports[{index}]");
+    let index = index.to_string();
     let before = fields.error_count();
     fields.reject_unknown(path, map, REGISTRATION_FIELDS);
     let cluster = required(fields, path, map, "cluster", key_token);
@@ -234,8 +244,15 @@ fn registration(fields: &mut Fields<'_>, path: &str, map: &Map<String, Value>) -
     let priority = optional(fields, path, map, "priority", 1, |v| {
         u32::try_from(value::integer(v)?).map_err(|_| "expected a whole number that fits 32 bits".to_string())
     });
+    // Annotations are text: a version written 1.10 stays "1.10".
+    let written: BTreeMap<&String, &Value> = match map.get("annotations") {
+        Some(Value::Object(annotations)) => {
+            annotations.iter().map(|(k, v)| (k, fields.as_written(&["register_ports", &index, "annotations", k], v))).collect()
+        }
+        _ => BTreeMap::new(),
+    };
     let annotations = optional(fields, path, map, "annotations", BTreeMap::new(), |v| match v {
-        Value::Object(map) => map.iter().map(|(k, v)| Ok((k.clone(), value::scalar(v).map_err(|e| format!("{k}: {e}"))?))).collect(),
+        Value::Object(_) => written.iter().map(|(k, v)| Ok((k.to_string(), value::scalar(v).map_err(|e| format!("{k}: {e}"))?))).collect(),
         other => Err(format!("expected a mapping of names to values, found {}", describe(other))),
     });
     if fields.error_count() != before {
@@ -330,21 +347,28 @@ fn health_check(fields: &mut Fields<'_>) -> Option<HealthCheck> {
             port.map(|port| Probe::Http { port, path: check_path })
         }
         Some("tcp") => required(fields, path, map, "port", port).map(|port| Probe::Tcp { port }),
-        Some(_) => required(fields, path, map, "command", |v| {
-            let command = value::words(v)?;
-            if command.is_empty() { Err("must not be empty".to_string()) } else { Ok(command) }
-        })
-        .map(|command| Probe::Exec { command }),
+        Some(_) => {
+            let written = map.get("command").map(|v| fields.words_as_written(&["health_check", "command"], v));
+            required(fields, path, map, "command", |v| {
+                let command = value::words(written.as_ref().unwrap_or(v))?;
+                if command.is_empty() { Err("must not be empty".to_string()) } else { Ok(command) }
+            })
+            .map(|command| Probe::Exec { command })
+        }
         None => None,
     };
     // Timings are read even when the probe is broken, so all problems are reported together.
-    let interval = optional(fields, path, map, "interval", Duration::from_secs(10), positive_duration);
-    let timeout = optional(fields, path, map, "timeout", Duration::from_secs(5), positive_duration);
-    let retries = optional(fields, path, map, "retries", 3, |v| match value::integer(v)? {
-        0 => Err("must be at least 1".to_string()),
-        n => u32::try_from(n).map_err(|_| "is too large".to_string()),
+    let timing = |bounds| move |v: &Value| limits::within(value::duration(v)?, bounds);
+    let interval = optional(fields, path, map, "interval", Duration::from_secs(10), timing(limits::PROBE_INTERVAL));
+    let timeout = optional(fields, path, map, "timeout", Duration::from_secs(5), timing(limits::PROBE_TIMEOUT));
+    let retries = optional(fields, path, map, "retries", 3, |v| {
+        let (min, max) = limits::PROBE_RETRIES;
+        match value::integer(v)? {
+            n if (min..=max).contains(&n) => Ok(n as u32),
+            n => Err(format!("must be from {min} to {max} consecutive failures, found {n}")),
+        }
     });
-    let start_period = optional(fields, path, map, "start_period", Duration::ZERO, value::duration);
+    let start_period = optional(fields, path, map, "start_period", Duration::ZERO, timing(limits::PROBE_START_PERIOD));
     let check = HealthCheck { probe: probe?, interval, timeout, retries, start_period };
     (fields.error_count() == before).then_some(check)
 }
@@ -403,9 +427,4 @@ fn restart_backoff(fields: &mut Fields<'_>) -> Option<BackoffConfig> {
         );
     }
     (fields.error_count() == before).then_some(BackoffConfig { initial, max, reset_after })
-}
-
-fn positive_duration(value: &Value) -> Result<Duration, String> {
-    let d = value::duration(value)?;
-    if d.is_zero() { Err("must be longer than zero".into()) } else { Ok(d) }
 }

@@ -132,7 +132,7 @@ pub enum Ensure {
 }
 
 /// One container definition after merging, interpolation and validation.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ContainerConfig {
     pub name: String,
     pub ensure: Ensure,
@@ -180,7 +180,7 @@ pub struct Registration {
     pub annotations: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthCheck {
     pub probe: Probe,
     /// Default 10 s.
@@ -194,7 +194,7 @@ pub struct HealthCheck {
 }
 
 /// Everything the container data files declare.
-#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct ContainerSet {
     /// Default true: containers hoist made for this node but no longer declared are removed.
     pub purge: bool,
@@ -275,10 +275,15 @@ impl ContainerConfig {
 mod agent;
 mod containers;
 mod definition;
+mod host;
+mod last_good;
+mod limits;
 mod raw;
 mod value;
 
 pub use containers::load_containers;
+pub use host::{LOCAL_SYSLOG_SOCKETS, syslog_warning};
+pub use last_good::{LAST_GOOD_FILE, LastGood};
 
 #[cfg(test)]
 mod tests;

@@ -3,6 +3,8 @@
 //! and `%{facts.…}` interpolation. Nothing here knows what a field means.
 
 use super::ConfigError;
+use serde::Deserialize;
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 use std::path::Path;
 
@@ -25,13 +27,90 @@ pub(crate) fn read_text(file: &Path) -> Result<String, ConfigError> {
     std::fs::read_to_string(file).map_err(|e| file_error(file, format!("cannot read: {e}")))
 }
 
-/// Parses YAML text into a JSON value; an empty document is `Null`. YAML merge keys (`<<`) are applied.
+/// A YAML document read twice over: as YAML types it, and with every number kept as the text it was
+/// written as. The same shape, so both merge alike.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Document {
+    pub(crate) value: Value,
+    /// `value` with each number replaced by its source text: YAML reads `1.10` as 1.1 and `0x10` as 16,
+    /// which a value meant as text (an environment variable, a fact) must not become.
+    pub(crate) texts: Value,
+}
+
+/// Parses YAML text into JSON values; an empty document is `Null`. YAML merge keys (`<<`) are applied.
 /// Syntax errors carry the line and column serde_yaml reports.
-pub(crate) fn parse_yaml(file: &Path, text: &str) -> Result<Value, ConfigError> {
-    let mut yaml: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| file_error(file, format!("invalid YAML: {e}")))?;
-    yaml.apply_merge().map_err(|e| file_error(file, format!("invalid YAML merge key: {e}")))?;
-    yaml_to_json(&yaml, "")
-        .map_err(|(path, message)| ConfigError { field: (!path.is_empty()).then_some(path), ..file_error(file, message) })
+pub(crate) fn parse_yaml(file: &Path, text: &str) -> Result<Document, ConfigError> {
+    let invalid = |e: serde_yaml::Error| file_error(file, format!("invalid YAML: {e}"));
+    let mut yaml: serde_yaml::Value = serde_yaml::from_str(text).map_err(invalid)?;
+    let mut texts = Guide(&yaml).deserialize(serde_yaml::Deserializer::from_str(text)).map_err(invalid)?;
+    for tree in [&mut yaml, &mut texts] {
+        tree.apply_merge().map_err(|e| file_error(file, format!("invalid YAML merge key: {e}")))?;
+    }
+    let located =
+        |(path, message): (String, String)| ConfigError { field: (!path.is_empty()).then_some(path), ..file_error(file, message) };
+    Ok(Document { value: yaml_to_json(&yaml, "").map_err(located)?, texts: yaml_to_json(&texts, "").map_err(located)? })
+}
+
+/// Reads a document a second time, led by its typed reading: where that found a number, the scalar is
+/// read as a string, which serde_yaml gives as written. Keys stay as typed, so both trees have the
+/// same keys.
+struct Guide<'a>(&'a serde_yaml::Value);
+
+impl<'de> DeserializeSeed<'de> for Guide<'_> {
+    type Value = serde_yaml::Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        use serde_yaml::Value as Y;
+        match self.0 {
+            Y::Number(_) => String::deserialize(deserializer).map(Y::String),
+            Y::Sequence(items) => deserializer.deserialize_seq(SeqGuide(items)),
+            Y::Mapping(mapping) => deserializer.deserialize_map(MapGuide(mapping)),
+            _ => Y::deserialize(deserializer),
+        }
+    }
+}
+
+struct SeqGuide<'a>(&'a [serde_yaml::Value]);
+
+impl<'de> Visitor<'de> for SeqGuide<'_> {
+    type Value = serde_yaml::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a sequence")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::with_capacity(self.0.len());
+        for typed in self.0 {
+            match access.next_element_seed(Guide(typed))? {
+                Some(item) => out.push(item),
+                None => break,
+            }
+        }
+        Ok(serde_yaml::Value::Sequence(out))
+    }
+}
+
+struct MapGuide<'a>(&'a serde_yaml::Mapping);
+
+impl<'de> Visitor<'de> for MapGuide<'_> {
+    type Value = serde_yaml::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a mapping")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
+        let mut out = serde_yaml::Mapping::new();
+        while let Some(key) = access.next_key::<serde_yaml::Value>()? {
+            let value = match self.0.get(&key) {
+                Some(typed) => access.next_value_seed(Guide(typed))?,
+                None => access.next_value()?,
+            };
+            out.insert(key, value);
+        }
+        Ok(serde_yaml::Value::Mapping(out))
+    }
 }
 
 /// Converts YAML to JSON. Mapping keys that are numbers or booleans become strings (`80: x`); other
@@ -193,6 +272,18 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn numbers_are_also_kept_as_written() {
+        let text = "a: 1.10\nb: [0x10, '1.10', true, ~, 7]\n0x10: {c: 1e3}\nbase: &v 1.50\nd: *v\nm: &m {e: 2.50}\nn:\n  <<: *m\n";
+        let doc = parse_yaml(Path::new("f.yaml"), text).unwrap();
+        assert_eq!(doc.value["a"], json!(1.1));
+        assert_eq!(doc.value["b"], json!([16, "1.10", true, null, 7]));
+        assert_eq!(
+            doc.texts,
+            json!({"a": "1.10", "b": ["0x10", "1.10", true, null, "7"], "16": {"c": "1e3"}, "base": "1.50", "d": "1.50", "m": {"e": "2.50"}, "n": {"e": "2.50"}})
+        );
+    }
+
+    #[test]
     fn merge_is_deep_for_mappings_and_replaces_lists() {
         let mut base = json!({"a": {"x": 1, "y": [1, 2]}, "b": 1});
         deep_merge(&mut base, json!({"a": {"y": [3], "z": true}, "b": "s"}));
@@ -219,14 +310,14 @@ mod tests {
     #[test]
     fn yaml_conversion_limits_and_keys() {
         let file = Path::new("f.yaml");
-        assert_eq!(parse_yaml(file, "").unwrap(), Value::Null);
-        assert_eq!(parse_yaml(file, "80: x\ntrue: 1.5\n").unwrap(), serde_json::json!({"80": "x", "true": 1.5}));
+        assert_eq!(parse_yaml(file, "").unwrap().value, Value::Null);
+        assert_eq!(parse_yaml(file, "80: x\ntrue: 1.5\n").unwrap().value, serde_json::json!({"80": "x", "true": 1.5}));
         let long = format!("a:\n  b: {}\n", "x".repeat(MAX_STRING_BYTES + 1));
         let err = parse_yaml(file, &long).unwrap_err();
         assert_eq!(err.field.as_deref(), Some("a.b"));
         let err = parse_yaml(file, "a: [1\nb: 2\n").unwrap_err();
         assert!(err.to_string().starts_with("f.yaml: invalid YAML") && err.to_string().contains("line"), "{err}");
         assert!(parse_yaml(file, "a: !custom x\n").is_err());
-        assert_eq!(parse_yaml(file, "base: &b {x: 1}\nc:\n  <<: *b\n  y: 2\n").unwrap()["c"], serde_json::json!({"x": 1, "y": 2}));
+        assert_eq!(parse_yaml(file, "base: &b {x: 1}\nc:\n  <<: *b\n  y: 2\n").unwrap().value["c"], serde_json::json!({"x": 1, "y": 2}));
     }
 }

@@ -26,8 +26,8 @@ pub(crate) fn string(value: &Value) -> Result<String, String> {
     }
 }
 
-/// A string, or a number or boolean taken as its text: YAML reads `image_tag: 2` as a number, and an
-/// environment value `PORT: 80` is meant as the text "80".
+/// A string, or a number or boolean taken as its text: an environment value `PORT: 80` is meant as the
+/// text "80". (Not for `image_tag`, where a number's text is not reliably what was written.)
 pub(crate) fn scalar(value: &Value) -> Result<String, String> {
     match value {
         Value::String(s) => Ok(s.clone()),
@@ -125,6 +125,31 @@ impl<'a> Fields<'a> {
     /// A field's value; `null` counts as absent so a later file can reset a field to its default.
     pub(crate) fn get(&self, key: &str) -> Option<&'a Value> {
         self.container.definition.get(key).filter(|v| !v.is_null())
+    }
+
+    /// The value at `path` (keys and list indexes below the definition) with a number as it was
+    /// written, for values meant as text: YAML reads `VERSION: 1.10` as 1.1.
+    pub(crate) fn as_written(&self, path: &[&str], value: &'a Value) -> &'a Value {
+        let Some((first, rest)) = path.split_first().filter(|_| value.is_number()) else { return value };
+        let mut current = self.container.texts.get(*first);
+        for segment in rest {
+            current = current.and_then(|v| match v {
+                Value::Array(items) => segment.parse::<usize>().ok().and_then(|i| items.get(i)),
+                other => other.get(segment),
+            });
+        }
+        current.unwrap_or(value)
+    }
+
+    /// `value` (found at `path`) with each item of a list as written: the words of a command are text.
+    pub(crate) fn words_as_written(&self, path: &[&str], value: &'a Value) -> Value {
+        let Value::Array(items) = value else { return value.clone() };
+        let written = items.iter().enumerate().map(|(i, item)| {
+            let index = i.to_string();
+            let item_path: Vec<&str> = path.iter().copied().chain([index.as_str()]).collect();
+            self.as_written(&item_path, item).clone()
+        });
+        Value::Array(written.collect())
     }
 
     /// Converts an optional field, recording a failure and falling back to `default`.
