@@ -144,7 +144,7 @@ fn open_or_create(path: &Path) -> Result<Database, BackendError> {
     match std::fs::symlink_metadata(path) {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if let Err(e) = create(&creating, parent) {
+            if let Err(e) = create(&creating) {
                 let _ = std::fs::remove_file(&creating);
                 return Err(unavailable(format!("cannot create it: {e}")));
             }
@@ -164,9 +164,8 @@ fn creating_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-/// A complete new store at `path`: every table created, committed (redb syncs each commit) and
-/// closed, then its directory entry synced.
-fn create(path: &Path, dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
+/// A complete new store at `path`: every table created, committed (redb syncs each commit) and closed.
+fn create(path: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(path)?;
     let db = Builder::new().create_with_backend(FileBackend::new(file)?)?;
     let txn = db.begin_write()?;
@@ -174,7 +173,6 @@ fn create(path: &Path, dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
     kv::create_tables(&txn).and_then(|()| governor::create_tables(&txn)).map_err(|e| BackendError::from(e).to_string())?;
     txn.commit()?;
     db.close()?;
-    sync_dir(dir)?;
     Ok(())
 }
 

@@ -36,7 +36,11 @@ async fn open_backends(cfg: &AgentConfig, conditions: &Conditions) -> anyhow::Re
             // would leave its containers unwatched, nor be replaced by an empty one, which would roll
             // them back to their configured versions: the agent runs on, the store answering every
             // call with what is wrong and `hoist status` showing it.
-            let store = hoist_embedded::EmbeddedStore::open_or_unavailable(&cfg.state_dir.join("hoist.redb"), conditions.clone());
+            let (path, conditions) = (cfg.state_dir.join("hoist.redb"), conditions.clone());
+            // Opening reads and checks the whole file.
+            let store = tokio::task::spawn_blocking(move || hoist_embedded::EmbeddedStore::open_or_unavailable(&path, conditions))
+                .await
+                .context("opening the embedded store")?;
             Ok(Backends { kv: Arc::new(store.clone()), governor: Arc::new(store.clone()), events: Arc::new(store), fleet: None })
         }
         BackendKind::Nats => {

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 #[derive(Clone)]
@@ -39,7 +39,7 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections served at once; more are closed as soon as they are accepted, so a flood of clients
 /// costs neither memory nor the file descriptors the agent needs for its own work.
-pub const MAX_CONNECTIONS: usize = 128;
+const MAX_CONNECTIONS: usize = 128;
 
 /// There is no route to delete a bucket: deleting HOIST would silently stop every KV-driven update.
 pub fn router(control: Control) -> Router {
@@ -78,11 +78,17 @@ async fn time_limit(request: axum::extract::Request, next: axum::middleware::Nex
 pub async fn serve(mut listener: impl Listener, router: Router) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let service = TowerToHyperService::new(router);
+    // Refusals are counted and logged at most every 10 s, so a flood cannot fill the log instead.
+    let (mut refused, mut last_warned) = (0u64, None::<Instant>);
     loop {
         // Accept errors (such as running out of file descriptors) are logged and retried by axum.
         let (io, _) = listener.accept().await;
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(limit = MAX_CONNECTIONS, "too many control API connections; closed a new one");
+            refused += 1;
+            if last_warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                tracing::warn!(limit = MAX_CONNECTIONS, refused, "too many control API connections; closing new ones");
+                (refused, last_warned) = (0, Some(Instant::now()));
+            }
             continue;
         };
         let service = service.clone();
