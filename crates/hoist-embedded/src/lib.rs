@@ -153,9 +153,11 @@ fn open_or_create(path: &Path) -> Result<Database, BackendError> {
         }
         Err(e) => return Err(unavailable(e.to_string())),
     }
-    // Older agents left the file readable by everyone; it holds the fleet's desired versions.
+    let db = open_existing(path)?;
+    // Older agents left the file readable by everyone; it holds the fleet's desired versions. Only
+    // now that it proved to be a store, so a link to some other file never has its mode changed.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| unavailable(e.to_string()))?;
-    open_existing(path)
+    Ok(db)
 }
 
 fn creating_path(path: &Path) -> PathBuf {

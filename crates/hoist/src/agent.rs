@@ -168,6 +168,12 @@ fn create_state_dir(dir: &Path) -> anyhow::Result<()> {
 /// The lock is the kernel's, so it goes with the process however that ends; the file says who holds it.
 fn lock_state_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
     let path = dir.join("agent.lock");
+    // The file is truncated below, so it must not be a link to someone else's.
+    if let Ok(meta) = std::fs::symlink_metadata(&path)
+        && !meta.file_type().is_file()
+    {
+        anyhow::bail!("{} is not a regular file; refusing to use it as the agent's lock: move it away", path.display());
+    }
     let mut file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

@@ -132,6 +132,18 @@ fn a_second_agent_on_the_same_state_dir_refuses_naming_the_first() {
     assert!(UnixStream::connect(agent.path("state/hoist.sock")).is_ok(), "the first agent's socket is untouched");
 }
 
+#[test]
+fn a_lock_file_that_links_elsewhere_is_not_truncated() {
+    let agent = TestAgent::prepare("locklink", NO_CONTAINERS, "", FAST_ROLLOUT);
+    std::fs::create_dir_all(agent.path("state")).unwrap();
+    let target = agent.path("precious");
+    std::fs::write(&target, "keep me").unwrap();
+    std::os::unix::fs::symlink(&target, agent.path("state/agent.lock")).unwrap();
+    let said = refused_start(&agent);
+    assert!(said.contains("agent.lock is not a regular file"), "{said}");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep me");
+}
+
 fn web(port: u16) -> String {
     format!("containers:\n  web:\n    image: {}\n    image_tag: v1\n    kv_update: true\n    ports: ['127.0.0.1:{port}:80']\n", image())
 }
