@@ -83,8 +83,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     for (bucket, config) in [(HOIST_BUCKET, BucketConfig::default()), (SERVICES_BUCKET, services_bucket(cfg.registration.interval))] {
         match backends.kv.bucket_config(bucket).await {
             Ok(_) => {}
-            // Already reported as a node condition; the containers run on without the store.
-            Err(e @ BackendError::Unavailable(_)) => tracing::warn!(error = %e, bucket, "cannot check the bucket"),
+            // An embedded store that could not be opened, already reported as the `store` condition:
+            // the containers run on without it.
+            Err(e @ BackendError::Unavailable(_)) if cfg.backend == BackendKind::Embedded => {
+                tracing::warn!(error = %e, bucket, "cannot check the bucket")
+            }
             Err(e) => {
                 tracing::debug!(error = %e, bucket, "creating the bucket");
                 backends.kv.create_bucket(bucket, config).await.with_context(|| format!("creating the {bucket} bucket"))?;

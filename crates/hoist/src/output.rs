@@ -140,6 +140,46 @@ pub fn governor(g: &GovernorInfo) -> String {
 mod tests {
     use super::*;
 
+    const FORGED: &str = "\x1b]0;pwned\x07\x1b[2J";
+
+    fn machine() -> hoist_core::status::MachineStatus {
+        serde_json::from_value(serde_json::json!({
+            "name": "hoist_web", "container": "web", "node": "n1", "id": "1", "state": "RUN", "version": format!("v2{FORGED}"),
+            "image": null, "desired_image": "x", "container_id": null, "started": null, "available_transitions": [],
+            "health": "healthy", "restarts": 0, "last_error": format!("died{FORGED}"), "condition": null, "activity": null,
+            "governor_wait_seconds": 0.0, "last_update_seconds": null,
+        }))
+        .expect("a machine status")
+    }
+
+    /// What another node or the agent reports is shown, but cannot drive the terminal.
+    #[test]
+    fn status_and_events_from_elsewhere_print_inert() {
+        let node = NodeStatus {
+            node: format!("n1{FORGED}"),
+            machines: vec![machine()],
+            config_error: Some(format!("line 1\nline 2{FORGED}")),
+            warnings: vec![format!("store: {FORGED}")],
+        };
+        let transition = TransitionEvent {
+            protocol: String::new(),
+            identity: format!("n1{FORGED}"),
+            id: String::new(),
+            version: String::new(),
+            timestamp: 0,
+            machine: "hoist_web".into(),
+            transition: "restart".into(),
+            from_state: "run".into(),
+            to_state: "restart".into(),
+            detail: Some(FORGED.into()),
+            image: None,
+        };
+        for printed in [status(&[node]), event(&transition)] {
+            assert!(!printed.contains(['\x1b', '\x07']), "{printed:?}");
+            assert!(printed.contains("\\x1b]0;pwned\\x07\\x1b[2J"), "{printed:?}");
+        }
+    }
+
     #[test]
     fn control_characters_are_written_out() {
         assert_eq!(clean("v2\x1b]0;pwned\x07\x1b[2J\r\n\u{9b}é"), "v2\\x1b]0;pwned\\x07\\x1b[2J\\r\\n\\u{9b}é");
