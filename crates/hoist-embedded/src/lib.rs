@@ -51,8 +51,8 @@ enum Db {
     /// An I/O error (a full disk) poisons a redb database until it is reopened: closed, to be
     /// reopened by the next call, with why it was lost.
     Lost(String),
-    /// The file could not be opened at start (damaged, truncated): every call fails with why, and
-    /// nothing is ever written over the file.
+    /// The file could not be opened (damaged, truncated) or created at start: every call fails with
+    /// why, and nothing is ever written over the file.
     Unusable(String),
 }
 
@@ -146,7 +146,7 @@ fn open_or_create(path: &Path) -> Result<Database, BackendError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if let Err(e) = create(&creating) {
                 let _ = std::fs::remove_file(&creating);
-                return Err(unavailable(format!("cannot create it: {e}")));
+                return Err(unavailable(format!("cannot create it ({e}); fix that (free space on its disk, say) and restart the agent")));
             }
             std::fs::rename(&creating, path).map_err(|e| unavailable(format!("cannot rename {} into place: {e}", creating.display())))?;
             sync_dir(parent).map_err(|e| unavailable(e.to_string()))?;
