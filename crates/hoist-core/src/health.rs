@@ -39,6 +39,11 @@ impl Conditions {
         }
     }
 
+    /// The sources reporting a problem now, sorted.
+    pub fn sources(&self) -> Vec<&'static str> {
+        self.current.lock().expect("not poisoned").keys().copied().collect()
+    }
+
     /// `source: problem` for every current problem, sorted by source.
     pub fn list(&self) -> Vec<String> {
         self.current.lock().expect("not poisoned").iter().map(|(s, p)| format!("{s}: {p}")).collect()
@@ -55,6 +60,7 @@ mod tests {
         c.set("store", Some("disk full".into()));
         c.set("nats", Some("not reachable".into()));
         assert_eq!(c.list(), ["nats: not reachable", "store: disk full"]);
+        assert_eq!(c.sources(), ["nats", "store"]);
         c.set("store", None);
         assert_eq!(c.list(), ["nats: not reachable"]);
     }

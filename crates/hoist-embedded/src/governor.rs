@@ -4,7 +4,7 @@
 use crate::{EmbeddedStore, Fail, Inner, names, now_ms};
 use async_trait::async_trait;
 use hoist_core::backend::{BackendError, BackendResult, Governor, GovernorInfo, Lease, LeaseInfo, validate_bucket};
-use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -60,7 +60,7 @@ fn load(table: &impl ReadableTable<&'static str, &'static [u8]>, name: &str) -> 
 }
 
 fn read(inner: &Inner, name: &str) -> Result<Option<State>, Fail> {
-    load(&inner.db.begin_read()?.open_table(GOVERNORS)?, name)
+    load(&inner.begin_read()?.open_table(GOVERNORS)?, name)
 }
 
 /// Changes an existing governor, expired leases already gone, in one transaction.

@@ -8,7 +8,7 @@ use futures_util::stream::{self, BoxStream};
 use hoist_core::backend::{
     BackendError, BackendResult, BucketConfig, Kv, KvEntry, KvOperation, key_matches, validate_bucket, validate_key,
 };
-use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::sync::Weak;
@@ -115,7 +115,7 @@ pub(crate) fn sweep_expired(inner: &Inner) -> Result<(), Fail> {
 /// The current value of every key matching `pattern` (tombstones and expired entries left out), in
 /// revision order, and the bucket's last revision.
 fn snapshot(inner: &Inner, bucket: &str, pattern: Option<&str>) -> Result<(Vec<KvEntry>, u64), Fail> {
-    let txn = inner.db.begin_read()?;
+    let txn = inner.begin_read()?;
     let meta = load_meta(&txn.open_table(BUCKETS)?, bucket)?;
     let entries = txn.open_table(ENTRIES)?;
     let now = now_ms();
@@ -193,7 +193,7 @@ impl Kv for EmbeddedStore {
     async fn bucket_config(&self, bucket: &str) -> BackendResult<BucketConfig> {
         validate_bucket(bucket)?;
         let bucket = bucket.to_owned();
-        self.run(move |inner| Ok(load_meta(&inner.db.begin_read()?.open_table(BUCKETS)?, &bucket)?.config)).await
+        self.run(move |inner| Ok(load_meta(&inner.begin_read()?.open_table(BUCKETS)?, &bucket)?.config)).await
     }
 
     async fn delete_bucket(&self, bucket: &str) -> BackendResult<()> {
@@ -221,7 +221,7 @@ impl Kv for EmbeddedStore {
         validate_key(key, false)?;
         let (bucket, key) = (bucket.to_owned(), key.to_owned());
         self.run(move |inner| {
-            let txn = inner.db.begin_read()?;
+            let txn = inner.begin_read()?;
             let meta = load_meta(&txn.open_table(BUCKETS)?, &bucket)?;
             let Some(kept) = txn.open_table(LATEST)?.get((bucket.as_str(), key.as_str()))?.map(|g| g.value()) else {
                 return Ok(None);
@@ -318,7 +318,7 @@ impl Watch {
         let inner = self.store.upgrade()?;
         let (bucket, after) = (self.bucket.clone(), self.last_revision);
         let read = tokio::task::spawn_blocking(move || -> Result<(Vec<KvEntry>, u64), Fail> {
-            let txn = inner.db.begin_read()?;
+            let txn = inner.begin_read()?;
             let meta = load_meta(&txn.open_table(BUCKETS)?, &bucket)?;
             let now = now_ms();
             let mut gap = Vec::new();
@@ -367,7 +367,7 @@ mod tests {
         store.put("SHORT", "b", b"fresh").await.unwrap();
 
         sweep_expired(&store.inner).map_err(BackendError::from).unwrap();
-        let txn = store.inner.db.begin_read().unwrap();
+        let txn = store.inner.begin_read().map_err(BackendError::from).unwrap();
         let count = |table, bucket: &str| -> usize {
             let entries = txn.open_table(table).unwrap();
             entries.range((bucket, 0)..=(bucket, u64::MAX)).unwrap().count()

@@ -3,6 +3,7 @@
 //! code says whether it settled cleanly, so scripts can chain on it.
 
 use crate::control::client::ControlClient;
+use crate::output;
 use hoist_core::fsm::{State, Transition};
 use hoist_core::status::MachineStatus;
 use std::process::ExitCode;
@@ -40,7 +41,7 @@ pub async fn until_settled(
             None => m.state.to_string(),
         };
         if !json && line != shown {
-            println!("{container}: {line}");
+            println!("{container}: {}", output::clean(&line));
             shown = line;
         }
         tokio::time::sleep(POLL).await;
@@ -54,12 +55,12 @@ fn report(container: &str, m: &MachineStatus, settled: bool, limit: Duration, js
     let clean = settled && m.condition.is_none();
     if !json {
         let mut text = if settled {
-            format!("{container}: {} on {}", m.state, m.version)
+            format!("{container}: {} on {}", m.state, output::clean(&m.version))
         } else {
             format!("{container}: still {} after {}", m.state, humantime::format_duration(limit))
         };
         if let Some(why) = m.condition.as_ref().or(m.last_error.as_ref().filter(|_| !settled)) {
-            text.push_str(&format!("; {why}"));
+            text.push_str(&format!("; {}", output::clean(why)));
         }
         if clean { println!("{text}") } else { eprintln!("{text}") }
     }

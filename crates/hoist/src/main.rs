@@ -179,7 +179,8 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("hoist: {e:#}");
+            // Errors often carry the agent's or a backend's words.
+            eprintln!("hoist: {}", output::clean_lines(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
@@ -201,11 +202,12 @@ fn client(global: &Global) -> anyhow::Result<ControlClient> {
     Ok(ControlClient::new(socket))
 }
 
+/// Human output is cleaned of control characters once more as a whole, whatever its parts did.
 fn print<T: Serialize>(json: bool, value: &T, human: impl FnOnce(&T) -> String) {
     if json {
         println!("{}", serde_json::to_string_pretty(value).expect("serialises"));
     } else {
-        print!("{}", human(value));
+        print!("{}", output::clean_lines(&human(value)));
     }
 }
 
@@ -214,7 +216,7 @@ fn print_line<T: Serialize>(json: bool, value: &T, human: impl FnOnce(&T) -> Str
     if json {
         println!("{}", serde_json::to_string(value).expect("serialises"));
     } else {
-        println!("{}", human(value));
+        println!("{}", output::clean_lines(&human(value)));
     }
 }
 
@@ -273,7 +275,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Services { service } => services(g, &client(g)?, service.as_deref()).await?,
-        Command::Metrics => print!("{}", client(g)?.metrics().await?),
+        Command::Metrics => print!("{}", output::clean_lines(&client(g)?.metrics().await?)),
         Command::Validate { files } => return validate(g, files),
         Command::Kv(cmd) => kv(g, &client(g)?, cmd).await?,
         Command::Governor(cmd) => governor(g, &client(g)?, cmd).await?,
@@ -374,7 +376,7 @@ async fn kv(g: &Global, kv: &dyn Kv, cmd: KvCommand) -> anyhow::Result<()> {
         }
         KvCommand::Get { bucket, key } => {
             let entry = kv.get(&bucket, &key).await?.with_context(|| format!("no key {key} in bucket {bucket}"))?;
-            print(g.json, &entry, |e| format!("{}\n", e.value_str()));
+            print(g.json, &entry, |e| format!("{}\n", output::clean(&e.value_str())));
         }
         KvCommand::Del { bucket, key } => {
             kv.delete(&bucket, &key).await?;
@@ -382,16 +384,18 @@ async fn kv(g: &Global, kv: &dyn Kv, cmd: KvCommand) -> anyhow::Result<()> {
         }
         KvCommand::Ls { bucket: None } => {
             let buckets = kv.list_buckets().await?;
-            print(g.json, &buckets, |b| b.iter().map(|b| format!("{b}\n")).collect());
+            print(g.json, &buckets, |b| b.iter().map(|b| format!("{}\n", output::clean(b))).collect());
         }
         KvCommand::Ls { bucket: Some(bucket) } => {
             let keys = kv.keys(&bucket).await?;
-            print(g.json, &keys, |k| k.iter().map(|k| format!("{k}\n")).collect());
+            print(g.json, &keys, |k| k.iter().map(|k| format!("{}\n", output::clean(k))).collect());
         }
         KvCommand::Watch { bucket, pattern } => {
             let mut entries = kv.watch(&bucket, pattern.as_deref().unwrap_or(">")).await?;
             while let Some(e) = entries.next().await {
-                print_line(g.json, &e, |e| format!("[{}] {:?} {} = {}", e.revision, e.operation, e.key, e.value_str()));
+                print_line(g.json, &e, |e| {
+                    format!("[{}] {:?} {} = {}", e.revision, e.operation, output::clean(&e.key), output::clean(&e.value_str()))
+                });
             }
         }
     }
@@ -412,7 +416,7 @@ async fn governor(g: &Global, gov: &dyn Governor, cmd: GovernorCommand) -> anyho
         GovernorCommand::View { name } => print(g.json, &gov.view(&name).await?, output::governor),
         GovernorCommand::Evict { name, id } => {
             let lease = gov.evict(&name, id).await?;
-            print(g.json, &lease, |l| format!("evicted lease {} held by {}\n", l.seq, l.holder));
+            print(g.json, &lease, |l| format!("evicted lease {} held by {}\n", l.seq, output::clean(&l.holder)));
         }
         GovernorCommand::Reset { name } => {
             gov.reset(&name).await?;
@@ -424,7 +428,7 @@ async fn governor(g: &Global, gov: &dyn Governor, cmd: GovernorCommand) -> anyho
         }
         GovernorCommand::Ls => {
             let names = gov.list().await?;
-            print(g.json, &names, |n| n.iter().map(|n| format!("{n}\n")).collect());
+            print(g.json, &names, |n| n.iter().map(|n| format!("{}\n", output::clean(n))).collect());
         }
     }
     Ok(())

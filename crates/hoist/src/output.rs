@@ -1,4 +1,9 @@
 //! Human output: tables and summaries. Every command also has `--json`.
+//!
+//! Much of what is shown came from the network or the store (KV values, node names, errors other
+//! nodes report), so every value passes through `clean` before it reaches a terminal: forged text must
+//! not be able to move the cursor, clear the screen or set the window title. JSON output is escaped
+//! by serde already.
 
 use comfy_table::{Table, presets::NOTHING};
 use hoist_core::backend::{GovernorInfo, TransitionEvent};
@@ -6,6 +11,28 @@ use hoist_core::machine::unix_now;
 use hoist_core::registration::ServiceEntry;
 use hoist_core::status::{NodeStatus, Summaries};
 use std::collections::BTreeMap;
+
+/// `text` with every control character (ESC, CR, BEL, newlines, C1 codes, …) written out as an escape
+/// such as `\x1b`, so it prints as one inert line.
+pub fn clean(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() && (c as u32) < 0x80 => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `clean` for text of several lines: the line breaks are kept.
+pub fn clean_lines(text: &str) -> String {
+    text.split('\n').map(clean).collect::<Vec<_>>().join("\n")
+}
 
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
@@ -25,15 +52,15 @@ pub fn status(nodes: &[NodeStatus]) -> String {
         for m in &n.machines {
             let note = m.condition.clone().or_else(|| m.activity.clone()).or_else(|| m.last_error.clone()).unwrap_or_default();
             t.add_row(vec![
-                n.node.clone(),
-                m.name.clone(),
+                clean(&n.node),
+                clean(&m.name),
                 m.state.to_string(),
-                m.version.clone(),
+                clean(&m.version),
                 format!("{:?}", m.health).to_lowercase(),
                 m.restarts.to_string(),
-                m.container_id.clone().unwrap_or_else(|| "-".into()),
+                m.container_id.as_deref().map_or_else(|| "-".into(), clean),
                 m.started.map(age).unwrap_or_else(|| "-".into()),
-                note,
+                clean(&note),
             ]);
         }
     }
@@ -44,14 +71,14 @@ pub fn status(nodes: &[NodeStatus]) -> String {
     }
     for n in nodes {
         for warning in &n.warnings {
-            out.push_str(&format!("\n{}: warning: {warning}\n", n.node));
+            out.push_str(&format!("\n{}: warning: {}\n", clean(&n.node), clean(warning)));
         }
     }
     for n in nodes.iter().filter(|n| n.config_error.is_some()) {
         out.push_str(&format!(
             "\n{}: the last config reload was refused, still running the previous config:\n{}\n",
-            n.node,
-            n.config_error.as_deref().unwrap_or_default()
+            clean(&n.node),
+            clean_lines(n.config_error.as_deref().unwrap_or_default())
         ));
     }
     out
@@ -60,14 +87,16 @@ pub fn status(nodes: &[NodeStatus]) -> String {
 fn summary(title: &str, counts: &BTreeMap<String, usize>) -> String {
     let mut out = format!("\nSummary of {title}:\n");
     for (k, v) in counts {
-        out.push_str(&format!("   {k}: {v}\n"));
+        out.push_str(&format!("   {}: {v}\n", clean(k)));
     }
     out
 }
 
 pub fn event(e: &TransitionEvent) -> String {
     let detail = e.detail.as_deref().unwrap_or("");
-    format!("{} {} {} {} → {} ({}) {}", e.timestamp, e.identity, e.machine, e.from_state, e.to_state, e.transition, detail)
+    let fields = [&e.identity, &e.machine, &e.from_state, &e.to_state, &e.transition].map(|f| clean(f));
+    let [identity, machine, from, to, transition] = fields;
+    format!("{} {identity} {machine} {from} → {to} ({transition}) {}", e.timestamp, clean(detail))
 }
 
 /// `(key, entry)` pairs; the key's last token is the registering machine's instance id.
@@ -76,13 +105,13 @@ pub fn services(entries: &[(String, ServiceEntry)]) -> String {
     for (key, s) in entries {
         let instance = key.rsplit('.').next().unwrap_or_default();
         t.add_row(vec![
-            s.cluster.clone(),
-            s.protocol.clone(),
-            s.service.clone(),
-            s.address.clone(),
+            clean(&s.cluster),
+            clean(&s.protocol),
+            clean(&s.service),
+            clean(&s.address),
             s.port.to_string(),
             s.priority.to_string(),
-            instance.to_string(),
+            clean(instance),
         ]);
     }
     format!("{t}\n{} endpoint(s)\n", entries.len())
@@ -91,7 +120,7 @@ pub fn services(entries: &[(String, ServiceEntry)]) -> String {
 pub fn governor(g: &GovernorInfo) -> String {
     let mut out = format!(
         "Governor {}: capacity {}, expire {}, replicas {}, {} active lease(s)\n",
-        g.name,
+        clean(&g.name),
         g.capacity,
         humantime::format_duration(g.expire),
         g.replicas,
@@ -100,9 +129,60 @@ pub fn governor(g: &GovernorInfo) -> String {
     if !g.leases.is_empty() {
         let mut t = table(&["ID", "HOLDER", "AGE"]);
         for l in &g.leases {
-            t.add_row(vec![l.seq.to_string(), l.holder.clone(), age((l.taken_ms / 1000) as i64)]);
+            t.add_row(vec![l.seq.to_string(), clean(&l.holder), age((l.taken_ms / 1000) as i64)]);
         }
         out.push_str(&format!("{t}\n"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FORGED: &str = "\x1b]0;pwned\x07\x1b[2J";
+
+    fn machine() -> hoist_core::status::MachineStatus {
+        serde_json::from_value(serde_json::json!({
+            "name": "hoist_web", "container": "web", "node": "n1", "id": "1", "state": "RUN", "version": format!("v2{FORGED}"),
+            "image": null, "desired_image": "x", "container_id": null, "started": null, "available_transitions": [],
+            "health": "healthy", "restarts": 0, "last_error": format!("died{FORGED}"), "condition": null, "activity": null,
+            "governor_wait_seconds": 0.0, "last_update_seconds": null,
+        }))
+        .expect("a machine status")
+    }
+
+    /// What another node or the agent reports is shown, but cannot drive the terminal.
+    #[test]
+    fn status_and_events_from_elsewhere_print_inert() {
+        let node = NodeStatus {
+            node: format!("n1{FORGED}"),
+            machines: vec![machine()],
+            config_error: Some(format!("line 1\nline 2{FORGED}")),
+            warnings: vec![format!("store: {FORGED}")],
+        };
+        let transition = TransitionEvent {
+            protocol: String::new(),
+            identity: format!("n1{FORGED}"),
+            id: String::new(),
+            version: String::new(),
+            timestamp: 0,
+            machine: "hoist_web".into(),
+            transition: "restart".into(),
+            from_state: "run".into(),
+            to_state: "restart".into(),
+            detail: Some(FORGED.into()),
+            image: None,
+        };
+        for printed in [status(&[node]), event(&transition)] {
+            assert!(!printed.contains(['\x1b', '\x07']), "{printed:?}");
+            assert!(printed.contains("\\x1b]0;pwned\\x07\\x1b[2J"), "{printed:?}");
+        }
+    }
+
+    #[test]
+    fn control_characters_are_written_out() {
+        assert_eq!(clean("v2\x1b]0;pwned\x07\x1b[2J\r\n\u{9b}é"), "v2\\x1b]0;pwned\\x07\\x1b[2J\\r\\n\\u{9b}é");
+        assert_eq!(clean_lines("a\x1b\nb"), "a\\x1b\nb");
+    }
 }

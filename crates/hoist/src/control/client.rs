@@ -135,7 +135,9 @@ impl Kv for ControlClient {
     }
 
     async fn delete_bucket(&self, bucket: &str) -> BackendResult<()> {
-        self.call(Method::DELETE, &format!("/v1/kv/{}", segment(bucket)), Bytes::new()).await
+        Err(BackendError::Other(format!(
+            "deleting bucket {bucket} is not available through the hoist agent: deleting HOIST would silently stop every KV-driven update"
+        )))
     }
 
     async fn list_buckets(&self) -> BackendResult<Vec<String>> {

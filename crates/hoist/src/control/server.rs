@@ -8,13 +8,20 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
+use axum::serve::Listener;
 use futures_util::{Stream, StreamExt};
 use hoist_core::agent::AgentHandle;
 use hoist_core::backend::{BackendError, BucketConfig, Events, Governor, GovernorEvent, GovernorEventType, Kv};
+use hoist_core::health::Conditions;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
 
 #[derive(Clone)]
 pub struct Control {
@@ -22,29 +29,80 @@ pub struct Control {
     pub kv: Arc<dyn Kv>,
     pub governor: Arc<dyn Governor>,
     pub events: Arc<dyn Events>,
+    pub conditions: Conditions,
 }
 
+/// How long a client may take to send a request's headers, or to start its next request on a
+/// kept-alive connection: a client that sends nothing is cut off instead of holding a connection.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long any request but a watch may take, its body included.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections served at once; more are closed as soon as they are accepted, so a flood of clients
+/// costs neither memory nor the file descriptors the agent needs for its own work.
+const MAX_CONNECTIONS: usize = 128;
+
+/// There is no route to delete a bucket: deleting HOIST would silently stop every KV-driven update.
 pub fn router(control: Control) -> Router {
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/transition", post(transition))
-        .route("/v1/watch", get(watch_events))
         .route("/v1/kv", get(list_buckets))
-        .route("/v1/kv/{bucket}", put(create_bucket).get(bucket_config).delete(delete_bucket))
+        .route("/v1/kv/{bucket}", put(create_bucket).get(bucket_config))
         .route("/v1/kv/{bucket}/keys", get(keys))
-        .route("/v1/kv/{bucket}/watch", get(watch_kv))
         .route("/v1/kv/{bucket}/entry/{*key}", get(kv_get).put(kv_put).delete(kv_delete))
         .route("/v1/governors", get(list_governors))
         .route("/v1/governors/{name}", put(add_governor).get(view_governor).delete(remove_governor))
         .route("/v1/governors/{name}/reset", post(reset_governor))
         .route("/v1/governors/{name}/leases/{seq}", delete(evict))
         .route("/metrics", get(metrics_text))
+        .route_layer(axum::middleware::from_fn(time_limit))
+        // Watches stream for as long as the client listens, so they are added after the time limit.
+        .route("/v1/watch", get(watch_events))
+        .route("/v1/kv/{bucket}/watch", get(watch_kv))
         .with_state(control)
 }
 
 /// Only `/metrics`, for the optional TCP listener.
 pub fn metrics_router(control: Control) -> Router {
-    Router::new().route("/metrics", get(metrics_text)).with_state(control)
+    Router::new().route("/metrics", get(metrics_text)).route_layer(axum::middleware::from_fn(time_limit)).with_state(control)
+}
+
+async fn time_limit(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError(StatusCode::REQUEST_TIMEOUT, format!("the request took longer than {REQUEST_TIMEOUT:?}")).into_response(),
+    }
+}
+
+/// Serves `router` on `listener` with the limits above.
+pub async fn serve(mut listener: impl Listener, router: Router) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let service = TowerToHyperService::new(router);
+    // Refusals are counted and logged at most every 10 s, so a flood cannot fill the log instead.
+    let (mut refused, mut last_warned) = (0u64, None::<Instant>);
+    loop {
+        // Accept errors (such as running out of file descriptors) are logged and retried by axum.
+        let (io, _) = listener.accept().await;
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refused += 1;
+            if last_warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                tracing::warn!(limit = MAX_CONNECTIONS, refused, "too many control API connections; closing new ones");
+                (refused, last_warned) = (0, Some(Instant::now()));
+            }
+            continue;
+        };
+        let service = service.clone();
+        tokio::spawn(async move {
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(io), service);
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "control API connection ended");
+            }
+            drop(slot);
+        });
+    }
 }
 
 struct ApiError(StatusCode, String);
@@ -121,10 +179,6 @@ async fn bucket_config(State(c): State<Control>, Path(bucket): Path<String>) -> 
     json(c.kv.bucket_config(&bucket).await?)
 }
 
-async fn delete_bucket(State(c): State<Control>, Path(bucket): Path<String>) -> ApiResult<()> {
-    json(c.kv.delete_bucket(&bucket).await?)
-}
-
 async fn keys(State(c): State<Control>, Path(bucket): Path<String>) -> ApiResult<Vec<String>> {
     json(c.kv.keys(&bucket).await?)
 }
@@ -195,5 +249,6 @@ async fn evict(State(c): State<Control>, Path((name, seq)): Path<(String, u64)>)
 
 async fn metrics_text(State(c): State<Control>) -> Response {
     let status = c.agent.status(None).await;
-    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics::render(&status)).into_response()
+    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics::render(&status, &c.conditions.sources()))
+        .into_response()
 }

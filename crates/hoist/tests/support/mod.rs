@@ -136,6 +136,11 @@ impl TestAgent {
         });
     }
 
+    /// The running agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.agent.as_ref().expect("agent running").id()
+    }
+
     /// SIGTERM and wait, like systemd stopping the service.
     pub fn stop_agent(&mut self) {
         if let Some(mut child) = self.agent.take() {
