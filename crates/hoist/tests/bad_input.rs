@@ -85,7 +85,7 @@ fn agent_file_settings_outside_their_range_are_refused_by_validate_and_agent() {
         .replace("stop_grace: 2s", "stop_grace: 2h")
         .replace("name_prefix: ", "name_prefix: -")
         .replace("purge_grace: 4s", "purge_grace: 400d\n  host: docker.sock")
-        .replace(&format!("node: {}", agent.node), "node: web01.example.net");
+        .replace(&format!("node: {}", agent.node), "node: web01..example.net");
     let text = text.replace("rollout: {", "rollout: { healthy_deadline: 0, ").replace(", healthy_deadline: 30s", "");
     std::fs::write(
         &file,
@@ -101,7 +101,7 @@ fn agent_file_settings_outside_their_range_are_refused_by_validate_and_agent() {
         "field docker.name_prefix:",
         "field docker.purge_grace: must be from 0s to 1day",
         "field docker.host: \"docker.sock\" is not a Docker Engine address",
-        "field node: \"web01.example.net\" is not a valid node name",
+        "field node: \"web01..example.net\" is not a valid node name",
         "field metrics.listen: port 0",
         "field nats.token: is empty",
         "field nats.collective:",

@@ -431,31 +431,6 @@ fn kv_and_governor_commands_work_through_the_agent() {
 }
 
 #[test]
-fn an_agent_refuses_to_start_on_a_bad_config_and_leaves_containers_running() {
-    let port = free_port();
-    let mut agent = TestAgent::start("badstart", &web(port, "v1", ""));
-    agent.wait_running("web");
-    let id = agent.container_id("web").unwrap();
-    agent.stop_agent();
-    agent.write_containers(&format!("containers:\n  web:\n    image: {}\n    ports: ['127.0.0.1:{port}:99999']\n", image()));
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hoist"))
-        .args(["agent", "--config"])
-        .arg(agent.path("hoist.yaml"))
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let exited = wait_until("the agent to refuse and exit", Duration::from_secs(20), || child.try_wait().unwrap());
-    let out = child.wait_with_output().unwrap();
-    assert!(!exited.success(), "the agent must not start on a bad config");
-    assert!(!out.status.success(), "the agent must not start on a bad config");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("containers.yaml") && err.contains("container web") && err.contains("ports[0]"), "{err}");
-    assert_eq!(agent.container_id("web").as_deref(), Some(id.as_str()), "nothing running is touched");
-    assert!(agent.container_running("web"));
-    assert_eq!(http_get(port).as_deref(), Some("v1"));
-}
-
-#[test]
 fn register_ports_are_published_while_running_and_expire_when_the_agent_dies() {
     let extra = "    register_ports:\n      - { cluster: lon, service: web, protocol: http, ip: '%{facts.networking.ip}', port: 8080, annotations: { team: ops } }\n";
     let mut agent = TestAgent::start_with(
