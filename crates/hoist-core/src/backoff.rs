@@ -99,7 +99,7 @@ impl Retry {
     const FIRST: Duration = Duration::from_secs(1);
     const MAX: Duration = Duration::from_secs(30);
 
-    pub fn next(&mut self) -> Duration {
+    pub fn next_wait(&mut self) -> Duration {
         let exp = Self::FIRST.saturating_mul(1 << self.attempts.min(8)).min(Self::MAX);
         self.attempts += 1;
         exp.mul_f64(rand::rng().random_range(0.8..1.2)).min(Self::MAX)
@@ -150,12 +150,12 @@ mod tests {
     #[test]
     fn retries_grow_to_a_cap_and_reset() {
         let mut r = Retry::default();
-        let first = r.next();
+        let first = r.next_wait();
         assert!(first <= Duration::from_millis(1200), "{first:?}");
         for _ in 0..20 {
-            assert!(r.next() <= Duration::from_secs(30));
+            assert!(r.next_wait() <= Duration::from_secs(30));
         }
         r.reset();
-        assert!(r.next() <= Duration::from_millis(1200));
+        assert!(r.next_wait() <= Duration::from_millis(1200));
     }
 }

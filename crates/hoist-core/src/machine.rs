@@ -82,7 +82,7 @@ pub enum Input {
     },
     JobDone {
         epoch: u64,
-        outcome: JobOutcome,
+        outcome: Box<JobOutcome>,
     },
     Timer {
         epoch: u64,
@@ -429,7 +429,7 @@ impl Machine {
                     self.activity = Some(activity);
                 }
             }
-            Input::JobDone { epoch, outcome } => self.on_job_done(epoch, outcome).await,
+            Input::JobDone { epoch, outcome } => self.on_job_done(epoch, *outcome).await,
             Input::Timer { epoch, timer } if epoch == self.epoch => self.on_timer(timer).await,
             Input::Probe { .. } | Input::Timer { .. } => {}
             Input::Shutdown { .. } => unreachable!("handled by the run loop"),
@@ -825,7 +825,7 @@ impl Machine {
             if *cancelled.borrow() {
                 return;
             }
-            let _ = tx.send(Input::JobDone { epoch, outcome }).await;
+            let _ = tx.send(Input::JobDone { epoch, outcome: Box::new(outcome) }).await;
         });
         self.job = Some(task);
     }
@@ -995,7 +995,7 @@ impl Machine {
                     self.notice(&e).await;
                 }
                 self.last_error = Some(e);
-                let delay = self.pull_retry.next();
+                let delay = self.pull_retry.next_wait();
                 self.pull_due = Some(Instant::now() + delay);
                 match self.state {
                     // Nothing runs that this could replace (a first start, or a container that is
@@ -1026,7 +1026,7 @@ impl Machine {
                     State::Update => {
                         // Retry after a backoff, which is no crash: the running container is untouched.
                         self.last_error = Some(e);
-                        let delay = self.pull_retry.next();
+                        let delay = self.pull_retry.next_wait();
                         self.pull_due = Some(Instant::now() + delay);
                         self.activity = Some(format!("retrying the pull in {:.0} s", delay.as_secs_f64().ceil()));
                         self.timer(self.epoch, TimerKind::RetryPull, delay);
@@ -1064,7 +1064,7 @@ impl Machine {
     /// take one down too); the job is tried again with a growing wait.
     async fn wait_for_backend(&mut self, why: String) {
         tracing::warn!(container = %self.cfg.name, state = %self.state, error = %why, "waiting for the coordination backend");
-        let delay = self.backend_retry.next();
+        let delay = self.backend_retry.next_wait();
         self.last_error = Some(why.clone());
         self.activity = Some(format!("waiting for the coordination backend ({why}); trying again in {:.0} s", delay.as_secs_f64().ceil()));
         self.timer(self.epoch, TimerKind::BackendRetry, delay);

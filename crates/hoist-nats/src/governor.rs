@@ -76,11 +76,14 @@ pub(crate) struct LeaseBook {
     /// (governor, seq) handed out by `acquire` and not released.
     held: Mutex<HashSet<(String, u64)>>,
     /// Every (governor, holder) campaigned with, and its lock.
-    holders: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
+    holders: Mutex<HashMap<(String, String), Turn>>,
 }
 
+/// Taken by a campaign and by a sweep of the same (governor, holder).
+type Turn = Arc<tokio::sync::Mutex<()>>;
+
 impl LeaseBook {
-    fn lock(&self, governor: &str, holder: &str) -> Arc<tokio::sync::Mutex<()>> {
+    fn lock(&self, governor: &str, holder: &str) -> Turn {
         self.holders.lock().expect("not poisoned").entry((governor.to_string(), holder.to_string())).or_default().clone()
     }
 
