@@ -341,3 +341,22 @@ fn a_look_alike_with_copied_labels_does_not_win_adoption() {
     assert!(agent.container_running("web"));
     assert_eq!(http_get(port).as_deref(), Some("v1"));
 }
+
+#[test]
+fn a_probe_that_cannot_run_for_lack_of_descriptors_is_no_verdict_on_the_container() {
+    let port = free_port();
+    let check = "    health_check: { type: http, port: 80, interval: 1s, timeout: 1s, retries: 2 }\n";
+    let agent = TestAgent::start("emfile", &web(port, check));
+    let before = agent.wait_running("web");
+    // The agent runs out of descriptors: a low limit, and connections to its socket held open.
+    let limited = Command::new("prlimit").args(["--pid", &agent.pid().to_string(), "--nofile=40:40"]).status().unwrap();
+    assert!(limited.success());
+    let socket = agent.path("state/hoist.sock");
+    let held: Vec<_> = (0..60).filter_map(|_| std::os::unix::net::UnixStream::connect(&socket).ok()).collect();
+    std::thread::sleep(Duration::from_secs(6));
+    let local = agent.log().lines().any(|l| l.contains("health check could not run on this host") && l.contains("Too many open files"));
+    drop(held);
+    assert!(local, "the probe ran out of descriptors and said so:\n{}", agent.log());
+    let after = agent.wait_running("web");
+    assert_eq!((after.container_id, after.restarts), (before.container_id, before.restarts), "a healthy container was not replaced");
+}
