@@ -5,7 +5,8 @@
 //! - Governor `N` is stream `GOVERNOR_N` on `<collective>.governor.N`; a lease is one message, its id the
 //!   stream sequence.
 //! - Transition events are CloudEvents on `choria.machine.transition`.
-//! - Fleet commands are requests on `hoist.fleet.request`, answered by every addressed agent.
+//! - Fleet commands are requests on `hoist.fleet.status` / `hoist.fleet.transition`, answered by every
+//!   addressed agent on the caller's inbox; accepted transitions are recorded on `hoist.audit.<node>`.
 
 mod events;
 mod fleet;
@@ -34,6 +35,9 @@ pub struct NatsOptions {
     pub collective: String,
     /// The connection name the servers show, e.g. `hoist node1`.
     pub name: String,
+    /// Reply subjects are `<inbox_prefix>.…`, and agents answer fleet requests only there; the same
+    /// on agents and CLIs. NATS's own `_INBOX` by default.
+    pub inbox_prefix: String,
 }
 
 impl Default for NatsOptions {
@@ -48,6 +52,7 @@ impl Default for NatsOptions {
             tls_key: None,
             collective: "mcollective".into(),
             name: "hoist".into(),
+            inbox_prefix: "_INBOX".into(),
         }
     }
 }
@@ -58,6 +63,7 @@ pub struct NatsBackend {
     client: async_nats::Client,
     js: jetstream::Context,
     collective: String,
+    inbox_prefix: String,
 }
 
 impl NatsBackend {
@@ -74,7 +80,7 @@ impl NatsBackend {
             .map(|s| s.parse::<ServerAddr>().map_err(|e| unavailable(format!("bad server address {s:?}: {e}"))))
             .collect::<Result<Vec<_>, _>>()?;
 
-        let mut options = ConnectOptions::new().name(&opts.name);
+        let mut options = ConnectOptions::new().name(&opts.name).custom_inbox_prefix(&opts.inbox_prefix);
         if let Some(creds) = &opts.creds {
             options = options.credentials_file(creds).await.map_err(|e| unavailable(format!("credentials {}: {e}", creds.display())))?;
         }
@@ -96,7 +102,7 @@ impl NatsBackend {
 
         let client = options.connect(addrs).await.map_err(|e| unavailable(e.to_string()))?;
         let js = jetstream::new(client.clone());
-        Ok(NatsBackend { client, js, collective: opts.collective })
+        Ok(NatsBackend { client, js, collective: opts.collective, inbox_prefix: opts.inbox_prefix })
     }
 
     /// The stream, or None if the server says it does not exist.

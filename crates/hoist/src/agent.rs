@@ -10,6 +10,7 @@ use hoist_core::backend::{BucketConfig, Events, Governor, HOIST_BUCKET, Kv};
 use hoist_core::config::{AgentConfig, BackendKind, load_containers};
 use hoist_core::files::FileWatch;
 use hoist_core::fleet::{AgentResponder, Fleet, NODES_BUCKET, Presence, announce, nodes_bucket};
+use hoist_core::fleet_auth::{Authority, node_key};
 use hoist_core::machine::MachineDeps;
 use hoist_core::persist::StateStore;
 use hoist_core::registration::{SERVICES_BUCKET, services_bucket};
@@ -55,6 +56,7 @@ pub fn nats_options(cfg: &AgentConfig) -> hoist_nats::NatsOptions {
         tls_key: tls.and_then(|t| t.key.clone()),
         collective: n.collective.clone(),
         name: format!("hoist {}", cfg.node),
+        inbox_prefix: n.inbox_prefix.clone(),
     }
 }
 
@@ -93,9 +95,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         conditions: conditions.clone(),
     });
     tracing::info!(node = %cfg.node, containers = set.containers.len(), "starting agent");
+    if backends.fleet.is_some() && cfg.fleet.allow_unsigned {
+        // Shown in `hoist status` for as long as it is so, not only logged once.
+        conditions.set("fleet", Some("unsigned fleet requests are accepted (fleet.allow_unsigned)".into()));
+    }
     let handle = agent::start(deps, set).await;
-    if let Some(fleet) = &backends.fleet {
-        join_fleet(&**fleet, backends.kv.clone(), &handle, &cfg, facts.clone()).await?;
+    if let Some(fleet) = backends.fleet.clone() {
+        join_fleet(fleet, backends.kv.clone(), &handle, &cfg, facts.clone()).await?;
     }
     let control = Control { agent: handle.clone(), kv: backends.kv, governor: backends.governor, events: backends.events };
     serve_control(&cfg, control.clone()).await?;
@@ -117,9 +123,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Answers fleet commands and announces this node, so callers know who should answer.
+/// Answers fleet commands and announces this node with its node key, so callers know who should
+/// answer and can check that it was this node that did.
 async fn join_fleet(
-    fleet: &dyn Fleet,
+    fleet: Arc<dyn Fleet>,
     kv: Arc<dyn Kv>,
     handle: &AgentHandle,
     cfg: &AgentConfig,
@@ -128,8 +135,20 @@ async fn join_fleet(
     if kv.bucket_config(NODES_BUCKET).await.is_err() {
         kv.create_bucket(NODES_BUCKET, nodes_bucket()).await.with_context(|| format!("creating the {NODES_BUCKET} bucket"))?;
     }
-    fleet.serve(Arc::new(AgentResponder { agent: handle.clone(), facts: facts.clone() })).await.context("answering fleet requests")?;
-    tokio::spawn(announce(kv, Presence { node: cfg.node.clone(), facts }));
+    let key = node_key(&cfg.state_dir).map_err(|e| anyhow::anyhow!("the node key: {e}"))?;
+    let public = key.public_key();
+    tracing::info!(node_key = %public, "fleet replies are signed with this node key");
+    let operators: Vec<&str> = cfg.fleet.operators.iter().map(|o| o.name.as_str()).collect();
+    // With fleet.allow_unsigned, the node condition set at start has said so.
+    if !cfg.fleet.allow_unsigned && operators.is_empty() {
+        tracing::warn!("no fleet.operators are configured: fleet requests are refused (see `hoist key new`)");
+    } else if !operators.is_empty() {
+        tracing::info!(operators = %operators.join(", "), "taking signed fleet requests");
+    }
+    let responder =
+        AgentResponder { agent: handle.clone(), facts: facts.clone(), authority: Authority::new(&cfg.fleet), key, audit: fleet.clone() };
+    fleet.serve(Arc::new(responder)).await.context("answering fleet requests")?;
+    tokio::spawn(announce(kv, Presence { node: cfg.node.clone(), facts, key: Some(public) }));
     Ok(())
 }
 

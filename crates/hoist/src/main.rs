@@ -91,6 +91,15 @@ enum Command {
     /// Governors: fleet-wide limits on concurrent pulls and restarts.
     #[command(subcommand)]
     Governor(GovernorCommand),
+    /// Operator keys that sign fleet requests.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Write a new operator key (an nkey seed) to FILE, readable by you only, and print its public key.
+    New { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -222,7 +231,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { container, fleet } if fleet.wanted() => {
             let answer = fleet::ask(&agent_config(g)?, &fleet, container.as_deref(), Operation::Status).await?;
             print(g.json, &answer, fleet::render);
-            if !answer.missing.is_empty() {
+            if fleet::incomplete(&answer) {
                 return Ok(ExitCode::FAILURE);
             }
         }
@@ -238,7 +247,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let answer = fleet::ask(&agent_config(g)?, &fleet, Some(&container), Operation::Transition { transition }).await?;
             print(g.json, &answer, fleet::render);
             let refused = answer.replies.iter().flat_map(|r| &r.transitions).any(|t| t.error.is_some());
-            if refused || !answer.missing.is_empty() {
+            if refused || fleet::incomplete(&answer) {
                 return Ok(ExitCode::FAILURE);
             }
         }
@@ -264,6 +273,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Validate { files } => return validate(g, files),
         Command::Kv(cmd) => kv(g, &client(g)?, cmd).await?,
         Command::Governor(cmd) => governor(g, &client(g)?, cmd).await?,
+        Command::Key(KeyCommand::New { file }) => {
+            let key = nkeys::KeyPair::new_user();
+            hoist_core::fleet_auth::write_seed(&file, &key).map_err(|e| anyhow::anyhow!("{e} (an existing key is never replaced)"))?;
+            let public = key.public_key();
+            print(g.json, &serde_json::json!({"file": file, "public_key": public}), |_| {
+                format!(
+                    "{public}\nThe secret seed is in {}; keep it there. List the public key above in each agent file, e.g.\n  fleet: {{ operators: [ {{ name: YOU, key: {public}, allow: [status, transition] }} ] }}\nand sign with --key {0}, HOIST_KEY or fleet.key.\n",
+                    file.display()
+                )
+            });
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -3,8 +3,8 @@
 
 use super::raw::{self, file_error};
 use super::{
-    AgentConfig, BackendKind, ConfigError, ConfigErrors, ControlConfig, DockerConfig, MetricsConfig, NatsConfig, RegistrationConfig,
-    RolloutConfig, TlsConfig,
+    AgentConfig, BackendKind, ConfigError, ConfigErrors, ControlConfig, DockerConfig, FleetConfig, MetricsConfig, NatsConfig,
+    OperatorConfig, RegistrationConfig, RolloutConfig, TlsConfig,
 };
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
@@ -29,6 +29,7 @@ struct RawAgent {
     control: Option<RawControl>,
     metrics: Option<RawMetrics>,
     rollout: Option<RawRollout>,
+    fleet: Option<RawFleet>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -50,6 +51,7 @@ struct RawNats {
     token: Option<String>,
     tls: Option<RawTls>,
     collective: Option<String>,
+    inbox_prefix: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -85,6 +87,25 @@ struct RawRollout {
     min_healthy_time: Option<Secs>,
     unverified_wait: Option<Secs>,
     governor_timeout: Option<Secs>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFleet {
+    key: Option<PathBuf>,
+    operators: Option<Vec<RawOperator>>,
+    allow_unsigned: Option<bool>,
+    max_clock_skew: Option<Secs>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOperator {
+    name: String,
+    key: String,
+    allow: Vec<String>,
+    #[serde(default)]
+    containers: Vec<String>,
 }
 
 /// A duration as a humantime string (`10s`) or whole seconds, like the container data. A visitor (not
@@ -200,6 +221,7 @@ fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<Path
             token: nats.token,
             tls: nats.tls.map(|tls| TlsConfig { ca: tls.ca.map(resolve), cert: tls.cert.map(resolve), key: tls.key.map(resolve) }),
             collective: nats.collective.unwrap_or_else(|| "mcollective".into()),
+            inbox_prefix: inbox_prefix(nats.inbox_prefix, &mut error),
         },
         facts,
         registration: RegistrationConfig { interval: secs(registration.interval, 15) },
@@ -211,9 +233,54 @@ fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<Path
             unverified_wait: secs(rollout.unverified_wait, 10),
             governor_timeout: secs(rollout.governor_timeout, 300),
         },
+        fleet: fleet(raw.fleet.unwrap_or_default(), &mut error, &resolve),
         state_dir,
     };
     if errors.is_empty() { Ok(config) } else { Err(ConfigErrors(errors)) }
+}
+
+/// `nats.inbox_prefix`, without a trailing dot; it must be a plain subject for replies to be safe
+/// to answer to.
+fn inbox_prefix(raw: Option<String>, error: &mut impl FnMut(&str, String)) -> String {
+    let Some(raw) = raw else { return "_INBOX".into() };
+    let prefix = raw.strip_suffix('.').unwrap_or(&raw).to_string();
+    if prefix.is_empty() || prefix.split('.').any(|t| t.is_empty() || t.contains(['*', '>']) || t.contains(char::is_whitespace)) {
+        error("nats.inbox_prefix", format!("{raw:?} is not a plain subject prefix: use tokens without wildcards or spaces, e.g. _INBOX"));
+    }
+    prefix
+}
+
+/// The `fleet` section: who may command this node, and the CLI's signing key.
+fn fleet(raw: RawFleet, error: &mut impl FnMut(&str, String), resolve: &impl Fn(PathBuf) -> PathBuf) -> FleetConfig {
+    let defaults = FleetConfig::default();
+    let mut operators: Vec<OperatorConfig> = Vec::new();
+    for (i, o) in raw.operators.unwrap_or_default().into_iter().enumerate() {
+        let field = |name: &str| format!("fleet.operators[{i}].{name}");
+        if o.name.is_empty() || operators.iter().any(|seen| seen.name == o.name) {
+            error(&field("name"), format!("{:?}: each operator needs a name of its own", o.name));
+        }
+        if o.key.starts_with('S') {
+            error(&field("key"), "this is a seed (the secret half): keep it on the operator's machine and list the public key (U…) that `hoist key new` printed".into());
+        } else if !o.key.starts_with('U') || nkeys::KeyPair::from_public_key(&o.key).is_err() {
+            error(&field("key"), format!("{:?} is not an operator's public key: use the U… key that `hoist key new` printed", o.key));
+        }
+        if o.allow.is_empty() {
+            error(&field("allow"), "list what this operator may do: status, transition, or single transitions such as restart".into());
+        }
+        let mut allow = Vec::new();
+        for p in &o.allow {
+            match p.parse() {
+                Ok(p) => allow.push(p),
+                Err(e) => error(&field("allow"), e),
+            }
+        }
+        operators.push(OperatorConfig { name: o.name, key: o.key, allow, containers: o.containers });
+    }
+    let max_clock_skew = raw.max_clock_skew.map_or(defaults.max_clock_skew, |s| s.0);
+    if max_clock_skew.is_zero() {
+        error("fleet.max_clock_skew", "must be more than zero, e.g. 30s: requests take time to arrive and clocks differ".into());
+    }
+    FleetConfig { key: raw.key.map(resolve), operators, allow_unsigned: raw.allow_unsigned.unwrap_or(false), max_clock_skew }
 }
 
 /// serde_yaml's message already carries the key path and the line; the field is recovered from it so
