@@ -85,10 +85,10 @@ impl Operation {
         }
     }
 
-    /// For messages: `status`, `restart`…
+    /// For messages (`operator bob may not …`): `ask for status`, `restart`…
     pub fn describe(&self) -> String {
         match self {
-            Operation::Status => "status".into(),
+            Operation::Status => "ask for status".into(),
             Operation::Transition { transition } => transition.to_string(),
         }
     }

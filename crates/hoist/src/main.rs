@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use control::client::ControlClient;
 use futures_util::StreamExt;
 use hoist_core::backend::{BucketConfig, Governor, Kv, read_all};
-use hoist_core::config::{AgentConfig, DEFAULT_AGENT_FILE, load_containers};
+use hoist_core::config::{AgentConfig, BackendKind, DEFAULT_AGENT_FILE, load_containers};
 use hoist_core::fleet::Operation;
 use hoist_core::fsm::Transition;
 use hoist_core::registration::{SERVICES_BUCKET, ServiceEntry};
@@ -271,7 +271,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Services { service } => services(g, &client(g)?, service.as_deref()).await?,
         Command::Metrics => print!("{}", client(g)?.metrics().await?),
         Command::Validate { files } => return validate(g, files),
-        Command::Kv(cmd) => kv(g, &client(g)?, cmd).await?,
+        Command::Kv(cmd) => {
+            let cfg = agent_config(g)?;
+            if g.socket.is_none() && cfg.backend == BackendKind::Nats {
+                // With this file's own NATS user rather than through the local agent's, so what
+                // an operator or reader may change is what NATS permits them (and no agent is needed).
+                kv(g, &fleet::connect(&cfg).await?, cmd).await?
+            } else {
+                kv(g, &client(g)?, cmd).await?
+            }
+        }
         Command::Governor(cmd) => governor(g, &client(g)?, cmd).await?,
         Command::Key(KeyCommand::New { file }) => {
             let key = nkeys::KeyPair::new_user();
