@@ -14,10 +14,11 @@ mod governor;
 mod kv;
 
 use async_nats::jetstream::{self, ErrorCode, context::GetStreamErrorKind, response::Response, stream::Stream};
-use async_nats::{ConnectOptions, ServerAddr};
+use async_nats::{ConnectOptions, Event, ServerAddr, ServerError};
 use hoist_core::backend::BackendError;
 use std::fmt::Display;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 /// How to reach the NATS servers. Independent of hoist's config so this crate stands alone.
 #[derive(Debug, Clone)]
@@ -64,9 +65,18 @@ pub struct NatsBackend {
     js: jetstream::Context,
     collective: String,
     inbox_prefix: String,
+    /// The last permissions violation the server reported: a publish it refused is otherwise only a
+    /// timeout or a silence.
+    refused: Arc<Mutex<Option<String>>>,
 }
 
 impl NatsBackend {
+    /// The last permissions violation the server reported on this connection, e.g. `Permissions
+    /// Violation for Publish to "$KV.HOIST.container/web/tag"`.
+    pub fn last_refusal(&self) -> Option<String> {
+        self.refused.lock().expect("not poisoned").clone()
+    }
+
     /// Connects once, failing fast if no server answers; after that the client reconnects on its own.
     pub async fn connect(opts: NatsOptions) -> Result<NatsBackend, BackendError> {
         let servers = opts.servers.join(", ");
@@ -100,9 +110,19 @@ impl NatsBackend {
             _ => return Err(unavailable("tls_cert and tls_key must be given together".into())),
         }
 
+        let refused: Arc<Mutex<Option<String>>> = Arc::default();
+        let sink = refused.clone();
+        options = options.event_callback(move |event| {
+            if let Event::ServerError(ServerError::Other(message)) = &event
+                && message.to_lowercase().contains("permissions violation")
+            {
+                *sink.lock().expect("not poisoned") = Some(message.clone());
+            }
+            async {}
+        });
         let client = options.connect(addrs).await.map_err(|e| unavailable(e.to_string()))?;
         let js = jetstream::new(client.clone());
-        Ok(NatsBackend { client, js, collective: opts.collective, inbox_prefix: opts.inbox_prefix })
+        Ok(NatsBackend { client, js, collective: opts.collective, inbox_prefix: opts.inbox_prefix, refused })
     }
 
     /// The stream, or None if the server says it does not exist.

@@ -69,7 +69,18 @@ pub async fn ask(cfg: &AgentConfig, args: &FleetArgs, container: Option<&str>, o
     };
     let nats = connect(cfg).await?;
     let request = FleetRequest { filter: args.filter(container), operation };
-    Ok(fleet::ask(&nats, &nats, &request, key.as_ref(), args.timeout).await?)
+    let answer = fleet::ask(&nats, &nats, &request, key.as_ref(), args.timeout).await?;
+    // A refused publish reaches no agent and shows only as silence: say so instead.
+    if let Some(refusal) = nats.last_refusal() {
+        anyhow::bail!("{}", refused_by_nats(cfg, &refusal));
+    }
+    Ok(answer)
+}
+
+/// What to tell an operator whose NATS user may not do what they asked.
+pub fn refused_by_nats(cfg: &AgentConfig, refusal: &str) -> String {
+    let file = cfg.path.as_ref().map_or_else(|| "the agent file".into(), |p| p.display().to_string());
+    format!("NATS refused it: {refusal}; the NATS user of {file} does not have that permission (see \"Securing a fleet\" in the README)")
 }
 
 /// Whether the answer should fail the command: a node missing or refusing, or an answer that could

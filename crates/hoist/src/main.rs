@@ -276,7 +276,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if g.socket.is_none() && cfg.backend == BackendKind::Nats {
                 // With this file's own NATS user rather than through the local agent's, so what
                 // an operator or reader may change is what NATS permits them (and no agent is needed).
-                kv(g, &fleet::connect(&cfg).await?, cmd).await?
+                let nats = fleet::connect(&cfg).await?;
+                if let Err(e) = kv(g, &nats, cmd).await {
+                    return Err(match nats.last_refusal() {
+                        Some(refusal) => e.context(fleet::refused_by_nats(&cfg, &refusal)),
+                        None => e,
+                    });
+                }
             } else {
                 kv(g, &client(g)?, cmd).await?
             }

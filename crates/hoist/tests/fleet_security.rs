@@ -381,3 +381,153 @@ fn agents_answer_only_plain_inbox_subjects_under_their_prefix() {
     assert!(log.contains("dropping a fleet request whose reply subject is not a _INBOX_hoist. inbox"), "debug log says why");
     assert!(log.contains("$KV.HOIST.container/web/tag") && log.contains("mcollective.governor.RG"));
 }
+
+/// The CLI with its own file (an operator's or a reader's machine, no agent); (succeeded, stdout, stderr).
+fn cli_with(config: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_hoist")).arg("--config").arg(config).args(args).output().expect("run hoist");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A NATS user's nkey seed in `dir`; its public key.
+fn nats_user(dir: &Path, name: &str) -> String {
+    let key = KeyPair::new_user();
+    std::fs::write(dir.join(format!("{name}.nk")), key.seed().unwrap()).unwrap();
+    key.public_key()
+}
+
+/// The three NATS users of the README's "Securing a fleet", word for word (there with example
+/// names: governor `RG` is the test's only governor; one set of governor lines per governor).
+const AGENT_PERMISSIONS: &str = r#"{
+      publish: { allow: [
+        # buckets: look up, create when missing, watch and read the tag, write marks, presence, services
+        "$JS.API.STREAM.INFO.KV_HOIST", "$JS.API.STREAM.CREATE.KV_HOIST", "$JS.API.STREAM.UPDATE.KV_HOIST",
+        "$JS.API.STREAM.INFO.KV_HOIST_NODES", "$JS.API.STREAM.CREATE.KV_HOIST_NODES", "$JS.API.STREAM.UPDATE.KV_HOIST_NODES",
+        "$JS.API.STREAM.INFO.KV_CHORIA_SERVICES", "$JS.API.STREAM.CREATE.KV_CHORIA_SERVICES", "$JS.API.STREAM.UPDATE.KV_CHORIA_SERVICES",
+        "$JS.API.CONSUMER.CREATE.KV_HOIST", "$JS.API.CONSUMER.CREATE.KV_HOIST.>", "$JS.API.DIRECT.GET.KV_HOIST.>",
+        "$KV.HOIST.>", "$KV.HOIST_NODES.*", "$KV.CHORIA_SERVICES.>",
+        # governors: campaign, release, view, and `hoist governor …` through this node's agent
+        "mcollective.governor.*", "hoist.governor.*.freed", "$JS.API.STREAM.NAMES",
+        "$JS.API.STREAM.INFO.GOVERNOR_RG", "$JS.API.STREAM.CREATE.GOVERNOR_RG", "$JS.API.STREAM.UPDATE.GOVERNOR_RG",
+        "$JS.API.STREAM.MSG.GET.GOVERNOR_RG", "$JS.API.STREAM.MSG.DELETE.GOVERNOR_RG",
+        "$JS.API.STREAM.PURGE.GOVERNOR_RG", "$JS.API.STREAM.DELETE.GOVERNOR_RG",
+        # events and audit
+        "choria.machine.transition", "choria.lifecycle.event.>", "hoist.audit.*"
+      ] }
+      subscribe: { allow: [
+        "_INBOX.>", "hoist.fleet.status", "hoist.fleet.transition", "hoist.governor.*.freed",
+        "choria.machine.transition", "$JS.EVENT.ADVISORY.STREAM.DELETED.KV_HOIST"
+      ] }
+      # answers go only to reply subjects of requests received: no standing right to publish on _INBOX.>
+      allow_responses: true
+    }"#;
+
+const OPERATOR_PERMISSIONS: &str = r#"{
+      publish: { allow: [
+        "hoist.fleet.status", "hoist.fleet.transition", "$KV.HOIST.>",
+        "$JS.API.STREAM.NAMES", "$JS.API.STREAM.INFO.KV_HOIST", "$JS.API.STREAM.INFO.KV_HOIST_NODES", "$JS.API.STREAM.INFO.KV_CHORIA_SERVICES",
+        "$JS.API.CONSUMER.CREATE.KV_HOIST", "$JS.API.CONSUMER.CREATE.KV_HOIST.>",
+        "$JS.API.CONSUMER.CREATE.KV_HOIST_NODES", "$JS.API.CONSUMER.CREATE.KV_HOIST_NODES.>",
+        "$JS.API.CONSUMER.CREATE.KV_CHORIA_SERVICES", "$JS.API.CONSUMER.CREATE.KV_CHORIA_SERVICES.>",
+        "$JS.API.DIRECT.GET.KV_HOIST.>", "$JS.API.DIRECT.GET.KV_HOIST_NODES.>", "$JS.API.DIRECT.GET.KV_CHORIA_SERVICES.>"
+      ] }
+      subscribe: { allow: [
+        "_INBOX.>", "choria.machine.transition", "choria.lifecycle.event.>", "hoist.audit.>",
+        "$JS.EVENT.ADVISORY.STREAM.DELETED.KV_HOIST"
+      ] }
+    }"#;
+
+const READER_PERMISSIONS: &str = r#"{
+      publish: {
+        allow: [
+          "hoist.fleet.status",
+          "$JS.API.STREAM.NAMES", "$JS.API.STREAM.INFO.KV_HOIST", "$JS.API.STREAM.INFO.KV_HOIST_NODES", "$JS.API.STREAM.INFO.KV_CHORIA_SERVICES",
+          "$JS.API.CONSUMER.CREATE.KV_HOIST", "$JS.API.CONSUMER.CREATE.KV_HOIST.>",
+          "$JS.API.CONSUMER.CREATE.KV_HOIST_NODES", "$JS.API.CONSUMER.CREATE.KV_HOIST_NODES.>",
+          "$JS.API.CONSUMER.CREATE.KV_CHORIA_SERVICES", "$JS.API.CONSUMER.CREATE.KV_CHORIA_SERVICES.>",
+          "$JS.API.DIRECT.GET.KV_HOIST.>", "$JS.API.DIRECT.GET.KV_HOIST_NODES.>", "$JS.API.DIRECT.GET.KV_CHORIA_SERVICES.>"
+        ]
+        deny: [ "$KV.>", "hoist.fleet.transition" ]
+      }
+      subscribe: { allow: [
+        "_INBOX.>", "choria.machine.transition", "choria.lifecycle.event.>", "hoist.audit.>",
+        "$JS.EVENT.ADVISORY.STREAM.DELETED.KV_HOIST"
+      ] }
+    }"#;
+
+#[test]
+fn nats_permission_profiles_let_agents_roll_and_readers_only_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = [("agent", AGENT_PERMISSIONS), ("operator", OPERATOR_PERMISSIONS), ("reader", READER_PERMISSIONS)];
+    let entries: Vec<String> = users
+        .iter()
+        .map(|(name, permissions)| format!("    {{ nkey: {}, permissions: {permissions} }}", nats_user(dir.path(), name)))
+        .collect();
+    let conf = format!("authorization {{\n  users = [\n{}\n  ]\n}}\n", entries.join("\n"));
+    std::fs::write(dir.path().join("nats.conf"), &conf).unwrap();
+    let server = nats::Server::start_with(&["-c", dir.path().join("nats.conf").to_str().unwrap()]);
+
+    let (alice, rita) = (OperatorKey::new(), OperatorKey::new());
+    let nats = |user: &str| {
+        format!("backend: nats\nnats:\n  servers: ['{}']\n  nkey: {}\n", server.url(), dir.path().join(format!("{user}.nk")).display())
+    };
+    let agent_yaml = format!(
+        "{}registration:\n  interval: 1s\nfleet:\n  operators:\n    - {{ name: alice, key: {}, allow: [status, transition] }}\n    - {{ name: rita, key: {}, allow: [status] }}\n",
+        nats("agent"),
+        alice.public,
+        rita.public
+    );
+    let container = |port: u16| {
+        format!(
+            "containers:\n  web:\n    image: {}\n    image_tag: v1\n    kv_update: true\n    restart_governor: RG\n    ports: ['127.0.0.1:{port}:80']\n    register_ports:\n      - {{ cluster: t, service: web, protocol: http, ip: 127.0.0.1, port: {port} }}\n",
+            image()
+        )
+    };
+    // Agents with the agent user run, announce themselves, register, and serve the governor commands.
+    let agents: Vec<TestAgent> =
+        ["a", "b"].iter().map(|n| TestAgent::start_with(&format!("perm-{n}"), &container(free_port()), &agent_yaml)).collect();
+    agents[0].hoist_ok(&["governor", "add", "RG", "1", "1m"]);
+    for a in &agents {
+        a.wait_running("web");
+    }
+    let operator = dir.path().join("operator.yaml");
+    std::fs::write(&operator, format!("{}fleet:\n  key: {}\n", nats("operator"), alice.seed.display())).unwrap();
+    let reader = dir.path().join("reader.yaml");
+    std::fs::write(&reader, format!("{}fleet:\n  key: {}\n", nats("reader"), rita.seed.display())).unwrap();
+
+    // The reader reads the fleet's status and the KV.
+    let fleet_on = |version: &str| {
+        let (_, out, _) = cli_with(&reader, &["status", "--fleet", "--json"]);
+        let a: FleetAnswer = serde_json::from_str(&out).ok()?;
+        (a.replies.len() == 2
+            && a.untrusted.is_empty()
+            && a.replies.iter().all(|r| r.status.machines.iter().all(|m| m.state == State::Run && m.version == version)))
+        .then_some(())
+    };
+    wait_until("both nodes to answer the reader", Duration::from_secs(30), || fleet_on("v1"));
+    let (ok, out, err) = cli_with(&reader, &["kv", "ls", "HOIST_NODES"]);
+    assert!(ok && out.lines().count() == 2, "{out}{err}");
+
+    // The operator rolls the fleet with a tag; the agents take their slots and roll.
+    let (ok, out, err) = cli_with(&operator, &["kv", "put", "HOIST", "container/web/tag", "v2"]);
+    assert!(ok, "{out}{err}");
+    wait_until("both nodes on v2", Duration::from_secs(120), || fleet_on("v2"));
+    let (ok, out, err) = cli_with(&reader, &["kv", "get", "HOIST", "container/web/tag"]);
+    assert!(ok && out.trim() == "v2", "{out}{err}");
+    let view: hoist_core::backend::GovernorInfo = serde_json::from_str(&agents[1].hoist_ok(&["governor", "view", "RG", "--json"])).unwrap();
+    assert!(view.leases.is_empty(), "every slot was given back: {view:?}");
+    let (ok, out, err) = cli_with(&operator, &["transition", "--fleet", "web", "maintenance"]);
+    assert!(ok && out.matches("web: → MAINTENANCE").count() == 2, "{out}{err}");
+    let (ok, out, err) = cli_with(&operator, &["transition", "--fleet", "web", "resume"]);
+    assert!(ok, "{out}{err}");
+
+    // The reader may not put a tag, nor send a transition (not even signed with alice's key).
+    let (ok, out, err) = cli_with(&reader, &["kv", "put", "HOIST", "container/web/tag", "v1"]);
+    assert!(!ok && err.contains("NATS refused it: Permissions Violation for Publish to \"$KV.HOIST.container/web/tag\""), "{out}{err}");
+    assert!(err.contains("reader.yaml does not have that permission"), "{err}");
+    let alice_key = alice.seed.to_str().unwrap();
+    let (ok, out, err) = cli_with(&reader, &["transition", "--fleet", "web", "stop", "--key", alice_key]);
+    assert!(!ok && err.contains("Permissions Violation for Publish to \"hoist.fleet.transition\""), "{out}{err}");
+    wait_until("both nodes running v2", Duration::from_secs(30), || fleet_on("v2"));
+    let (_, out, _) = cli_with(&reader, &["kv", "get", "HOIST", "container/web/tag"]);
+    assert_eq!(out.trim(), "v2");
+}
