@@ -395,8 +395,8 @@ fn nats_user(dir: &Path, name: &str) -> String {
     key.public_key()
 }
 
-/// The three NATS users of the README's "Securing a fleet", word for word (there with example
-/// names: governor `RG` is the test's only governor; one set of governor lines per governor).
+/// The permissions of the three NATS users in the README's "Securing a fleet" (keep the two the
+/// same); governor `RG` is the test's only governor, and each governor has its own lines.
 const AGENT_PERMISSIONS: &str = r#"{
       publish: { allow: [
         # buckets: look up, create when missing, watch and read the tag, write marks, presence, services
