@@ -120,7 +120,8 @@ pub struct FleetConfig {
     pub key: Option<PathBuf>,
     /// The keys this agent takes fleet requests from.
     pub operators: Vec<OperatorConfig>,
-    /// Take requests from anyone who can publish on the fleet subjects (labs only); default false.
+    /// Take requests from anyone who can publish on the fleet subjects, signed or not (labs only);
+    /// default false.
     pub allow_unsigned: bool,
     /// How far a request's time may be from this node's; default 30 s.
     pub max_clock_skew: Duration,
