@@ -78,6 +78,10 @@ impl Fleet for NatsBackend {
         self.client.flush().await.map_err(|e| unavailable("sending the fleet request", e))?;
         let until = tokio::time::Instant::now() + deadline;
         while let Ok(Some(message)) = tokio::time::timeout_at(until, answers.next()).await {
+            // The server's own notices (no responders: no agent listens at all) are no one's answer.
+            if message.status.is_some() {
+                continue;
+            }
             if collect(&message.payload) {
                 break;
             }

@@ -482,6 +482,16 @@ fn nats_permission_profiles_let_agents_roll_and_readers_only_read() {
             image()
         )
     };
+    let operator = dir.path().join("operator.yaml");
+    std::fs::write(&operator, format!("{}fleet:\n  key: {}\n", nats("operator"), alice.seed.display())).unwrap();
+    let reader = dir.path().join("reader.yaml");
+    std::fs::write(&reader, format!("{}fleet:\n  key: {}\n", nats("reader"), rita.seed.display())).unwrap();
+
+    // Before any agent runs, nothing answers (the server's "no responders" notice is not an answer).
+    let (ok, out, err) = cli_with(&reader, &["status", "--fleet", "--json", "--timeout", "500ms"]);
+    let answer: FleetAnswer = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+    assert!(ok && answer.replies.is_empty() && answer.untrusted.is_empty(), "{answer:?}");
+
     // Agents with the agent user run, announce themselves, register, and serve the governor commands.
     let agents: Vec<TestAgent> =
         ["a", "b"].iter().map(|n| TestAgent::start_with(&format!("perm-{n}"), &container(free_port()), &agent_yaml)).collect();
@@ -489,10 +499,6 @@ fn nats_permission_profiles_let_agents_roll_and_readers_only_read() {
     for a in &agents {
         a.wait_running("web");
     }
-    let operator = dir.path().join("operator.yaml");
-    std::fs::write(&operator, format!("{}fleet:\n  key: {}\n", nats("operator"), alice.seed.display())).unwrap();
-    let reader = dir.path().join("reader.yaml");
-    std::fs::write(&reader, format!("{}fleet:\n  key: {}\n", nats("reader"), rita.seed.display())).unwrap();
 
     // The reader reads the fleet's status and the KV.
     let fleet_on = |version: &str| {
