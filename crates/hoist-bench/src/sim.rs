@@ -10,9 +10,12 @@ use async_trait::async_trait;
 use futures_util::stream::{self, BoxStream, StreamExt};
 use hoist_core::agent::{self, AgentHandle};
 use hoist_core::backend::{BucketConfig, Events, Governor, HOIST_BUCKET, Kv, tag_key};
-use hoist_core::config::{AgentConfig, ContainerSet, DockerConfig, RolloutConfig, load_containers};
+use hoist_core::config::{
+    AgentConfig, ContainerSet, DockerConfig, FleetConfig, OperatorConfig, Permission, RolloutConfig, load_containers,
+};
 use hoist_core::files::FileWatch;
 use hoist_core::fleet::{self, AgentResponder, FleetRequest, NODES_BUCKET, Operation, Presence, announce, nodes_bucket};
+use hoist_core::fleet_auth::{Authority, KeyPair};
 use hoist_core::fsm::State;
 use hoist_core::machine::MachineDeps;
 use hoist_core::persist::StateStore;
@@ -296,6 +299,9 @@ async fn fleet_of(n: usize, opts: &FleetOpts) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// The operator every simulated agent takes status requests from.
+static OPERATOR: std::sync::LazyLock<KeyPair> = std::sync::LazyLock::new(KeyPair::new_user);
+
 /// Wires one agent exactly as `hoist agent` does on the NATS backend, but on a `SimRuntime`.
 async fn start_agent(i: usize, url: &str, dir: &Path, set: ContainerSet, latencies: Latencies) -> anyhow::Result<SimAgent> {
     let node = format!("sim{i:05}");
@@ -327,8 +333,27 @@ async fn start_agent(i: usize, url: &str, dir: &Path, set: ContainerSet, latenci
     });
     let handle = agent::start(deps, set).await;
     let kv: Arc<dyn Kv> = backend.clone();
-    fleet::Fleet::serve(&*backend, Arc::new(AgentResponder { agent: handle.clone(), facts: serde_json::json!({}) })).await?;
-    let announcer = tokio::spawn(announce(kv, Presence { node, facts: serde_json::json!({}), instance: None }));
+    // Signed both ways, as a real fleet is: the status measured includes checking every signature.
+    let key = KeyPair::new_server();
+    let public = key.public_key();
+    let fleet_config = FleetConfig {
+        operators: vec![OperatorConfig {
+            name: "bench".into(),
+            key: OPERATOR.public_key(),
+            allow: vec![Permission::Status],
+            containers: vec![],
+        }],
+        ..FleetConfig::default()
+    };
+    let responder = AgentResponder {
+        agent: handle.clone(),
+        facts: serde_json::json!({}),
+        authority: Authority::new(&fleet_config),
+        key,
+        audit: backend.clone(),
+    };
+    fleet::Fleet::serve(&*backend, Arc::new(responder)).await?;
+    let announcer = tokio::spawn(announce(kv, Presence { node, facts: serde_json::json!({}), key: Some(public), instance: None }));
     Ok(SimAgent { handle, announcer })
 }
 
@@ -359,10 +384,11 @@ async fn fleet_status(scenario: &str, observer: &NatsBackend, n: usize) -> anyho
     let mut answered = 0;
     for _ in 0..5 {
         let t = Instant::now();
-        let answer = fleet::ask(observer, observer, &request, Duration::from_secs(10)).await?;
+        let answer = fleet::ask(observer, observer, &request, Some(&OPERATOR), Duration::from_secs(10)).await?;
         times.push(t.elapsed().as_secs_f64());
         answered = answered.max(answer.replies.len());
         anyhow::ensure!(answer.missing.is_empty(), "fleet status: {} nodes did not answer", answer.missing.len());
+        anyhow::ensure!(answer.untrusted.is_empty(), "fleet status: answers not proven: {:?}", answer.untrusted);
     }
     let median = crate::report::percentile(&times, 50.0);
     let worst = times.iter().copied().fold(0.0, f64::max);

@@ -8,11 +8,12 @@
 
 use crate::agent::AgentHandle;
 use crate::backend::{BackendResult, BucketConfig, Kv, KvEntry, read_all};
+use crate::fleet_auth::{AuditEvent, Authority, KeyPair, ReplyClaims, RequestClaims, Sealed, Untrusted};
 use crate::fsm::{State, Transition};
 use crate::status::NodeStatus;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -45,6 +46,9 @@ pub struct Presence {
     /// predate it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
+    /// The node key (`N…`) its replies are signed with; None from agents older than signed replies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// A node as `HOIST_NODES` remembers it.
@@ -145,6 +149,24 @@ pub enum Operation {
     Transition { transition: Transition },
 }
 
+impl Operation {
+    /// Each kind has its own subject, so NATS permissions can let a reader ask for status only.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Operation::Status => "status",
+            Operation::Transition { .. } => "transition",
+        }
+    }
+
+    /// For messages (`operator bob may not …`): `ask for status`, `restart`…
+    pub fn describe(&self) -> String {
+        match self {
+            Operation::Status => "ask for status".into(),
+            Operation::Transition { transition } => transition.to_string(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FleetRequest {
     pub filter: Filter,
@@ -168,6 +190,9 @@ pub struct FleetReply {
     pub status: NodeStatus,
     #[serde(default)]
     pub transitions: Vec<TransitionOutcome>,
+    /// Why the node did not act on the request (unsigned, key not listed, not allowed, stale, replayed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// Everything gathered for one request.
@@ -177,13 +202,17 @@ pub struct FleetAnswer {
     /// Nodes that announced themselves and match the filter but did not answer in time: dead ones
     /// (not `alive`) until they are forgotten or their retention ends, and live ones too slow to answer.
     pub missing: Vec<NodeSeen>,
+    /// Answers not proven to come from the node they name (impostors, conflicting answers).
+    #[serde(default)]
+    pub untrusted: Vec<Untrusted>,
 }
 
 /// What answers a request on one node.
 #[async_trait]
 pub trait Responder: Send + Sync + 'static {
-    /// None when the request does not address this node.
-    async fn respond(&self, request: FleetRequest) -> Option<FleetReply>;
+    /// The (signed) reply to `request`, a sealed request as it arrived on the subject for `kind`
+    /// with replies to `reply_to`; None when the request does not address this node.
+    async fn respond(&self, kind: &str, request: &[u8], reply_to: &str) -> Option<Vec<u8>>;
 }
 
 /// The transport.
@@ -191,27 +220,43 @@ pub trait Responder: Send + Sync + 'static {
 pub trait Fleet: Send + Sync + 'static {
     /// Answers requests with `responder` until the process ends.
     async fn serve(&self, responder: Arc<dyn Responder>) -> BackendResult<()>;
-    /// Sends the request to every agent and gathers replies until `deadline`, or until all of
-    /// `expected` have answered.
-    async fn gather(&self, request: &FleetRequest, expected: &BTreeSet<String>, deadline: Duration) -> BackendResult<Vec<FleetReply>>;
+    /// A fresh subject for the replies to one request (the request is signed for it).
+    fn reply_subject(&self) -> String;
+    /// Sends `request` on the subject for `kind` to every agent and hands each reply to `collect`
+    /// until it returns true or `deadline` passes.
+    async fn gather(
+        &self,
+        kind: &str,
+        reply_to: &str,
+        request: Vec<u8>,
+        deadline: Duration,
+        collect: &mut (dyn for<'m> FnMut(&'m [u8]) -> bool + Send),
+    ) -> BackendResult<()>;
+    /// Publishes the record of an accepted transition request.
+    async fn audit(&self, event: &AuditEvent) -> BackendResult<()>;
 }
 
 /// Sends `request` to the fleet and reports who answered and who, of the nodes that announced
 /// themselves and match the filter, did not. Only live nodes are waited for: a dead one cannot answer.
-pub async fn ask(fleet: &dyn Fleet, kv: &dyn Kv, request: &FleetRequest, deadline: Duration) -> BackendResult<FleetAnswer> {
+/// The request is signed with `key` when one is given.
+pub async fn ask(
+    fleet: &dyn Fleet,
+    kv: &dyn Kv,
+    request: &FleetRequest,
+    key: Option<&KeyPair>,
+    deadline: Duration,
+) -> BackendResult<FleetAnswer> {
     let now = SystemTime::now();
-    let known: Vec<Announced> = announced(kv)
-        .await
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|a| request.filter.matches_node(&a.presence.node, &a.presence.facts))
-        .collect();
+    let all = announced(kv).await.unwrap_or_default();
+    // Every announced node's key, to check its answer by.
+    let node_keys: BTreeMap<String, Option<String>> = all.iter().map(|a| (a.presence.node.clone(), a.presence.key.clone())).collect();
+    let known: Vec<&Announced> = all.iter().filter(|a| request.filter.matches_node(&a.presence.node, &a.presence.facts)).collect();
     let expected: BTreeSet<String> = known.iter().filter(|a| a.alive(now)).map(|a| a.presence.node.clone()).collect();
-    let mut replies = fleet.gather(request, &expected, deadline).await?;
+    let (mut replies, untrusted) = crate::fleet_auth::gather_signed(fleet, request, key, &node_keys, &expected, deadline).await?;
     replies.sort_by(|a, b| a.node.cmp(&b.node));
     let answered: BTreeSet<&str> = replies.iter().map(|r| r.node.as_str()).collect();
     let missing = known.iter().filter(|a| !answered.contains(a.presence.node.as_str())).map(|a| a.seen(now)).collect();
-    Ok(FleetAnswer { replies, missing })
+    Ok(FleetAnswer { replies, missing, untrusted: untrusted.into_iter().collect() })
 }
 
 /// Keeps this node's presence fresh until the task is dropped.
@@ -225,23 +270,57 @@ pub async fn announce(kv: Arc<dyn Kv>, presence: Presence) {
     }
 }
 
-/// The agent's side: applies a request to the local machines.
+/// The agent's side: checks a request, applies it to the local machines and signs the answer.
 pub struct AgentResponder {
     pub agent: AgentHandle,
     pub facts: serde_json::Value,
+    pub authority: Authority,
+    /// The node key replies are signed with.
+    pub key: KeyPair,
+    /// Where accepted transitions are recorded.
+    pub audit: Arc<dyn Fleet>,
 }
 
 #[async_trait]
 impl Responder for AgentResponder {
-    async fn respond(&self, request: FleetRequest) -> Option<FleetReply> {
-        let node = self.agent.node().to_string();
-        if !request.filter.matches_node(&node, &self.facts) {
+    async fn respond(&self, kind: &str, request: &[u8], reply_to: &str) -> Option<Vec<u8>> {
+        // Untrusted claims until `admit` has checked the signature; only the filter is looked at
+        // before, so that nodes a request does not address stay silent.
+        let parsed = serde_json::from_slice::<Sealed>(request)
+            .and_then(|sealed| Ok((serde_json::from_str::<RequestClaims>(&sealed.claims)?, sealed)));
+        let (claims, sealed) = match parsed {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                tracing::debug!(error = %e, "ignoring a malformed fleet request");
+                return None;
+            }
+        };
+        if !claims.request.filter.matches_node(self.agent.node(), &self.facts) {
             return None;
         }
+        let nonce = claims.nonce.clone();
+        let reply = self.act(claims, &sealed, kind, reply_to).await;
+        let claims = ReplyClaims { reply, nonce, key: self.key.public_key() };
+        Some(serde_json::to_vec(&Sealed::seal(&claims, Some(&self.key))).expect("replies serialise"))
+    }
+}
+
+impl AgentResponder {
+    async fn act(&self, claims: RequestClaims, sealed: &Sealed, kind: &str, reply_to: &str) -> FleetReply {
+        let node = self.agent.node().to_string();
+        let admitted = match self.authority.admit(sealed, &claims, kind, reply_to, crate::fleet_auth::now_ms()) {
+            Ok(a) => a,
+            Err(reason) => {
+                tracing::warn!(signer = claims.signer.as_deref().unwrap_or("none"), operation = %claims.request.operation.describe(), %reason, "refused a fleet request");
+                let status = NodeStatus { node: node.clone(), machines: vec![], config_error: None, warnings: vec![] };
+                return FleetReply { node, status, transitions: vec![], refused: Some(reason) };
+            }
+        };
+        let filter = &admitted.filter;
         let mut transitions = Vec::new();
-        if let Operation::Transition { transition } = request.operation {
+        if let Operation::Transition { transition } = claims.request.operation {
             let all = self.agent.status(None).await;
-            for m in all.machines.iter().filter(|m| request.filter.matches_container(&m.container)) {
+            for m in all.machines.iter().filter(|m| filter.matches_container(&m.container)) {
                 let result = self.agent.transition(&m.container, transition).await;
                 let (state, error) = match result {
                     Ok(s) => (Some(s), None),
@@ -249,10 +328,31 @@ impl Responder for AgentResponder {
                 };
                 transitions.push(TransitionOutcome { container: m.container.clone(), state, error });
             }
+            let event = AuditEvent {
+                time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+                node: node.clone(),
+                caller: admitted.caller.clone(),
+                operation: claims.request.operation.clone(),
+                filter: filter.clone(),
+                result: transitions.clone(),
+            };
+            tracing::info!(
+                operator = %event.caller.name,
+                key = event.caller.key.as_deref().unwrap_or("none"),
+                operation = %event.operation.describe(),
+                filter = %serde_json::to_string(&event.filter).unwrap_or_default(),
+                result = %serde_json::to_string(&event.result).unwrap_or_default(),
+                "audit: fleet transition accepted"
+            );
+            if let Err(e) = self.audit.audit(&event).await {
+                tracing::warn!(error = %e, "could not publish the audit event of a fleet transition");
+            }
+        } else {
+            tracing::debug!(operator = %admitted.caller.name, "answering a fleet status request");
         }
         let mut status = self.agent.status(None).await;
-        status.machines.retain(|m| request.filter.matches_container(&m.container));
-        Some(FleetReply { node, status, transitions })
+        status.machines.retain(|m| filter.matches_container(&m.container));
+        FleetReply { node, status, transitions, refused: None }
     }
 }
 

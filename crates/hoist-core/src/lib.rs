@@ -10,6 +10,7 @@ pub mod config;
 pub mod conformance;
 pub mod files;
 pub mod fleet;
+pub mod fleet_auth;
 pub mod fsm;
 pub mod health;
 pub mod machine;

@@ -5,7 +5,8 @@
 //! - Governor `N` is stream `GOVERNOR_N` on `<collective>.governor.N`; a lease is one message, its id the
 //!   stream sequence.
 //! - Transition events are CloudEvents on `choria.machine.transition`.
-//! - Fleet commands are requests on `hoist.fleet.request`, answered by every addressed agent.
+//! - Fleet commands are requests on `hoist.fleet.status` / `hoist.fleet.transition`, answered by every
+//!   addressed agent on the caller's inbox; accepted transitions are recorded on `hoist.audit.<node>`.
 
 mod events;
 mod fleet;
@@ -13,12 +14,12 @@ mod governor;
 mod kv;
 
 use async_nats::jetstream::{self, ErrorCode, context::GetStreamErrorKind, response::Response, stream::Stream};
-use async_nats::{ConnectOptions, Event, ServerAddr};
+use async_nats::{ConnectOptions, Event, ServerAddr, ServerError};
 use hoist_core::backend::BackendError;
 use hoist_core::health::Conditions;
 use std::fmt::Display;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 /// The source name of the connection's condition in `hoist status`.
@@ -50,6 +51,9 @@ pub struct NatsOptions {
     pub connect_in_background: bool,
     /// Where the connection's trouble is reported (`nats: not reachable since …`), for `hoist status`.
     pub conditions: Option<Conditions>,
+    /// Reply subjects are `<inbox_prefix>.…`, and agents answer fleet requests only there; the same
+    /// on agents and CLIs. NATS's own `_INBOX` by default.
+    pub inbox_prefix: String,
 }
 
 impl Default for NatsOptions {
@@ -66,6 +70,7 @@ impl Default for NatsOptions {
             name: "hoist".into(),
             connect_in_background: false,
             conditions: None,
+            inbox_prefix: "_INBOX".into(),
         }
     }
 }
@@ -78,9 +83,19 @@ pub struct NatsBackend {
     collective: String,
     /// The leases this connection took, to tell its own from ones a lost reply left behind.
     leases: Arc<governor::LeaseBook>,
+    inbox_prefix: String,
+    /// The last permissions violation the server reported: a publish it refused is otherwise only a
+    /// timeout or a silence.
+    refused: Arc<Mutex<Option<String>>>,
 }
 
 impl NatsBackend {
+    /// The last permissions violation the server reported on this connection, e.g. `Permissions
+    /// Violation for Publish to "$KV.HOIST.container/web/tag"`.
+    pub fn last_refusal(&self) -> Option<String> {
+        self.refused.lock().expect("not poisoned").clone()
+    }
+
     /// Connects once, failing fast if no server answers; after that the client reconnects on its own.
     pub async fn connect(opts: NatsOptions) -> Result<NatsBackend, BackendError> {
         let servers = opts.servers.join(", ");
@@ -94,7 +109,7 @@ impl NatsBackend {
             .map(|s| s.parse::<ServerAddr>().map_err(|e| unavailable(format!("bad server address {s:?}: {e}"))))
             .collect::<Result<Vec<_>, _>>()?;
 
-        let mut options = ConnectOptions::new().name(&opts.name);
+        let mut options = ConnectOptions::new().name(&opts.name).custom_inbox_prefix(&opts.inbox_prefix);
         if let Some(creds) = &opts.creds {
             options = options.credentials_file(creds).await.map_err(|e| unavailable(format!("credentials {}: {e}", creds.display())))?;
         }
@@ -117,7 +132,15 @@ impl NatsBackend {
         let conditions = opts.conditions.clone().unwrap_or_default();
         let (connected_tx, connected) = watch::channel(0u64);
         let reporter = conditions.clone();
+        let refused: Arc<Mutex<Option<String>>> = Arc::default();
+        let sink = refused.clone();
         options = options.event_callback(move |event| {
+            // A publish the server refused is otherwise only a timeout or a silence.
+            if let Event::ServerError(ServerError::Other(message)) = &event
+                && message.to_lowercase().contains("permissions violation")
+            {
+                *sink.lock().expect("not poisoned") = Some(message.clone());
+            }
             let (conditions, connected_tx) = (reporter.clone(), connected_tx.clone());
             async move {
                 match event {
@@ -139,7 +162,8 @@ impl NatsBackend {
         }
         let client = options.connect(addrs).await.map_err(|e| unavailable(e.to_string()))?;
         let js = jetstream::new(client.clone());
-        let backend = NatsBackend { client, js, collective: opts.collective, leases: Arc::default() };
+        let backend =
+            NatsBackend { client, js, collective: opts.collective, leases: Arc::default(), inbox_prefix: opts.inbox_prefix, refused };
         tokio::spawn(backend.clone().sweep_on_reconnect(connected));
         Ok(backend)
     }

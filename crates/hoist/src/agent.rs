@@ -15,6 +15,7 @@ use hoist_core::fleet::{
     AgentResponder, Announced, Fleet, LIVENESS, NODES_BUCKET, PRESENCE_INTERVAL, Presence, announce, held_elsewhere, nodes_bucket,
 };
 use hoist_core::health::Conditions;
+use hoist_core::fleet_auth::{Authority, node_key};
 use hoist_core::machine::MachineDeps;
 use hoist_core::persist::StateStore;
 use hoist_core::registration::{SERVICES_BUCKET, services_bucket};
@@ -95,6 +96,7 @@ pub fn nats_options(cfg: &AgentConfig) -> hoist_nats::NatsOptions {
         name: format!("hoist {}", cfg.node),
         connect_in_background: false,
         conditions: None,
+        inbox_prefix: n.inbox_prefix.clone(),
     }
 }
 
@@ -145,6 +147,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         conditions: conditions.clone(),
         slots: hoist_core::slot::SlotKeeper::start(backends.governor.clone(), backends.events.clone(), cfg.node.clone()),
     });
+    if backends.fleet.is_some() && cfg.fleet.allow_unsigned {
+        // Shown in `hoist status` for as long as it is so, not only logged once.
+        conditions.set("fleet", Some("unsigned fleet requests are accepted (fleet.allow_unsigned)".into()));
+    }
     let (sets, _) = watch::channel(set.clone());
     if let Some(m) = &member {
         let (kv, governor, replicas) = (backends.kv.clone(), backends.governor.clone(), backends.replicas.clone());
@@ -333,12 +339,22 @@ async fn join_fleet(
     cfg: &AgentConfig,
     facts: serde_json::Value,
 ) -> anyhow::Result<()> {
-    member
-        .fleet
-        .serve(Arc::new(AgentResponder { agent: handle.clone(), facts: facts.clone() }))
-        .await
-        .context("answering fleet requests")?;
-    tokio::spawn(announce(kv, Presence { node: cfg.node.clone(), facts, instance: Some(member.instance.clone()) }));
+    let key = node_key(&cfg.state_dir).map_err(|e| anyhow::anyhow!("the node key: {e}"))?;
+    let public = key.public_key();
+    tracing::info!(node_key = %public, "fleet replies are signed with this node key");
+    let operators: Vec<&str> = cfg.fleet.operators.iter().map(|o| o.name.as_str()).collect();
+    // With fleet.allow_unsigned, the node condition set at start has said so.
+    if !cfg.fleet.allow_unsigned && operators.is_empty() {
+        tracing::warn!("no fleet.operators are configured: fleet requests are refused (see `hoist key new`)");
+    } else if !operators.is_empty() {
+        tracing::info!(operators = %operators.join(", "), "taking signed fleet requests");
+    }
+    let fleet = member.fleet.clone();
+    let responder =
+        AgentResponder { agent: handle.clone(), facts: facts.clone(), authority: Authority::new(&cfg.fleet), key, audit: fleet.clone() };
+    fleet.serve(Arc::new(responder)).await.context("answering fleet requests")?;
+    let presence = Presence { node: cfg.node.clone(), facts, instance: Some(member.instance.clone()), key: Some(public) };
+    tokio::spawn(announce(kv, presence));
     Ok(())
 }
 

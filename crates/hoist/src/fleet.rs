@@ -9,7 +9,10 @@ use comfy_table::{Table, presets::NOTHING};
 use hoist_core::backend::{Events, Kv};
 use hoist_core::config::{AgentConfig, BackendKind};
 use hoist_core::fleet::{self, Filter, FleetAnswer, FleetRequest, NODES_BUCKET, NodeSeen, Operation, PRESENCE_INTERVAL};
+use hoist_core::fleet_auth::read_seed;
 use hoist_nats::NatsBackend;
+use nkeys::KeyPairType;
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 #[derive(Args, Debug, Default)]
@@ -26,6 +29,10 @@ pub struct FleetArgs {
     /// How long to wait for answers from nodes that have not answered yet.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// The operator key (seed file from `hoist key new`) to sign fleet requests with; default:
+    /// `fleet.key` from the agent file.
+    #[arg(long, env = "HOIST_KEY", value_name = "FILE")]
+    pub key: Option<PathBuf>,
 }
 
 impl FleetArgs {
@@ -53,14 +60,39 @@ pub async fn connect(cfg: &AgentConfig) -> anyhow::Result<NatsBackend> {
 }
 
 pub async fn ask(cfg: &AgentConfig, args: &FleetArgs, container: Option<&str>, operation: Operation) -> anyhow::Result<FleetAnswer> {
+    // Without a key the request goes unsigned, which only agents with fleet.allow_unsigned take;
+    // the others answer how to set one up.
+    let key = match args.key.as_ref().or(cfg.fleet.key.as_ref()) {
+        Some(path) => {
+            Some(read_seed(path, KeyPairType::User).map_err(|e| anyhow::anyhow!("the operator key (--key, HOIST_KEY or fleet.key): {e}"))?)
+        }
+        None => None,
+    };
     let nats = connect(cfg).await?;
     let request = FleetRequest { filter: args.filter(container), operation };
-    Ok(fleet::ask(&nats, &nats, &request, args.timeout).await?)
+    let answer = fleet::ask(&nats, &nats, &request, key.as_ref(), args.timeout).await?;
+    // A refused publish reaches no agent and shows only as silence: say so instead.
+    if let Some(refusal) = nats.last_refusal() {
+        anyhow::bail!("{}", refused_by_nats(cfg, &refusal));
+    }
+    Ok(answer)
+}
+
+/// What to tell an operator whose NATS user may not do what they asked.
+pub fn refused_by_nats(cfg: &AgentConfig, refusal: &str) -> String {
+    let file = cfg.path.as_ref().map_or_else(|| "the agent file".into(), |p| p.display().to_string());
+    format!("NATS refused it: {refusal}; the NATS user of {file} does not have that permission (see \"Securing a fleet\" in the README)")
+}
+
+/// Whether the answer should fail the command: a node missing or refusing, or an answer that could
+/// not be believed.
+pub fn incomplete(answer: &FleetAnswer) -> bool {
+    !answer.missing.is_empty() || !answer.untrusted.is_empty() || answer.replies.iter().any(|r| r.refused.is_some())
 }
 
 /// The status table of every node that answered, the summaries across them, and who did not answer.
 pub fn render(answer: &FleetAnswer) -> String {
-    let nodes: Vec<_> = answer.replies.iter().map(|r| r.status.clone()).collect();
+    let nodes: Vec<_> = answer.replies.iter().filter(|r| r.refused.is_none()).map(|r| r.status.clone()).collect();
     let mut out = output::status(&nodes);
     for r in &answer.replies {
         for t in &r.transitions {
@@ -71,7 +103,19 @@ pub fn render(answer: &FleetAnswer) -> String {
             }
         }
     }
+    for r in &answer.replies {
+        if let Some(reason) = &r.refused {
+            out.push_str(&format!("{} refused: {reason}\n", r.node));
+        }
+    }
+    for u in &answer.untrusted {
+        out.push_str(&format!("not counted, from {}: {}\n", u.node, u.reason));
+    }
     out.push_str(&format!("\n{} node(s) answered", answer.replies.len()));
+    let refused = answer.replies.iter().filter(|r| r.refused.is_some()).count();
+    if refused > 0 {
+        out.push_str(&format!(", {refused} refused"));
+    }
     if answer.missing.is_empty() {
         out.push('\n');
     } else {

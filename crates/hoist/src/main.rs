@@ -91,6 +91,9 @@ enum Command {
     /// Governors: fleet-wide limits on concurrent pulls and restarts.
     #[command(subcommand)]
     Governor(GovernorCommand),
+    /// Operator keys that sign fleet requests.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// The nodes of the fleet, as they announce themselves in HOIST_NODES (NATS backend).
     #[command(subcommand)]
     Node(NodeCommand),
@@ -102,6 +105,12 @@ enum NodeCommand {
     Ls,
     /// Stop listing a dead node (one removed for good), so fleet commands no longer report it missing.
     Forget { node: String },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Write a new operator key (an nkey seed) to FILE, readable by you only, and print its public key.
+    New { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -237,7 +246,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { container, fleet } if fleet.wanted() => {
             let answer = fleet::ask(&agent_config(g)?, &fleet, container.as_deref(), Operation::Status).await?;
             print(g.json, &answer, fleet::render);
-            if !answer.missing.is_empty() {
+            if fleet::incomplete(&answer) {
                 return Ok(ExitCode::FAILURE);
             }
         }
@@ -253,7 +262,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let answer = fleet::ask(&agent_config(g)?, &fleet, Some(&container), Operation::Transition { transition }).await?;
             print(g.json, &answer, fleet::render);
             let refused = answer.replies.iter().flat_map(|r| &r.transitions).any(|t| t.error.is_some());
-            if refused || !answer.missing.is_empty() {
+            if refused || fleet::incomplete(&answer) {
                 return Ok(ExitCode::FAILURE);
             }
         }
@@ -277,7 +286,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Services { service } => services(g, &client(g)?, service.as_deref()).await?,
         Command::Metrics => print!("{}", output::clean_lines(&client(g)?.metrics().await?)),
         Command::Validate { files } => return validate(g, files),
-        Command::Kv(cmd) => kv(g, &client(g)?, cmd).await?,
+        Command::Kv(cmd) => {
+            let cfg = agent_config(g)?;
+            if g.socket.is_none() && cfg.backend == BackendKind::Nats {
+                // With this file's own NATS user rather than through the local agent's, so what
+                // an operator or reader may change is what NATS permits them (and no agent is needed).
+                let nats = fleet::connect(&cfg).await?;
+                if let Err(e) = kv(g, &nats, cmd).await {
+                    return Err(match nats.last_refusal() {
+                        Some(refusal) => e.context(fleet::refused_by_nats(&cfg, &refusal)),
+                        None => e,
+                    });
+                }
+            } else {
+                kv(g, &client(g)?, cmd).await?
+            }
+        }
         Command::Governor(cmd) => governor(g, &client(g)?, cmd).await?,
         Command::Node(NodeCommand::Ls) => {
             let nodes = fleet::nodes(&agent_config(g)?).await?;
@@ -286,6 +310,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Node(NodeCommand::Forget { node }) => {
             let seen = fleet::forget(&agent_config(g)?, &node).await?;
             print(g.json, &seen, |s| format!("forgot node {} (last seen {})\n", s.node, fleet::when(s.last_seen)));
+        }
+        Command::Key(KeyCommand::New { file }) => {
+            let key = nkeys::KeyPair::new_user();
+            hoist_core::fleet_auth::write_seed(&file, &key).map_err(|e| anyhow::anyhow!("{e} (an existing key is never replaced)"))?;
+            let public = key.public_key();
+            print(g.json, &serde_json::json!({"file": file, "public_key": public}), |_| {
+                format!(
+                    "{public}\nThe secret seed is in {}; keep it there. List the public key above in each agent file, e.g.\n  fleet: {{ operators: [ {{ name: YOU, key: {public}, allow: [status, transition] }} ] }}\nand sign with --key {0}, HOIST_KEY or fleet.key.\n",
+                    file.display()
+                )
+            });
         }
     }
     Ok(ExitCode::SUCCESS)

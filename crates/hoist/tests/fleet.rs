@@ -19,9 +19,15 @@ fn fleet_status(agent: &TestAgent, extra: &[&str]) -> FleetAnswer {
 }
 
 /// Three agents on `server`, each running `web` (v1, following the KV, restart governor RG at
-/// capacity 1, registering its port), all in RUN.
-fn three_agents(test: &str, server: &nats::Server) -> Vec<TestAgent> {
-    let agent_yaml = format!("backend: nats\nnats:\n  servers: ['{}']\nregistration:\n  interval: 1s\n", server.url());
+/// capacity 1, registering its port), all in RUN, taking fleet requests signed by the operator key
+/// returned (which their agent files also give the CLI to sign with).
+fn three_agents(test: &str, server: &nats::Server) -> (Vec<TestAgent>, OperatorKey) {
+    let operator = OperatorKey::new();
+    let agent_yaml = format!(
+        "backend: nats\nnats:\n  servers: ['{}']\nregistration:\n  interval: 1s\n{}",
+        server.url(),
+        operator.fleet_yaml("tester", "[status, transition]")
+    );
     let container = |port: u16| {
         format!(
             "containers:\n  web:\n    image: {}\n    image_tag: v1\n    kv_update: true\n    restart_governor: RG\n    ports: ['127.0.0.1:{port}:80']\n    register_ports:\n      - {{ cluster: t, service: web, protocol: http, ip: 127.0.0.1, port: {port} }}\n",
@@ -34,7 +40,7 @@ fn three_agents(test: &str, server: &nats::Server) -> Vec<TestAgent> {
     for a in &agents {
         a.wait_running("web");
     }
-    agents
+    (agents, operator)
 }
 
 fn record_webs(agents: &[TestAgent]) -> DockerRecord {
@@ -53,7 +59,7 @@ fn all_on(agents: &[TestAgent], version: &str, what: &str) {
 #[test]
 fn a_fleet_rolls_one_instance_at_a_time_and_answers_fleet_commands() {
     let server = nats::Server::start();
-    let mut agents = three_agents("fleet", &server);
+    let (mut agents, _operator) = three_agents("fleet", &server);
     let nodes: BTreeSet<String> = agents.iter().map(|a| a.node.clone()).collect();
 
     // Every node answers a fleet status, with the summaries across the fleet.
@@ -109,7 +115,7 @@ fn a_fleet_rolls_one_instance_at_a_time_and_answers_fleet_commands() {
 #[test]
 fn a_failing_version_is_tried_on_one_node_and_stopped_fleet_wide() {
     let server = nats::Server::start();
-    let agents = three_agents("fleetrb", &server);
+    let (agents, _operator) = three_agents("fleetrb", &server);
     let record = record_webs(&agents);
     agents[0].hoist_ok(&["kv", "put", "HOIST", "container/web/tag", "broken"]);
     let answer = wait_until("every node on v1 with the version marked bad", Duration::from_secs(120), || {

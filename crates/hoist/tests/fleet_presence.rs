@@ -15,9 +15,13 @@ use std::process::Output;
 use std::time::{Duration, SystemTime};
 use support::*;
 
-fn nats_yaml(servers: &[String], extra: &str) -> String {
+/// The agents' file: these servers, and fleet requests signed by one operator key for the whole test
+/// binary (the CLI run with the same file signs with it); `fleet` adds settings to the `fleet:` section.
+fn nats_yaml(servers: &[String], fleet: &str) -> String {
+    static OPERATOR: std::sync::OnceLock<OperatorKey> = std::sync::OnceLock::new();
+    let operator = OPERATOR.get_or_init(OperatorKey::new);
     let servers = servers.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", ");
-    format!("backend: nats\nnats:\n  servers: [{servers}]\n{extra}")
+    format!("backend: nats\nnats:\n  servers: [{servers}]\n{}{fleet}", operator.fleet_yaml("tester", "[status, transition]"))
 }
 
 fn fleet_status(agent: &TestAgent) -> (FleetAnswer, Output) {
@@ -58,7 +62,7 @@ fn a_dead_node_stays_listed_as_missing_until_an_operator_forgets_it() {
         let old = BucketConfig { history: 1, ttl: Some(Duration::from_secs(30)), replicas: 1 };
         nats::connect(vec![server.url()]).await.create_bucket("HOIST_NODES", old).await.expect("create the old bucket");
     });
-    let agent_yaml = nats_yaml(&[server.url()], "fleet: { node_retention: 2d }\n");
+    let agent_yaml = nats_yaml(&[server.url()], "  node_retention: 2d\n");
     let a = TestAgent::start_with("dead-a", "containers: {}\n", &agent_yaml);
     let mut b = TestAgent::start_with("dead-b", "containers: {}\n", &agent_yaml);
     wait_until("both nodes to answer", Duration::from_secs(20), || (fleet_status(&a).0.replies.len() == 2).then_some(()));

@@ -4,7 +4,7 @@
 use super::raw::{self, file_error};
 use super::{
     AgentConfig, BackendKind, ConfigError, ConfigErrors, ControlConfig, DockerConfig, FleetConfig, MetricsConfig, NatsConfig,
-    RegistrationConfig, RolloutConfig, TlsConfig,
+    OperatorConfig, RegistrationConfig, RolloutConfig, TlsConfig,
 };
 use crate::backoff::BackoffConfig;
 use serde::{Deserialize, Deserializer};
@@ -53,6 +53,7 @@ struct RawNats {
     tls: Option<RawTls>,
     collective: Option<String>,
     replicas: Option<u8>,
+    inbox_prefix: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -103,6 +104,20 @@ struct RawBackoff {
 #[serde(deny_unknown_fields)]
 struct RawFleet {
     node_retention: Option<Secs>,
+    key: Option<PathBuf>,
+    operators: Option<Vec<RawOperator>>,
+    allow_unsigned: Option<bool>,
+    max_clock_skew: Option<Secs>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOperator {
+    name: String,
+    key: String,
+    allow: Vec<String>,
+    #[serde(default)]
+    containers: Vec<String>,
 }
 
 /// A duration as a humantime string (`10s`) or whole seconds, like the container data. A visitor (not
@@ -193,7 +208,7 @@ fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<Path
     let (docker, nats) = (raw.docker.unwrap_or_default(), raw.nats.unwrap_or_default());
     let (registration, control) = (raw.registration.unwrap_or_default(), raw.control.unwrap_or_default());
     let (metrics, rollout) = (raw.metrics.unwrap_or_default(), raw.rollout.unwrap_or_default());
-    let fleet = raw.fleet.unwrap_or_default();
+    let mut raw_fleet = raw.fleet.unwrap_or_default();
     let servers = nats.servers.unwrap_or_default();
     let mut errors = Vec::new();
     let mut error = |field: &str, message: String| {
@@ -219,7 +234,7 @@ fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<Path
     {
         error("nats.replicas", format!("{replicas} is not a replica count NATS keeps: use 1 to 5"));
     }
-    let node_retention = fleet.node_retention.map_or(crate::fleet::DEFAULT_NODE_RETENTION, |s| s.0);
+    let node_retention = raw_fleet.node_retention.take().map_or(crate::fleet::DEFAULT_NODE_RETENTION, |s| s.0);
     if node_retention < crate::fleet::LIVENESS {
         error(
             "fleet.node_retention",
@@ -255,6 +270,7 @@ fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<Path
             tls: nats.tls.map(|tls| TlsConfig { ca: tls.ca.map(resolve), cert: tls.cert.map(resolve), key: tls.key.map(resolve) }),
             collective: nats.collective.unwrap_or_else(|| "mcollective".into()),
             replicas: nats.replicas,
+            inbox_prefix: inbox_prefix(nats.inbox_prefix, &mut error),
         },
         facts,
         registration: RegistrationConfig { interval: secs(registration.interval, 15) },
@@ -267,13 +283,57 @@ fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<Path
             governor_timeout: secs(rollout.governor_timeout, 300),
             restart_backoff: backoff(rollout.restart_backoff.unwrap_or_default(), &mut error),
         },
-        fleet: FleetConfig { node_retention },
+        fleet: FleetConfig { node_retention, ..fleet_access(raw_fleet, &mut error, &resolve) },
         state_dir,
     };
     for (field, message) in super::limits::agent(&config) {
         error(field, message);
     }
     if errors.is_empty() { Ok(config) } else { Err(ConfigErrors(errors)) }
+}
+
+/// `nats.inbox_prefix`, without a trailing dot; it must be a plain subject for replies to be safe
+/// to answer to.
+fn inbox_prefix(raw: Option<String>, error: &mut impl FnMut(&str, String)) -> String {
+    let Some(raw) = raw else { return "_INBOX".into() };
+    let prefix = raw.strip_suffix('.').unwrap_or(&raw).to_string();
+    if prefix.is_empty() || prefix.split('.').any(|t| t.is_empty() || t.contains(['*', '>']) || t.contains(char::is_whitespace)) {
+        error("nats.inbox_prefix", format!("{raw:?} is not a plain subject prefix: use tokens without wildcards or spaces, e.g. _INBOX"));
+    }
+    prefix
+}
+
+/// The `fleet` section's access part: who may command this node, and the CLI's signing key.
+fn fleet_access(raw: RawFleet, error: &mut impl FnMut(&str, String), resolve: &impl Fn(PathBuf) -> PathBuf) -> FleetConfig {
+    let defaults = FleetConfig::default();
+    let mut operators: Vec<OperatorConfig> = Vec::new();
+    for (i, o) in raw.operators.unwrap_or_default().into_iter().enumerate() {
+        let field = |name: &str| format!("fleet.operators[{i}].{name}");
+        if o.name.is_empty() || operators.iter().any(|seen| seen.name == o.name) {
+            error(&field("name"), format!("{:?}: each operator needs a name of its own", o.name));
+        }
+        if o.key.starts_with('S') {
+            error(&field("key"), "this is a seed (the secret half): keep it on the operator's machine and list the public key (U…) that `hoist key new` printed".into());
+        } else if !o.key.starts_with('U') || nkeys::KeyPair::from_public_key(&o.key).is_err() {
+            error(&field("key"), format!("{:?} is not an operator's public key: use the U… key that `hoist key new` printed", o.key));
+        }
+        if o.allow.is_empty() {
+            error(&field("allow"), "list what this operator may do: status, transition, or single transitions such as restart".into());
+        }
+        let mut allow = Vec::new();
+        for p in &o.allow {
+            match p.parse() {
+                Ok(p) => allow.push(p),
+                Err(e) => error(&field("allow"), e),
+            }
+        }
+        operators.push(OperatorConfig { name: o.name, key: o.key, allow, containers: o.containers });
+    }
+    let max_clock_skew = raw.max_clock_skew.map_or(defaults.max_clock_skew, |s| s.0);
+    if max_clock_skew.is_zero() {
+        error("fleet.max_clock_skew", "must be more than zero, e.g. 30s: requests take time to arrive and clocks differ".into());
+    }
+    FleetConfig { key: raw.key.map(resolve), operators, allow_unsigned: raw.allow_unsigned.unwrap_or(false), max_clock_skew, ..defaults }
 }
 
 /// serde_yaml's message already carries the key path and the line; the field is recovered from it so

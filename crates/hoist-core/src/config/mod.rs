@@ -74,14 +74,9 @@ pub struct NatsConfig {
     /// Copies of each bucket and governor hoist creates; default: as many servers as the cluster has,
     /// up to 3.
     pub replicas: Option<u8>,
-}
-
-/// How the fleet remembers its nodes (`fleet:` in the agent file).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct FleetConfig {
-    /// How long a node that stopped announcing itself stays listed (as missing) before it is
-    /// forgotten: the TTL of `HOIST_NODES`. Default 7 days.
-    pub node_retention: Duration,
+    /// Reply subjects start with `<inbox_prefix>.`; agents answer fleet requests only there. Default
+    /// `_INBOX`, NATS's own.
+    pub inbox_prefix: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -122,6 +117,94 @@ pub struct RolloutConfig {
     pub governor_timeout: Duration,
     /// The crash backoff of every container that sets none of its own.
     pub restart_backoff: BackoffConfig,
+}
+
+/// The `fleet:` section: how the fleet remembers its nodes, who may command this node, and (for the
+/// CLI) which key signs its requests.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FleetConfig {
+    /// How long a node that stopped announcing itself stays listed (as missing) before it is
+    /// forgotten: the TTL of `HOIST_NODES`. Default 7 days.
+    pub node_retention: Duration,
+    /// The operator's seed file (`hoist key new`) the CLI signs fleet requests with.
+    pub key: Option<PathBuf>,
+    /// The keys this agent takes fleet requests from.
+    pub operators: Vec<OperatorConfig>,
+    /// Take requests from anyone who can publish on the fleet subjects, signed or not (labs only);
+    /// default false.
+    pub allow_unsigned: bool,
+    /// How far a request's time may be from this node's; default 30 s.
+    pub max_clock_skew: Duration,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            node_retention: crate::fleet::DEFAULT_NODE_RETENTION,
+            key: None,
+            operators: Vec::new(),
+            allow_unsigned: false,
+            max_clock_skew: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OperatorConfig {
+    /// Who this is, in logs and audit events.
+    pub name: String,
+    /// The public key (`U…`) as `hoist key new` prints it.
+    pub key: String,
+    pub allow: Vec<Permission>,
+    /// Only these containers; empty = all.
+    pub containers: Vec<String>,
+}
+
+/// What an operator may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Permission {
+    Status,
+    /// Every transition.
+    Transition,
+    /// One transition, e.g. `restart`.
+    Only(crate::fsm::Transition),
+}
+
+impl Permission {
+    pub fn allows(&self, operation: &crate::fleet::Operation) -> bool {
+        use crate::fleet::Operation;
+        match (self, operation) {
+            (Permission::Status, Operation::Status) => true,
+            (Permission::Transition, Operation::Transition { .. }) => true,
+            (Permission::Only(only), Operation::Transition { transition }) => only == transition,
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Permission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Permission::Status => f.write_str("status"),
+            Permission::Transition => f.write_str("transition"),
+            Permission::Only(t) => write!(f, "{t}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Permission {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "status" => Ok(Permission::Status),
+            "transition" => Ok(Permission::Transition),
+            other => other
+                .parse()
+                .map(Permission::Only)
+                .map_err(|_| format!("{other:?} is not a permission: use status, transition, or one transition such as restart")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

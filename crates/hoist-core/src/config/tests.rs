@@ -748,3 +748,46 @@ fn values_meant_as_text_keep_a_number_as_it_was_written() {
     assert_eq!(web.health_check.as_ref().unwrap().probe, Probe::Exec { command: vec!["check".into(), "2.0".into()] });
     assert_eq!(web.register_ports[0].port, 8080, "numbers meant as numbers are read as YAML types them");
 }
+
+#[test]
+fn agent_file_fleet_section() {
+    use crate::config::Permission;
+    use crate::fsm::Transition;
+    let dir = TempDir::new().unwrap();
+    let alice = nkeys::KeyPair::new_user();
+    let text = format!(
+        "nats: {{ inbox_prefix: _INBOX_hoist. }}\nfleet:\n  key: keys/me.nk\n  max_clock_skew: 1m\n  operators:\n    - {{ name: alice, key: {}, allow: [status, restart], containers: [web] }}\n",
+        alice.public_key()
+    );
+    let cfg = AgentConfig::load(&write(dir.path(), "hoist.yaml", &text)).unwrap();
+    assert_eq!(cfg.nats.inbox_prefix, "_INBOX_hoist", "the trailing dot is optional");
+    assert_eq!(cfg.fleet.key, Some(dir.path().join("keys/me.nk")));
+    assert_eq!(cfg.fleet.max_clock_skew, Duration::from_secs(60));
+    assert!(!cfg.fleet.allow_unsigned);
+    let op = &cfg.fleet.operators[0];
+    assert_eq!(
+        (op.name.as_str(), op.allow.as_slice(), op.containers.as_slice()),
+        ("alice", &[Permission::Status, Permission::Only(Transition::Restart)][..], &["web".to_string()][..])
+    );
+    let defaults = AgentConfig::load(&write(dir.path(), "empty.yaml", "")).unwrap();
+    assert_eq!((defaults.nats.inbox_prefix.as_str(), defaults.fleet.operators.len()), ("_INBOX", 0));
+
+    let errors = |text: &str| -> Vec<(String, String)> {
+        let e = AgentConfig::load(&write(dir.path(), "bad.yaml", text)).unwrap_err();
+        e.0.into_iter().map(|e| (e.field.unwrap_or_default(), e.message)).collect()
+    };
+    let seed = alice.seed().unwrap();
+    let bad = errors(&format!(
+        "fleet:\n  max_clock_skew: 0s\n  operators:\n    - {{ name: a, key: {seed}, allow: [status] }}\n    - {{ name: a, key: NOPE, allow: [reboot] }}\n    - {{ name: b, key: {}, allow: [] }}\n",
+        alice.public_key()
+    ));
+    let has = |field: &str, text: &str| bad.iter().any(|(f, m)| f == field && m.contains(text));
+    assert!(has("fleet.operators[0].key", "this is a seed"), "{bad:?}");
+    assert!(has("fleet.operators[1].name", "a name of its own"), "{bad:?}");
+    assert!(has("fleet.operators[1].key", "not an operator's public key"), "{bad:?}");
+    assert!(has("fleet.operators[1].allow", "\"reboot\" is not a permission"), "{bad:?}");
+    assert!(has("fleet.operators[2].allow", "list what this operator may do"), "{bad:?}");
+    assert!(has("fleet.max_clock_skew", "more than zero"), "{bad:?}");
+    assert_eq!(errors("nats: { inbox_prefix: '_INBOX.>' }\n")[0].0, "nats.inbox_prefix");
+    assert_eq!(errors("fleet: { operators: [ { name: a, key: x } ] }\n")[0].0, "fleet.operators[0]");
+}

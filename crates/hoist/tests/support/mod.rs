@@ -323,3 +323,29 @@ impl Watch {
         String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("one JSON event per line")).collect()
     }
 }
+
+/// An operator key for fleet commands, made with `hoist key new` as an operator would; the seed
+/// file lives as long as this value.
+pub struct OperatorKey {
+    pub seed: PathBuf,
+    pub public: String,
+    _dir: tempfile::TempDir,
+}
+
+impl OperatorKey {
+    pub fn new() -> OperatorKey {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = dir.path().join("operator.nk");
+        let out = Command::new(env!("CARGO_BIN_EXE_hoist")).args(["key", "new", "--json"]).arg(&seed).output().expect("run hoist");
+        assert!(out.status.success(), "hoist key new: {out:?}");
+        let printed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("key new JSON");
+        let public = printed["public_key"].as_str().expect("public_key").to_string();
+        OperatorKey { seed, public, _dir: dir }
+    }
+
+    /// Agent-file YAML: the agent takes fleet requests from this key as operator `name` with
+    /// `allow` (a YAML list), and the CLI run with the same file signs with it.
+    pub fn fleet_yaml(&self, name: &str, allow: &str) -> String {
+        format!("fleet:\n  key: {}\n  operators:\n    - {{ name: {name}, key: {}, allow: {allow} }}\n", self.seed.display(), self.public)
+    }
+}
