@@ -14,8 +14,8 @@ use hoist_core::files::FileWatch;
 use hoist_core::fleet::{
     AgentResponder, Announced, Fleet, LIVENESS, NODES_BUCKET, PRESENCE_INTERVAL, Presence, announce, held_elsewhere, nodes_bucket,
 };
-use hoist_core::health::Conditions;
 use hoist_core::fleet_auth::{Authority, node_key};
+use hoist_core::health::Conditions;
 use hoist_core::machine::MachineDeps;
 use hoist_core::persist::StateStore;
 use hoist_core::registration::{SERVICES_BUCKET, services_bucket};
