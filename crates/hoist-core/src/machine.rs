@@ -75,6 +75,10 @@ pub enum Input {
     },
     /// A job waited this long for a governor slot (for metrics).
     GovernorWaited(Duration),
+    /// The job is about to stop the container it replaces: a death from now on is its own doing.
+    TakingDown {
+        epoch: u64,
+    },
     /// What a job is doing right now (pull progress), shown in status while the job is current.
     JobProgress {
         epoch: u64,
@@ -257,6 +261,8 @@ pub struct Machine {
     update_pulled: bool,
     /// The KV's value for this container has not been read yet and nothing was remembered of it.
     kv_pending: bool,
+    /// The running provision job has begun to stop the container it replaces.
+    taking_down: bool,
     restarts: u64,
     /// A version that failed its health gate and was rolled back from; not tried again until the
     /// desired version changes or an operator asks for `update`.
@@ -315,6 +321,7 @@ pub async fn spawn(cfg: ContainerConfig, deps: Arc<MachineDeps>, candidates: Vec
         // Without its state file a machine does not know what the KV last asked for: it keeps what runs
         // until the KV answers, rather than move it back to the configured tag meanwhile.
         kv_pending: cfg.kv_update && remembered.is_none(),
+        taking_down: false,
         restarts: remembered.as_ref().map_or(0, |r| r.restarts),
         replacing: None,
         waiting_for_runtime: false,
@@ -424,6 +431,7 @@ impl Machine {
             }
             Input::Probe { epoch, result } if epoch == self.epoch => self.on_probe(result).await,
             Input::GovernorWaited(waited) => self.governor_wait += waited,
+            Input::TakingDown { epoch } => self.taking_down |= epoch == self.epoch,
             Input::JobProgress { epoch, activity } => {
                 if epoch == self.epoch && self.cancel_job.is_some() {
                     self.activity = Some(activity);
@@ -610,6 +618,16 @@ impl Machine {
                             self.revive_during_update(&why);
                         }
                     }
+                } else if matches!(self.state, State::Start | State::Restart) && self.cancel_job.is_some() && !self.taking_down {
+                    // The container a replacement is waiting to take down (for a slot, say) died on
+                    // its own: it is down already, so the replacement goes ahead now, without a slot.
+                    // A crash of the old container, not a failure of the version coming in.
+                    let why = format!("container died ({}) while its replacement waited", exit_text(exit_code));
+                    tracing::warn!(container = %self.cfg.name, reason = %why, "replacing it at once");
+                    self.next_delay = self.crash.failed(Instant::now());
+                    self.last_error = Some(why);
+                    self.remediating = true;
+                    self.start_provision(true).await;
                 }
             }
             RuntimeEventKind::Destroyed => {
@@ -793,6 +811,7 @@ impl Machine {
     /// Cancels the running job, probe and timers: whatever they report from now on is stale.
     fn supersede(&mut self) {
         self.epoch += 1;
+        self.taking_down = false;
         self.waiting_for_runtime = false;
         if let Some(cancel) = self.cancel_job.take() {
             let _ = cancel.send(true);
@@ -1591,6 +1610,7 @@ impl JobCtx {
                 // STOPSIGNAL or `stop_signal`, else SIGTERM), then the grace, then a kill.
                 let short: String = old.id.chars().take(12).collect();
                 let grace = humantime::format_duration(turn.stop_grace);
+                let _ = self.tx.send(Input::TakingDown { epoch: self.epoch }).await;
                 tracing::info!(container = %spec.name, id = %short, %grace, "stopping the replaced container");
                 self.progress(format!("stopping {short}, {grace} grace")).await;
                 self.or_cancelled(runtime.stop(&old.id, turn.stop_grace)).await??;

@@ -360,3 +360,35 @@ fn a_probe_that_cannot_run_for_lack_of_descriptors_is_no_verdict_on_the_containe
     let after = agent.wait_running("web");
     assert_eq!((after.container_id, after.restarts), (before.container_id, before.restarts), "a healthy container was not replaced");
 }
+
+#[test]
+fn a_container_that_dies_while_its_replacement_waits_for_a_slot_is_replaced_at_once() {
+    // Two containers share a restart governor of capacity 1; a long unverified wait keeps the first
+    // one's slot held while the second waits for it.
+    let rollout = "{ unverified_wait: 20s, min_healthy_time: 1s, healthy_deadline: 60s, governor_timeout: 120s }";
+    let one = |name: &str, port: u16| {
+        format!(
+            "  {name}:\n    image: {}\n    image_tag: v1\n    kv_update: true\n    restart_governor: RG\n    ports: ['127.0.0.1:{port}:80']\n",
+            image()
+        )
+    };
+    let (p1, p2) = (free_port(), free_port());
+    let agent = TestAgent::start_with_rollout("slotwaitdie", &format!("containers:\n{}{}", one("a", p1), one("b", p2)), "", rollout);
+    agent.hoist_ok(&["governor", "add", "RG", "1", "5m"]);
+    agent.wait_machine("a", "RUN", Duration::from_secs(60), |m| running_on(m, "v1"));
+    let b_before = agent.wait_machine("b", "RUN", Duration::from_secs(60), |m| running_on(m, "v1"));
+    agent.hoist_ok(&["kv", "put", "HOIST", "container/a/tag", "v2"]);
+    agent.wait_machine("a", "holding the slot", Duration::from_secs(30), |m| m.state == State::Restart && m.version == "v2");
+    agent.hoist_ok(&["kv", "put", "HOIST", "container/b/tag", "v2"]);
+    agent.wait_machine("b", "waiting for the slot", Duration::from_secs(30), |m| {
+        m.state == State::Restart && m.activity.as_deref().is_some_and(|a| a.contains("waiting for a slot"))
+    });
+
+    docker_ok(&["kill", &agent.container_name("b")]);
+    let b = agent.wait_machine("b", "replaced without the slot", Duration::from_secs(10), |m| {
+        m.container_id.is_some() && m.container_id != b_before.container_id && m.version == "v2"
+    });
+    assert!(b.condition.is_none(), "not a failure of v2: {b:?}");
+    let a = agent.machine("a").unwrap();
+    assert_eq!(a.state, State::Restart, "a still holds the slot: {a:?}");
+}
