@@ -127,26 +127,27 @@ impl Agent {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         while let Some(cmd) = rx.recv().await {
             match cmd {
+                // Answered off the loop: the agent routes, and never waits on a machine, which may be
+                // busy (an operator's `update` waits for the fleet's mark to be deleted, say).
                 Command::Status { container, reply } => {
-                    let handles: Vec<&MachineHandle> =
-                        self.machines.values().filter(|m| container.as_ref().is_none_or(|c| *c == m.name)).collect();
-                    let machines = join_all(handles.into_iter().map(|m| m.status())).await.into_iter().flatten().collect();
+                    let handles: Vec<MachineHandle> =
+                        self.machines.values().filter(|m| container.as_ref().is_none_or(|c| *c == m.name)).cloned().collect();
                     let mut warnings = self.deps.conditions.list();
                     warnings.extend(self.warnings.iter().cloned());
-                    let _ = reply.send(NodeStatus {
-                        node: self.deps.node.clone(),
-                        machines,
-                        config_error: self.config_error.clone(),
-                        warnings,
+                    let (node, config_error) = (self.deps.node.clone(), self.config_error.clone());
+                    tokio::spawn(async move {
+                        let machines = join_all(handles.iter().map(|m| m.status())).await.into_iter().flatten().collect();
+                        let _ = reply.send(NodeStatus { node, machines, config_error, warnings });
                     });
                 }
-                Command::Transition { container, transition, reply } => {
-                    let result = match self.machines.get(&container) {
-                        Some(m) => m.request(transition).await,
-                        None => Err(format!("no container named {container:?} is managed on {}", self.deps.node)),
-                    };
-                    let _ = reply.send(result);
-                }
+                Command::Transition { container, transition, reply } => match self.machines.get(&container).cloned() {
+                    Some(m) => {
+                        tokio::spawn(async move { reply.send(m.request(transition).await) });
+                    }
+                    None => {
+                        let _ = reply.send(Err(format!("no container named {container:?} is managed on {}", self.deps.node)));
+                    }
+                },
                 Command::Reload { set, reply } => {
                     match set {
                         Ok(set) => {
