@@ -5,7 +5,7 @@
 
 use crate::backend::{TRANSITION_PROTOCOL, TransitionEvent};
 use crate::config::{ContainerConfig, ContainerSet, Ensure};
-use crate::fsm::{State, Transition};
+use crate::fsm::{State, Transition, TransitionError};
 use crate::machine::{self, Input, MachineDeps, MachineHandle};
 use crate::runtime::{ContainerInfo, RunState, RuntimeEvent};
 use crate::spec::LABEL_NAME;
@@ -30,7 +30,7 @@ enum Command {
     Transition {
         container: String,
         transition: Transition,
-        reply: oneshot::Sender<Result<State, String>>,
+        reply: oneshot::Sender<Result<State, TransitionError>>,
     },
     Reload {
         set: Result<ContainerSet, String>,
@@ -66,10 +66,10 @@ impl AgentHandle {
         rx.await.unwrap_or_else(|_| NodeStatus { node: self.node.clone(), machines: vec![], config_error: None, warnings: vec![] })
     }
 
-    pub async fn transition(&self, container: &str, transition: Transition) -> Result<State, String> {
+    pub async fn transition(&self, container: &str, transition: Transition) -> Result<State, TransitionError> {
         let (reply, rx) = oneshot::channel();
         let _ = self.tx.send(Command::Transition { container: container.into(), transition, reply }).await;
-        rx.await.unwrap_or_else(|_| Err("the agent is shutting down".into()))
+        rx.await.unwrap_or_else(|_| Err(TransitionError::ShuttingDown("the agent".into())))
     }
 
     /// Applies a freshly loaded container set, or records why loading it failed (nothing changes then).
@@ -145,7 +145,7 @@ impl Agent {
                         tokio::spawn(async move { reply.send(m.request(transition).await) });
                     }
                     None => {
-                        let _ = reply.send(Err(format!("no container named {container:?} is managed on {}", self.deps.node)));
+                        let _ = reply.send(Err(TransitionError::UnknownContainer { container, node: self.deps.node.clone() }));
                     }
                 },
                 Command::Reload { set, reply } => {

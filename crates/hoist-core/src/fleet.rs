@@ -324,7 +324,7 @@ impl AgentResponder {
                 let result = self.agent.transition(&m.container, transition).await;
                 let (state, error) = match result {
                     Ok(s) => (Some(s), None),
-                    Err(e) => (None, Some(e)),
+                    Err(e) => (None, Some(e.to_string())),
                 };
                 transitions.push(TransitionOutcome { container: m.container.clone(), state, error });
             }

@@ -101,6 +101,21 @@ fn allowed_list(state: &State) -> String {
     if names.is_empty() { "none".into() } else { names.join(", ") }
 }
 
+/// Why a transition an operator asked for was not made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransitionError {
+    #[error(transparent)]
+    NotAllowed(#[from] NotAllowed),
+    /// `health_check` is the agent's own verdict.
+    #[error("{0} is decided by the agent's health checks, not requested")]
+    NotRequestable(Transition),
+    #[error("no container named {container:?} is managed on {node}")]
+    UnknownContainer { container: String, node: String },
+    /// The machine or the agent is stopping.
+    #[error("{0} is shutting down")]
+    ShuttingDown(String),
+}
+
 /// Checks a transition against the table.
 pub fn check(from: State, transition: Transition) -> Result<State, NotAllowed> {
     transition.target(from).ok_or(NotAllowed { transition, state: from })

@@ -12,7 +12,7 @@ use crate::backend::{BackendError, Events, Governor, GovernorEventType, HOIST_BU
 use crate::backoff::{CrashLoop, Retry};
 use crate::config::{ContainerConfig, DockerConfig, RolloutConfig};
 use crate::files::FileWatch;
-use crate::fsm::{self, State, Transition};
+use crate::fsm::{self, State, Transition, TransitionError};
 use crate::persist::{Remembered, StateStore};
 use crate::registration;
 use crate::rollback_mark::{self, RollbackMark};
@@ -62,7 +62,7 @@ pub enum Input {
     DesiredVersion(Option<String>),
     FileTouched(PathBuf),
     Reconfigure(Box<ContainerConfig>),
-    Request(Transition, oneshot::Sender<Result<State, String>>),
+    Request(Transition, oneshot::Sender<Result<State, TransitionError>>),
     Status(oneshot::Sender<MachineStatus>),
     /// Stop managing. With `remove`, the container is removed too (purge, `ensure: absent`).
     Shutdown {
@@ -195,10 +195,10 @@ impl MachineHandle {
         rx.await.ok()
     }
 
-    pub async fn request(&self, transition: Transition) -> Result<State, String> {
+    pub async fn request(&self, transition: Transition) -> Result<State, TransitionError> {
         let (tx, rx) = oneshot::channel();
         self.send(Input::Request(transition, tx)).await;
-        rx.await.unwrap_or_else(|_| Err(format!("{} is shutting down", self.name)))
+        rx.await.unwrap_or_else(|_| Err(TransitionError::ShuttingDown(self.name.clone())))
     }
 
     pub async fn shutdown(&self, remove: bool) {
@@ -445,11 +445,11 @@ impl Machine {
     }
 
     /// An operator's request: checked against the table and applied now.
-    async fn request(&mut self, transition: Transition) -> Result<State, String> {
+    async fn request(&mut self, transition: Transition) -> Result<State, TransitionError> {
         if !transition.operator_may_request() {
-            return Err(format!("{transition} is decided by the agent's health checks, not requested"));
+            return Err(TransitionError::NotRequestable(transition));
         }
-        fsm::check(self.state, transition).map_err(|e| e.to_string())?;
+        fsm::check(self.state, transition)?;
         if transition == Transition::Update {
             // The operator says the version is worth another try (e.g. the tag was re-pushed), here
             // and, through the fleet's mark, on the nodes that skipped it.

@@ -190,7 +190,8 @@ fn main() -> ExitCode {
         Err(e) => {
             // Errors often carry the agent's or a backend's words.
             eprintln!("hoist: {}", output::clean_lines(&format!("{e:#}")));
-            ExitCode::FAILURE
+            // A refused transition says why in its exit code too.
+            e.downcast_ref::<control::client::Refusal>().map_or(ExitCode::FAILURE, |r| ExitCode::from(r.exit_code()))
         }
     }
 }

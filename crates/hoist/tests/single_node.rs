@@ -493,3 +493,22 @@ fn transition_wait_follows_the_container_until_it_settles() {
     assert!(out.trim_end().ends_with("web: MAINTENANCE on v1"), "{out}");
     assert!(!agent.container_running("web"));
 }
+
+#[test]
+fn refused_transitions_exit_with_a_code_that_says_why() {
+    let agent = TestAgent::start("exitcodes", &web(free_port(), "v1", ""));
+    agent.wait_running("web");
+    let code = |args: &[&str]| {
+        let out = agent.hoist(args);
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (not_allowed, why) = code(&["transition", "web", "resume"]);
+    assert_eq!(not_allowed, Some(3), "{why}");
+    assert!(why.contains("allowed: maintenance, restart, update, stop"), "{why}");
+    let (unknown, why) = code(&["transition", "nosuch", "restart"]);
+    assert_eq!(unknown, Some(4), "{why}");
+    assert!(why.contains("no container named \"nosuch\""), "{why}");
+    let (not_requestable, why) = code(&["transition", "web", "health_check"]);
+    assert_eq!(not_requestable, Some(2), "{why}");
+    assert!(why.contains("decided by the agent's health checks"), "{why}");
+}

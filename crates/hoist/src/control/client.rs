@@ -17,6 +17,35 @@ use serde::de::DeserializeOwned;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// How a request went wrong: the agent could not be reached, or it answered no.
+enum Sent {
+    Unreachable(BackendError),
+    Refused(Refusal),
+}
+
+/// The agent refused a request, with its status and reason.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl Refusal {
+    /// The CLI's exit code for a refused transition, so scripts can tell the cases apart: 3 not allowed
+    /// from the current state, 4 no such container, 5 the agent is shutting down, 2 a transition that
+    /// cannot be requested (a usage error), 1 anything else.
+    pub fn exit_code(&self) -> u8 {
+        match self.status {
+            StatusCode::CONFLICT => 3,
+            StatusCode::NOT_FOUND => 4,
+            StatusCode::SERVICE_UNAVAILABLE => 5,
+            StatusCode::BAD_REQUEST => 2,
+            _ => 1,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ControlClient {
     socket: PathBuf,
@@ -31,14 +60,24 @@ impl ControlClient {
 
     /// One request whose non-success answer becomes an error carrying the agent's message.
     async fn send(&self, method: Method, path: &str, body: Bytes) -> BackendResult<Response> {
+        self.send_or_refusal(method, path, body).await.map_err(|e| match e {
+            Sent::Unreachable(e) => e,
+            Sent::Refused(refusal) if refusal.status == StatusCode::SERVICE_UNAVAILABLE => BackendError::Unavailable(refusal.message),
+            Sent::Refused(refusal) => BackendError::Other(refusal.message),
+        })
+    }
+
+    /// One request; a non-success answer comes back with its status, for callers that tell refusals apart.
+    async fn send_or_refusal(&self, method: Method, path: &str, body: Bytes) -> Result<Response, Sent> {
+        let unreachable = |e: String| Sent::Unreachable(BackendError::Unavailable(e));
         let stream = tokio::net::UnixStream::connect(&self.socket).await.map_err(|e| {
-            BackendError::Unavailable(format!(
+            unreachable(format!(
                 "cannot reach the hoist agent at {}: {e} (is `hoist agent` running? set --socket or control.socket)",
                 self.socket.display()
             ))
         })?;
         let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| BackendError::Unavailable(e.to_string()))?;
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| unreachable(e.to_string()))?;
         tokio::spawn(conn);
         let request = Request::builder()
             .method(method)
@@ -47,7 +86,7 @@ impl ControlClient {
             .header("content-type", "application/json")
             .body(Full::new(body))
             .expect("static request parts");
-        let response = sender.send_request(request).await.map_err(|e| BackendError::Unavailable(e.to_string()))?;
+        let response = sender.send_request(request).await.map_err(|e| unreachable(e.to_string()))?;
         if response.status().is_success() {
             return Ok(response);
         }
@@ -56,10 +95,7 @@ impl ControlClient {
         let message = serde_json::from_slice::<ErrorReply>(&body)
             .map(|e| e.error)
             .unwrap_or_else(|_| format!("{status}: {}", String::from_utf8_lossy(&body)));
-        Err(match status {
-            StatusCode::SERVICE_UNAVAILABLE => BackendError::Unavailable(message),
-            _ => BackendError::Other(message),
-        })
+        Err(Sent::Refused(Refusal { status, message }))
     }
 
     async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Bytes) -> BackendResult<T> {
@@ -101,9 +137,18 @@ impl ControlClient {
         }
     }
 
-    pub async fn transition(&self, container: &str, transition: Transition) -> BackendResult<State> {
+    /// The state the machine is in after `transition`; a refusal keeps the agent's status, which says
+    /// why (`Refusal::exit_code`).
+    pub async fn transition(&self, container: &str, transition: Transition) -> anyhow::Result<State> {
         let body = serde_json::to_vec(&TransitionRequest { container: container.into(), transition }).expect("serialises");
-        let reply: TransitionReply = self.call(Method::POST, "/v1/transition", body.into()).await?;
+        let response = match self.send_or_refusal(Method::POST, "/v1/transition", body.into()).await {
+            Ok(response) => response,
+            Err(Sent::Unreachable(e)) => return Err(e.into()),
+            Err(Sent::Refused(refusal)) => return Err(refusal.into()),
+        };
+        let bytes = response.into_body().collect().await.map_err(|e| BackendError::Unavailable(e.to_string()))?.to_bytes();
+        let reply: TransitionReply =
+            serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("unexpected answer from the agent: {e}"))?;
         Ok(reply.state)
     }
 

@@ -152,9 +152,18 @@ async fn status(State(c): State<Control>, Query(q): Query<ContainerFilter>) -> A
 }
 
 async fn transition(State(c): State<Control>, axum::Json(req): axum::Json<TransitionRequest>) -> ApiResult<TransitionReply> {
+    use hoist_core::fsm::TransitionError;
     match c.agent.transition(&req.container, req.transition).await {
         Ok(state) => json(TransitionReply { state }),
-        Err(e) => Err(ApiError(StatusCode::CONFLICT, e)),
+        Err(e) => {
+            let code = match e {
+                TransitionError::NotAllowed(_) => StatusCode::CONFLICT,
+                TransitionError::NotRequestable(_) => StatusCode::BAD_REQUEST,
+                TransitionError::UnknownContainer { .. } => StatusCode::NOT_FOUND,
+                TransitionError::ShuttingDown(_) => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            Err(ApiError(code, e.to_string()))
+        }
     }
 }
 
