@@ -112,6 +112,8 @@ pub enum TimerKind {
 
 /// How long an operator's `update` waits to delete the fleet's rollback mark.
 const MARK_FORGET_LIMIT: Duration = Duration::from_secs(2);
+/// The longest a machine waits for one inspect before it takes the engine for unavailable.
+const INSPECT_LIMIT: Duration = Duration::from_secs(10);
 /// How often a machine waiting for an unreachable runtime tries again without being told it is back.
 const RUNTIME_RETRY: Duration = Duration::from_secs(10);
 
@@ -505,7 +507,7 @@ impl Machine {
         if self.state != State::Run
             && let Some(publisher) = self.registration.take()
         {
-            publisher.withdraw().await;
+            publisher.withdraw_in_background();
         }
         match self.state {
             State::Start => self.start_provision(false).await,
@@ -611,7 +613,7 @@ impl Machine {
                     // An engine stopping without live-restore kills its containers and stops
                     // answering: no crash of the container, and no reason to roll a new version back.
                     // It is replaced all the same, once the engine is back.
-                    match self.deps.runtime.inspect(&event.container_id).await {
+                    match self.inspect(&event.container_id).await {
                         Err(RuntimeError::Unavailable(_)) => self.last_error = Some(format!("{why}: the container runtime went away")),
                         _ => {
                             self.failed(why.clone()).await;
@@ -641,6 +643,14 @@ impl Machine {
         self.after_observation().await;
     }
 
+    /// A look at one container, bounded: the machine answers status and operators while it waits, so
+    /// an engine that hangs must not hold it (an engine that does not answer in time is unavailable).
+    async fn inspect(&self, id: &str) -> Result<Option<ContainerInfo>, RuntimeError> {
+        tokio::time::timeout(INSPECT_LIMIT, self.deps.runtime.inspect(id))
+            .await
+            .unwrap_or_else(|_| Err(RuntimeError::Unavailable(format!("inspecting {id} took longer than {INSPECT_LIMIT:?}"))))
+    }
+
     /// The running container failed while its update waits for a pull (a registry that refuses, a
     /// tag not pushed yet): bring back the version it ran at once, and update once the pull works.
     fn revive_during_update(&mut self, why: &str) {
@@ -653,7 +663,7 @@ impl Machine {
     /// the runtime unreachable.
     async fn resync(&mut self) {
         if let Some(id) = self.container.as_ref().map(|c| c.id.clone()) {
-            let found = match self.deps.runtime.inspect(&id).await {
+            let found = match self.inspect(&id).await {
                 Ok(found) => found,
                 Err(e) => return tracing::warn!(container = %self.cfg.name, error = %e, "resync failed"),
             };
@@ -949,7 +959,7 @@ impl Machine {
                 }
                 // Events of the new container that arrived before this outcome were not yet ours and
                 // were dropped; a fresh look catches one that already died or turned unhealthy.
-                let info = match self.deps.runtime.inspect(&info.id).await {
+                let info = match self.inspect(&info.id).await {
                     Ok(Some(fresh)) => fresh,
                     Ok(None) => ContainerInfo { state: RunState::Dead, ..info },
                     Err(_) => info,

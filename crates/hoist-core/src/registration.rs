@@ -14,6 +14,9 @@ use tokio::task::AbortHandle;
 
 pub const SERVICES_BUCKET: &str = "CHORIA_SERVICES";
 
+/// The longest a withdrawal waits for the store.
+const WITHDRAW_LIMIT: Duration = Duration::from_secs(5);
+
 /// How long an entry outlives its last refresh: long enough to ride out a missed refresh or two,
 /// short enough that a dead node's services vanish quickly.
 pub fn services_bucket(interval: Duration, replicas: u8) -> BucketConfig {
@@ -86,14 +89,26 @@ impl Publisher {
         Some(Publisher { kv, keys, task: task.abort_handle() })
     }
 
+    /// Deletes the entries, giving up after `WITHDRAW_LIMIT` (the store may be unreachable): an entry
+    /// left behind still expires with the bucket's TTL.
     pub async fn withdraw(self) {
         self.task.abort();
-        for key in &self.keys {
-            // Best effort: an entry left behind still expires with the bucket's TTL.
-            if let Err(e) = self.kv.delete(SERVICES_BUCKET, key).await {
-                tracing::debug!(%key, error = %e, "could not withdraw a service registration");
+        let deletes = async {
+            for key in &self.keys {
+                if let Err(e) = self.kv.delete(SERVICES_BUCKET, key).await {
+                    tracing::debug!(%key, error = %e, "could not withdraw a service registration");
+                }
             }
+        };
+        if tokio::time::timeout(WITHDRAW_LIMIT, deletes).await.is_err() {
+            tracing::debug!("withdrawing service registrations timed out; they expire with the bucket's TTL");
         }
+    }
+
+    /// `withdraw` on a task of its own, for a machine that must not wait on the store (a container
+    /// leaving RUN is replaced at once, whether or not NATS answers).
+    pub fn withdraw_in_background(self) {
+        tokio::spawn(self.withdraw());
     }
 }
 
