@@ -154,7 +154,7 @@ pub async fn idle(count: usize, window: Duration) -> anyhow::Result<Vec<Row>> {
     Ok(vec![Row::below(scenario, "agent RSS", rss, "MB", 20.0, note), Row::below(scenario, "agent idle CPU", cpu, "% of a core", 0.5, "")])
 }
 
-/// utime + stime of a process, in clock ticks (fields 14 and 15 of /proc/<pid>/stat).
+/// utime + stime of a process, in clock ticks (fields 14 and 15 of `/proc/<pid>/stat`).
 fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The command name may contain spaces; fields are counted after its closing parenthesis.
