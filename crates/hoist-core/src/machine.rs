@@ -907,25 +907,50 @@ impl Machine {
         let governor = self.cfg.update_governor.clone();
         // Read before the pull, so a version the fleet already rejected is not even fetched here.
         let check_fleet_mark = self.kv_asks().is_some() && self.trying_new_version();
+        // A version no node has passed yet is fetched only by a node about to try it: one that has its
+        // restart slot (taken here, and kept for the RESTART that follows). Once a node has passed its
+        // gate with it, the others fetch it ahead of their turn, so the slot covers no pull.
+        let try_first =
+            self.cfg.restart_governor.clone().filter(|_| {
+                check_fleet_mark && self.lease.is_none() && self.container.as_ref().is_some_and(|c| c.state == RunState::Running)
+            });
         let wait = self.pull_wait();
         let activity =
             if wait.is_zero() { format!("pulling {image}") } else { format!("retrying the pull in {:.0} s", wait.as_secs_f64().ceil()) };
         self.spawn_job(activity, move |ctx| async move {
             let result = async {
-                if !wait.is_zero() {
-                    ctx.or_cancelled(tokio::time::sleep(wait)).await?;
+                if !wait.is_zero()
+                    && let Err(e) = ctx.or_cancelled(tokio::time::sleep(wait)).await
+                {
+                    return (None, Err(e));
                 }
-                if check_fleet_mark && let Some(mark) = rollback_mark::find(&*ctx.deps.kv, &spec.name, &spec.version).await {
-                    return Ok(JobDone::RolledBackElsewhere(mark));
+                let rejected = || async { rollback_mark::find(&*ctx.deps.kv, &spec.name, &spec.version).await };
+                if check_fleet_mark && let Some(mark) = rejected().await {
+                    return (None, Ok(JobDone::RolledBackElsewhere(mark)));
+                }
+                let mut restart_slot = None;
+                if let Some(restart) = try_first
+                    && !rollback_mark::verified(&*ctx.deps.kv, &spec.name, &spec.version).await
+                {
+                    match ctx.acquire(&restart).await {
+                        Ok(slot) => restart_slot = Some(slot),
+                        Err(e) => return (None, Err(e)),
+                    }
+                    // The verdict of whoever had the slot before.
+                    if let Some(mark) = rejected().await {
+                        return (None, Ok(JobDone::RolledBackElsewhere(mark)));
+                    }
                 }
                 // The update governor limits concurrent pulls only; its slot is dropped (released)
                 // with the pull. The restart that follows is governed by the restart governor.
                 let mut slot = None;
                 ctx.progress(format!("pulling {image}")).await;
-                ctx.pull(&image, governor, &mut slot).await.map(JobDone::Pulled)
+                let pulled = ctx.pull(&image, governor, &mut slot).await.map(JobDone::Pulled);
+                // A pull that failed keeps no restart slot: nothing is being taken down.
+                (restart_slot.filter(|_| pulled.is_ok()), pulled)
             }
             .await;
-            JobOutcome { lease: None, result }
+            JobOutcome { lease: result.0, result: result.1 }
         });
     }
 
@@ -1150,6 +1175,11 @@ impl Machine {
             (_, Some(_)) | (RuntimeHealth::Healthy, None) => "healthy",
             _ => "running, unverified (no health check)",
         };
+        if let Some(asked) = self.kv_asks().filter(|_| self.trying_new_version()) {
+            // The fleet's first pass of this version: the nodes waiting may fetch it now.
+            let (kv, name, version, node) = (self.deps.kv.clone(), self.cfg.name.clone(), asked.clone(), self.deps.node.clone());
+            tokio::spawn(async move { rollback_mark::record_verified(&*kv, &name, &version, &node).await });
+        }
         self.want(Transition::HealthCheck, how.into());
     }
 

@@ -66,6 +66,39 @@ pub async fn forget(kv: &dyn Kv, container: &str, version: &ImageVersion) {
     }
 }
 
+/// The key under which the first node to pass its gate with a version records that it did.
+pub fn verified_key(container: &str) -> String {
+    format!("container/{container}/verified")
+}
+
+/// Records that `version`, asked for by the tag key, passed its health gate on `node`: nodes waiting
+/// for their turn may fetch it ahead of it. Like a rollback mark, it applies to the tag key's revision.
+pub async fn record_verified(kv: &dyn Kv, container: &str, version: &ImageVersion, node: &str) {
+    let tag = match kv.get(HOIST_BUCKET, &tag_key(container)).await {
+        Ok(Some(entry)) if asks_for(&entry.value_str(), version) => entry,
+        Ok(_) => return,
+        Err(e) => return tracing::debug!(container, error = %e, "could not record the version as verified"),
+    };
+    let mark = RollbackMark {
+        version: version.to_string(),
+        node: node.into(),
+        reason: "passed its health gate".into(),
+        tag_revision: tag.revision,
+    };
+    if let Err(e) = kv.put(HOIST_BUCKET, &verified_key(container), &serde_json::to_vec(&mark).expect("serialises")).await {
+        tracing::debug!(container, error = %e, "could not record the version as verified");
+    }
+}
+
+/// Whether a node has passed its gate with `version` for the tag key's current request. Unknown (an
+/// unreachable store) counts as not verified: the version is then fetched only by a node trying it.
+pub async fn verified(kv: &dyn Kv, container: &str, version: &ImageVersion) -> bool {
+    let Ok(Some(entry)) = kv.get(HOIST_BUCKET, &verified_key(container)).await else { return false };
+    let Ok(mark) = serde_json::from_slice::<RollbackMark>(&entry.value) else { return false };
+    let Ok(Some(tag)) = kv.get(HOIST_BUCKET, &tag_key(container)).await else { return false };
+    asks_for(&mark.version, version) && tag.revision == mark.tag_revision
+}
+
 fn asks_for(value: &str, version: &ImageVersion) -> bool {
     ImageVersion::parse(value.trim()).is_ok_and(|v| v == *version)
 }

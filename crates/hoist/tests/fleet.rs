@@ -138,6 +138,12 @@ fn a_failing_version_is_tried_on_one_node_and_stopped_fleet_wide() {
         let condition = reply.status.machines[0].condition.clone().unwrap_or_default();
         assert!(condition.contains(&format!("broken was rolled back on {tried_node}")), "{}: {condition}", reply.node);
     }
+    // Only the node that tried it pulled it: the others waited for their turn before fetching a
+    // version no node had passed yet, and then read the verdict.
+    for a in agents.iter().filter(|a| a.node != tried_node) {
+        let pulled = a.log().lines().any(|l| l.contains("pull") && l.contains(":broken") && l.contains("status="));
+        assert!(!pulled, "{} pulled a version it never tried:\n{}", a.node, a.log());
+    }
     let mark: serde_json::Value = serde_json::from_str(&agents[1].hoist_ok(&["kv", "get", "HOIST", "container/web/rollback"])).unwrap();
     assert_eq!((mark["version"].as_str(), mark["node"].as_str()), (Some("broken"), Some(tried_node.as_str())), "{mark}");
     for a in &agents {
