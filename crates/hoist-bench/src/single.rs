@@ -201,7 +201,7 @@ pub async fn idle(count: usize, window: Duration) -> anyhow::Result<Vec<Row>> {
     let status = agent.status().await?;
     let running = status["machines"].as_array().map_or(0, |m| m.iter().filter(|m| m["state"] == "RUN").count());
     let note = format!("{running}/{count} containers in RUN, {:.0} s window", window.as_secs_f64());
-    Ok(vec![Row::below(scenario, "agent RSS", rss, "MB", 20.0, note), Row::below(scenario, "agent idle CPU", cpu, "% of a core", 0.5, "")])
+    Ok(vec![Row::below(scenario, "agent RSS", rss, "MB", 12.0, note), Row::below(scenario, "agent idle CPU", cpu, "% of a core", 0.5, "")])
 }
 
 /// utime + stime of a process, in clock ticks (fields 14 and 15 of /proc/<pid>/stat).
