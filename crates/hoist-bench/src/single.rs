@@ -71,6 +71,10 @@ async fn own_start_time(node: &str) -> anyhow::Result<Duration> {
 
 /// One `docker kill` of the agent's container once it is in RUN, timed from Docker's die event.
 struct Kill {
+    /// The killed container removed (`destroy`): the agent noticed the death and cleared the name.
+    to_removed: Duration,
+    /// The replacement created: what is left of `to_start` is Docker starting it.
+    to_created: Duration,
     to_start: Duration,
     to_run: Duration,
     /// What status showed once the machine had left RUN (read only when asked: polling the control
@@ -82,15 +86,25 @@ async fn kill_once(agent: &RealAgent, read_activity: bool) -> anyhow::Result<Kil
     let status = agent.wait_run("v1", Duration::from_secs(60)).await?;
     let id = status["machines"][0]["container_id"].as_str().context("no container id")?.to_string();
     let mut events = watch(&agent.socket).await?;
-    let (_docker, mut docker) = docker_events(&format!("io.hoist.node={}", agent.node), &["die", "start"]).await?;
+    let (_docker, mut docker) = docker_events(&format!("io.hoist.node={}", agent.node), &["die", "destroy", "create", "start"]).await?;
     let kill = Command::new("docker").args(["kill", &id]).stdout(Stdio::null()).status().await?;
     anyhow::ensure!(kill.success(), "docker kill {id} failed");
     let died = next_docker(&mut docker, "die").await?;
     let activity = if read_activity { Some(activity_after_run(agent).await?) } else { None };
+    // In this order: the replacement takes the name the dead container held.
+    let removed = next_docker(&mut docker, "destroy").await?;
+    let created = next_docker(&mut docker, "create").await?;
     let started = next_docker(&mut docker, "start").await?;
     anyhow::ensure!(!id.starts_with(&started.id) && started.id != id, "the killed container was restarted in place");
     let run = next_matching(&mut events, Duration::from_secs(120), |e| e["to_state"] == "RUN").await?;
-    Ok(Kill { to_start: started.at.saturating_duration_since(died.at), to_run: run.at.saturating_duration_since(died.at), activity })
+    let since_death = |at: Instant| at.saturating_duration_since(died.at);
+    Ok(Kill {
+        to_removed: since_death(removed.at),
+        to_created: since_death(created.at),
+        to_start: since_death(started.at),
+        to_run: since_death(run.at),
+        activity,
+    })
 }
 
 /// The first activity status shows for the machine once it is out of RUN.
@@ -136,6 +150,7 @@ pub async fn kill_restart(rounds: usize, repeats: u32) -> anyhow::Result<Vec<Row
     let scenario = "kill-restart";
     let mut agent = RealAgent::start("kill", 1).await?;
     let own = own_start_time(&agent.node).await?;
+    let (mut to_removed, mut removed_to_created, mut created_to_start) = (Vec::new(), Vec::new(), Vec::new());
     let (mut to_start, mut to_run) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         if round > 0 {
@@ -143,6 +158,9 @@ pub async fn kill_restart(rounds: usize, repeats: u32) -> anyhow::Result<Vec<Row
             agent.spawn().await?;
         }
         let kill = kill_once(&agent, false).await?;
+        to_removed.push(ms(kill.to_removed));
+        removed_to_created.push(ms(kill.to_created - kill.to_removed));
+        created_to_start.push(ms(kill.to_start - kill.to_created));
         to_start.push(ms(kill.to_start));
         to_run.push(ms(kill.to_run));
     }
@@ -154,6 +172,21 @@ pub async fn kill_restart(rounds: usize, repeats: u32) -> anyhow::Result<Vec<Row
     let mut rows = vec![
         Row::below(scenario, "first failure: die → replacement started, p50", percentile(&to_start, 50.0), "ms", bar, note),
         Row::below(scenario, "first failure: die → replacement started, p99", percentile(&to_start, 99.0), "ms", bar, ""),
+        Row::info(
+            scenario,
+            "first failure: die → old container removed, p50",
+            percentile(&to_removed, 50.0),
+            "ms",
+            "docker events die → destroy",
+        ),
+        Row::info(
+            scenario,
+            "first failure: removed → new one created, p50",
+            percentile(&removed_to_created, 50.0),
+            "ms",
+            "destroy → create",
+        ),
+        Row::info(scenario, "first failure: created → started, p50", percentile(&created_to_start, 50.0), "ms", "create → start"),
         Row::info(
             scenario,
             "first failure: die → machine RUN, p50",
