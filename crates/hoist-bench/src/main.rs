@@ -51,10 +51,15 @@ enum Scenario {
         #[arg(long, default_value_t = 20)]
         rounds: usize,
     },
-    /// Real agent: `docker kill` → replacement started and machine back in RUN.
+    /// Real agent: `docker kill` → replacement started and machine back in RUN, as a first failure and
+    /// repeated (the crash backoff).
     KillRestart {
+        /// First failures (the agent is restarted between them).
         #[arg(long, default_value_t = 10)]
         rounds: usize,
+        /// Kills of the same container by one agent, each once it is back in RUN.
+        #[arg(long, default_value_t = 6)]
+        repeats: u32,
     },
     /// Real agent with many containers in RUN: RSS and idle CPU.
     Idle {
@@ -97,7 +102,7 @@ fn main() -> anyhow::Result<()> {
                 sim::fleet(&sim::FleetOpts { agents, capacities: capacity, latencies, start_concurrency }).await
             }
             Scenario::KvLatency { rounds } => single::kv_latency(rounds).await,
-            Scenario::KillRestart { rounds } => single::kill_restart(rounds).await,
+            Scenario::KillRestart { rounds, repeats } => single::kill_restart(rounds, repeats).await,
             Scenario::Idle { containers, seconds } => single::idle(containers, Duration::from_secs(seconds)).await,
             Scenario::Rolling { nodes, capacity } => rolling::rolling(nodes, capacity).await,
             Scenario::Governor { seconds } => governor::throughput(Duration::from_secs(seconds)).await,

@@ -51,6 +51,12 @@ pub fn hoist_binary() -> anyhow::Result<PathBuf> {
 /// The local test image (scripts/test-fixtures.sh); v1/v2 serve HTTP on port 80.
 pub const TEST_IMAGE: &str = "127.0.0.1:5000/hoist/test";
 
+/// The command every bench container runs: the image's busybox `httpd`, behind a shell that exits on
+/// SIGTERM. `httpd` as PID 1 ignores SIGTERM, so each graceful stop would wait out the whole
+/// `stop_grace` and the benchmarks would measure the grace instead of hoist; an app that drains on
+/// SIGTERM is also what a rollout should be measured with.
+pub const DRAINING_COMMAND: [&str; 3] = ["/bin/sh", "-c", "trap \"exit 0\" TERM; httpd -f -p 80 -h /www & wait"];
+
 /// A real `hoist agent` on the embedded backend in a temporary state dir. Dropping it kills the
 /// agent and removes every container labelled with its node.
 pub struct RealAgent {
@@ -75,9 +81,12 @@ impl RealAgent {
         let state = dir.path().join("state");
         let data = dir.path().join("containers.yaml");
         let mut containers = String::from("containers:\n");
+        let command = DRAINING_COMMAND.map(|word| format!("'{word}'")).join(", ");
         for i in 0..count {
             let name = if count == 1 { "web".to_string() } else { format!("c{i:02}") };
-            containers.push_str(&format!("  {name}:\n    image: {TEST_IMAGE}\n    image_tag: v1\n    kv_update: true\n"));
+            containers.push_str(&format!(
+                "  {name}:\n    image: {TEST_IMAGE}\n    image_tag: v1\n    kv_update: true\n    command: [{command}]\n"
+            ));
             if let Some((_, governor)) = nats {
                 containers.push_str(&format!("    restart_governor: {governor}\n"));
             }
@@ -199,6 +208,51 @@ fn dechunk(mut raw: &[u8]) -> anyhow::Result<Vec<u8>> {
         out.extend_from_slice(&raw[eol + 2..eol + 2 + size]);
         raw = &raw[eol + 4 + size..];
     }
+}
+
+/// One line of `docker events`, stamped on arrival.
+pub struct DockerEvent {
+    pub at: Instant,
+    /// `start`, `die`, `kill` ...
+    pub action: String,
+    pub id: String,
+    /// The container's `io.hoist.node` label.
+    pub node: String,
+    /// The signal of a `kill` event (also sent by `docker stop`); empty for other actions.
+    pub signal: String,
+}
+
+/// Follows `docker events` for the containers whose labels match `label` (`key` or `key=value`) and
+/// the given actions, until the returned child is dropped.
+pub async fn docker_events(label: &str, actions: &[&str]) -> anyhow::Result<(Child, tokio::sync::mpsc::UnboundedReceiver<DockerEvent>)> {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut command = Command::new("docker");
+    command.args(["events", "--filter", &format!("label={label}")]);
+    for action in actions {
+        command.args(["--filter", &format!("event={action}")]);
+    }
+    let mut child = command
+        .args(["--format", "{{.Action}} {{.ID}} {{index .Actor.Attributes \"io.hoist.node\"}} {{index .Actor.Attributes \"signal\"}}"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().context("docker events stdout")?).lines();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let at = Instant::now();
+            let mut words = line.split_whitespace().map(String::from);
+            let (Some(action), Some(id)) = (words.next(), words.next()) else { continue };
+            let event = DockerEvent { at, action, id, node: words.next().unwrap_or_default(), signal: words.next().unwrap_or_default() };
+            if tx.send(event).is_err() {
+                return;
+            }
+        }
+    });
+    // `docker events` subscribes asynchronously; give it a moment so the first event is not missed.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Ok((child, rx))
 }
 
 /// A transition event from `GET /v1/watch`, stamped on arrival.
