@@ -7,6 +7,7 @@ mod follow;
 mod inotify;
 mod metrics;
 mod output;
+mod state_dir;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
