@@ -112,6 +112,8 @@ pub enum TimerKind {
 
 /// How long an operator's `update` waits to delete the fleet's rollback mark.
 const MARK_FORGET_LIMIT: Duration = Duration::from_secs(2);
+/// How often a node waiting for its turn to try an unproven version looks whether another passed.
+const VERIFIED_POLL: Duration = Duration::from_secs(1);
 /// The longest a machine waits for one inspect before it takes the engine for unavailable.
 const INSPECT_LIMIT: Duration = Duration::from_secs(10);
 /// How often a machine waiting for an unreachable runtime tries again without being told it is back.
@@ -932,9 +934,23 @@ impl Machine {
                 if let Some(restart) = try_first
                     && !rollback_mark::verified(&*ctx.deps.kv, &spec.name, &spec.version).await
                 {
-                    match ctx.acquire(&restart).await {
-                        Ok(slot) => restart_slot = Some(slot),
-                        Err(e) => return (None, Err(e)),
+                    // The wait for the slot, in short turns, ends early once another node has passed
+                    // with the version (then it is fetched at once, ahead of this node's turn) or
+                    // rolled it back. Short turns, not a cancelled wait: a campaign cut off before its
+                    // reply could leave a lease nobody holds.
+                    ctx.progress(format!("waiting for a slot of governor {restart}, to try a version no node has passed yet")).await;
+                    loop {
+                        match ctx.acquire_within(&restart, VERIFIED_POLL).await {
+                            Ok(Some(slot)) => {
+                                restart_slot = Some(slot);
+                                break;
+                            }
+                            Ok(None) => {}
+                            Err(e) => return (None, Err(e)),
+                        }
+                        if rollback_mark::verified(&*ctx.deps.kv, &spec.name, &spec.version).await || rejected().await.is_some() {
+                            break;
+                        }
                     }
                     // The verdict of whoever had the slot before.
                     if let Some(mark) = rejected().await {
@@ -1526,6 +1542,19 @@ impl JobCtx {
         tokio::select! {
             out = fut => Ok(out),
             _ = cancelled.wait_for(|c| *c) => Err(JobError::Failed("superseded".into())),
+        }
+    }
+
+    /// A slot of `governor` if one is free within `limit`, else None (no lifecycle event: this is a turn
+    /// of a longer wait). Errors as `acquire`.
+    async fn acquire_within(&self, governor: &str, limit: Duration) -> Result<Option<Slot>, JobError> {
+        let began = Instant::now();
+        let lease = self.or_cancelled(self.deps.governor.acquire(governor, &self.holder, limit)).await;
+        let _ = self.tx.send(Input::GovernorWaited(began.elapsed())).await;
+        match lease? {
+            Ok(lease) => Ok(Some(self.deps.slots.hold(lease, &self.component, &self.deps.node, &*self.deps.events).await)),
+            Err(BackendError::GovernorTimeout(..)) => Ok(None),
+            Err(e) => Err(e.into()),
         }
     }
 

@@ -79,6 +79,28 @@ pub(crate) struct LeaseBook {
     holders: Mutex<HashMap<(String, String), Turn>>,
 }
 
+/// Armed while a campaign waits for its reply; dropped armed (the acquire was cancelled), it sweeps.
+struct Abandoned<'a> {
+    backend: &'a NatsBackend,
+    governor: &'a str,
+    holder: &'a str,
+    armed: bool,
+}
+
+impl Abandoned<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            tokio::spawn(self.backend.clone().sweep_later(self.governor.to_string(), self.holder.to_string()));
+        }
+    }
+}
+
 /// Taken by a campaign and by a sweep of the same (governor, holder).
 type Turn = Arc<tokio::sync::Mutex<()>>;
 
@@ -315,10 +337,14 @@ impl Governor for NatsBackend {
         loop {
             let attempt = {
                 let _turn = lock.lock().await;
+                // A caller that gives up (drops this future) while the campaign waits for its reply
+                // may leave a stored lease nobody holds: the guard looks for it then.
+                let abandoned = Abandoned { backend: self, governor: name, holder, armed: true };
                 let attempt = self.campaign(name, holder).await;
                 if let Ok(Some(seq)) = attempt {
                     self.leases.hand_out(name, seq);
                 }
+                abandoned.disarm();
                 attempt
             };
             match attempt {
