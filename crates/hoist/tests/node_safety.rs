@@ -325,8 +325,9 @@ fn idle_and_unfinished_requests_are_cut_off_and_watches_keep_streaming() {
     let mut flood: Vec<UnixStream> = (0..300)
         .map(|n| {
             let mut s = UnixStream::connect(&socket).unwrap();
+            // One beyond the limit may be closed before the write: that is the limit at work.
             if n % 2 == 1 {
-                s.write_all(b"GET /v1/status HTTP/1.1\r\nHost: ho").unwrap();
+                let _ = s.write_all(b"GET /v1/status HTTP/1.1\r\nHost: ho");
             }
             s
         })
