@@ -9,8 +9,17 @@ use harness::{Cluster, Server, connect};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_reports_how_many_servers_its_cluster_has() {
     let cluster = Cluster::start();
-    assert_eq!(cluster.ready_backend().await.cluster_size(), 3, "a client of all three");
-    assert_eq!(connect(vec![cluster.nodes[1].url()]).await.cluster_size(), 3, "a client that knows only one server");
+    // A server learns its peers as their routes form and tells its clients again each time: the count
+    // reaches the cluster's size within moments of the cluster forming.
+    let sees_all = |backend: hoist_nats::NatsBackend, what: &'static str| async move {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while backend.cluster_size() != 3 {
+            assert!(std::time::Instant::now() < deadline, "{what}: still {} after 10 s", backend.cluster_size());
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    };
+    sees_all(cluster.ready_backend().await, "a client of all three").await;
+    sees_all(connect(vec![cluster.nodes[1].url()]).await, "a client that knows only one server").await;
     let server = Server::start();
     assert_eq!(connect(vec![server.url()]).await.cluster_size(), 1, "a standalone server");
 }
