@@ -605,6 +605,8 @@ impl Machine {
                 }
             }
             RuntimeEventKind::Died { exit_code } => {
+                // A death already seen (by an inspect that found the container exited) is no news.
+                let was_running = c.state == RunState::Running;
                 c.state = RunState::Exited;
                 c.exit_code = exit_code;
                 self.stop_probe();
@@ -622,7 +624,11 @@ impl Machine {
                             self.revive_during_update(&why);
                         }
                     }
-                } else if matches!(self.state, State::Start | State::Restart) && self.cancel_job.is_some() && !self.taking_down {
+                } else if was_running
+                    && matches!(self.state, State::Start | State::Restart)
+                    && self.cancel_job.is_some()
+                    && !self.taking_down
+                {
                     // The container a replacement is waiting to take down (for a slot, say) died on
                     // its own: it is down already, so the replacement goes ahead now, without a slot.
                     // A crash of the old container, not a failure of the version coming in.
