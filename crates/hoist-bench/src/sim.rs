@@ -14,11 +14,12 @@ use hoist_core::config::{
     AgentConfig, ContainerSet, DockerConfig, FleetConfig, OperatorConfig, Permission, RolloutConfig, load_containers,
 };
 use hoist_core::files::FileWatch;
-use hoist_core::fleet::{self, AgentResponder, FleetRequest, NODES_BUCKET, Operation, Presence, announce, nodes_bucket};
+use hoist_core::fleet::{self, AgentResponder, FleetRequest, Operation};
 use hoist_core::fleet_auth::{Authority, KeyPair};
 use hoist_core::fsm::State;
 use hoist_core::machine::MachineDeps;
 use hoist_core::persist::StateStore;
+use hoist_core::presence::{self, NODES_BUCKET, Presence, announce, nodes_bucket};
 use hoist_core::runtime::{
     ContainerInfo, Probe, ProbeError, PullProgress, RunState, Runtime, RuntimeError, RuntimeEvent, RuntimeEventKind, RuntimeHealth,
     RuntimeResult,
@@ -226,7 +227,7 @@ pub struct FleetOpts {
 /// One simulated agent: its handle and the presence heartbeat to stop with it.
 struct SimAgent {
     handle: AgentHandle,
-    announcer: tokio::task::JoinHandle<()>,
+    announcer: tokio::task::JoinHandle<presence::Announced>,
 }
 
 const GOVERNOR: &str = "RG";
@@ -250,7 +251,7 @@ async fn fleet_of(n: usize, opts: &FleetOpts) -> anyhow::Result<Vec<Row>> {
     let observer = Arc::new(NatsBackend::connect(nats_options(&server.url, "hoist-bench simulator observer".into())).await?);
     // Created once here; each real agent would only fill these gaps.
     observer.create_bucket(HOIST_BUCKET, BucketConfig::default()).await?;
-    observer.create_bucket(NODES_BUCKET, nodes_bucket(fleet::DEFAULT_NODE_RETENTION, 1)).await?;
+    observer.create_bucket(NODES_BUCKET, nodes_bucket(presence::DEFAULT_NODE_RETENTION, 1)).await?;
 
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("containers.yaml");
@@ -353,7 +354,8 @@ async fn start_agent(i: usize, url: &str, dir: &Path, set: ContainerSet, latenci
         audit: backend.clone(),
     };
     fleet::Fleet::serve(&*backend, Arc::new(responder)).await?;
-    let announcer = tokio::spawn(announce(kv, Presence { node, facts: serde_json::json!({}), key: Some(public), instance: None }));
+    let announcer =
+        tokio::spawn(announce(kv, Presence { node, facts: serde_json::json!({}), key: Some(public), instance: None, since_ms: None }));
     Ok(SimAgent { handle, announcer })
 }
 

@@ -1,111 +1,19 @@
 //! Fleet-wide commands: one request scattered to every agent, answers gathered until a deadline or
-//! until every node expected has answered. Agents announce themselves in the `HOIST_NODES` bucket (a
-//! heartbeat every `PRESENCE_INTERVAL`), which is how the caller knows who *should* answer and can name
-//! who did not. A node that stops refreshing is not forgotten: its entry stays for the bucket's TTL
-//! (`fleet.node_retention`, days) or until an operator removes it, so a dead node is reported missing,
-//! with when it was last seen, instead of silently dropping out of the fleet.
+//! until every node expected has answered. Who *should* answer is what agents announce of themselves
+//! (`presence`), so the caller can name who did not.
 //! The transport is a `Fleet` implementation (NATS request/reply in `hoist-nats`).
 
 use crate::agent::AgentHandle;
-use crate::backend::{BackendResult, BucketConfig, Kv, KvEntry, read_all};
+use crate::backend::{BackendResult, Kv};
 use crate::fleet_auth::{AuditEvent, Authority, KeyPair, ReplyClaims, RequestClaims, Sealed, Untrusted};
 use crate::fsm::{State, Transition};
+use crate::presence::{Announced, NodeSeen, announced};
 use crate::status::NodeStatus;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-/// Where agents announce themselves: key = node, value = `Presence`.
-pub const NODES_BUCKET: &str = "HOIST_NODES";
-
-/// How often an agent refreshes its presence.
-pub const PRESENCE_INTERVAL: Duration = Duration::from_secs(10);
-
-/// A node is alive while its presence was refreshed this recently: three missed refreshes in a row
-/// are a dead agent (or a node cut off from NATS), not a slow one.
-pub const LIVENESS: Duration = Duration::from_secs(PRESENCE_INTERVAL.as_secs() * 3);
-
-/// How long a node that stopped announcing itself is remembered (`fleet.node_retention`): long
-/// enough for an operator to notice a dead node and act, after a weekend too.
-pub const DEFAULT_NODE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
-
-/// `HOIST_NODES`: one entry per node, kept `retention` after its last refresh.
-pub fn nodes_bucket(retention: Duration, replicas: u8) -> BucketConfig {
-    BucketConfig { history: 1, ttl: Some(retention), replicas }
-}
-
-/// An agent's announcement.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Presence {
-    pub node: String,
-    pub facts: serde_json::Value,
-    /// The announcing install (a random id kept in its `state_dir`), so that an agent can tell its own
-    /// previous run from another machine configured with the same node name. None from agents that
-    /// predate it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub instance: Option<String>,
-    /// The node key (`N…`) its replies are signed with; None from agents older than signed replies.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
-}
-
-/// A node as `HOIST_NODES` remembers it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Announced {
-    pub presence: Presence,
-    /// When its presence was last refreshed, by the NATS server's clock.
-    pub last_seen: SystemTime,
-}
-
-impl Announced {
-    fn of(entry: &KvEntry) -> Option<Announced> {
-        let presence = serde_json::from_slice::<Presence>(&entry.value).ok()?;
-        Some(Announced { presence, last_seen: UNIX_EPOCH + Duration::from_millis(entry.created_ms) })
-    }
-
-    /// Refreshed within `LIVENESS` of `now` (a clock ahead of the server's counts as just seen).
-    pub fn alive(&self, now: SystemTime) -> bool {
-        now.duration_since(self.last_seen).unwrap_or_default() < LIVENESS
-    }
-
-    pub fn seen(&self, now: SystemTime) -> NodeSeen {
-        NodeSeen { node: self.presence.node.clone(), last_seen: self.last_seen, alive: self.alive(now) }
-    }
-}
-
-/// A node and when it last announced itself: `hoist node ls`, and the nodes a fleet command missed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeSeen {
-    pub node: String,
-    /// RFC 3339 in JSON.
-    #[serde(with = "humantime_serde")]
-    pub last_seen: SystemTime,
-    /// Refreshed within the last three presence intervals.
-    pub alive: bool,
-}
-
-/// Every node remembered in `HOIST_NODES`, sorted by name; entries that are not a presence are skipped.
-pub async fn announced(kv: &dyn Kv) -> BackendResult<Vec<Announced>> {
-    let mut nodes: Vec<Announced> = read_all(kv, NODES_BUCKET).await?.iter().filter_map(Announced::of).collect();
-    nodes.sort_by(|a, b| a.presence.node.cmp(&b.presence.node));
-    Ok(nodes)
-}
-
-/// What `HOIST_NODES` remembers of `node`.
-pub async fn announcement(kv: &dyn Kv, node: &str) -> BackendResult<Option<Announced>> {
-    Ok(kv.get(NODES_BUCKET, node).await?.as_ref().and_then(Announced::of))
-}
-
-/// The live announcement of `node` by an install other than `instance`, if there is one: then another
-/// machine runs an agent under this node name, and two agents would fight over the same containers.
-/// An announcement without an instance (an older agent) counts as another's: standing by for
-/// `LIVENESS` is cheap, two agents fighting is not.
-pub async fn held_elsewhere(kv: &dyn Kv, node: &str, instance: &str) -> BackendResult<Option<Announced>> {
-    let now = SystemTime::now();
-    Ok(announcement(kv, node).await?.filter(|a| a.presence.instance.as_deref() != Some(instance) && a.alive(now)))
-}
+use std::time::{Duration, SystemTime};
 
 /// Which nodes and containers a request is for; every given criterion must match. Empty = all.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -259,17 +167,6 @@ pub async fn ask(
     Ok(FleetAnswer { replies, missing, untrusted: untrusted.into_iter().collect() })
 }
 
-/// Keeps this node's presence fresh until the task is dropped.
-pub async fn announce(kv: Arc<dyn Kv>, presence: Presence) {
-    let value = serde_json::to_vec(&presence).expect("presence serialises");
-    loop {
-        if let Err(e) = kv.put(NODES_BUCKET, &presence.node, &value).await {
-            tracing::warn!(error = %e, "could not announce this node in {NODES_BUCKET}");
-        }
-        tokio::time::sleep(PRESENCE_INTERVAL).await;
-    }
-}
-
 /// The agent's side: checks a request, applies it to the local machines and signs the answer.
 pub struct AgentResponder {
     pub agent: AgentHandle,
@@ -372,27 +269,6 @@ mod tests {
         assert!(!by_node.matches_node("n1", &facts));
         let by_container = Filter { containers: vec!["web".into()], ..Filter::default() };
         assert!(by_container.matches_container("web") && !by_container.matches_container("db"));
-    }
-
-    #[test]
-    fn announcements_of_older_agents_still_read_and_missing_nodes_carry_a_readable_time() {
-        let old: Presence = serde_json::from_str(r#"{"node":"n1","facts":{}}"#).unwrap();
-        assert_eq!(old.instance, None);
-        let entry = KvEntry {
-            bucket: NODES_BUCKET.into(),
-            key: "n1".into(),
-            value: serde_json::to_vec(&old).unwrap(),
-            revision: 1,
-            operation: crate::backend::KvOperation::Put,
-            created_ms: 1_780_000_000_000,
-        };
-        let announced = Announced::of(&entry).unwrap();
-        let now = announced.last_seen + LIVENESS;
-        assert!(announced.alive(now - Duration::from_secs(1)) && !announced.alive(now));
-        assert_eq!(
-            serde_json::to_value(announced.seen(now)).unwrap(),
-            serde_json::json!({"node": "n1", "last_seen": "2026-05-28T20:26:40Z", "alive": false})
-        );
     }
 
     #[test]

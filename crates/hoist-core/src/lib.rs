@@ -15,6 +15,7 @@ pub mod fsm;
 pub mod health;
 pub mod machine;
 pub mod persist;
+pub mod presence;
 pub mod registration;
 pub mod rollback_mark;
 pub mod runtime;

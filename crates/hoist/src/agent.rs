@@ -3,6 +3,7 @@
 
 use crate::control::server::{self, Control};
 use crate::inotify::Inotify;
+use crate::node_claim::{self, Member, instance_id};
 use crate::state_dir;
 use anyhow::Context;
 use futures_util::StreamExt;
@@ -12,20 +13,17 @@ use hoist_core::config::{
     AgentConfig, BackendKind, ConfigErrors, ContainerSet, Ensure, LOCAL_SYSLOG_SOCKETS, LastGood, load_containers, syslog_warning,
 };
 use hoist_core::files::FileWatch;
-use hoist_core::fleet::{
-    AgentResponder, Announced, Fleet, LIVENESS, NODES_BUCKET, PRESENCE_INTERVAL, Presence, announce, held_elsewhere, nodes_bucket,
-};
-use hoist_core::fleet_auth::{Authority, node_key};
+use hoist_core::fleet::Fleet;
+use hoist_core::fleet_auth::node_key;
 use hoist_core::health::Conditions;
 use hoist_core::machine::MachineDeps;
 use hoist_core::persist::StateStore;
+use hoist_core::presence::{NODES_BUCKET, nodes_bucket};
 use hoist_core::registration::{SERVICES_BUCKET, services_bucket};
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
@@ -119,15 +117,6 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         Some(fleet) => Some(Member { fleet: fleet.clone(), instance: instance_id(&cfg.state_dir)? }),
         None => None,
     };
-    // Another machine running under this node name manages the same containers (same labels): two
-    // agents would replace each other's containers forever, so this one waits until that one is gone.
-    let holder = match &member {
-        Some(m) => held_elsewhere(&*backends.kv, &cfg.node, &m.instance).await.unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "cannot tell whether another machine runs node {}; managing its containers", cfg.node);
-            None
-        }),
-        None => None,
-    };
     let runtime = hoist_docker::DockerRuntime::new(cfg.docker.host.as_deref()).context("docker.host")?;
     // Docker may come up after the agent (boot order): containers start once it answers, and
     // `hoist status` says what they wait for meanwhile.
@@ -153,13 +142,19 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         conditions.set("fleet", Some("unsigned fleet requests are accepted (fleet.allow_unsigned)".into()));
     }
     let (sets, _) = watch::channel(set.clone());
-    if let Some(m) = &member {
+    if member.is_some() {
         let (kv, governor, replicas) = (backends.kv.clone(), backends.governor.clone(), backends.replicas.clone());
         tokio::spawn(warn_short_replicas(kv, governor, replicas, conditions.clone(), sets.subscribe()));
-        if let Some(holder) = &holder {
-            conditions.set("standby", Some(standby_reason(&cfg.node, &m.instance, holder)));
-        }
     }
+    // Before anything is managed: another machine may already run this node name (`node_claim`).
+    let key = match &member {
+        Some(_) => Some(node_key(&cfg.state_dir).map_err(|e| anyhow::anyhow!("the node key: {e}"))?.public_key()),
+        None => None,
+    };
+    let holder = match (&member, &key) {
+        (Some(m), Some(key)) => node_claim::rival(&*backends.kv, &m.claim(&cfg, &facts, key.clone())).await,
+        _ => None,
+    };
     // Standing by, the agent starts with nothing to manage and purge off, so it touches no container;
     // it still serves `hoist status`, which says why.
     let initial = if holder.is_some() { ContainerSet::default() } else { set };
@@ -168,8 +163,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     if let Some(refusal) = refused {
         handle.reload(Err(refusal)).await;
     }
-    if let (Some(m), None) = (&member, &holder) {
-        join_fleet(m, backends.kv.clone(), &handle, &cfg, facts.clone()).await?;
+    let workload = Arc::new(Workload::new(handle.clone(), sets, cfg.clone(), facts.clone(), conditions.clone()));
+    if let (Some(m), Some(holder)) = (&member, &holder) {
+        workload.stand_by(node_claim::standby_reason(&cfg.node, &m.instance, holder)).await;
+    }
+    if let Some(m) = &member {
+        node_claim::serve_fleet(m, &handle, &cfg, &facts, workload.answering()).await?;
     }
     let control = Control {
         agent: handle.clone(),
@@ -183,14 +182,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics.listen {addr}"))?;
         tokio::spawn(server::serve(listener, server::metrics_router(control)));
     }
-    let standing_by = member.zip(holder);
-    let (kv, agent_cfg, agent) = (backends.kv, cfg.clone(), handle.clone());
-    tokio::spawn(async move {
-        if let Some((member, holder)) = standing_by {
-            take_over(member, holder, kv, &agent_cfg, &facts, &agent, &sets, &conditions).await;
-        }
-        reload_on_change(agent_cfg, facts, agent, sets, hup, conditions).await;
-    });
+    if let (Some(member), Some(key)) = (member, key) {
+        tokio::spawn(node_claim::hold_node(member, backends.kv, cfg.clone(), facts.clone(), key, workload.clone(), holder));
+    }
+    tokio::spawn(reload_on_change(workload, hup));
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -202,37 +197,6 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     handle.shutdown().await;
     let _ = std::fs::remove_file(&cfg.control.socket);
     Ok(())
-}
-
-/// This agent's part in a fleet.
-struct Member {
-    fleet: Arc<dyn Fleet>,
-    /// This install's id in its presence, from `instance_id`.
-    instance: String,
-}
-
-/// This install's identity in `HOIST_NODES`: random, written once to `<state_dir>/instance-id` (mode
-/// 0600), so the agent knows its own previous run's presence from another machine's with the same
-/// node name. A state_dir copied to another machine carries the id with it.
-fn instance_id(state_dir: &Path) -> anyhow::Result<String> {
-    let path = state_dir.join("instance-id");
-    match std::fs::read_to_string(&path) {
-        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
-        // Empty: the agent died between creating and writing it.
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    }
-    let mut bytes = [0u8; 16];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).context("reading /dev/urandom")?;
-    let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let write = || -> std::io::Result<()> {
-        let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
-        file.write_all(id.as_bytes())?;
-        file.sync_all()
-    };
-    write().with_context(|| format!("writing {}", path.display()))?;
-    Ok(id)
 }
 
 /// Creates the buckets the agent needs, trying again while the backend does not answer: the agent
@@ -285,77 +249,6 @@ async fn ensure_nodes_bucket(kv: &dyn Kv, cfg: &AgentConfig, replicas: u8) -> Re
             kv.create_bucket(NODES_BUCKET, wanted).await?;
         }
     }
-    Ok(())
-}
-
-/// Why this agent manages nothing, for `hoist status` and the log.
-fn standby_reason(node: &str, instance: &str, holder: &Announced) -> String {
-    let facts = &holder.presence.facts;
-    let host = facts["hostname"].as_str().unwrap_or("?");
-    let ip = facts["networking"]["ip"].as_str().unwrap_or("?");
-    let other = holder.presence.instance.as_deref().unwrap_or("unknown (an older hoist)");
-    format!(
-        "standing by, managing no container: node {node} is run by the agent of another machine (hostname {host}, ip {ip}, instance {other}; this is instance {instance}); taking over once it has been silent for {}",
-        humantime::format_duration(LIVENESS)
-    )
-}
-
-/// Waits until `holder`, the other machine announcing this node, has been silent for `LIVENESS`, then
-/// manages the node's containers (adopting what runs) and joins the fleet in its place.
-#[allow(clippy::too_many_arguments)]
-async fn take_over(
-    member: Member,
-    mut holder: Announced,
-    kv: Arc<dyn Kv>,
-    cfg: &AgentConfig,
-    facts: &serde_json::Value,
-    handle: &AgentHandle,
-    sets: &watch::Sender<ContainerSet>,
-    conditions: &Conditions,
-) {
-    loop {
-        // Look again when the holder would turn stale, or after a presence interval if sooner.
-        let stale_in = (holder.last_seen + LIVENESS).duration_since(SystemTime::now()).unwrap_or_default();
-        tokio::time::sleep(stale_in.min(PRESENCE_INTERVAL) + Duration::from_millis(100)).await;
-        match held_elsewhere(&*kv, &cfg.node, &member.instance).await {
-            Ok(Some(still)) => holder = still,
-            Ok(None) => break,
-            Err(e) => tracing::warn!(error = %e, "cannot read {NODES_BUCKET}; still standing by"),
-        }
-        conditions.set("standby", Some(standby_reason(&cfg.node, &member.instance, &holder)));
-    }
-    conditions.set("standby", None);
-    tracing::info!(node = %cfg.node, "the other machine running this node has been silent for {}; taking over", humantime::format_duration(LIVENESS));
-    reload(handle, sets, load_containers(&cfg.data, facts), cfg, conditions).await;
-    if let Err(e) = join_fleet(&member, kv, handle, cfg, facts.clone()).await {
-        tracing::error!(error = format!("{e:#}"), "could not join the fleet after taking over");
-    }
-}
-
-/// Answers fleet commands and announces this node, so callers know who should answer.
-async fn join_fleet(
-    member: &Member,
-    kv: Arc<dyn Kv>,
-    handle: &AgentHandle,
-    cfg: &AgentConfig,
-    facts: serde_json::Value,
-) -> anyhow::Result<()> {
-    let key = node_key(&cfg.state_dir).map_err(|e| anyhow::anyhow!("the node key: {e}"))?;
-    let public = key.public_key();
-    tracing::info!(node_key = %public, "fleet replies are signed with this node key");
-    let operators: Vec<&str> = cfg.fleet.operators.iter().map(|o| o.name.as_str()).collect();
-    // With fleet.allow_unsigned, the node condition set at start has said so.
-    if !cfg.fleet.allow_unsigned && operators.is_empty() {
-        tracing::warn!("no fleet.operators are configured: fleet requests are refused (see `hoist key new`)");
-    } else if !operators.is_empty() {
-        tracing::info!(operators = %operators.join(", "), "taking signed fleet requests");
-    }
-    let fleet = member.fleet.clone();
-    let responder =
-        AgentResponder { agent: handle.clone(), facts: facts.clone(), authority: Authority::new(&cfg.fleet), key, audit: fleet.clone() };
-    fleet.serve(Arc::new(responder)).await.context("answering fleet requests")?;
-    let presence = Presence { node: cfg.node.clone(), facts, instance: Some(member.instance.clone()), key: Some(public) };
-    tokio::spawn(announce(kv, presence));
     Ok(())
 }
 
@@ -471,17 +364,83 @@ fn check_host(cfg: &AgentConfig, set: &ContainerSet, conditions: &Conditions) {
     conditions.set("syslog", syslog_warning(set, &cfg.docker, docker_host.as_deref(), &LOCAL_SYSLOG_SOCKETS));
 }
 
-/// Reloads the container data on SIGHUP or when a data file changes. A refused config leaves the
-/// running set untouched and is reported in `hoist status` and the logs.
-async fn reload_on_change(
+/// What the agent manages: the data files' container set, or nothing while another machine runs this
+/// node name (`node_claim`). Every reload and every change of standing goes through here, one at a
+/// time, so a reload cannot hand a standing-by agent its containers.
+pub(crate) struct Workload {
+    handle: AgentHandle,
+    /// The set in use, for the checks that follow the config.
+    sets: watch::Sender<ContainerSet>,
     cfg: AgentConfig,
     facts: serde_json::Value,
-    handle: AgentHandle,
-    sets: watch::Sender<ContainerSet>,
-    mut hup: tokio::signal::unix::Signal,
     conditions: Conditions,
-) {
-    let mut changes = Inotify.watch(&cfg.data);
+    standing_by: tokio::sync::Mutex<bool>,
+    /// Whether fleet requests are answered: not while standing by.
+    answering: Arc<AtomicBool>,
+}
+
+impl Workload {
+    fn new(
+        handle: AgentHandle,
+        sets: watch::Sender<ContainerSet>,
+        cfg: AgentConfig,
+        facts: serde_json::Value,
+        conditions: Conditions,
+    ) -> Self {
+        let answering = Arc::new(AtomicBool::new(true));
+        Workload { handle, sets, cfg, facts, conditions, standing_by: tokio::sync::Mutex::new(false), answering }
+    }
+
+    fn answering(&self) -> Arc<AtomicBool> {
+        self.answering.clone()
+    }
+
+    /// Hands a freshly loaded set (or why it was refused) to the agent, unless standing by, and an
+    /// accepted one to the checks that follow the config; an accepted one becomes the last good one.
+    async fn reload(&self, loaded: Result<ContainerSet, ConfigErrors>) {
+        let standing_by = self.standing_by.lock().await;
+        self.hand_over(loaded, *standing_by).await;
+    }
+
+    async fn hand_over(&self, loaded: Result<ContainerSet, ConfigErrors>, standing_by: bool) {
+        if let Ok(set) = &loaded {
+            save_last_good(&self.cfg, set, &self.conditions);
+            check_host(&self.cfg, set, &self.conditions);
+            self.sets.send_replace(set.clone());
+        }
+        if !standing_by {
+            self.handle.reload(loaded.map_err(|e| e.to_string())).await;
+        }
+    }
+
+    /// Stops managing (containers are left as they run, purge off) and answering, saying why.
+    pub(crate) async fn stand_by(&self, reason: String) {
+        let mut standing_by = self.standing_by.lock().await;
+        *standing_by = true;
+        self.answering.store(false, Ordering::SeqCst);
+        self.standing_by_because(reason);
+        self.handle.reload(Ok(ContainerSet::default())).await;
+    }
+
+    /// Why the agent stands by, in `hoist status`.
+    pub(crate) fn standing_by_because(&self, reason: String) {
+        self.conditions.set("standby", Some(reason));
+    }
+
+    /// Manages the node's containers again (adopting what runs) and answers for it.
+    pub(crate) async fn take_over(&self) {
+        let mut standing_by = self.standing_by.lock().await;
+        *standing_by = false;
+        self.conditions.set("standby", None);
+        self.hand_over(load_containers(&self.cfg.data, &self.facts), false).await;
+        self.answering.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Reloads the container data on SIGHUP or when a data file changes. A refused config leaves the
+/// running set untouched and is reported in `hoist status` and the logs.
+async fn reload_on_change(workload: Arc<Workload>, mut hup: tokio::signal::unix::Signal) {
+    let mut changes = Inotify.watch(&workload.cfg.data);
     loop {
         let why = tokio::select! {
             _ = hup.recv() => "SIGHUP",
@@ -490,23 +449,6 @@ async fn reload_on_change(
         // Let an editor or config management finish writing every file before reading them.
         tokio::time::sleep(Duration::from_millis(200)).await;
         tracing::info!(reason = why, "reloading container config");
-        reload(&handle, &sets, load_containers(&cfg.data, &facts), &cfg, &conditions).await;
+        workload.reload(load_containers(&workload.cfg.data, &workload.facts)).await;
     }
-}
-
-/// Hands a freshly loaded set (or why it was refused) to the agent, and an accepted one to the checks
-/// that follow the config; an accepted one becomes the last good configuration.
-async fn reload(
-    handle: &AgentHandle,
-    sets: &watch::Sender<ContainerSet>,
-    loaded: Result<ContainerSet, ConfigErrors>,
-    cfg: &AgentConfig,
-    conditions: &Conditions,
-) {
-    if let Ok(set) = &loaded {
-        save_last_good(cfg, set, conditions);
-        check_host(cfg, set, conditions);
-        sets.send_replace(set.clone());
-    }
-    handle.reload(loaded.map_err(|e| e.to_string())).await;
 }

@@ -8,8 +8,9 @@ use clap::Args;
 use comfy_table::{Table, presets::NOTHING};
 use hoist_core::backend::{Events, Kv};
 use hoist_core::config::{AgentConfig, BackendKind};
-use hoist_core::fleet::{self, Filter, FleetAnswer, FleetRequest, NODES_BUCKET, NodeSeen, Operation, PRESENCE_INTERVAL};
+use hoist_core::fleet::{self, Filter, FleetAnswer, FleetRequest, Operation};
 use hoist_core::fleet_auth::read_seed;
+use hoist_core::presence::{self, NODES_BUCKET, NodeSeen, PRESENCE_INTERVAL};
 use hoist_nats::NatsBackend;
 use nkeys::KeyPairType;
 use std::path::PathBuf;
@@ -142,7 +143,7 @@ pub fn when(t: SystemTime) -> String {
 pub async fn nodes(cfg: &AgentConfig) -> anyhow::Result<Vec<NodeSeen>> {
     let nats = connect(cfg).await?;
     let now = SystemTime::now();
-    Ok(fleet::announced(&nats).await?.iter().map(|a| a.seen(now)).collect())
+    Ok(presence::announced(&nats).await?.iter().map(|a| a.seen(now)).collect())
 }
 
 pub fn render_nodes(nodes: &[NodeSeen]) -> String {
@@ -158,7 +159,7 @@ pub fn render_nodes(nodes: &[NodeSeen]) -> String {
 pub async fn forget(cfg: &AgentConfig, node: &str) -> anyhow::Result<NodeSeen> {
     let nats = connect(cfg).await?;
     let now = SystemTime::now();
-    let seen = fleet::announcement(&nats, node)
+    let seen = presence::announcement(&nats, node)
         .await?
         .with_context(|| format!("no node named {node:?} is remembered in {NODES_BUCKET} (see `hoist node ls`)"))?
         .seen(now);

@@ -6,6 +6,7 @@ mod fleet;
 mod follow;
 mod inotify;
 mod metrics;
+mod node_claim;
 mod output;
 mod state_dir;
 

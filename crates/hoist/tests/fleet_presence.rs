@@ -8,8 +8,9 @@ mod nats;
 mod support;
 
 use hoist_core::backend::{BucketConfig, Governor, Kv};
-use hoist_core::fleet::{FleetAnswer, NodeSeen};
+use hoist_core::fleet::FleetAnswer;
 use hoist_core::fsm::State;
+use hoist_core::presence::NodeSeen;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Output;
 use std::time::{Duration, SystemTime};
@@ -175,7 +176,7 @@ fn a_second_machine_with_the_same_node_name_stands_by_until_the_first_is_gone() 
     // Same node name (same test name), its own state_dir: another machine.
     let second = TestAgent::start_with("twin", &containers, &agent_yaml);
     assert_eq!(second.node, first.node);
-    let reason = wait_until("the second agent to say it stands by", Duration::from_secs(10), || {
+    let reason = wait_until("the second agent to say it stands by", Duration::from_secs(30), || {
         second.status().warnings.into_iter().find(|w| w.starts_with("standby: "))
     });
     assert!(reason.contains(&format!("node {} is run by the agent of another machine", first.node)), "{reason}");
@@ -200,4 +201,42 @@ fn a_second_machine_with_the_same_node_name_stands_by_until_the_first_is_gone() 
         let (answer, _) = fleet_status(&second);
         (answer.replies.len() == 1 && answer.missing.is_empty()).then_some(())
     });
+}
+
+#[test]
+fn twins_that_could_not_see_each_other_at_start_settle_on_one_once_nats_answers() {
+    let mut server = nats::Server::start();
+    server.kill();
+    let agent_yaml = nats_yaml(&[server.url()], "");
+    let containers = web(free_port(), "");
+    // NATS is down: neither can know of the other, and both manage the node meanwhile.
+    let first = TestAgent::start_with("twins", &containers, &agent_yaml);
+    first.wait_running("web");
+    let original = first.container_id("web").expect("a container");
+    let second = TestAgent::start_with("twins", &containers, &agent_yaml);
+    second.wait_running("web");
+    assert!(second.status().warnings.iter().all(|w| !w.starts_with("standby")));
+
+    // Once NATS answers, the one that took the name later stands by; the first keeps the node.
+    server.restart();
+    let reason = wait_until("the later twin to stand by", Duration::from_secs(60), || {
+        second.status().warnings.into_iter().find(|w| w.starts_with("standby: "))
+    });
+    assert!(reason.contains(&format!("node {} is run by the agent of another machine", first.node)), "{reason}");
+    assert!(second.log().contains("another machine took this node name first"), "the log says why");
+    wait_until("the standby agent to let go of its machines", Duration::from_secs(10), || {
+        second.status().machines.is_empty().then_some(())
+    });
+    let (answer, _) = wait_until("one answer for the node", Duration::from_secs(20), || {
+        let (answer, out) = fleet_status(&first);
+        (answer.replies.len() == 1 && answer.missing.is_empty()).then_some((answer, out))
+    });
+    assert_eq!(answer.replies[0].status.machines.len(), 1, "the answer is the managing agent's: {:?}", answer.replies[0]);
+    for _ in 0..12 {
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(second.status().machines.is_empty(), "it stays standing by while the first refreshes its claim");
+        assert!(first.status().warnings.iter().all(|w| !w.starts_with("standby")), "the first never stands by");
+        assert_eq!(first.machine("web").unwrap().state, State::Run);
+    }
+    assert_eq!(first.container_id("web").as_deref(), Some(original.as_str()), "no container was replaced in all this");
 }

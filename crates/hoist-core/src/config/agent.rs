@@ -234,14 +234,14 @@ fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<Path
     {
         error("nats.replicas", format!("{replicas} is not a replica count NATS keeps: use 1 to 5"));
     }
-    let node_retention = raw_fleet.node_retention.take().map_or(crate::fleet::DEFAULT_NODE_RETENTION, |s| s.0);
-    if node_retention < crate::fleet::LIVENESS {
+    let node_retention = raw_fleet.node_retention.take().map_or(crate::presence::DEFAULT_NODE_RETENTION, |s| s.0);
+    if node_retention < crate::presence::LIVENESS {
         error(
             "fleet.node_retention",
             format!(
                 "{} is shorter than a node takes to count as dead ({}): use days, e.g. 7d",
                 humantime::format_duration(node_retention),
-                humantime::format_duration(crate::fleet::LIVENESS)
+                humantime::format_duration(crate::presence::LIVENESS)
             ),
         );
     }

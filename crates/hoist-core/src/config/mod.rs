@@ -140,7 +140,7 @@ pub struct FleetConfig {
 impl Default for FleetConfig {
     fn default() -> Self {
         FleetConfig {
-            node_retention: crate::fleet::DEFAULT_NODE_RETENTION,
+            node_retention: crate::presence::DEFAULT_NODE_RETENTION,
             key: None,
             operators: Vec::new(),
             allow_unsigned: false,
