@@ -1,0 +1,207 @@
+//! The health gate a new (or adopted) container must pass before RUN: probes, `unverified_wait`,
+//! `min_healthy_time`, and the timers that drive them.
+
+use super::*;
+
+/// Progress of the health gate a new (or adopted) container must pass before RUN.
+#[derive(Debug, Default)]
+pub(super) struct Gate {
+    /// A probe success has been seen since this container started.
+    pub(super) probe_passed: bool,
+    /// Consecutive probe failures outside the start period.
+    pub(super) probe_failures: u32,
+    /// The container has run long enough without any check (`unverified_wait`).
+    pub(super) waited: bool,
+    /// Since when every check has passed without a break (for `min_healthy_time`).
+    pub(super) healthy_since: Option<Instant>,
+    /// The container was adopted as it ran, so its time up counts toward `min_healthy_time`.
+    pub(super) adopted: bool,
+}
+
+impl Machine {
+    pub(super) fn begin_gate(&mut self, adopted: bool) {
+        self.gate = Gate { adopted, ..Gate::default() };
+        self.start_probe();
+        let epoch = self.epoch;
+        self.timer(epoch, TimerKind::GateDeadline, self.deps.rollout.healthy_deadline);
+        if self.cfg.health_check.is_none() {
+            let remaining = self.deps.rollout.unverified_wait.saturating_sub(self.uptime_credit());
+            self.timer(epoch, TimerKind::Unverified, remaining);
+        }
+        self.activity = Some("waiting for the container to become healthy".into());
+        self.check_gate();
+    }
+
+    pub(super) fn uptime_credit(&self) -> Duration {
+        self.container.as_ref().map_or(Duration::ZERO, |c| gate_credit(self.gate.adopted, c.started_at, unix_now()))
+    }
+
+    pub(super) fn check_gate(&mut self) {
+        if !matches!(self.state, State::Start | State::Restart) || self.cancel_job.is_some() {
+            return;
+        }
+        let Some(c) = &self.container else { return };
+        let docker_ok = matches!(c.health, RuntimeHealth::None | RuntimeHealth::Healthy);
+        let checked = self.cfg.health_check.is_some() || c.health != RuntimeHealth::None;
+        let hoist_ok =
+            if self.cfg.health_check.is_some() { self.gate.probe_passed } else { self.gate.waited || c.health == RuntimeHealth::Healthy };
+        if !(c.state == RunState::Running && docker_ok && hoist_ok) {
+            self.gate.healthy_since = None;
+            return;
+        }
+        if checked {
+            // Healthy once is not enough: it must stay healthy for `min_healthy_time` (an adopted
+            // container's time up counts) before the gate passes and the governor slot is freed.
+            let needed = self.deps.rollout.min_healthy_time.saturating_sub(self.uptime_credit());
+            let streak_starts = self.gate.healthy_since.is_none();
+            let since = *self.gate.healthy_since.get_or_insert_with(Instant::now);
+            let remaining = needed.saturating_sub(since.elapsed());
+            if remaining > Duration::ZERO {
+                if streak_starts {
+                    self.activity = Some(format!("healthy; confirming for {}s", remaining.as_secs_f64().ceil()));
+                    self.timer(self.epoch, TimerKind::MinHealthy, remaining);
+                }
+                return;
+            }
+        }
+        let how = match (c.health, &self.cfg.health_check) {
+            (_, Some(_)) | (RuntimeHealth::Healthy, None) => "healthy",
+            _ => "running, unverified (no health check)",
+        };
+        if let Some(asked) = self.kv_asks().filter(|_| self.trying_new_version()) {
+            // The fleet's first pass of this version: the nodes waiting may fetch it now.
+            let (kv, name, version, node) = (self.deps.kv.clone(), self.cfg.name.clone(), asked.clone(), self.deps.node.clone());
+            tokio::spawn(async move { rollback_mark::record_verified(&*kv, &name, &version, &node).await });
+        }
+        self.want(Transition::HealthCheck, how.into());
+    }
+
+    pub(super) async fn on_timer(&mut self, timer: TimerKind) {
+        match timer {
+            TimerKind::Unverified => {
+                self.gate.waited = true;
+                self.check_gate();
+            }
+            TimerKind::GateDeadline if matches!(self.state, State::Start | State::Restart) && self.cancel_job.is_none() => {
+                self.failed(format!("not healthy within {}", humantime::format_duration(self.deps.rollout.healthy_deadline))).await;
+                self.start_provision(true).await;
+            }
+            TimerKind::RetryPull if self.state == State::Update => self.enter().await,
+            TimerKind::MinHealthy => self.check_gate(),
+            TimerKind::RuntimeRetry if self.waiting_for_runtime => self.enter().await,
+            TimerKind::BackendRetry => self.enter().await,
+            TimerKind::GateDeadline | TimerKind::RetryPull | TimerKind::RuntimeRetry => {}
+        }
+    }
+
+    pub(super) fn timer(&self, epoch: u64, timer: TimerKind, after: Duration) {
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let _ = tx.send(Input::Timer { epoch, timer }).await;
+        });
+    }
+
+    // ---- probes --------------------------------------------------------------------------------
+
+    pub(super) fn start_probe(&mut self) {
+        self.stop_probe();
+        let (Some(check), Some(container)) = (self.cfg.health_check.clone(), self.container.clone()) else { return };
+        if container.state != RunState::Running {
+            return;
+        }
+        let runtime = self.deps.runtime.clone();
+        let tx = self.tx.clone();
+        let epoch = self.epoch;
+        let task = tokio::spawn(async move {
+            loop {
+                let result = runtime.probe(&container, &check.probe, check.timeout).await;
+                if tx.send(Input::Probe { epoch, result }).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(check.interval).await;
+            }
+        });
+        self.probe_task = Some(task.abort_handle());
+    }
+
+    pub(super) fn stop_probe(&mut self) {
+        if let Some(task) = self.probe_task.take() {
+            task.abort();
+        }
+    }
+
+    pub(super) async fn on_probe(&mut self, result: Result<(), ProbeError>) {
+        let Some(check) = &self.cfg.health_check else { return };
+        match result {
+            Ok(()) => {
+                let name = self.cfg.name.clone();
+                self.deps.conditions.clear_if("probes", |p| p.starts_with(&format!("{name}:")));
+                self.gate.probe_failures = 0;
+                self.gate.probe_passed = true;
+                self.check_gate();
+            }
+            // An engine restarting with live-restore keeps the container serving; an exec probe just
+            // cannot ask it meanwhile. That is no failure of the container.
+            Err(ProbeError::RuntimeUnavailable(why)) => {
+                tracing::debug!(container = %self.cfg.name, %why, "probe could not run");
+            }
+            // Out of descriptors or memory here says nothing about the container: no verdict, and a
+            // warning for the operator, since the host needs attention.
+            Err(ProbeError::Local(why)) => {
+                self.deps
+                    .conditions
+                    .set("probes", Some(format!("{}: health check could not run on this host ({why}); no verdict", self.cfg.name)));
+            }
+            Err(ProbeError::Failed(why)) => {
+                let started = self.container.as_ref().map_or(0, |c| c.started_at);
+                if (unix_now() - started) < check.start_period.as_secs() as i64 {
+                    return;
+                }
+                self.gate.probe_failures += 1;
+                self.gate.healthy_since = None;
+                tracing::debug!(container = %self.cfg.name, failures = self.gate.probe_failures, reason = %why, "probe failed");
+                if self.gate.probe_failures >= check.retries.max(1) {
+                    let why = format!("health check failed {} times: {why}", self.gate.probe_failures);
+                    self.gate.probe_failures = 0;
+                    match self.state {
+                        State::Run => {
+                            self.failed(why.clone()).await;
+                            self.want(Transition::Restart, why);
+                        }
+                        State::Start | State::Restart if self.cancel_job.is_none() => {
+                            self.failed(why).await;
+                            self.start_provision(true).await;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- watches -------------------------------------------------------------------------------
+}
+
+/// The part of a health gate's wait a container has already served: for an adopted one, whole seconds
+/// since it started less one for the precision of `started_at` (seconds); for one this machine just
+/// started, none, since its `started_at` may already lie in the previous second.
+pub(super) fn gate_credit(adopted: bool, started_at: i64, now: i64) -> Duration {
+    if adopted { Duration::from_secs((now - started_at - 1).max(0) as u64) } else { Duration::ZERO }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_adopted_container_gets_credit_for_its_time_up() {
+        // Just started by us, with the second boundary in between: no credit.
+        assert_eq!(gate_credit(false, 100, 101), Duration::ZERO);
+        assert_eq!(gate_credit(false, 100, 200), Duration::ZERO);
+        // Adopted: what it has surely been up, whatever the fraction of the start second.
+        assert_eq!(gate_credit(true, 100, 101), Duration::ZERO);
+        assert_eq!(gate_credit(true, 100, 112), Duration::from_secs(11));
+        assert_eq!(gate_credit(true, 100, 90), Duration::ZERO, "clock skew");
+    }
+}

@@ -1,0 +1,377 @@
+//! The machine's side of its slow work: which job a state starts (provision, pull, stop), and what
+//! its outcome means (next state, crash, rollback, a wait for the runtime or the backend).
+
+use super::*;
+
+#[derive(Debug)]
+pub struct JobOutcome {
+    /// A governor slot the job took and the machine now holds.
+    pub(super) lease: Option<Slot>,
+    pub(super) result: Result<JobDone, JobError>,
+}
+
+/// Why a job did not finish.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum JobError {
+    /// The runtime could not be reached (a Docker daemon restarting, say). Nothing is wrong with the
+    /// container, so this neither counts towards a crash loop nor rolls back a new version: the job is
+    /// retried once the runtime is back.
+    #[error(transparent)]
+    RuntimeUnavailable(RuntimeError),
+    /// The coordination backend (KV, governor) did not answer, or a governor wait timed out. Never a
+    /// failure of the container or of its version: no crash-loop count, no rollback, no fleet mark;
+    /// the job waits and is tried again.
+    #[error("{0}")]
+    Backend(String),
+    /// The image could not be pulled (registry down, tag missing, login refused). Nothing ran, so this
+    /// is no failure of the version either: the running container is left alone and the pull retried.
+    #[error(transparent)]
+    Pull(RuntimeError),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<RuntimeError> for JobError {
+    fn from(e: RuntimeError) -> JobError {
+        match e {
+            RuntimeError::Unavailable(_) => JobError::RuntimeUnavailable(e),
+            RuntimeError::Pull { .. } => JobError::Pull(e),
+            other => JobError::Failed(other.to_string()),
+        }
+    }
+}
+
+impl From<BackendError> for JobError {
+    fn from(e: BackendError) -> JobError {
+        JobError::Backend(e.to_string())
+    }
+}
+
+#[derive(Debug)]
+pub(super) enum JobDone {
+    /// A container is running: a new one, or (`adopted`) one found running as it should.
+    Running {
+        info: ContainerInfo,
+        adopted: bool,
+    },
+    /// The image is local; its content id.
+    Pulled(String),
+    /// Not replaced: another node rolled the version back (the slot, if taken, comes back with it).
+    RolledBackElsewhere(RollbackMark),
+    /// Not replaced: the image is not here, and a running container must not wait on a pull; the
+    /// machine pulls in UPDATE first, where that container is left alone.
+    NeedsPull,
+    Stopped,
+}
+
+impl Machine {
+    pub(super) fn spawn_job<F>(&mut self, activity: String, job: impl FnOnce(JobCtx) -> F)
+    where
+        F: Future<Output = JobOutcome> + Send + 'static,
+    {
+        let (cancel, cancelled) = watch::channel(false);
+        self.cancel_job = Some(cancel);
+        self.activity = Some(activity);
+        let ctx = JobCtx {
+            deps: self.deps.clone(),
+            epoch: self.epoch,
+            cancelled: cancelled.clone(),
+            holder: format!("hoist {} @ {}", self.cfg.name, self.deps.node),
+            component: self.machine_name(),
+            tx: self.tx.clone(),
+        };
+        let fut = job(ctx);
+        let (tx, epoch) = (self.tx.clone(), self.epoch);
+        let task = tokio::spawn(async move {
+            let outcome = fut.await;
+            // A superseded job's slot is nobody's: dropped here, it is released, rather than handed
+            // to a machine that may already have shut down.
+            if *cancelled.borrow() {
+                return;
+            }
+            let _ = tx.send(Input::JobDone { epoch, outcome: Box::new(outcome) }).await;
+        });
+        self.job = Some(task);
+    }
+
+    /// START (`replace` false: adopt a matching running container) or RESTART (always a fresh one).
+    pub(super) async fn start_provision(&mut self, replace: bool) {
+        self.supersede();
+        let spec = self.spec();
+        let existing = self.container.clone();
+        self.replacing = existing.as_ref().map(|c| c.id.clone());
+        let backoff = std::mem::take(&mut self.next_delay);
+        let pull_wait = self.pull_wait();
+        let delay = backoff.max(pull_wait);
+        let turn = Turn {
+            restart: self.cfg.restart_governor.clone(),
+            held: self.lease.as_ref().map(|slot| slot.lease().clone()),
+            update: self.cfg.update_governor.clone(),
+            check_fleet_mark: self.kv_asks().is_some() && self.trying_new_version(),
+            remediation: std::mem::take(&mut self.remediating),
+            stop_grace: self.cfg.stop_grace(&self.deps.docker),
+        };
+        let activity = if delay.is_zero() {
+            format!("starting {}", spec.image_ref())
+        } else if pull_wait >= backoff {
+            format!("retrying the pull in {:.0} s", delay.as_secs_f64().ceil())
+        } else {
+            format!("restart in {:.1} s (backoff after {} failures)", delay.as_secs_f64(), self.crash.consecutive())
+        };
+        self.spawn_job(activity, move |ctx| async move {
+            let mut lease = None;
+            let result = ctx.provision(&spec, existing, replace, delay, turn, &mut lease).await;
+            JobOutcome { lease, result }
+        });
+    }
+
+    /// How long until a pull may be tried again after a failed one.
+    pub(super) fn pull_wait(&self) -> Duration {
+        self.pull_due.map_or(Duration::ZERO, |due| due.saturating_duration_since(Instant::now()))
+    }
+
+    /// A new version to pull: earlier pull failures were about another one.
+    pub(super) fn forget_pull_failures(&mut self) {
+        self.pull_retry.reset();
+        self.pull_due = None;
+    }
+
+    pub(super) fn start_pull(&mut self) {
+        let spec = self.spec();
+        let image = spec.image_ref();
+        let governor = self.cfg.update_governor.clone();
+        // Read before the pull, so a version the fleet already rejected is not even fetched here.
+        let check_fleet_mark = self.kv_asks().is_some() && self.trying_new_version();
+        // A version no node has passed yet is fetched only by a node about to try it: one that has its
+        // restart slot (taken here, and kept for the RESTART that follows). Once a node has passed its
+        // gate with it, the others fetch it ahead of their turn, so the slot covers no pull.
+        let try_first =
+            self.cfg.restart_governor.clone().filter(|_| {
+                check_fleet_mark && self.lease.is_none() && self.container.as_ref().is_some_and(|c| c.state == RunState::Running)
+            });
+        let wait = self.pull_wait();
+        let activity =
+            if wait.is_zero() { format!("pulling {image}") } else { format!("retrying the pull in {:.0} s", wait.as_secs_f64().ceil()) };
+        self.spawn_job(activity, move |ctx| async move {
+            let result = async {
+                if !wait.is_zero()
+                    && let Err(e) = ctx.or_cancelled(tokio::time::sleep(wait)).await
+                {
+                    return (None, Err(e));
+                }
+                let rejected = || async { rollback_mark::find(&*ctx.deps.kv, &spec.name, &spec.version).await };
+                if check_fleet_mark && let Some(mark) = rejected().await {
+                    return (None, Ok(JobDone::RolledBackElsewhere(mark)));
+                }
+                let mut restart_slot = None;
+                if let Some(restart) = try_first
+                    && !rollback_mark::verified(&*ctx.deps.kv, &spec.name, &spec.version).await
+                {
+                    // The wait for the slot, in short turns, ends early once another node has passed
+                    // with the version (then it is fetched at once, ahead of this node's turn) or
+                    // rolled it back. Short turns, not a cancelled wait: a campaign cut off before its
+                    // reply could leave a lease nobody holds.
+                    ctx.progress(format!("waiting for a slot of governor {restart}, to try a version no node has passed yet")).await;
+                    loop {
+                        match ctx.acquire_within(&restart, VERIFIED_POLL).await {
+                            Ok(Some(slot)) => {
+                                restart_slot = Some(slot);
+                                break;
+                            }
+                            Ok(None) => {}
+                            Err(e) => return (None, Err(e)),
+                        }
+                        if rollback_mark::verified(&*ctx.deps.kv, &spec.name, &spec.version).await || rejected().await.is_some() {
+                            break;
+                        }
+                    }
+                    // The verdict of whoever had the slot before.
+                    if let Some(mark) = rejected().await {
+                        return (None, Ok(JobDone::RolledBackElsewhere(mark)));
+                    }
+                }
+                // The update governor limits concurrent pulls only; its slot is dropped (released)
+                // with the pull. The restart that follows is governed by the restart governor.
+                let mut slot = None;
+                ctx.progress(format!("pulling {image}")).await;
+                let pulled = ctx.pull(&image, governor, &mut slot).await.map(JobDone::Pulled);
+                // A pull that failed keeps no restart slot: nothing is being taken down.
+                (restart_slot.filter(|_| pulled.is_ok()), pulled)
+            }
+            .await;
+            JobOutcome { lease: result.0, result: result.1 }
+        });
+    }
+
+    pub(super) fn start_stop(&mut self) {
+        let id = self.container.as_ref().filter(|c| c.state == RunState::Running).map(|c| c.id.clone());
+        let grace = self.cfg.stop_grace(&self.deps.docker);
+        self.spawn_job(format!("stopping, {} grace", humantime::format_duration(grace)), move |ctx| async move {
+            let result = match id {
+                Some(id) => ctx.deps.runtime.stop(&id, grace).await.map_err(JobError::from),
+                None => Ok(()),
+            };
+            JobOutcome { lease: None, result: result.map(|()| JobDone::Stopped) }
+        });
+    }
+
+    pub(super) async fn on_job_done(&mut self, epoch: u64, outcome: JobOutcome) {
+        if epoch != self.epoch {
+            // Stale: its slot, if any, is released as the outcome is dropped.
+            return;
+        }
+        self.cancel_job = None;
+        self.activity = None;
+        if let Some(lease) = outcome.lease {
+            self.lease = Some(lease);
+        }
+        match outcome.result {
+            Ok(JobDone::Running { info, adopted }) => {
+                if self.replacing.take().is_some() && !adopted {
+                    self.restarts += 1;
+                    self.remember().await;
+                }
+                // Events of the new container that arrived before this outcome were not yet ours and
+                // were dropped; a fresh look catches one that already died or turned unhealthy.
+                let info = match self.inspect(&info.id).await {
+                    Ok(Some(fresh)) => fresh,
+                    Ok(None) => ContainerInfo { state: RunState::Dead, ..info },
+                    Err(_) => info,
+                };
+                let exited = (info.state != RunState::Running).then_some(info.exit_code);
+                self.container = Some(info);
+                match exited {
+                    Some(exit_code) => {
+                        self.failed(format!("container died ({})", exit_text(exit_code))).await;
+                        self.start_provision(true).await;
+                    }
+                    None => self.begin_gate(adopted),
+                }
+            }
+            Ok(JobDone::Pulled(image_id)) => {
+                self.forget_pull_failures();
+                self.update_pulled = true;
+                // `update` of a moving tag (latest) that still names the image already running: go
+                // through RESTART without replacing anything.
+                let spec = self.spec();
+                self.keep_unchanged = self.container.as_ref().is_some_and(|c| {
+                    c.state == RunState::Running && c.image_id == image_id && c.label(LABEL_SPEC) == Some(spec.hash().as_str())
+                });
+                let why = if self.keep_unchanged { "unchanged" } else { "pulled" };
+                self.want(Transition::Restart, format!("{why} {}", spec.image_ref()));
+            }
+            Ok(JobDone::RolledBackElsewhere(mark)) => {
+                let message = format!("{} was rolled back on {}: {}; not tried here", mark.version, mark.node, mark.reason);
+                tracing::warn!(container = %self.cfg.name, "{message}");
+                self.bad_version = Some(self.wanted_version());
+                self.bad_version_node = Some(mark.node);
+                self.remember().await;
+                self.notice(&message).await;
+                self.last_error = Some(message);
+                self.lease = None;
+                // Towards the last good version, keeping the container if it runs it: from UPDATE
+                // (the mark was read before pulling) through RESTART, in START/RESTART again.
+                self.keep_unchanged = true;
+                self.update_pulled = true;
+                if self.state == State::Update {
+                    self.want(Transition::Restart, "the fleet rolled this version back".into());
+                } else {
+                    self.enter().await;
+                }
+            }
+            Ok(JobDone::NeedsPull) => {
+                let image = self.spec().image_ref();
+                self.want(Transition::Update, format!("{image} is pulled first; the running container is left alone meanwhile"));
+            }
+            Ok(JobDone::Stopped) => {
+                if let Some(c) = self.container.as_mut() {
+                    c.state = RunState::Exited;
+                }
+                self.want(Transition::Maintenance, "stopped by operator".into());
+            }
+            Err(JobError::RuntimeUnavailable(e)) => self.wait_for_runtime(e.to_string()).await,
+            Err(JobError::Backend(e)) => self.wait_for_backend(e).await,
+            Err(JobError::Pull(e)) => {
+                let e = e.to_string();
+                tracing::warn!(container = %self.cfg.name, state = %self.state, error = %e, "pull failed");
+                if self.pull_due.is_none() {
+                    self.notice(&e).await;
+                }
+                self.last_error = Some(e);
+                let delay = self.pull_retry.next_wait();
+                self.pull_due = Some(Instant::now() + delay);
+                match self.state {
+                    // Nothing runs that this could replace (a first start, or a container that is
+                    // gone): try again after the pull backoff.
+                    State::Start | State::Restart => self.start_provision(true).await,
+                    State::Update => {
+                        self.activity = Some(format!("retrying the pull in {:.0} s", delay.as_secs_f64().ceil()));
+                        self.timer(self.epoch, TimerKind::RetryPull, delay);
+                    }
+                    State::Run | State::Stop | State::Maintenance => {}
+                }
+            }
+            Err(JobError::Failed(e)) => {
+                tracing::warn!(container = %self.cfg.name, state = %self.state, error = %e, "job failed");
+                self.notice(&e).await;
+                match self.state {
+                    State::Start | State::Restart => {
+                        // The same path as a container failing its gate: a new version that cannot
+                        // even be started is rolled back, anything else frees its slot and backs off
+                        // (at least 1 s: a job error, unlike a death, is rarely cured at once).
+                        let rolls_back = self.trying_new_version();
+                        self.failed(e).await;
+                        if !rolls_back {
+                            self.next_delay = self.next_delay.max(Duration::from_secs(1));
+                        }
+                        self.start_provision(true).await
+                    }
+                    State::Update => {
+                        // Retry after a backoff, which is no crash: the running container is untouched.
+                        self.last_error = Some(e);
+                        let delay = self.pull_retry.next_wait();
+                        self.pull_due = Some(Instant::now() + delay);
+                        self.activity = Some(format!("retrying the pull in {:.0} s", delay.as_secs_f64().ceil()));
+                        self.timer(self.epoch, TimerKind::RetryPull, delay);
+                    }
+                    State::Stop => {
+                        self.want(Transition::Maintenance, format!("stop failed: {e}"));
+                        self.last_error = Some(e);
+                    }
+                    State::Run | State::Maintenance => self.last_error = Some(e),
+                }
+            }
+        }
+    }
+
+    /// A job could not reach the runtime. Retried when the agent reports the runtime back (`Resync`),
+    /// or after `RUNTIME_RETRY` in case the outage was too short for the event stream to notice; no
+    /// governor slot is held meanwhile, since the fleet should not wait on a node without an engine.
+    pub(super) async fn wait_for_runtime(&mut self, why: String) {
+        tracing::warn!(container = %self.cfg.name, state = %self.state, error = %why, "waiting for the container runtime");
+        if !self.waiting_for_runtime {
+            self.notice(&why).await;
+        }
+        self.last_error = Some(why);
+        self.waiting_for_runtime = true;
+        self.activity = Some("waiting for the container runtime".into());
+        if matches!(self.state, State::Start | State::Restart) {
+            self.lease = None;
+        }
+        self.timer(self.epoch, TimerKind::RuntimeRetry, RUNTIME_RETRY);
+    }
+
+    /// A job could not reach the coordination backend, or waited out `governor_timeout`. That says
+    /// nothing about the container or its version: no crash count, no rollback, no fleet mark. A slot
+    /// the machine holds is kept (its container may be down, so letting go would let another node
+    /// take one down too); the job is tried again with a growing wait.
+    pub(super) async fn wait_for_backend(&mut self, why: String) {
+        tracing::warn!(container = %self.cfg.name, state = %self.state, error = %why, "waiting for the coordination backend");
+        let delay = self.backend_retry.next_wait();
+        self.last_error = Some(why.clone());
+        self.activity = Some(format!("waiting for the coordination backend ({why}); trying again in {:.0} s", delay.as_secs_f64().ceil()));
+        self.timer(self.epoch, TimerKind::BackendRetry, delay);
+    }
+
+    // ---- health gate ---------------------------------------------------------------------------
+}

@@ -1,0 +1,183 @@
+//! What the machine sees of its container (runtime events, resyncs after an outage) and the
+//! reconcile that turns a gap between what runs and what should into a transition.
+
+use super::*;
+
+impl Machine {
+    pub(super) fn register(&mut self) {
+        if self.registration.is_none() {
+            let (kv, interval) = (self.deps.kv.clone(), self.deps.registration_interval);
+            self.registration = registration::Publisher::start(kv, &self.cfg.register_ports, &self.instance_id, interval);
+        }
+    }
+
+    /// In RUN: compare what runs with what should, and pick the transition that closes the gap.
+    pub(super) fn reconcile_run(&mut self) {
+        if self.state != State::Run {
+            return;
+        }
+        let spec = self.spec();
+        let why = match &self.container {
+            None => Some((Transition::Restart, "no container".to_string())),
+            Some(c) if c.state != RunState::Running => {
+                Some((Transition::Restart, format!("container not running ({})", exit_text(c.exit_code))))
+            }
+            Some(c) if c.image != spec.image_ref() && self.kv_pending => {
+                tracing::info!(container = %self.cfg.name, image = %c.image, "keeping the running version until the KV answers");
+                None
+            }
+            Some(c) if c.image != spec.image_ref() => Some((Transition::Update, format!("image {} → {}", c.image, spec.image_ref()))),
+            Some(c) if c.label(LABEL_SPEC) != Some(spec.hash().as_str()) => Some((Transition::Restart, "definition changed".to_string())),
+            Some(c) if c.health == RuntimeHealth::Unhealthy => {
+                Some((Transition::Restart, "Docker reports the container unhealthy".to_string()))
+            }
+            Some(_) => None,
+        };
+        if let Some((t, why)) = why {
+            self.want(t, why);
+        }
+    }
+
+    pub(super) async fn on_runtime_event(&mut self, event: RuntimeEvent) {
+        let ours = self.container.as_ref().is_some_and(|c| c.id == event.container_id);
+        if !ours {
+            return;
+        }
+        let c = self.container.as_mut().expect("checked above");
+        match event.kind {
+            RuntimeEventKind::Started => {
+                c.state = RunState::Running;
+                return;
+            }
+            RuntimeEventKind::Health(h) => {
+                c.health = h;
+                if h == RuntimeHealth::Unhealthy && self.state == State::Run {
+                    self.failed("Docker reports the container unhealthy".into()).await;
+                }
+            }
+            RuntimeEventKind::Died { exit_code } => {
+                // A death already seen (by an inspect that found the container exited) is no news.
+                let was_running = c.state == RunState::Running;
+                c.state = RunState::Exited;
+                c.exit_code = exit_code;
+                self.stop_probe();
+                if matches!(self.state, State::Run | State::Start | State::Restart | State::Update)
+                    && (self.cancel_job.is_none() || self.state == State::Update)
+                {
+                    let why = format!("container died ({})", exit_text(exit_code));
+                    // An engine stopping without live-restore kills its containers and stops
+                    // answering: no crash of the container, and no reason to roll a new version back.
+                    // It is replaced all the same, once the engine is back.
+                    match self.inspect(&event.container_id).await {
+                        Err(RuntimeError::Unavailable(_)) => self.last_error = Some(format!("{why}: the container runtime went away")),
+                        _ => {
+                            self.failed(why.clone()).await;
+                            self.revive_during_update(&why);
+                        }
+                    }
+                } else if was_running
+                    && matches!(self.state, State::Start | State::Restart)
+                    && self.cancel_job.is_some()
+                    && !self.taking_down
+                {
+                    // The container a replacement is waiting to take down (for a slot, say) died on
+                    // its own: it is down already, so the replacement goes ahead now, without a slot.
+                    // A crash of the old container, not a failure of the version coming in.
+                    let why = format!("container died ({}) while its replacement waited", exit_text(exit_code));
+                    tracing::warn!(container = %self.cfg.name, reason = %why, "replacing it at once");
+                    self.next_delay = self.crash.failed(Instant::now());
+                    self.last_error = Some(why);
+                    self.remediating = true;
+                    self.start_provision(true).await;
+                }
+            }
+            RuntimeEventKind::Destroyed => {
+                self.container = None;
+                self.stop_probe();
+                if matches!(self.state, State::Run | State::Start | State::Restart) && self.cancel_job.is_none() {
+                    self.failed("container was removed".into()).await;
+                }
+            }
+        }
+        self.after_observation().await;
+    }
+
+    /// A look at one container, bounded: the machine answers status and operators while it waits, so
+    /// an engine that hangs must not hold it (an engine that does not answer in time is unavailable).
+    pub(super) async fn inspect(&self, id: &str) -> Result<Option<ContainerInfo>, RuntimeError> {
+        tokio::time::timeout(INSPECT_LIMIT, self.deps.runtime.inspect(id))
+            .await
+            .unwrap_or_else(|_| Err(RuntimeError::Unavailable(format!("inspecting {id} took longer than {INSPECT_LIMIT:?}"))))
+    }
+
+    /// The running container failed while its update waits for a pull (a registry that refuses, a
+    /// tag not pushed yet): bring back the version it ran at once, and update once the pull works.
+    pub(super) fn revive_during_update(&mut self, why: &str) {
+        if self.state == State::Update && self.container.as_ref().is_some_and(|c| c.state != RunState::Running) {
+            self.want(Transition::Restart, format!("{why} while its update waits for the pull; bringing it back"));
+        }
+    }
+
+    /// Re-reads the container after the event stream was interrupted, and retries a job that found
+    /// the runtime unreachable.
+    pub(super) async fn resync(&mut self) {
+        if let Some(id) = self.container.as_ref().map(|c| c.id.clone()) {
+            let found = match self.inspect(&id).await {
+                Ok(found) => found,
+                Err(e) => return tracing::warn!(container = %self.cfg.name, error = %e, "resync failed"),
+            };
+            let was_running = self.container.as_ref().is_some_and(|c| c.state == RunState::Running);
+            self.container = found;
+            let running = self.container.as_ref().is_some_and(|c| c.state == RunState::Running);
+            if was_running && !running {
+                // Most likely stopped by the engine itself going down (no live-restore): replaced
+                // below, but neither a crash of the container nor a reason to roll a new version back.
+                self.last_error = Some("container stopped while the runtime was unreachable".into());
+            }
+        }
+        if self.waiting_for_runtime {
+            self.enter().await;
+        } else {
+            self.after_observation().await;
+        }
+    }
+
+    /// After the container's observed state changed: in RUN reconcile, in a gate re-check or retry.
+    pub(super) async fn after_observation(&mut self) {
+        match self.state {
+            State::Run => self.reconcile_run(),
+            State::Start | State::Restart if self.cancel_job.is_none() => {
+                let running = self.container.as_ref().is_some_and(|c| c.state == RunState::Running);
+                let unhealthy = self.container.as_ref().is_some_and(|c| c.health == RuntimeHealth::Unhealthy);
+                if !running || unhealthy {
+                    if unhealthy {
+                        self.failed("Docker reports the new container unhealthy".into()).await;
+                    }
+                    self.start_provision(true).await;
+                } else {
+                    self.check_gate();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Records a failure of the container and arranges its replacement: with backoff, or, when a new
+    /// version fails its health gate, by rolling back to the last version that passed it.
+    pub(super) async fn failed(&mut self, why: String) {
+        tracing::warn!(container = %self.cfg.name, state = %self.state, reason = %why, "container failed");
+        // Its replacement brings back a container that is down already.
+        self.remediating = true;
+        if matches!(self.state, State::Start | State::Restart) && self.trying_new_version() {
+            self.roll_back(why).await;
+            return;
+        }
+        self.next_delay = self.crash.failed(Instant::now());
+        self.last_error = Some(why);
+        if matches!(self.state, State::Start | State::Restart) {
+            // A container that cannot come up must not hold the fleet's slot through its backoff;
+            // the next attempt campaigns again.
+            self.lease = None;
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! What the machine tells the world: its persisted state, transition and lifecycle events, status.
+
+use super::*;
+
+impl Machine {
+    pub(super) async fn remember(&self) {
+        let remembered = Remembered {
+            state: self.state,
+            desired_version: self.kv_version.as_ref().map(|v| v.to_string()),
+            last_good_image: self.last_good_image.clone(),
+            restarts: self.restarts,
+            bad_version: self.bad_version.as_ref().map(|v| v.to_string()),
+            bad_version_node: self.bad_version_node.clone(),
+            container_id: self.container.as_ref().map(|c| c.id.clone()),
+        };
+        if let Err(e) = self.deps.store.save(&self.cfg.name, &remembered).await {
+            tracing::warn!(container = %self.cfg.name, error = %e, "could not save machine state");
+        }
+    }
+
+    /// The transition just made (from `from` to the current state).
+    pub(super) async fn publish(&self, transition: Transition, from: State, why: &str) {
+        self.emit(transition.as_str(), from, why).await;
+    }
+
+    /// A problem worth an event but no state change (a refused KV value, a failed pull).
+    pub(super) async fn notice(&self, message: &str) {
+        self.publish_event("error", message).await;
+    }
+
+    /// An event that is not a state change (an error, a rollback), in the transition shape with
+    /// from = to = the current state, so Choria tools show it in the same stream.
+    pub(super) async fn publish_event(&self, kind: &str, message: &str) {
+        self.emit(kind, self.state, message).await;
+    }
+
+    pub(super) async fn emit(&self, kind: &str, from: State, detail: &str) {
+        let event = TransitionEvent {
+            protocol: TRANSITION_PROTOCOL.into(),
+            identity: self.deps.node.clone(),
+            id: self.instance_id.clone(),
+            version: MACHINE_VERSION.into(),
+            timestamp: unix_now(),
+            machine: self.machine_name(),
+            transition: kind.into(),
+            from_state: from.to_string(),
+            to_state: self.state.to_string(),
+            detail: Some(detail.to_string()),
+            image: Some(self.spec().image_ref()),
+        };
+        if let Err(e) = self.deps.events.publish(&event).await {
+            tracing::debug!(error = %e, kind, "could not publish an event");
+        }
+    }
+
+    pub(super) fn status(&self) -> MachineStatus {
+        let spec = self.spec();
+        let running = self.container.as_ref().filter(|c| c.state == RunState::Running);
+        let health = match running {
+            None => Health::Down,
+            Some(c) => match (c.health, self.state, self.cfg.health_check.is_some()) {
+                (RuntimeHealth::Unhealthy, ..) => Health::Unhealthy,
+                (_, State::Start | State::Restart, _) => Health::Starting,
+                (RuntimeHealth::Healthy, ..) | (_, _, true) => Health::Healthy,
+                (RuntimeHealth::Starting, ..) => Health::Starting,
+                _ => Health::Unverified,
+            },
+        };
+        let image = self.container.as_ref().map(|c| c.image.clone());
+        let version = image.as_deref().and_then(version_of).unwrap_or_else(|| spec.version.to_string());
+        MachineStatus {
+            name: self.machine_name(),
+            container: self.cfg.name.clone(),
+            node: self.deps.node.clone(),
+            id: self.instance_id.clone(),
+            state: self.state,
+            version,
+            image,
+            desired_image: spec.image_ref(),
+            container_id: self.container.as_ref().map(|c| c.id.chars().take(12).collect()),
+            started: running.map(|c| c.started_at),
+            available_transitions: self.state.available_transitions(),
+            health,
+            restarts: self.restarts,
+            last_error: self.last_error.clone(),
+            condition: self.rollback_condition().or_else(|| self.crash.condition()),
+            activity: self.activity.clone(),
+            governor_wait_seconds: self.governor_wait.as_secs_f64(),
+            last_update_seconds: self.last_update.map(|d| d.as_secs_f64()),
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! Versions: following the KV's desired tag, config changes, and rolling back a version that fails
+//! its gate (here, and through the fleet's rollback mark, everywhere it was asked for).
+
+use super::*;
+
+impl Machine {
+    pub(super) async fn roll_back(&mut self, why: String) {
+        let failed = self.spec().image_ref();
+        if let Some(asked) = self.kv_asks() {
+            // Asked of the whole fleet: tell the nodes still waiting.
+            let (kv, name, version, node, why) =
+                (self.deps.kv.clone(), self.cfg.name.clone(), asked.clone(), self.deps.node.clone(), why.clone());
+            tokio::spawn(async move { rollback_mark::record(&*kv, &name, &version, &node, &why).await });
+        }
+        self.bad_version = Some(self.wanted_version());
+        self.bad_version_node = None;
+        self.remember().await;
+        let message = format!("rolled back from {failed} to {}: {why}", self.spec().image_ref());
+        tracing::warn!(container = %self.cfg.name, "{message}");
+        self.publish_event("rollback", &message).await;
+        self.last_error = Some(message);
+        self.next_delay = Duration::ZERO;
+    }
+
+    pub(super) async fn on_desired_version(&mut self, raw: Option<String>) {
+        let parsed = match raw.as_deref().map(str::trim) {
+            None => None,
+            Some(v) => match ImageVersion::parse(v) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    let msg = format!("ignored KV value for {}: {e}", tag_key(&self.cfg.name));
+                    tracing::warn!(container = %self.cfg.name, "{msg}");
+                    self.last_error = Some(msg.clone());
+                    self.notice(&msg).await;
+                    return;
+                }
+            },
+        };
+        if std::mem::take(&mut self.kv_pending) && self.state == State::Run {
+            // Now it is known whether the version that runs is the one asked for.
+            self.reconcile_run();
+        }
+        if parsed == self.kv_version {
+            return;
+        }
+        let before = self.spec().image_ref();
+        self.kv_version = parsed;
+        self.clear_bad_version();
+        self.forget_pull_failures();
+        self.remember().await;
+        let after = self.spec().image_ref();
+        if before == after {
+            return;
+        }
+        tracing::info!(container = %self.cfg.name, from = %before, to = %after, "desired image changed");
+        match self.state {
+            State::Run => self.reconcile_run(),
+            State::Start | State::Restart => self.want(Transition::Update, format!("KV: {after}")),
+            // A newer tag while pulling the previous one: pull the newer one instead.
+            State::Update => self.enter().await,
+            State::Stop | State::Maintenance => {}
+        }
+    }
+
+    pub(super) async fn reconfigure(&mut self, cfg: ContainerConfig) {
+        let before = self.spec().hash();
+        let watches_changed = (cfg.kv_update, &cfg.restart_files) != (self.cfg.kv_update, &self.cfg.restart_files);
+        let probe_changed = cfg.health_check != self.cfg.health_check;
+        let registrations_changed = cfg.register_ports != self.cfg.register_ports;
+        if (&cfg.image, &cfg.image_tag) != (&self.cfg.image, &self.cfg.image_tag) {
+            self.clear_bad_version();
+            self.forget_pull_failures();
+        }
+        self.crash.reconfigure(cfg.restart_backoff.unwrap_or(self.deps.rollout.restart_backoff));
+        self.cfg = cfg;
+        if watches_changed {
+            for task in self.watch_tasks.drain(..) {
+                task.abort();
+            }
+            self.start_watches();
+        }
+        if probe_changed && self.probe_task.is_some() {
+            self.start_probe();
+        }
+        if registrations_changed && let Some(publisher) = self.registration.take() {
+            publisher.withdraw().await;
+            self.register();
+        }
+        if self.spec().hash() == before {
+            return;
+        }
+        match self.state {
+            State::Run => self.reconcile_run(),
+            // Replace a container still being brought up with the new definition straight away: the
+            // old definition may be the reason it cannot come up.
+            State::Start | State::Restart => self.start_provision(true).await,
+            State::Update | State::Stop | State::Maintenance => {}
+        }
+    }
+
+    // ---- jobs ----------------------------------------------------------------------------------
+
+    pub(super) fn rollback_condition(&self) -> Option<String> {
+        let bad = self.bad_version.as_ref()?;
+        let what = match &self.bad_version_node {
+            Some(node) => format!("{bad} was rolled back on {node}, so not tried here"),
+            None => format!("{bad} failed its health gate and was rolled back"),
+        };
+        Some(format!("{what}; not retried until the desired version changes or `update` is requested"))
+    }
+
+    /// Whether there was a mark to clear.
+    pub(super) fn clear_bad_version(&mut self) -> bool {
+        self.bad_version_node = None;
+        self.bad_version.take().is_some()
+    }
+}
