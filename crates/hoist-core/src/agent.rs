@@ -204,7 +204,7 @@ impl Agent {
             identity: self.deps.node.clone(),
             id: self.deps.node.clone(),
             version: machine::MACHINE_VERSION.into(),
-            timestamp: machine::unix_now(),
+            timestamp: crate::clock::unix_now(),
             machine: "hoist".into(),
             transition: "config_refused".into(),
             from_state: String::new(),
@@ -314,7 +314,7 @@ impl Agent {
             if managed {
                 continue;
             }
-            let age = machine::unix_now() - c.created;
+            let age = crate::clock::unix_now() - c.created;
             if age < grace {
                 tracing::info!(container = %c.container_name, id = %c.id, age_s = age, "not in the config, but too new to purge yet");
                 next_look = Some(next_look.map_or(grace - age, |n| n.min(grace - age)));

@@ -5,10 +5,10 @@
 //! for things that are nobody's fault (a pull the registry refuses, a coordination backend that does
 //! not answer): it never counts as a crash.
 
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// This many failures inside `reset_after` is a crash loop.
 const LOOP_THRESHOLD: usize = 5;
@@ -66,9 +66,7 @@ impl CrashLoop {
             return Duration::ZERO;
         }
         let exp = self.config.initial.saturating_mul(1 << (self.consecutive - 2).min(16)).min(self.config.max);
-        // ±20 % jitter keeps a fleet that failed together from retrying together.
-        let jitter = rand::rng().random_range(0.8..1.2);
-        exp.mul_f64(jitter).min(self.config.max)
+        crate::clock::jitter(exp).min(self.config.max)
     }
 
     pub fn healthy(&mut self, now: Instant) {
@@ -102,7 +100,7 @@ impl Retry {
     pub fn next_wait(&mut self) -> Duration {
         let exp = Self::FIRST.saturating_mul(1 << self.attempts.min(8)).min(Self::MAX);
         self.attempts += 1;
-        exp.mul_f64(rand::rng().random_range(0.8..1.2)).min(Self::MAX)
+        crate::clock::jitter(exp).min(Self::MAX)
     }
 
     pub fn reset(&mut self) {

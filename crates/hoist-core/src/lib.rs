@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod backend;
 pub mod backoff;
+pub mod clock;
 pub mod config;
 #[cfg(feature = "testkit")]
 pub mod conformance;

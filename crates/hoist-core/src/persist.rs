@@ -4,8 +4,10 @@
 
 use crate::fsm::State;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Remembered {
@@ -24,23 +26,40 @@ pub struct Remembered {
     pub container_id: Option<String>,
 }
 
+/// Where the machines' `Remembered` states are kept: files under the state_dir, or, for the fault
+/// simulator, memory it hands to each run of a simulated agent (kept or lost across a crash).
 #[derive(Debug, Clone)]
 pub struct StateStore {
-    dir: PathBuf,
+    place: Place,
+}
+
+#[derive(Debug, Clone)]
+enum Place {
+    Dir(PathBuf),
+    Memory(Arc<Mutex<BTreeMap<String, Remembered>>>),
 }
 
 impl StateStore {
     pub fn new(state_dir: impl Into<PathBuf>) -> StateStore {
-        StateStore { dir: state_dir.into().join("machines") }
+        StateStore { place: Place::Dir(state_dir.into().join("machines")) }
     }
 
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("{name}.json"))
+    /// Nothing on disk: for the simulator, where file I/O would make runs depend on the OS's timing.
+    pub fn in_memory() -> StateStore {
+        StateStore { place: Place::Memory(Arc::default()) }
+    }
+
+    fn path(dir: &Path, name: &str) -> PathBuf {
+        dir.join(format!("{name}.json"))
     }
 
     /// None when nothing (or nothing readable) was remembered: the machine then starts afresh.
     pub async fn load(&self, name: &str) -> Option<Remembered> {
-        let bytes = tokio::fs::read(self.path(name)).await.ok()?;
+        let dir = match &self.place {
+            Place::Dir(dir) => dir,
+            Place::Memory(states) => return states.lock().expect("not poisoned").get(name).cloned(),
+        };
+        let bytes = tokio::fs::read(Self::path(dir, name)).await.ok()?;
         match serde_json::from_slice(&bytes) {
             Ok(r) => Some(r),
             Err(e) => {
@@ -51,14 +70,28 @@ impl StateStore {
     }
 
     pub async fn save(&self, name: &str, remembered: &Remembered) -> io::Result<()> {
-        tokio::fs::create_dir_all(&self.dir).await?;
-        let tmp = self.dir.join(format!(".{name}.json.tmp"));
+        let dir = match &self.place {
+            Place::Dir(dir) => dir,
+            Place::Memory(states) => {
+                states.lock().expect("not poisoned").insert(name.to_string(), remembered.clone());
+                return Ok(());
+            }
+        };
+        tokio::fs::create_dir_all(dir).await?;
+        let tmp = dir.join(format!(".{name}.json.tmp"));
         tokio::fs::write(&tmp, serde_json::to_vec_pretty(remembered)?).await?;
-        tokio::fs::rename(&tmp, self.path(name)).await
+        tokio::fs::rename(&tmp, Self::path(dir, name)).await
     }
 
     pub async fn forget(&self, name: &str) -> io::Result<()> {
-        match tokio::fs::remove_file(self.path(name)).await {
+        let dir = match &self.place {
+            Place::Dir(dir) => dir,
+            Place::Memory(states) => {
+                states.lock().expect("not poisoned").remove(name);
+                return Ok(());
+            }
+        };
+        match tokio::fs::remove_file(Self::path(dir, name)).await {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }

@@ -72,8 +72,7 @@ impl Events for NatsBackend {
     }
 
     async fn publish_governor(&self, event: &GovernorEvent) -> BackendResult<()> {
-        let body =
-            GovernorLifecycle { protocol: GOVERNOR_EVENT_PROTOCOL, id: uuid_v4(), timestamp: hoist_core::machine::unix_now(), event };
+        let body = GovernorLifecycle { protocol: GOVERNOR_EVENT_PROTOCOL, id: uuid_v4(), timestamp: hoist_core::clock::unix_now(), event };
         let body = serde_json::to_vec(&body).map_err(|e| unavailable("encoding a governor event", e))?;
         let subject = format!("choria.lifecycle.event.governor.{}", event.component);
         self.client.publish(subject, body.into()).await.map_err(|e| unavailable("publishing a governor event", e))

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 const CONDITION: &str = "nats";
 
 fn now_rfc3339() -> String {
-    events::rfc3339(hoist_core::machine::unix_now())
+    events::rfc3339(hoist_core::clock::unix_now())
 }
 
 /// How to reach the NATS servers. Independent of hoist's config so this crate stands alone.

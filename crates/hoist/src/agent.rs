@@ -352,7 +352,7 @@ fn initial_set(cfg: &AgentConfig, facts: &serde_json::Value, conditions: &Condit
 /// Keeps `set` as the last good configuration. Failing to is no reason to stop managing containers,
 /// but it is reported among the node's warnings: the next start on a broken file would refuse.
 fn save_last_good(cfg: &AgentConfig, set: &ContainerSet, conditions: &Conditions) {
-    let problem = LastGood::save(&cfg.state_dir, set, hoist_core::machine::unix_now())
+    let problem = LastGood::save(&cfg.state_dir, set, hoist_core::clock::unix_now())
         .err()
         .map(|e| format!("cannot keep the last good configuration in {}: {e}", LastGood::path(&cfg.state_dir).display()));
     conditions.set("last_good", problem);

@@ -7,7 +7,7 @@
 
 use comfy_table::{Table, presets::NOTHING};
 use hoist_core::backend::{GovernorInfo, TransitionEvent};
-use hoist_core::machine::unix_now;
+use hoist_core::clock::unix_now;
 use hoist_core::registration::ServiceEntry;
 use hoist_core::status::{NodeStatus, Summaries};
 use std::collections::BTreeMap;

@@ -38,8 +38,9 @@ impl JobCtx {
     pub(super) async fn or_cancelled<T>(&self, fut: impl Future<Output = T>) -> Result<T, JobError> {
         let mut cancelled = self.cancelled.clone();
         tokio::select! {
-            out = fut => Ok(out),
+            biased;
             _ = cancelled.wait_for(|c| *c) => Err(JobError::Failed("superseded".into())),
+            out = fut => Ok(out),
         }
     }
 

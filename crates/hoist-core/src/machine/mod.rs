@@ -25,6 +25,7 @@ use jobs::{JobDone, JobError};
 
 use crate::backend::{BackendError, Events, Governor, GovernorEventType, HOIST_BUCKET, Kv, TRANSITION_PROTOCOL, TransitionEvent, tag_key};
 use crate::backoff::{CrashLoop, Retry};
+use crate::clock::unix_now;
 use crate::config::{ContainerConfig, DockerConfig, RolloutConfig};
 use crate::files::FileWatch;
 use crate::fsm::{self, State, Transition, TransitionError};
@@ -36,13 +37,13 @@ use crate::slot::{self, Slot, SlotKeeper};
 use crate::spec::{ContainerSpec, ImageVersion, LABEL_SPEC};
 use crate::status::{Health, MachineStatus};
 use futures_util::StreamExt;
-use rand::Rng;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
+use tokio::time::Instant;
 
 /// The machine version reported in events and status, as the original module's machines had.
 pub const MACHINE_VERSION: &str = "1.0.0";
@@ -547,14 +548,9 @@ pub(super) fn version_of(image: &str) -> Option<String> {
     last.split_once(':').map(|(_, tag)| tag.to_string())
 }
 
-pub fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
-
-/// A random UUIDv4 string, the form Choria uses for machine instance ids.
 /// A random (version 4) UUID: machine instance ids and event ids, as Choria makes them.
 pub fn uuid_v4() -> String {
-    let mut b: [u8; 16] = rand::rng().random();
+    let mut b: [u8; 16] = crate::clock::random_bytes();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();

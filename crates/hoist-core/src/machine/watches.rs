@@ -44,8 +44,8 @@ pub(super) async fn watch_desired_tag(kv: Arc<dyn Kv>, key: String, resync: Dura
                     return;
                 }
                 loop {
-                    let jitter = rand::rng().random_range(0.8..1.2);
                     tokio::select! {
+                        biased;
                         entry = updates.next() => match entry {
                             Some(entry) => {
                                 let value = (entry.operation == crate::backend::KvOperation::Put).then(|| entry.value_str());
@@ -55,7 +55,7 @@ pub(super) async fn watch_desired_tag(kv: Arc<dyn Kv>, key: String, resync: Dura
                             }
                             None => break,
                         },
-                        _ = tokio::time::sleep(resync.mul_f64(jitter)) => {
+                        _ = tokio::time::sleep(crate::clock::jitter(resync)) => {
                             if let Ok(entry) = kv.get(HOIST_BUCKET, &key).await
                                 && tx.send(Input::DesiredVersion(entry.map(|e| e.value_str()))).await.is_err()
                             {
