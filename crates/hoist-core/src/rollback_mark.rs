@@ -9,8 +9,10 @@
 //! operator's `update` deletes the mark.
 
 use crate::backend::{HOIST_BUCKET, Kv, tag_key};
+use crate::backoff::Retry;
 use crate::spec::ImageVersion;
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
 
 /// The key that carries a container's fleet-wide rollback mark in `HOIST`.
 pub fn rollback_key(container: &str) -> String {
@@ -32,15 +34,37 @@ pub struct RollbackMark {
 /// Records that `version`, asked for by the tag key, was rolled back on `node`. Nothing is recorded if
 /// the tag key no longer asks for it (the operator has moved on).
 pub async fn record(kv: &dyn Kv, container: &str, version: &ImageVersion, node: &str, reason: &str) {
-    let tag = match kv.get(HOIST_BUCKET, &tag_key(container)).await {
-        Ok(Some(entry)) if asks_for(&entry.value_str(), version) => entry,
-        Ok(_) => return,
-        Err(e) => return tracing::warn!(container, error = %e, "could not record the rollback for the fleet"),
-    };
-    let mark = RollbackMark { version: version.to_string(), node: node.into(), reason: reason.into(), tag_revision: tag.revision };
-    let value = serde_json::to_vec(&mark).expect("serialises");
-    if let Err(e) = kv.put(HOIST_BUCKET, &rollback_key(container), &value).await {
-        tracing::warn!(container, error = %e, "could not record the rollback for the fleet");
+    let mark = |tag_revision| RollbackMark { version: version.to_string(), node: node.into(), reason: reason.into(), tag_revision };
+    put_for_request(kv, container, version, &rollback_key(container), "the rollback", mark).await;
+}
+
+/// How long a node keeps trying to record a verdict while the store does not answer: a node cut off
+/// when it rolled back must still tell the fleet once it is back, or every other node tries the
+/// version in turn.
+const KEEP_TRYING: Duration = Duration::from_secs(600);
+
+/// Puts the verdict `mark(tag revision)` under `key` while the tag key asks for `version`, retrying
+/// while the store does not answer.
+async fn put_for_request(kv: &dyn Kv, container: &str, version: &ImageVersion, key: &str, what: &str, mark: impl Fn(u64) -> RollbackMark) {
+    let give_up = tokio::time::Instant::now() + KEEP_TRYING;
+    let mut retry = Retry::default();
+    loop {
+        let attempt = async {
+            match kv.get(HOIST_BUCKET, &tag_key(container)).await? {
+                Some(tag) if asks_for(&tag.value_str(), version) => {
+                    kv.put(HOIST_BUCKET, key, &serde_json::to_vec(&mark(tag.revision)).expect("serialises")).await.map(|_| ())
+                }
+                _ => Ok(()),
+            }
+        };
+        match attempt.await {
+            Ok(()) => return,
+            Err(e) if tokio::time::Instant::now() < give_up => {
+                tracing::debug!(container, error = %e, "could not record {what} for the fleet yet; retrying");
+                tokio::time::sleep(retry.next_wait()).await;
+            }
+            Err(e) => return tracing::warn!(container, error = %e, "could not record {what} for the fleet"),
+        }
     }
 }
 
@@ -74,20 +98,13 @@ pub fn verified_key(container: &str) -> String {
 /// Records that `version`, asked for by the tag key, passed its health gate on `node`: nodes waiting
 /// for their turn may fetch it ahead of it. Like a rollback mark, it applies to the tag key's revision.
 pub async fn record_verified(kv: &dyn Kv, container: &str, version: &ImageVersion, node: &str) {
-    let tag = match kv.get(HOIST_BUCKET, &tag_key(container)).await {
-        Ok(Some(entry)) if asks_for(&entry.value_str(), version) => entry,
-        Ok(_) => return,
-        Err(e) => return tracing::debug!(container, error = %e, "could not record the version as verified"),
-    };
-    let mark = RollbackMark {
+    let mark = |tag_revision| RollbackMark {
         version: version.to_string(),
         node: node.into(),
         reason: "passed its health gate".into(),
-        tag_revision: tag.revision,
+        tag_revision,
     };
-    if let Err(e) = kv.put(HOIST_BUCKET, &verified_key(container), &serde_json::to_vec(&mark).expect("serialises")).await {
-        tracing::debug!(container, error = %e, "could not record the version as verified");
-    }
+    put_for_request(kv, container, version, &verified_key(container), "the verified version", mark).await;
 }
 
 /// Whether a node has passed its gate with `version` for the tag key's current request. Unknown (an

@@ -185,8 +185,35 @@ impl JobCtx {
             }
             self.or_cancelled(runtime.remove(&old.id)).await??;
         }
+        if let Some(info) = self.clear_leftovers(spec, existing.as_ref()).await? {
+            return Ok(JobDone::Running { info, adopted: false });
+        }
         let info = self.or_cancelled(runtime.run(spec)).await??;
         Ok(JobDone::Running { info, adopted: false })
+    }
+
+    /// Containers of this name the machine does not know of are its own leftovers: a superseded job
+    /// whose create went through after it was cancelled, so that the name is taken. One that runs
+    /// exactly what is wanted is taken as the new container; any other is removed. Without this the
+    /// next create fails on the name, and that would count against the version.
+    async fn clear_leftovers(&self, spec: &ContainerSpec, known: Option<&ContainerInfo>) -> Result<Option<ContainerInfo>, JobError> {
+        let runtime = &self.deps.runtime;
+        let leftovers = runtime.find(&spec.node, &spec.name).await?.into_iter().filter(|c| known.is_none_or(|k| k.id != c.id));
+        let mut wanted = None;
+        for c in leftovers {
+            let current = c.state == RunState::Running && c.image == spec.image_ref() && c.label(LABEL_SPEC) == Some(spec.hash().as_str());
+            if current && wanted.is_none() && c.container_name == spec.container_name {
+                tracing::info!(container = %spec.name, id = %c.id, "taking the container a superseded start left running");
+                wanted = Some(c);
+                continue;
+            }
+            tracing::info!(container = %spec.name, id = %c.id, "removing a container a superseded start left");
+            if c.state == RunState::Running {
+                self.or_cancelled(runtime.stop(&c.id, Duration::ZERO)).await??;
+            }
+            self.or_cancelled(runtime.remove(&c.id)).await??;
+        }
+        Ok(wanted)
     }
 }
 

@@ -107,7 +107,7 @@ impl Machine {
             restart: self.cfg.restart_governor.clone(),
             held: self.lease.as_ref().map(|slot| slot.lease().clone()),
             update: self.cfg.update_governor.clone(),
-            check_fleet_mark: self.kv_asks().is_some() && self.trying_new_version(),
+            check_fleet_mark: self.check_fleet_mark(),
             remediation: std::mem::take(&mut self.remediating),
             stop_grace: self.cfg.stop_grace(&self.deps.docker),
         };
@@ -141,7 +141,7 @@ impl Machine {
         let image = spec.image_ref();
         let governor = self.cfg.update_governor.clone();
         // Read before the pull, so a version the fleet already rejected is not even fetched here.
-        let check_fleet_mark = self.kv_asks().is_some() && self.trying_new_version();
+        let check_fleet_mark = self.check_fleet_mark();
         // A version no node has passed yet is fetched only by a node about to try it: one that has its
         // restart slot (taken here, and kept for the RESTART that follows). Once a node has passed its
         // gate with it, the others fetch it ahead of their turn, so the slot covers no pull.

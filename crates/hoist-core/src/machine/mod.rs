@@ -337,11 +337,29 @@ impl Machine {
         }
         let wanted = self.wanted_version();
         if self.bad_version.as_ref() == Some(&wanted)
-            && let Some(good) = self.last_good_image.as_deref().and_then(version_of).and_then(|v| ImageVersion::parse(&v).ok())
+            && let Some(fallback) = self.fallback_version()
         {
-            return good;
+            return fallback;
         }
         wanted
+    }
+
+    /// What to run instead of the wanted version when it was rolled back: the last version that
+    /// passed its gate here, else (a node with no such memory: new, or its state file lost) the
+    /// config's `image_tag`. None when that is the wanted version itself: there is nothing else.
+    fn fallback_version(&self) -> Option<ImageVersion> {
+        let good = self.last_good_image.as_deref().and_then(version_of).and_then(|v| ImageVersion::parse(&v).ok());
+        Some(good.unwrap_or_else(|| self.cfg.image_tag.clone())).filter(|v| *v != self.wanted_version())
+    }
+
+    /// Whether the fleet's rollback mark is to be read before bringing up the desired version: the
+    /// KV asks for it, it has not passed its gate here (also when nothing has: a new node, or one
+    /// whose state file was lost), and there is something to fall back to.
+    fn check_fleet_mark(&self) -> bool {
+        let desired = self.desired_version();
+        self.kv_asks() == Some(&desired)
+            && self.last_good_image.as_ref() != Some(&self.spec().image_ref())
+            && self.fallback_version().is_some()
     }
 
     /// Whether the container being brought up is a new version, i.e. one a failure rolls back from.

@@ -7,10 +7,17 @@ impl Machine {
     pub(super) async fn roll_back(&mut self, why: String) {
         let failed = self.spec().image_ref();
         if let Some(asked) = self.kv_asks() {
-            // Asked of the whole fleet: tell the nodes still waiting.
+            // Asked of the whole fleet: tell the nodes still waiting. The slot goes with the verdict
+            // and is freed once the fleet knows it (or the recording gives up): freed before, it would
+            // let the next node try the version while this node, cut off, is still trying to say why
+            // not. The revert takes a slot of its own if it must take a running container down.
             let (kv, name, version, node, why) =
                 (self.deps.kv.clone(), self.cfg.name.clone(), asked.clone(), self.deps.node.clone(), why.clone());
-            tokio::spawn(async move { rollback_mark::record(&*kv, &name, &version, &node, &why).await });
+            let slot = self.lease.take();
+            tokio::spawn(async move {
+                rollback_mark::record(&*kv, &name, &version, &node, &why).await;
+                drop(slot);
+            });
         }
         self.bad_version = Some(self.wanted_version());
         self.bad_version_node = None;
