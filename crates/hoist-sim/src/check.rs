@@ -1,0 +1,108 @@
+//! The end of a run: once the faults are over, every node must settle within a bound — its machine
+//! in RUN on the new version (or, for a broken one, back on the old version with the rollback
+//! recorded), exactly one container of it running, and no governor slot left held by anyone. The
+//! invariants that can break at any moment are checked where they happen (`engine.rs`).
+
+use crate::fleet::{CONTAINER, GOVERNOR, IMAGE, Node};
+use crate::plan::{Fault, Plan};
+use crate::world::World;
+use hoist_core::backend::HOIST_BUCKET;
+use hoist_core::fsm::State;
+use hoist_core::rollback_mark::{RollbackMark, rollback_key};
+use hoist_core::runtime::RunState;
+use std::sync::Arc;
+use std::time::Duration;
+
+const LOOK_EVERY: Duration = Duration::from_secs(5);
+
+/// Waits until every node has settled, or records why not once `within` has passed.
+/// `may_roll_back`: a fault could have killed a container of the new version in its gate; otherwise
+/// a good version must reach every node, whatever else went wrong (an outage is no bad release).
+pub async fn settles(world: &World, nodes: &[Arc<Node>], broken: bool, may_roll_back: bool, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let problems = unsettled(world, nodes, broken, may_roll_back).await;
+        if problems.is_empty() {
+            world.note("every node settled");
+            return rollbacks_were_the_containers(world);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            world.violation(format!("not settled {within:?} after the last fault: {}", problems.join("; ")));
+            return;
+        }
+        tokio::time::sleep(LOOK_EVERY).await;
+    }
+}
+
+/// What keeps each node from having settled; empty when all have.
+async fn unsettled(world: &World, nodes: &[Arc<Node>], broken: bool, may_roll_back: bool) -> Vec<String> {
+    let (new, old) = (format!("{IMAGE}:v2"), format!("{IMAGE}:v1"));
+    let mut problems = Vec::new();
+    for node in nodes {
+        let name = &node.name;
+        let Some(agent) = node.agent() else {
+            problems.push(format!("{name}: no agent runs"));
+            continue;
+        };
+        let status = agent.status(None).await;
+        let Some(m) = status.machines.iter().find(|m| m.container == CONTAINER) else {
+            problems.push(format!("{name}: no machine for {CONTAINER}"));
+            continue;
+        };
+        let containers = node.engine.containers_of(CONTAINER);
+        let running: Vec<_> = containers.iter().filter(|c| c.state == RunState::Running).collect();
+        let describe = || {
+            format!(
+                "{name}: {} {:?} activity {:?} error {:?}, containers {:?}",
+                m.state,
+                m.image,
+                m.activity,
+                m.last_error,
+                containers.iter().map(|c| (&c.id, &c.image, c.state)).collect::<Vec<_>>()
+            )
+        };
+        // A node settles on v2, or back on v1 with the rollback recorded (its own, or the fleet's
+        // mark): a broken v2 must end there, and a good one may, when a fault killed its container
+        // in the gate on some node (the rollout then stops where it is).
+        let on = |image: &str| m.state == State::Run && containers.len() == 1 && running.len() == 1 && running[0].image == image;
+        let settled = (!broken && on(&new)) || ((broken || may_roll_back) && on(&old) && m.condition.is_some());
+        if !settled {
+            problems.push(describe());
+        }
+    }
+    match world.view_governor(GOVERNOR) {
+        Ok(g) if !g.leases.is_empty() => problems.push(format!("governor {GOVERNOR} still holds {:?}", g.leases)),
+        _ => {}
+    }
+    problems
+}
+
+/// A rollback, here or fleet-wide, is for what the container did (it died, Docker found it unhealthy,
+/// it was not healthy in time), never for what happened around it: a backend or engine outage, a
+/// name a superseded start left taken.
+fn rollbacks_were_the_containers(world: &World) {
+    let Ok(Some(entry)) = world.get(HOIST_BUCKET, &rollback_key(CONTAINER)) else { return };
+    let Ok(mark) = serde_json::from_slice::<RollbackMark>(&entry.value) else {
+        return world.violation(format!("unreadable rollback mark {:?}", entry.value_str()));
+    };
+    let the_containers = ["container died", "not healthy within", "Docker reports"].iter().any(|cause| mark.reason.starts_with(cause));
+    if !the_containers {
+        world.violation(format!("{} rolled {} back for a reason that is not the container's: {}", mark.node, mark.version, mark.reason));
+    }
+}
+
+/// A broken version is tried by no more nodes than the restart governor lets through at once, plus
+/// one for each fault that can let another through (a slot expired, evicted or added, a node cut off
+/// remediating without one, an agent that lost its state): the first rollback stops the rest.
+pub fn few_tried_the_broken_version(world: &World, plan: &Plan) {
+    let capacity =
+        plan.faults.iter().filter_map(|t| if let Fault::Capacity { to } = t.fault { Some(to) } else { None }).fold(plan.capacity, u64::max);
+    let allowed = capacity as usize + plan.faults.len();
+    let tried = world.nodes_that_tried_broken();
+    if tried.len() > allowed {
+        world.violation(format!(
+            "{} nodes tried the broken version ({tried:?}), more than the {allowed} the governor and the faults allow",
+            tried.len()
+        ));
+    }
+}

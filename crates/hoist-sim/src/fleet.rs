@@ -1,0 +1,189 @@
+//! One run: the fleet set up, the release, the faults applied at their times, then the wait for it
+//! to settle, checked by `check.rs`.
+
+use crate::engine::{Engine, EngineView};
+use crate::plan::{Fault, Plan, RELEASE_AT};
+use crate::view::NodeView;
+use crate::world::World;
+use crate::{Outcome, check, elapsed};
+use futures_util::stream::{self, BoxStream, StreamExt};
+use hoist_core::agent::{self, AgentHandle};
+use hoist_core::backend::{BucketConfig, HOIST_BUCKET, KvOperation, tag_key};
+use hoist_core::config::{AgentConfig, ContainerSet, DockerConfig, RolloutConfig, load_containers};
+use hoist_core::files::FileWatch;
+use hoist_core::machine::MachineDeps;
+use hoist_core::persist::StateStore;
+use hoist_core::slot::SlotKeeper;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+pub const GOVERNOR: &str = "RG";
+pub const CONTAINER: &str = "web";
+pub const IMAGE: &str = "registry.sim/web";
+
+/// How long after the last fault every node must have settled.
+pub const SETTLE_WITHIN: Duration = Duration::from_secs(15 * 60);
+
+/// The one container every node runs, as an operator would declare it.
+static SET: LazyLock<ContainerSet> = LazyLock::new(|| {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let data = dir.path().join("containers.yaml");
+    let yaml = format!(
+        "containers:\n  {CONTAINER}:\n    image: {IMAGE}\n    image_tag: v1\n    kv_update: true\n    restart_governor: {GOVERNOR}\n"
+    );
+    std::fs::write(&data, yaml).expect("writing the container data");
+    load_containers(&[data], &serde_json::json!({})).expect("the simulated container data loads")
+});
+
+/// `restart_files` are not simulated: a watch that never fires.
+struct NoFiles;
+
+impl FileWatch for NoFiles {
+    fn watch(&self, _paths: &[PathBuf]) -> BoxStream<'static, PathBuf> {
+        stream::pending().boxed()
+    }
+}
+
+/// A simulated machine: its engine and state file outlive the agent runs on it.
+pub struct Node {
+    pub name: String,
+    pub engine: Arc<Engine>,
+    store: Mutex<StateStore>,
+    run: Mutex<Option<AgentRun>>,
+}
+
+struct AgentRun {
+    alive: Arc<AtomicBool>,
+    handle: AgentHandle,
+}
+
+impl Node {
+    /// Starts an agent on this node, as `hoist agent` wires one.
+    async fn start_agent(&self, world: &Arc<World>) {
+        let alive = Arc::new(AtomicBool::new(true));
+        let view = Arc::new(NodeView { world: world.clone(), node: self.name.clone(), alive: alive.clone() });
+        let deps = Arc::new(MachineDeps {
+            runtime: Arc::new(EngineView { engine: self.engine.clone(), alive: alive.clone() }),
+            kv: view.clone(),
+            governor: view.clone(),
+            events: view.clone(),
+            files: Arc::new(NoFiles),
+            store: self.store.lock().expect("not poisoned").clone(),
+            node: self.name.clone(),
+            docker: DockerConfig { stop_grace: Duration::from_secs(2), ..AgentConfig::defaults().docker },
+            rollout: RolloutConfig {
+                healthy_deadline: Duration::from_secs(60),
+                min_healthy_time: Duration::from_secs(3),
+                unverified_wait: Duration::from_secs(10),
+                governor_timeout: Duration::from_secs(600),
+                restart_backoff: Default::default(),
+            },
+            registration_interval: Duration::from_secs(15),
+            conditions: Default::default(),
+            slots: SlotKeeper::start(view.clone(), view, self.name.clone()),
+        });
+        world.note(format!("{} agent starts", self.name));
+        let handle = agent::start(deps, SET.clone()).await;
+        *self.run.lock().expect("not poisoned") = Some(AgentRun { alive, handle });
+    }
+
+    /// The agent process dies: nothing it does from now on reaches anything. False if none ran (a
+    /// crash drawn while an earlier one is still down: the node's lock lets one agent run at a time).
+    fn crash_agent(&self, world: &World, keeps_state: bool) -> bool {
+        let Some(run) = self.run.lock().expect("not poisoned").take() else { return false };
+        run.alive.store(false, std::sync::atomic::Ordering::SeqCst);
+        if !keeps_state {
+            *self.store.lock().expect("not poisoned") = StateStore::in_memory();
+        }
+        world.note(format!("{} agent crashed ({})", self.name, if keeps_state { "state kept" } else { "state file lost" }));
+        true
+    }
+
+    pub fn agent(&self) -> Option<AgentHandle> {
+        self.run.lock().expect("not poisoned").as_ref().map(|r| r.handle.clone())
+    }
+}
+
+pub async fn simulate(plan: Plan) -> Outcome {
+    let world = World::new();
+    world.create_bucket(HOIST_BUCKET, BucketConfig::default());
+    world.add_governor(GOVERNOR, plan.capacity, plan.expire);
+    world.write(HOIST_BUCKET, &tag_key(CONTAINER), b"v1", KvOperation::Put).expect("the bucket exists");
+    world.note(format!("plan: {plan:?}"));
+    let nodes: Vec<Arc<Node>> = (0..plan.nodes)
+        .map(|i| {
+            let name = format!("n{i}");
+            let engine = Engine::new(&name, world.clone(), GOVERNOR);
+            if plan.broken {
+                engine.with(|s| s.broken.insert(format!("{IMAGE}:v2")));
+            }
+            Arc::new(Node { name, engine, store: Mutex::new(StateStore::in_memory()), run: Mutex::new(None) })
+        })
+        .collect();
+    for node in &nodes {
+        node.start_agent(&world).await;
+    }
+
+    let release = {
+        let world = world.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(RELEASE_AT).await;
+            world.note("release: the KV asks for v2");
+            world.write(HOIST_BUCKET, &tag_key(CONTAINER), b"v2", KvOperation::Put).expect("the bucket exists");
+        })
+    };
+    for timed in plan.faults.clone() {
+        let (world, nodes, expire) = (world.clone(), nodes.clone(), plan.expire);
+        tokio::spawn(async move {
+            tokio::time::sleep(timed.at).await;
+            apply(&timed.fault, &world, &nodes, expire).await;
+        });
+    }
+    tokio::time::sleep(plan.calm_at() + Duration::from_millis(1)).await;
+    let _ = release.await;
+    world.note("the faults are over");
+    let may_roll_back = plan.faults.iter().any(|t| matches!(t.fault, Fault::ContainerCrash { .. }));
+    check::settles(&world, &nodes, plan.broken, may_roll_back, SETTLE_WITHIN).await;
+    if plan.broken {
+        check::few_tried_the_broken_version(&world, &plan);
+    }
+    let tried_broken = world.nodes_that_tried_broken().into_iter().collect();
+    Outcome { violations: world.violations(), trace: world.trace(), tried_broken, simulated: elapsed(), plan }
+}
+
+async fn apply(fault: &Fault, world: &Arc<World>, nodes: &[Arc<Node>], expire: Duration) {
+    world.note(format!("fault: {fault:?}"));
+    match *fault {
+        Fault::AgentCrash { node, down, keeps_state } => {
+            if nodes[node].crash_agent(world, keeps_state) {
+                tokio::time::sleep(down).await;
+                nodes[node].start_agent(world).await;
+            }
+        }
+        Fault::CutOff { node, lasts } => {
+            world.set_cut_off(&nodes[node].name, true);
+            tokio::time::sleep(lasts).await;
+            world.set_cut_off(&nodes[node].name, false);
+            world.note(format!("{} reaches the store again", nodes[node].name));
+        }
+        Fault::EngineRestart { node, lasts, live_restore } => {
+            nodes[node].engine.go_down(live_restore);
+            tokio::time::sleep(lasts).await;
+            nodes[node].engine.come_up();
+        }
+        Fault::ContainerCrash { node } => nodes[node].engine.crash(CONTAINER),
+        Fault::FailingPulls { node, count } => nodes[node].engine.with(|s| s.failing_pulls += count),
+        Fault::SlowPulls { node, latency } => nodes[node].engine.with(|s| s.pull_latency = latency),
+        Fault::Evict => {
+            let oldest = world.view_governor(GOVERNOR).ok().and_then(|g| g.leases.first().map(|l| l.seq));
+            if let Some(seq) = oldest {
+                let _ = world.evict(GOVERNOR, seq);
+            }
+        }
+        Fault::Capacity { to } => {
+            world.add_governor(GOVERNOR, to, expire);
+        }
+    }
+}

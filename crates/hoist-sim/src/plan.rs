@@ -1,0 +1,112 @@
+//! What one seed simulates: the fleet (nodes, the restart governor's capacity and expiry), whether
+//! the new version is broken, and the faults, each at a time of its own. Everything is drawn from the
+//! seed, so a seed is a run.
+
+use hoist_core::clock::SplitMix64;
+use std::time::Duration;
+
+/// When the KV asks for the new version.
+pub const RELEASE_AT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub seed: u64,
+    pub nodes: usize,
+    pub capacity: u64,
+    /// The restart governor's lease expiry.
+    pub expire: Duration,
+    /// The new version's containers exit a second after starting.
+    pub broken: bool,
+    pub faults: Vec<Timed>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Timed {
+    pub at: Duration,
+    pub fault: Fault,
+}
+
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// The agent process dies; it is started again after `down`, with its state file or without.
+    AgentCrash {
+        node: usize,
+        down: Duration,
+        keeps_state: bool,
+    },
+    /// The node cannot reach the KV and governor for a while.
+    CutOff {
+        node: usize,
+        lasts: Duration,
+    },
+    /// The container engine restarts; without live-restore its containers stop.
+    EngineRestart {
+        node: usize,
+        lasts: Duration,
+        live_restore: bool,
+    },
+    ContainerCrash {
+        node: usize,
+    },
+    FailingPulls {
+        node: usize,
+        count: u32,
+    },
+    SlowPulls {
+        node: usize,
+        latency: Duration,
+    },
+    /// An operator evicts the oldest lease of the restart governor.
+    Evict,
+    /// An operator changes the restart governor's capacity (lowering it evicts the oldest leases).
+    Capacity {
+        to: u64,
+    },
+}
+
+impl Fault {
+    /// How long after it begins the fault is over.
+    pub fn lasts(&self) -> Duration {
+        match self {
+            Fault::AgentCrash { down, .. } => *down,
+            Fault::CutOff { lasts, .. } | Fault::EngineRestart { lasts, .. } => *lasts,
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+impl Plan {
+    pub fn of(seed: u64) -> Plan {
+        let mut rng = SplitMix64::new(seed);
+        let nodes = 2 + rng.below(4) as usize;
+        let capacity = 1 + rng.below(2);
+        let expire = Duration::from_secs(if rng.chance(0.3) { 15 } else { 120 });
+        let broken = rng.chance(0.25);
+        let count = 1 + rng.below(4);
+        let secs = |rng: &mut SplitMix64, lo: u64, hi: u64| Duration::from_secs(lo + rng.below(hi - lo + 1));
+        let faults = (0..count)
+            .map(|_| {
+                let node = rng.below(nodes as u64) as usize;
+                // Mostly in the middle of the rollout, where a fault does the most harm.
+                let at = secs(&mut rng, 5, 60);
+                let fault = match rng.below(8) {
+                    0 => Fault::AgentCrash { node, down: secs(&mut rng, 1, 40), keeps_state: rng.chance(0.7) },
+                    1 => Fault::CutOff { node, lasts: secs(&mut rng, 2, 60) },
+                    2 => Fault::EngineRestart { node, lasts: secs(&mut rng, 1, 20), live_restore: rng.chance(0.5) },
+                    3 => Fault::ContainerCrash { node },
+                    4 => Fault::FailingPulls { node, count: 1 + rng.below(3) as u32 },
+                    5 => Fault::SlowPulls { node, latency: secs(&mut rng, 10, 60) },
+                    6 => Fault::Evict,
+                    _ => Fault::Capacity { to: 1 + rng.below(3) },
+                };
+                Timed { at, fault }
+            })
+            .collect();
+        Plan { seed, nodes, capacity, expire, broken, faults }
+    }
+
+    /// When the last fault is over.
+    pub fn calm_at(&self) -> Duration {
+        self.faults.iter().map(|t| t.at + t.fault.lasts()).max().unwrap_or_default().max(RELEASE_AT)
+    }
+}
