@@ -179,8 +179,6 @@ impl Machine {
             }
         }
     }
-
-    // ---- watches -------------------------------------------------------------------------------
 }
 
 /// The part of a health gate's wait a container has already served: for an adopted one, whole seconds

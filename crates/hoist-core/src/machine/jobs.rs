@@ -2,6 +2,7 @@
 //! its outcome means (next state, crash, rollback, a wait for the runtime or the backend).
 
 use super::*;
+use futures_util::FutureExt;
 
 #[derive(Debug)]
 pub struct JobOutcome {
@@ -27,6 +28,10 @@ pub(super) enum JobError {
     /// is no failure of the version either: the running container is left alone and the pull retried.
     #[error(transparent)]
     Pull(RuntimeError),
+    /// The job panicked: a fault of hoist's own, not of the container. Retried as a backend error
+    /// is, with no crash counted and no rollback.
+    #[error("a job of hoist's panicked: {0}")]
+    Panicked(String),
     #[error("{0}")]
     Failed(String),
 }
@@ -83,7 +88,10 @@ impl Machine {
         let fut = job(ctx);
         let (tx, epoch) = (self.tx.clone(), self.epoch);
         let task = tokio::spawn(async move {
-            let outcome = fut.await;
+            let outcome = match std::panic::AssertUnwindSafe(fut).catch_unwind().await {
+                Ok(outcome) => outcome,
+                Err(panic) => JobOutcome { lease: None, result: Err(JobError::Panicked(super::supervise::panic_message(&*panic))) },
+            };
             // A superseded job's slot is nobody's: dropped here, it is released, rather than handed
             // to a machine that may already have shut down.
             if *cancelled.borrow() {
@@ -268,7 +276,7 @@ impl Machine {
                 self.remember().await;
                 self.notice(&message).await;
                 self.last_error = Some(message);
-                self.lease = None;
+                self.release_slot();
                 // Towards the last good version, keeping the container if it runs it: from UPDATE
                 // (the mark was read before pulling) through RESTART, in START/RESTART again.
                 self.keep_unchanged = true;
@@ -290,7 +298,11 @@ impl Machine {
                 self.want(Transition::Maintenance, "stopped by operator".into());
             }
             Err(JobError::RuntimeUnavailable(e)) => self.wait_for_runtime(e.to_string()).await,
-            Err(JobError::Backend(e)) => self.wait_for_backend(e).await,
+            Err(JobError::Backend(e)) => self.retry_later(e, "waiting for the coordination backend"),
+            Err(e @ JobError::Panicked(_)) => {
+                tracing::error!(container = %self.cfg.name, state = %self.state, error = %e, "a job panicked; trying again");
+                self.retry_later(e.to_string(), "trying again after a fault of hoist's own")
+            }
             Err(JobError::Pull(e)) => {
                 let e = e.to_string();
                 tracing::warn!(container = %self.cfg.name, state = %self.state, error = %e, "pull failed");
@@ -356,7 +368,7 @@ impl Machine {
         self.waiting_for_runtime = true;
         self.activity = Some("waiting for the container runtime".into());
         if matches!(self.state, State::Start | State::Restart) {
-            self.lease = None;
+            self.release_slot();
         }
         self.timer(self.epoch, TimerKind::RuntimeRetry, RUNTIME_RETRY);
     }
@@ -365,13 +377,13 @@ impl Machine {
     /// nothing about the container or its version: no crash count, no rollback, no fleet mark. A slot
     /// the machine holds is kept (its container may be down, so letting go would let another node
     /// take one down too); the job is tried again with a growing wait.
-    pub(super) async fn wait_for_backend(&mut self, why: String) {
-        tracing::warn!(container = %self.cfg.name, state = %self.state, error = %why, "waiting for the coordination backend");
+    /// What failed is nobody's fault (an unreachable backend, a panic of hoist's own): the state is
+    /// entered again after a growing wait, with no crash counted.
+    pub(super) fn retry_later(&mut self, why: String, waiting: &str) {
+        tracing::warn!(container = %self.cfg.name, state = %self.state, error = %why, "{waiting}");
         let delay = self.backend_retry.next_wait();
         self.last_error = Some(why.clone());
-        self.activity = Some(format!("waiting for the coordination backend ({why}); trying again in {:.0} s", delay.as_secs_f64().ceil()));
+        self.activity = Some(format!("{waiting} ({why}); trying again in {:.0} s", delay.as_secs_f64().ceil()));
         self.timer(self.epoch, TimerKind::BackendRetry, delay);
     }
-
-    // ---- health gate ---------------------------------------------------------------------------
 }

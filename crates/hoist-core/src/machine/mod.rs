@@ -15,6 +15,7 @@ mod jobs;
 mod observe;
 mod report;
 mod rollout;
+mod supervise;
 mod watches;
 
 use adopt::{Preferred, pick_adoptable};
@@ -177,8 +178,12 @@ pub struct Machine {
     kv_version: Option<ImageVersion>,
     last_good_image: Option<String>,
     lease: Option<Slot>,
+    /// Set while this node's rollback verdict is being recorded for the fleet; true once it is.
+    verdict: Option<watch::Receiver<bool>>,
     /// Bumped whenever a job, probe or timer is superseded, so their late results are ignored.
     epoch: u64,
+    /// Why an earlier machine of this container was restarted by the supervisor, for status.
+    incident: Option<String>,
     cancel_job: Option<watch::Sender<bool>>,
     /// The running (or last) job's task, so shutdown can wait for a cancelled job to let go.
     job: Option<tokio::task::JoinHandle<()>>,
@@ -231,70 +236,88 @@ pub struct Machine {
 }
 
 /// Spawns a machine for `cfg`, adopting one of `candidates` (the runtime's containers of this name) if
-/// the runtime already has its container.
+/// the runtime already has its container. It runs under a supervisor (`supervise.rs`): a machine
+/// that panics is loaded again from what it persisted, not lost.
 pub async fn spawn(cfg: ContainerConfig, deps: Arc<MachineDeps>, candidates: Vec<ContainerInfo>) -> MachineHandle {
     let (tx, rx) = mpsc::channel(256);
-    let remembered = deps.store.load(&cfg.name).await;
-    let kv_version = remembered.as_ref().and_then(|r| r.desired_version.as_deref()).and_then(|v| ImageVersion::parse(v).ok());
-    let wanted = kv_version.clone().filter(|_| cfg.kv_update).unwrap_or_else(|| cfg.image_tag.clone());
-    let preferred =
-        Preferred { id: remembered.as_ref().and_then(|r| r.container_id.clone()), spec: cfg.spec(&deps.node, &deps.docker, &wanted) };
-    let existing = pick_adoptable(&*deps.runtime, candidates, &preferred).await;
-    let machine = Machine {
-        instance_id: uuid_v4(),
-        state: State::Start,
-        container: existing,
-        kv_version,
-        last_good_image: remembered.as_ref().and_then(|r| r.last_good_image.clone()),
-        lease: None,
-        epoch: 0,
-        cancel_job: None,
-        job: None,
-        gate: Gate::default(),
-        probe_task: None,
-        watch_tasks: Vec::new(),
-        registration: None,
-        crash: CrashLoop::new(cfg.restart_backoff.unwrap_or(deps.rollout.restart_backoff)),
-        next_delay: Duration::ZERO,
-        pull_retry: Retry::default(),
-        pull_due: None,
-        backend_retry: Retry::default(),
-        remediating: false,
-        revive: None,
-        update_pulled: false,
-        // Without its state file a machine does not know what the KV last asked for: it keeps what runs
-        // until the KV answers, rather than move it back to the configured tag meanwhile.
-        kv_pending: cfg.kv_update && remembered.is_none(),
-        taking_down: false,
-        restarts: remembered.as_ref().map_or(0, |r| r.restarts),
-        replacing: None,
-        waiting_for_runtime: false,
-        bad_version: remembered.as_ref().and_then(|r| r.bad_version.as_deref()).and_then(|v| ImageVersion::parse(v).ok()),
-        bad_version_node: remembered.as_ref().and_then(|r| r.bad_version_node.clone()),
-        keep_unchanged: false,
-        last_error: None,
-        activity: None,
-        governor_wait: Duration::ZERO,
-        update_started: None,
-        last_update: None,
-        pending: Vec::new(),
-        tx: tx.clone(),
-        deps,
-        cfg,
-    };
-    let handle = MachineHandle { name: machine.cfg.name.clone(), tx };
-    let initial = match remembered.map(|r| r.state) {
-        // An operator's maintenance outlives an agent restart; an unfinished stop is finished.
-        Some(State::Maintenance) => State::Maintenance,
-        Some(State::Stop) => State::Stop,
-        _ => State::Start,
-    };
-    tokio::spawn(machine.run(rx, initial));
+    let handle = MachineHandle { name: cfg.name.clone(), tx: tx.clone() };
+    let first = Machine::load(cfg.clone(), deps.clone(), candidates, tx.clone(), supervise::Incarnation::first()).await;
+    tokio::spawn(supervise::supervise(first, cfg, deps, tx, rx));
     handle
 }
 
 impl Machine {
-    async fn run(mut self, mut rx: mpsc::Receiver<Input>, initial: State) {
+    /// A machine for `cfg` from what it persisted, adopting one of `candidates`; also how a
+    /// supervisor brings back one that panicked.
+    async fn load(
+        cfg: ContainerConfig,
+        deps: Arc<MachineDeps>,
+        candidates: Vec<ContainerInfo>,
+        tx: mpsc::Sender<Input>,
+        incarnation: supervise::Incarnation,
+    ) -> (Machine, State) {
+        let remembered = deps.store.load(&cfg.name).await;
+        let kv_version = remembered.as_ref().and_then(|r| r.desired_version.as_deref()).and_then(|v| ImageVersion::parse(v).ok());
+        let wanted = kv_version.clone().filter(|_| cfg.kv_update).unwrap_or_else(|| cfg.image_tag.clone());
+        let preferred =
+            Preferred { id: remembered.as_ref().and_then(|r| r.container_id.clone()), spec: cfg.spec(&deps.node, &deps.docker, &wanted) };
+        let existing = pick_adoptable(&*deps.runtime, candidates, &preferred).await;
+        let machine = Machine {
+            instance_id: uuid_v4(),
+            state: State::Start,
+            container: existing,
+            kv_version,
+            last_good_image: remembered.as_ref().and_then(|r| r.last_good_image.clone()),
+            lease: None,
+            verdict: None,
+            epoch: incarnation.first_epoch(),
+            incident: incarnation.incident,
+            cancel_job: None,
+            job: None,
+            gate: Gate::default(),
+            probe_task: None,
+            watch_tasks: Vec::new(),
+            registration: None,
+            crash: CrashLoop::new(cfg.restart_backoff.unwrap_or(deps.rollout.restart_backoff)),
+            next_delay: Duration::ZERO,
+            pull_retry: Retry::default(),
+            pull_due: None,
+            backend_retry: Retry::default(),
+            remediating: false,
+            revive: None,
+            update_pulled: false,
+            // Without its state file a machine does not know what the KV last asked for: it keeps what runs
+            // until the KV answers, rather than move it back to the configured tag meanwhile.
+            kv_pending: cfg.kv_update && remembered.is_none(),
+            taking_down: false,
+            restarts: remembered.as_ref().map_or(0, |r| r.restarts),
+            replacing: None,
+            waiting_for_runtime: false,
+            bad_version: remembered.as_ref().and_then(|r| r.bad_version.as_deref()).and_then(|v| ImageVersion::parse(v).ok()),
+            bad_version_node: remembered.as_ref().and_then(|r| r.bad_version_node.clone()),
+            keep_unchanged: false,
+            last_error: None,
+            activity: None,
+            governor_wait: Duration::ZERO,
+            update_started: None,
+            last_update: None,
+            pending: Vec::new(),
+            tx,
+            deps,
+            cfg,
+        };
+        let initial = match remembered.map(|r| r.state) {
+            // An operator's maintenance outlives an agent restart; an unfinished stop is finished.
+            Some(State::Maintenance) => State::Maintenance,
+            Some(State::Stop) => State::Stop,
+            _ => State::Start,
+        };
+        (machine, initial)
+    }
+
+    /// Handles inputs until shut down. `rx` is the supervisor's, so a restarted machine goes on with
+    /// the inputs queued for the one that panicked.
+    async fn run(mut self, rx: &mut mpsc::Receiver<Input>, initial: State) {
         self.start_watches();
         self.state = initial;
         tracing::info!(container = %self.cfg.name, state = %initial, "machine loaded");
@@ -353,18 +376,35 @@ impl Machine {
     }
 
     /// Whether the fleet's rollback mark is to be read before bringing up the desired version: the
-    /// KV asks for it, it has not passed its gate here (also when nothing has: a new node, or one
-    /// whose state file was lost), and there is something to fall back to.
+    /// KV asks for it and it is new here (`trying_new_version`), also on a node with no memory of a
+    /// good version (new, or its state file lost).
     fn check_fleet_mark(&self) -> bool {
-        let desired = self.desired_version();
-        self.kv_asks() == Some(&desired)
-            && self.last_good_image.as_ref() != Some(&self.spec().image_ref())
-            && self.fallback_version().is_some()
+        self.kv_asks() == Some(&self.desired_version()) && self.trying_new_version()
     }
 
-    /// Whether the container being brought up is a new version, i.e. one a failure rolls back from.
+    /// Whether the container being brought up is a new version, one a failure rolls back from: it has
+    /// not passed its gate here, and there is another version to fall back to (the last good one, or
+    /// for a node with no memory of one, the config's `image_tag`). The fallback itself is not: its
+    /// failures are crashes, with backoff.
     fn trying_new_version(&self) -> bool {
-        self.last_good_image.as_ref().is_some_and(|good| *good != self.spec().image_ref())
+        self.last_good_image.as_ref() != Some(&self.spec().image_ref())
+            && self.fallback_version().is_some_and(|f| f != self.desired_version())
+    }
+
+    /// Lets go of the governor slot, if one is held. While a rollback verdict of this node is still
+    /// being recorded, the slot is freed only once it is (or the recording gave up), so that the node
+    /// taking it next reads the verdict.
+    fn release_slot(&mut self) {
+        let Some(slot) = self.lease.take() else { return };
+        match self.verdict.clone() {
+            Some(mut recorded) if !*recorded.borrow() => {
+                tokio::spawn(async move {
+                    let _ = recorded.wait_for(|done| *done).await;
+                    drop(slot);
+                });
+            }
+            _ => drop(slot),
+        }
     }
 
     fn machine_name(&self) -> String {
@@ -481,17 +521,17 @@ impl Machine {
                 self.start_pull();
             }
             State::Stop => {
-                self.lease = None;
+                self.release_slot();
                 self.start_stop();
             }
             State::Maintenance => {
                 self.update_started = None;
-                self.lease = None;
+                self.release_slot();
                 self.revive = None;
                 self.activity = None;
             }
             State::Run => {
-                self.lease = None;
+                self.release_slot();
                 self.revive = None;
                 self.remediating = false;
                 self.backend_retry.reset();
@@ -532,7 +572,7 @@ impl Machine {
         for task in self.watch_tasks.drain(..) {
             task.abort();
         }
-        self.lease = None;
+        self.release_slot();
         if let Some(publisher) = self.registration.take() {
             publisher.withdraw().await;
         }

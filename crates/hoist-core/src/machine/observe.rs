@@ -177,7 +177,7 @@ impl Machine {
         if matches!(self.state, State::Start | State::Restart) {
             // A container that cannot come up must not hold the fleet's slot through its backoff;
             // the next attempt campaigns again.
-            self.lease = None;
+            self.release_slot();
         }
     }
 }

@@ -83,7 +83,7 @@ impl Machine {
             health,
             restarts: self.restarts,
             last_error: self.last_error.clone(),
-            condition: self.rollback_condition().or_else(|| self.crash.condition()),
+            condition: self.rollback_condition().or_else(|| self.crash.condition()).or_else(|| self.incident.clone()),
             activity: self.activity.clone(),
             governor_wait_seconds: self.governor_wait.as_secs_f64(),
             last_update_seconds: self.last_update.map(|d| d.as_secs_f64()),

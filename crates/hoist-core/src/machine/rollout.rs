@@ -7,16 +7,16 @@ impl Machine {
     pub(super) async fn roll_back(&mut self, why: String) {
         let failed = self.spec().image_ref();
         if let Some(asked) = self.kv_asks() {
-            // Asked of the whole fleet: tell the nodes still waiting. The slot goes with the verdict
-            // and is freed once the fleet knows it (or the recording gives up): freed before, it would
-            // let the next node try the version while this node, cut off, is still trying to say why
-            // not. The revert takes a slot of its own if it must take a running container down.
+            // Asked of the whole fleet: tell the nodes still waiting. Until the fleet knows (or the
+            // recording gives up), this node's slot is not freed (`release_slot`): freed before, it
+            // would let the next node try the version while this one, cut off, still cannot say why not.
             let (kv, name, version, node, why) =
                 (self.deps.kv.clone(), self.cfg.name.clone(), asked.clone(), self.deps.node.clone(), why.clone());
-            let slot = self.lease.take();
+            let (recorded, verdict) = watch::channel(false);
+            self.verdict = Some(verdict);
             tokio::spawn(async move {
                 rollback_mark::record(&*kv, &name, &version, &node, &why).await;
-                drop(slot);
+                let _ = recorded.send(true);
             });
         }
         self.bad_version = Some(self.wanted_version());
@@ -104,8 +104,6 @@ impl Machine {
             State::Update | State::Stop | State::Maintenance => {}
         }
     }
-
-    // ---- jobs ----------------------------------------------------------------------------------
 
     pub(super) fn rollback_condition(&self) -> Option<String> {
         let bad = self.bad_version.as_ref()?;

@@ -25,8 +25,6 @@ impl Machine {
             self.watch_tasks.push(task.abort_handle());
         }
     }
-
-    // ---- leases, events, status ----------------------------------------------------------------
 }
 
 /// Follows the container's tag key: the watch delivers changes as they happen; a slow jittered
