@@ -24,6 +24,8 @@ pub const HEALTH_LATENCY: Duration = Duration::from_secs(2);
 /// How long a broken version's container runs before it exits.
 const BROKEN_RUNS: Duration = Duration::from_secs(1);
 const START_LATENCY: Duration = Duration::from_millis(300);
+/// How the panics the simulator injects begin.
+pub const SIMULATED_PANIC: &str = "simulated adapter bug";
 
 pub struct Engine {
     pub node: String,
@@ -47,6 +49,8 @@ pub struct EngineState {
     pub pull_latency: Duration,
     /// Image references whose containers exit soon after starting.
     pub broken: BTreeSet<String>,
+    /// The next calls to the engine that panic in the caller (a bug in an adapter).
+    pub panics: u32,
 }
 
 impl Engine {
@@ -155,6 +159,22 @@ impl EngineView {
         }
         self.engine.up()
     }
+
+    /// Like `reach`, for the calls a machine and its jobs make: these may panic, as an adapter's bug
+    /// would, in the machine's task or a job's.
+    async fn reach_or_panic(&self, call: &str) -> RuntimeResult<()> {
+        self.reach().await?;
+        let panics = self.engine.with(|s| {
+            let panics = s.panics > 0;
+            s.panics = s.panics.saturating_sub(1);
+            panics
+        });
+        if panics {
+            self.engine.world.note(format!("{} engine call {call} panics", self.engine.node));
+            panic!("{SIMULATED_PANIC} in {call}");
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -169,12 +189,12 @@ impl Runtime for EngineView {
     }
 
     async fn inspect(&self, id: &str) -> RuntimeResult<Option<ContainerInfo>> {
-        self.reach().await?;
+        self.reach_or_panic("inspect").await?;
         Ok(self.engine.with(|s| s.containers.get(id).cloned()))
     }
 
     async fn run(&self, spec: &ContainerSpec) -> RuntimeResult<ContainerInfo> {
-        self.reach().await?;
+        self.reach_or_panic("run").await?;
         let engine = &self.engine;
         let image = spec.image_ref();
         if !engine.with(|s| s.pulled.contains(&image)) {
@@ -254,7 +274,7 @@ impl Runtime for EngineView {
     }
 
     async fn stop(&self, id: &str, _grace: Duration) -> RuntimeResult<()> {
-        self.reach().await?;
+        self.reach_or_panic("stop").await?;
         let engine = &self.engine;
         let c = engine.with(|s| s.containers.get(id).cloned()).ok_or_else(|| RuntimeError::NotFound(id.into()))?;
         engine.check_taking_down(&c);
@@ -273,7 +293,7 @@ impl Runtime for EngineView {
     }
 
     async fn remove(&self, id: &str) -> RuntimeResult<()> {
-        self.reach().await?;
+        self.reach_or_panic("remove").await?;
         if let Some(c) = self.engine.with(|s| s.containers.get(id).cloned()) {
             self.engine.check_taking_down(&c);
             self.engine.world.note(format!("{} removed {}", self.engine.node, c.id));
@@ -283,12 +303,12 @@ impl Runtime for EngineView {
     }
 
     async fn image_id(&self, image_ref: &str) -> RuntimeResult<Option<String>> {
-        self.reach().await?;
+        self.reach_or_panic("image_id").await?;
         Ok(self.engine.with(|s| s.pulled.contains(image_ref)).then(|| Engine::image_id_of(image_ref)))
     }
 
     async fn pull(&self, image_ref: &str, progress: &(dyn Fn(PullProgress) + Send + Sync)) -> RuntimeResult<String> {
-        self.reach().await?;
+        self.reach_or_panic("pull").await?;
         let latency = self.engine.with(|s| s.pull_latency);
         tokio::time::sleep(latency).await;
         self.reach().await?;

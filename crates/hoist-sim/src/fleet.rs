@@ -168,12 +168,19 @@ async fn apply(fault: &Fault, world: &Arc<World>, nodes: &[Arc<Node>], expire: D
             world.set_cut_off(&nodes[node].name, false);
             world.note(format!("{} reaches the store again", nodes[node].name));
         }
+        Fault::Outage { lasts } => {
+            nodes.iter().for_each(|n| world.set_cut_off(&n.name, true));
+            tokio::time::sleep(lasts).await;
+            nodes.iter().for_each(|n| world.set_cut_off(&n.name, false));
+            world.note("the store answers again");
+        }
         Fault::EngineRestart { node, lasts, live_restore } => {
             nodes[node].engine.go_down(live_restore);
             tokio::time::sleep(lasts).await;
             nodes[node].engine.come_up();
         }
         Fault::ContainerCrash { node } => nodes[node].engine.crash(CONTAINER),
+        Fault::AdapterPanics { node, count } => nodes[node].engine.with(|s| s.panics += count),
         Fault::FailingPulls { node, count } => nodes[node].engine.with(|s| s.failing_pulls += count),
         Fault::SlowPulls { node, latency } => nodes[node].engine.with(|s| s.pull_latency = latency),
         Fault::Evict => {

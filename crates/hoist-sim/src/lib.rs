@@ -52,9 +52,25 @@ pub fn run(seed: u64) -> Outcome {
 
 /// Runs a plan made by hand (a scenario a test wants exactly), chance drawn from its seed.
 pub fn run_plan(plan: plan::Plan) -> Outcome {
+    quiet_simulated_panics();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().expect("a runtime");
     runtime.block_on(async {
         hoist_core::clock::simulate(UNIX_EPOCH + Duration::from_secs(EPOCH_SECS), plan.seed.rotate_left(17) ^ 0x5eed);
         fleet::simulate(plan).await
     })
+}
+
+/// The panics the simulator injects (`Fault::AdapterPanics`) are expected: they are not printed.
+/// Any other panic is, as usual.
+fn quiet_simulated_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let simulated = info.payload().downcast_ref::<String>().is_some_and(|m| m.starts_with(engine::SIMULATED_PANIC));
+            if !simulated {
+                default(info);
+            }
+        }));
+    });
 }

@@ -39,11 +39,20 @@ pub enum Fault {
         node: usize,
         lasts: Duration,
     },
+    /// No node can: the backend is down.
+    Outage {
+        lasts: Duration,
+    },
     /// The container engine restarts; without live-restore its containers stop.
     EngineRestart {
         node: usize,
         lasts: Duration,
         live_restore: bool,
+    },
+    /// The next calls of the node's machines to its engine panic (a bug in an adapter).
+    AdapterPanics {
+        node: usize,
+        count: u32,
     },
     ContainerCrash {
         node: usize,
@@ -69,7 +78,7 @@ impl Fault {
     pub fn lasts(&self) -> Duration {
         match self {
             Fault::AgentCrash { down, .. } => *down,
-            Fault::CutOff { lasts, .. } | Fault::EngineRestart { lasts, .. } => *lasts,
+            Fault::CutOff { lasts, .. } | Fault::Outage { lasts } | Fault::EngineRestart { lasts, .. } => *lasts,
             _ => Duration::ZERO,
         }
     }
@@ -89,7 +98,7 @@ impl Plan {
                 let node = rng.below(nodes as u64) as usize;
                 // Mostly in the middle of the rollout, where a fault does the most harm.
                 let at = secs(&mut rng, 5, 60);
-                let fault = match rng.below(8) {
+                let fault = match rng.below(10) {
                     0 => Fault::AgentCrash { node, down: secs(&mut rng, 1, 40), keeps_state: rng.chance(0.7) },
                     1 => Fault::CutOff { node, lasts: secs(&mut rng, 2, 60) },
                     2 => Fault::EngineRestart { node, lasts: secs(&mut rng, 1, 20), live_restore: rng.chance(0.5) },
@@ -97,6 +106,8 @@ impl Plan {
                     4 => Fault::FailingPulls { node, count: 1 + rng.below(3) as u32 },
                     5 => Fault::SlowPulls { node, latency: secs(&mut rng, 10, 60) },
                     6 => Fault::Evict,
+                    7 => Fault::Outage { lasts: secs(&mut rng, 2, 60) },
+                    8 => Fault::AdapterPanics { node, count: 1 + rng.below(3) as u32 },
                     _ => Fault::Capacity { to: 1 + rng.below(3) },
                 };
                 Timed { at, fault }

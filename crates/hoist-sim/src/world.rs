@@ -21,7 +21,8 @@ pub struct World {
 struct Inner {
     buckets: BTreeMap<String, Bucket>,
     governors: BTreeMap<String, GovernorState>,
-    cut_off: BTreeSet<String>,
+    /// How many faults cut each node off right now (a node's own and a fleet-wide outage overlap).
+    cut_off: BTreeMap<String, u32>,
     trace: Vec<String>,
     violations: Vec<String>,
     /// Nodes that started a container of a broken version.
@@ -96,11 +97,14 @@ impl World {
     }
 
     pub fn set_cut_off(&self, node: &str, cut: bool) {
-        self.with(|w| if cut { w.cut_off.insert(node.to_string()) } else { w.cut_off.remove(node) });
+        self.with(|w| {
+            let count = w.cut_off.entry(node.to_string()).or_default();
+            *count = if cut { *count + 1 } else { count.saturating_sub(1) };
+        });
     }
 
     pub fn reachable(&self, node: &str) -> bool {
-        self.with(|w| !w.cut_off.contains(node))
+        self.with(|w| w.cut_off.get(node).is_none_or(|&n| n == 0))
     }
 
     // ---- KV ------------------------------------------------------------------------------------

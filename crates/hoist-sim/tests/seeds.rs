@@ -35,13 +35,16 @@ fn a_seed_replays_exactly() {
     assert!(first.trace.len() > 20, "a run does something: {:?}", first.trace);
 }
 
-/// Each found a bug once (see ARCHITECTURE.md, "Fault simulator"):
+/// Each found a bug once (see ARCHITECTURE.md, "Tests"):
+/// 19: a machine whose adapter call panicked was gone from the agent for good;
 /// 380: a node whose state file was lost ran, and crash-looped on, a version the fleet had rolled back;
+/// 14266: nodes that had no version pass its gate yet (crashes before the release) crash-looped on a
+/// broken KV version instead of going back to the config's image_tag;
 /// 18603, 19097: a start superseded mid-create left a container holding the name, and the next start
 /// failing on the name rolled a good version back fleet-wide;
 #[test]
 fn seeds_that_found_bugs() {
-    for seed in [380, 18603, 19097] {
+    for seed in [19, 380, 14266, 18603, 19097] {
         assert_holds(&run(seed));
     }
 }
