@@ -10,7 +10,7 @@ mod output;
 mod state_dir;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use control::client::ControlClient;
 use futures_util::StreamExt;
 use hoist_core::backend::{BucketConfig, Governor, Kv, read_all};
@@ -25,7 +25,17 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "hoist", version, about = "Keeps a node's declared Docker containers running, healthy and up to date")]
+#[command(
+    name = "hoist",
+    version,
+    about = "Keeps a node's declared Docker containers running, healthy and up to date",
+    long_about = "Keeps a node's declared Docker containers running, healthy and up to date.\n\n\
+        One `hoist agent` per machine (the hoist.service unit) runs the containers declared in its data \
+        files; the other commands talk to that agent through its control socket, or to the fleet's NATS. \
+        The agent reads /etc/hoist/hoist.yaml (--config, HOIST_CONFIG), its container data from \
+        /etc/hoist/containers.d (the file's `data`), keeps its state in /var/lib/hoist (`state_dir`) and \
+        reloads the data on SIGHUP (systemctl reload hoist)."
+)]
 struct Cli {
     #[command(flatten)]
     global: Global,
@@ -98,6 +108,17 @@ enum Command {
     /// The nodes of the fleet, as they announce themselves in HOIST_NODES (NATS backend).
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Print the shell completion script for SHELL (the Debian package installs them).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the hoist(1) man page (roff); with --dir, write it and one page per subcommand there.
+    Man {
+        /// Write hoist.1 and hoist-SUBCOMMAND.1 pages into this directory instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -312,6 +333,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Node(NodeCommand::Forget { node }) => {
             let seen = fleet::forget(&agent_config(g)?, &node).await?;
             print(g.json, &seen, |s| format!("forgot node {} (last seen {})\n", s.node, fleet::when(s.last_seen)));
+        }
+        Command::Completions { shell } => {
+            // Rendered whole first: the generator panics on a write error such as a closed pipe.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "hoist", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script)?;
+        }
+        Command::Man { dir: None } => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?,
+        Command::Man { dir: Some(dir) } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &dir).with_context(|| format!("writing man pages into {}", dir.display()))?;
         }
         Command::Key(KeyCommand::New { file }) => {
             let key = nkeys::KeyPair::new_user();
