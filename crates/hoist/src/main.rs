@@ -149,28 +149,16 @@ enum KvCommand {
         #[arg(long)]
         replicas: Option<u8>,
     },
-    Put {
-        bucket: String,
-        key: String,
-        value: String,
-    },
-    Get {
-        bucket: String,
-        key: String,
-    },
-    Del {
-        bucket: String,
-        key: String,
-    },
+    /// Set KEY to VALUE (a container's tag key is checked to be a tag or a digest first).
+    Put { bucket: String, key: String, value: String },
+    /// Print the value of KEY.
+    Get { bucket: String, key: String },
+    /// Delete KEY.
+    Del { bucket: String, key: String },
     /// List buckets, or the keys of one bucket.
-    Ls {
-        bucket: Option<String>,
-    },
+    Ls { bucket: Option<String> },
     /// Stream changes to matching keys (default: all).
-    Watch {
-        bucket: String,
-        pattern: Option<String>,
-    },
+    Watch { bucket: String, pattern: Option<String> },
 }
 
 #[derive(Subcommand)]
@@ -186,21 +174,14 @@ enum GovernorCommand {
         replicas: Option<u8>,
     },
     /// Show capacity and the leases held.
-    View {
-        name: String,
-    },
+    View { name: String },
     /// Free one lease by its id.
-    Evict {
-        name: String,
-        id: u64,
-    },
+    Evict { name: String, id: u64 },
     /// Free every lease.
-    Reset {
-        name: String,
-    },
-    Rm {
-        name: String,
-    },
+    Reset { name: String },
+    /// Remove a governor and its leases.
+    Rm { name: String },
+    /// List the governors.
     Ls,
 }
 
