@@ -6,7 +6,11 @@ cd "$(dirname "$0")/.."
 
 missing=()
 # iproute2: the Docker-restart fault tests give their private dockerd a bridge of its own.
-for pkg in docker-registry busybox-static curl apache2-utils openssl iproute2; do
+# The package test (crates/hoist/tests/package.rs): dpkg-dev (dpkg-shlibdeps for the package's
+# Depends), binutils (strip), systemd (systemd-analyze verify; it works without systemd as PID 1),
+# init-system-helpers (deb-systemd-helper in the maintainer scripts) and man-db (man -l).
+for pkg in docker-registry busybox-static curl apache2-utils openssl iproute2 \
+  dpkg-dev binutils systemd init-system-helpers man-db; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
