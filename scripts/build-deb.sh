@@ -75,6 +75,8 @@ if command -v dpkg-shlibdeps >/dev/null 2>&1; then
   rm -rf "$shlib"
   [ -z "$found" ] || depends="$found"
 fi
+# The unit's ExecReload runs /bin/kill.
+depends="$depends, procps"
 
 (cd "$root" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | LC_ALL=C sort -z | xargs -0 md5sum) >"$root/DEBIAN/md5sums"
 size=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
