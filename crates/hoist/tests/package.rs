@@ -3,6 +3,8 @@
 //! unit, the installed binary run as the unit's ExecStart runs a container from the installed default
 //! agent file, stopping it leaves the container running, `dpkg -r` keeps the configuration and `dpkg -P`
 //! leaves nothing behind. Root only (dpkg); one package test at a time (`support::package`).
+//! The last test installs the package in a container booting systemd, where the unit really runs:
+//! sandboxed, reloaded, restarted by an upgrade, stopped and purged, never stopping a container.
 
 mod support;
 
@@ -199,4 +201,190 @@ fn wait_running(agent: &InstalledAgent, container: &str) -> hoist_core::status::
         assert!(std::time::Instant::now() < deadline, "{container} not in RUN after 90 s: {m:#?}\n--- agent log ---\n{}", agent.log());
         std::thread::sleep(Duration::from_millis(300));
     }
+}
+
+/// The image `scripts/test-fixtures.sh` builds: Debian 12, minimal, booting systemd as PID 1.
+const SYSTEMD_IMAGE: &str = "hoist/systemd-test:bookworm";
+
+/// A Debian 12 with systemd as PID 1 in a container, sharing this machine's network and Docker socket,
+/// for what no test machine has: the unit run by a real systemd with its sandboxing in force. It needs
+/// CAP_SYS_ADMIN for the unit's mount namespace (ProtectSystem and friends), nothing else.
+struct SystemdHost {
+    name: String,
+}
+
+impl SystemdHost {
+    fn boot(debs: &Path) -> SystemdHost {
+        let name = format!("hoist-systemd-{}", std::process::id());
+        let _ = run("docker", &["rm", "-f", &name]);
+        let mount = format!("{}:/debs:ro", debs.display());
+        docker_ok(&[
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--network",
+            "host",
+            "--cap-add",
+            "SYS_ADMIN",
+            "--security-opt",
+            "seccomp=unconfined",
+            "--security-opt",
+            "apparmor=unconfined",
+            "--tmpfs",
+            "/run",
+            "--tmpfs",
+            "/run/lock",
+            "-v",
+            "/sys/fs/cgroup:/sys/fs/cgroup:ro",
+            "-v",
+            "/var/run/docker.sock:/var/run/docker.sock",
+            "-v",
+            &mount,
+            SYSTEMD_IMAGE,
+        ]);
+        let host = SystemdHost { name };
+        wait_until("systemd to finish booting", Duration::from_secs(60), || {
+            let state = host.sh("systemctl is-system-running 2>/dev/null || true");
+            matches!(state.trim(), "running" | "degraded").then_some(())
+        });
+        host
+    }
+
+    /// Runs a shell command inside; returns its output, whatever its exit status.
+    fn sh(&self, script: &str) -> String {
+        let out = run("docker", &["exec", &self.name, "sh", "-c", script]);
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    }
+
+    /// Runs a shell command inside, failing with its output and the unit's journal if it fails.
+    fn sh_ok(&self, script: &str) -> String {
+        let out = run("docker", &["exec", &self.name, "sh", "-c", script]);
+        assert!(
+            out.status.success(),
+            "{script:?} failed: {}{}\n--- journal of hoist.service ---\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.sh("journalctl -u hoist --no-pager | tail -40")
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn main_pid(&self) -> String {
+        self.sh_ok("systemctl show -p MainPID --value hoist")
+    }
+
+    fn status(&self) -> hoist_core::status::NodeStatus {
+        serde_json::from_str(&self.sh_ok("hoist status --json")).expect("status JSON")
+    }
+
+    fn wait_running(&self, container: &str) -> hoist_core::status::MachineStatus {
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            if self.sh("systemctl is-active hoist").trim() == "active" {
+                let m = self.status().machines.into_iter().find(|m| m.container == container);
+                if let Some(m) = m.filter(|m| m.state == State::Run && m.container_id.is_some()) {
+                    return m;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{container} not in RUN under systemd after 90 s:\n{}",
+                self.sh("systemctl status hoist --no-pager; journalctl -u hoist --no-pager | tail -40")
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+impl Drop for SystemdHost {
+    fn drop(&mut self) {
+        let _ = run("docker", &["rm", "-f", &self.name]);
+    }
+}
+
+#[test]
+fn the_packaged_unit_runs_the_agent_under_systemd_sandboxed_and_never_stops_a_container() {
+    let work = tempfile::tempdir().unwrap();
+    let deb = build_deb(work.path());
+    let deb_inside = format!("/debs/{}", deb.file_name().unwrap().to_string_lossy());
+    let node = format!("sd{}", std::process::id());
+    let container = format!("sdweb{}", std::process::id());
+    let port = free_port();
+    // Another node name than the machine's (the network, and so the hostname, is shared), so this
+    // agent's purge can only see its own container.
+    std::fs::write(work.path().join("node.yaml"), format!("node: {node}\n")).unwrap();
+    std::fs::write(
+        work.path().join("web.yaml"),
+        format!(
+            "hoist::containers:\n  {container}:\n    image: {image}\n    image_tag: v1\n    ports: ['127.0.0.1:{port}:80']\n",
+            image = image()
+        ),
+    )
+    .unwrap();
+    let _container_guard = ContainerGuard(format!("hoist_{container}"));
+    let host = SystemdHost::boot(work.path());
+
+    // A first install leaves the service disabled and stopped, for the operator to configure.
+    host.sh_ok(&format!("dpkg -i {deb_inside}"));
+    assert_eq!(host.sh("systemctl is-enabled hoist").trim(), "disabled", "a first install does not enable the service");
+    assert_eq!(host.sh("systemctl is-active hoist").trim(), "inactive", "a first install does not start the service");
+
+    // The operator's steps from the README.
+    host.sh_ok(&format!("cat /debs/node.yaml >> {AGENT_FILE} && cp /debs/web.yaml {DATA_DIR}/ && systemctl enable --now hoist"));
+    let first = host.wait_running(&container);
+    assert_eq!(wait_until("the container to serve", Duration::from_secs(10), || http_get(port)), "v1");
+
+    // The sandbox is in force on the running agent, and it still reaches Docker and its state_dir.
+    let pid = host.main_pid();
+    let proc_status = host.sh_ok(&format!("cat /proc/{pid}/status"));
+    for line in ["NoNewPrivs:\t1", "Seccomp:\t2"] {
+        assert!(proc_status.lines().any(|l| l == line), "{line:?} missing from the agent's /proc status:\n{proc_status}");
+    }
+    let writes = host.sh(&format!(
+        "for d in /etc/hoist /usr/bin /root /var/lib/hoist; do nsenter -t {pid} -m touch $d/.hoist-probe 2>/dev/null && echo \"$d writable\" && rm $d/.hoist-probe || echo \"$d read-only\"; done"
+    ));
+    for expected in ["/etc/hoist read-only", "/usr/bin read-only", "/root read-only", "/var/lib/hoist writable"] {
+        assert!(writes.lines().any(|l| l == expected), "{expected} expected for the agent's view of the file system:\n{writes}");
+    }
+
+    // systemctl reload: SIGHUP to the same process, which reloads.
+    host.sh_ok("systemctl reload hoist");
+    wait_until("the SIGHUP reload in the journal", Duration::from_secs(10), || {
+        host.sh("journalctl -u hoist --no-pager").contains("reason=\"SIGHUP\"").then_some(())
+    });
+    assert_eq!(host.main_pid(), pid, "a reload keeps the agent running");
+
+    // An upgrade (here a reinstall) restarts the running agent, which adopts the container.
+    host.sh_ok(&format!("dpkg -i {deb_inside}"));
+    let after_upgrade = host.wait_running(&container);
+    assert_ne!(host.main_pid(), pid, "postinst restarted the agent");
+    assert_eq!(after_upgrade.container_id, first.container_id, "the restarted agent adopts the running container");
+    assert_eq!(host.sh("systemctl is-enabled hoist").trim(), "enabled", "an upgrade keeps the service enabled");
+
+    // systemctl stop ends the agent, never the container.
+    host.sh_ok("systemctl stop hoist");
+    assert_eq!(host.sh("systemctl is-active hoist").trim(), "inactive");
+    assert_eq!(
+        docker_ok(&["inspect", "-f", "{{.State.Running}}", &format!("hoist_{container}")]),
+        "true",
+        "stopping the service leaves the container running"
+    );
+    assert_eq!(http_get(port).as_deref(), Some("v1"));
+
+    // Purging a running service stops it first (prerm), then removes the unit and the state.
+    host.sh_ok("systemctl start hoist");
+    host.wait_running(&container);
+    host.sh_ok("dpkg -P hoist");
+    assert_eq!(host.sh("systemctl is-active hoist").trim(), "inactive", "prerm stopped the agent");
+    assert_eq!(host.sh("test -e /lib/systemd/system/hoist.service || test -e /var/lib/hoist || echo gone").trim(), "gone");
+    assert_eq!(
+        host.sh("systemctl is-enabled hoist 2>&1; true").trim(),
+        "Failed to get unit file state for hoist.service: No such file or directory"
+    );
+    assert_eq!(
+        docker_ok(&["inspect", "-f", "{{.State.Running}}", &format!("hoist_{container}")]),
+        "true",
+        "removing the package leaves the container running"
+    );
 }
