@@ -6,7 +6,13 @@ cd "$(dirname "$0")/.."
 
 missing=()
 # iproute2: the Docker-restart fault tests give their private dockerd a bridge of its own.
-for pkg in docker-registry busybox-static curl apache2-utils openssl iproute2; do
+# The package test (crates/hoist/tests/package.rs): dpkg-dev (dpkg-shlibdeps for the package's
+# Depends), binutils (strip), systemd (systemd-analyze verify; it works without systemd as PID 1),
+# init-system-helpers (deb-systemd-helper in the maintainer scripts) and man-db (man -l).
+# debootstrap: the image with systemd as PID 1 that the packaged unit is run under (test-fixtures.sh).
+# The Puppet module's test (crates/hoist/tests/puppet.rs): puppet and the stdlib module it uses.
+for pkg in docker-registry busybox-static curl apache2-utils openssl iproute2 \
+  dpkg-dev binutils systemd init-system-helpers man-db debootstrap puppet puppet-module-puppetlabs-stdlib; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }

@@ -101,6 +101,25 @@ EOF
   push "$tag"
 done
 
+# hoist/systemd-test:bookworm: a minimal Debian 12 booting systemd as PID 1, for the test that runs the
+# packaged unit under a real systemd (crates/hoist/tests/package.rs). Made with debootstrap from the
+# Debian archive apt uses here, so no image registry is needed. Built once; kept as a local image.
+SYSTEMD_IMAGE=hoist/systemd-test:bookworm
+if docker image inspect "$SYSTEMD_IMAGE" >/dev/null 2>&1; then
+  echo "fixtures: $SYSTEMD_IMAGE present"
+else
+  command -v debootstrap >/dev/null || { echo "fixtures: debootstrap is not installed (apt-get install debootstrap)" >&2; exit 1; }
+  mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  root="$DIR/systemd-rootfs"
+  rm -rf "$root"
+  # shellcheck disable=SC2086 # no mirror: debootstrap's default
+  debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,procps bookworm "$root" $mirror \
+    >"$DIR/debootstrap.log" 2>&1 || { tail -20 "$DIR/debootstrap.log" >&2; exit 1; }
+  tar -C "$root" -c . | docker import --change 'ENV container=docker' --change 'CMD ["/lib/systemd/systemd"]' - "$SYSTEMD_IMAGE" >/dev/null
+  rm -rf "$root"
+  echo "fixtures: $SYSTEMD_IMAGE built"
+fi
+
 # Tests that roll a container to v2 must really pull it from the registry: drop the local copy (kept
 # if a container still uses it).
 docker rmi -f "$REPO:v2" "$REPO:v3" >/dev/null 2>&1 || true

@@ -11,7 +11,7 @@ mod output;
 mod state_dir;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use control::client::ControlClient;
 use futures_util::StreamExt;
 use hoist_core::backend::{BucketConfig, Governor, Kv, read_all};
@@ -26,7 +26,17 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "hoist", version, about = "Keeps a node's declared Docker containers running, healthy and up to date")]
+#[command(
+    name = "hoist",
+    version,
+    about = "Keeps a node's declared Docker containers running, healthy and up to date",
+    long_about = "Keeps a node's declared Docker containers running, healthy and up to date.\n\n\
+        One `hoist agent` per machine (the hoist.service unit) runs the containers declared in its data \
+        files; the other commands talk to that agent through its control socket, or to the fleet's NATS. \
+        The agent reads /etc/hoist/hoist.yaml (--config, HOIST_CONFIG), its container data from \
+        /etc/hoist/containers.d (the file's `data`), keeps its state in /var/lib/hoist (`state_dir`) and \
+        reloads the data on SIGHUP (systemctl reload hoist)."
+)]
 struct Cli {
     #[command(flatten)]
     global: Global,
@@ -99,6 +109,17 @@ enum Command {
     /// The nodes of the fleet, as they announce themselves in HOIST_NODES (NATS backend).
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Print the shell completion script for SHELL (the Debian package installs them).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the hoist(1) man page (roff); with --dir, write it and one page per subcommand there.
+    Man {
+        /// Write hoist.1 and hoist-SUBCOMMAND.1 pages into this directory instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -129,28 +150,16 @@ enum KvCommand {
         #[arg(long)]
         replicas: Option<u8>,
     },
-    Put {
-        bucket: String,
-        key: String,
-        value: String,
-    },
-    Get {
-        bucket: String,
-        key: String,
-    },
-    Del {
-        bucket: String,
-        key: String,
-    },
+    /// Set KEY to VALUE (a container's tag key is checked to be a tag or a digest first).
+    Put { bucket: String, key: String, value: String },
+    /// Print the value of KEY.
+    Get { bucket: String, key: String },
+    /// Delete KEY.
+    Del { bucket: String, key: String },
     /// List buckets, or the keys of one bucket.
-    Ls {
-        bucket: Option<String>,
-    },
+    Ls { bucket: Option<String> },
     /// Stream changes to matching keys (default: all).
-    Watch {
-        bucket: String,
-        pattern: Option<String>,
-    },
+    Watch { bucket: String, pattern: Option<String> },
 }
 
 #[derive(Subcommand)]
@@ -166,21 +175,14 @@ enum GovernorCommand {
         replicas: Option<u8>,
     },
     /// Show capacity and the leases held.
-    View {
-        name: String,
-    },
+    View { name: String },
     /// Free one lease by its id.
-    Evict {
-        name: String,
-        id: u64,
-    },
+    Evict { name: String, id: u64 },
     /// Free every lease.
-    Reset {
-        name: String,
-    },
-    Rm {
-        name: String,
-    },
+    Reset { name: String },
+    /// Remove a governor and its leases.
+    Rm { name: String },
+    /// List the governors.
     Ls,
 }
 
@@ -313,6 +315,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Node(NodeCommand::Forget { node }) => {
             let seen = fleet::forget(&agent_config(g)?, &node).await?;
             print(g.json, &seen, |s| format!("forgot node {} (last seen {})\n", s.node, fleet::when(s.last_seen)));
+        }
+        Command::Completions { shell } => {
+            // Rendered whole first: the generator panics on a write error such as a closed pipe.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "hoist", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script)?;
+        }
+        Command::Man { dir: None } => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?,
+        Command::Man { dir: Some(dir) } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &dir).with_context(|| format!("writing man pages into {}", dir.display()))?;
         }
         Command::Key(KeyCommand::New { file }) => {
             let key = nkeys::KeyPair::new_user();

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod package;
+
 use hoist_core::status::{MachineStatus, NodeStatus};
 use std::io::{Read, Write};
 use std::net::TcpStream;
