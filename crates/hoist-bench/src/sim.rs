@@ -331,6 +331,7 @@ async fn start_agent(i: usize, url: &str, dir: &Path, set: ContainerSet, latenci
         registration_interval: Duration::from_secs(15),
         conditions: Default::default(),
         slots: SlotKeeper::start(backend.clone(), backend.clone(), node.clone()),
+        outbox: hoist_core::outbox::Outbox::start(backend.clone()),
     });
     let handle = agent::start(deps, set).await;
     let kv: Arc<dyn Kv> = backend.clone();

@@ -15,6 +15,7 @@ pub mod fleet_auth;
 pub mod fsm;
 pub mod health;
 pub mod machine;
+pub mod outbox;
 pub mod persist;
 pub mod presence;
 pub mod registration;

@@ -18,10 +18,10 @@ const LOOK_EVERY: Duration = Duration::from_secs(5);
 /// Waits until every node has settled, or records why not once `within` has passed.
 /// `may_roll_back`: a fault could have killed a container of the new version in its gate; otherwise
 /// a good version must reach every node, whatever else went wrong (an outage is no bad release).
-pub async fn settles(world: &World, nodes: &[Arc<Node>], broken: bool, may_roll_back: bool, within: Duration) {
+pub async fn settles(world: &World, nodes: &[Arc<Node>], final_tag: &str, broken: bool, may_roll_back: bool, within: Duration) {
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        let problems = unsettled(world, nodes, broken, may_roll_back).await;
+        let problems = unsettled(world, nodes, final_tag, broken, may_roll_back).await;
         if problems.is_empty() {
             world.note("every node settled");
             return rollbacks_were_the_containers(world);
@@ -35,8 +35,10 @@ pub async fn settles(world: &World, nodes: &[Arc<Node>], broken: bool, may_roll_
 }
 
 /// What keeps each node from having settled; empty when all have.
-async fn unsettled(world: &World, nodes: &[Arc<Node>], broken: bool, may_roll_back: bool) -> Vec<String> {
-    let (new, old) = (format!("{IMAGE}:v2"), format!("{IMAGE}:v1"));
+async fn unsettled(world: &World, nodes: &[Arc<Node>], final_tag: &str, broken: bool, may_roll_back: bool) -> Vec<String> {
+    let image = |tag: &str| format!("{IMAGE}:{tag}");
+    // v2 is the one version that may be broken.
+    let final_broken = broken && final_tag == "v2";
     let mut problems = Vec::new();
     for node in nodes {
         let name = &node.name;
@@ -61,11 +63,14 @@ async fn unsettled(world: &World, nodes: &[Arc<Node>], broken: bool, may_roll_ba
                 containers.iter().map(|c| (&c.id, &c.image, c.state)).collect::<Vec<_>>()
             )
         };
-        // A node settles on v2, or back on v1 with the rollback recorded (its own, or the fleet's
-        // mark): a broken v2 must end there, and a good one may, when a fault killed its container
-        // in the gate on some node (the rollout then stops where it is).
-        let on = |image: &str| m.state == State::Run && containers.len() == 1 && running.len() == 1 && running[0].image == image;
-        let settled = (!broken && on(&new)) || ((broken || may_roll_back) && on(&old) && m.condition.is_some());
+        // A node settles on the version the KV asks for last, or back on a good one with the
+        // rollback recorded (its own, or the fleet's mark): a broken version must end there, and a
+        // good one may, when a fault killed its container in the gate on some node (the rollout then
+        // stops where it is).
+        let on = |tag: &str| m.state == State::Run && containers.len() == 1 && running.len() == 1 && running[0].image == image(tag);
+        let on_a_good_one = ["v1", "v2", "v3"].into_iter().any(|tag| !(broken && tag == "v2") && on(tag));
+        let back = (final_broken || may_roll_back) && on_a_good_one && m.condition.is_some();
+        let settled = (!final_broken && on(final_tag)) || back;
         if !settled {
             problems.push(describe());
         }

@@ -24,6 +24,9 @@ pub const HEALTH_LATENCY: Duration = Duration::from_secs(2);
 /// How long a broken version's container runs before it exits.
 const BROKEN_RUNS: Duration = Duration::from_secs(1);
 const START_LATENCY: Duration = Duration::from_millis(300);
+/// More containers than this made on one node in one run is a loop without backoff; the engine
+/// refuses further ones, so that the run ends and says so.
+const RUNAWAY: u64 = 300;
 /// How the panics the simulator injects begin.
 pub const SIMULATED_PANIC: &str = "simulated adapter bug";
 
@@ -214,6 +217,9 @@ impl Runtime for EngineView {
             if s.containers.values().any(|c| c.container_name == spec.container_name) {
                 return Err(RuntimeError::Other(format!("the name {} is in use", spec.container_name)));
             }
+            if s.next_id >= RUNAWAY {
+                return Err(RuntimeError::Other(format!("{RUNAWAY} containers created: a loop without backoff")));
+            }
             s.next_id += 1;
             let id = format!("{}-c{}", engine.node, s.next_id);
             let labels = BTreeMap::from([
@@ -264,6 +270,9 @@ impl Runtime for EngineView {
         // Starting takes a while; the container exists (by its name) meanwhile, as with Docker.
         tokio::time::sleep(START_LATENCY).await;
         self.reach().await?;
+        if info.id.ends_with(&format!("-c{RUNAWAY}")) {
+            engine.world.violation(format!("{} created {RUNAWAY} containers: a restart loop without backoff", engine.node));
+        }
         let running = engine.containers_of(&spec.name).iter().filter(|c| c.state == RunState::Running).count();
         if running > 1 {
             engine.world.violation(format!("{} runs {running} containers of {}", engine.node, spec.name));

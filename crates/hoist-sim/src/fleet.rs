@@ -2,7 +2,7 @@
 //! to settle, checked by `check.rs`.
 
 use crate::engine::{Engine, EngineView};
-use crate::plan::{Fault, Plan, RELEASE_AT};
+use crate::plan::{Action, Fault, Plan, RELEASE_AT};
 use crate::view::NodeView;
 use crate::world::World;
 use crate::{Outcome, check, elapsed};
@@ -11,6 +11,7 @@ use hoist_core::agent::{self, AgentHandle};
 use hoist_core::backend::{BucketConfig, HOIST_BUCKET, KvOperation, tag_key};
 use hoist_core::config::{AgentConfig, ContainerSet, DockerConfig, RolloutConfig, load_containers};
 use hoist_core::files::FileWatch;
+use hoist_core::fsm::Transition;
 use hoist_core::machine::MachineDeps;
 use hoist_core::persist::StateStore;
 use hoist_core::slot::SlotKeeper;
@@ -82,7 +83,8 @@ impl Node {
             },
             registration_interval: Duration::from_secs(15),
             conditions: Default::default(),
-            slots: SlotKeeper::start(view.clone(), view, self.name.clone()),
+            slots: SlotKeeper::start(view.clone(), view.clone(), self.name.clone()),
+            outbox: hoist_core::outbox::Outbox::start(view),
         });
         world.note(format!("{} agent starts", self.name));
         let handle = agent::start(deps, SET.clone()).await;
@@ -145,7 +147,7 @@ pub async fn simulate(plan: Plan) -> Outcome {
     let _ = release.await;
     world.note("the faults are over");
     let may_roll_back = plan.faults.iter().any(|t| matches!(t.fault, Fault::ContainerCrash { .. }));
-    check::settles(&world, &nodes, plan.broken, may_roll_back, SETTLE_WITHIN).await;
+    check::settles(&world, &nodes, plan.final_tag(), plan.broken, may_roll_back, SETTLE_WITHIN).await;
     if plan.broken {
         check::few_tried_the_broken_version(&world, &plan);
     }
@@ -180,6 +182,34 @@ async fn apply(fault: &Fault, world: &Arc<World>, nodes: &[Arc<Node>], expire: D
             nodes[node].engine.come_up();
         }
         Fault::ContainerCrash { node } => nodes[node].engine.crash(CONTAINER),
+        Fault::Retag { to } => {
+            world.write(HOIST_BUCKET, &tag_key(CONTAINER), to.as_bytes(), KvOperation::Put).expect("the bucket exists");
+        }
+        Fault::Operator { node, action } => {
+            // The agent running when the operator asks (one may have crashed and restarted meanwhile).
+            let ask = |transition: Transition| async move {
+                let Some(agent) = nodes[node].agent() else {
+                    world.note(format!("{} has no agent to ask", nodes[node].name));
+                    return false;
+                };
+                let answer = agent.transition(CONTAINER, transition).await;
+                world.note(format!("{} operator asks {transition}: {answer:?}", nodes[node].name));
+                answer.is_ok()
+            };
+            match action {
+                Action::Restart => _ = ask(Transition::Restart).await,
+                Action::Update => _ = ask(Transition::Update).await,
+                Action::Maintenance { lasts } => {
+                    if ask(Transition::Maintenance).await {
+                        tokio::time::sleep(lasts).await;
+                        // As an operator would, until an agent answers.
+                        while !ask(Transition::Resume).await {
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                        }
+                    }
+                }
+            }
+        }
         Fault::AdapterPanics { node, count } => nodes[node].engine.with(|s| s.panics += count),
         Fault::FailingPulls { node, count } => nodes[node].engine.with(|s| s.failing_pulls += count),
         Fault::SlowPulls { node, latency } => nodes[node].engine.with(|s| s.pull_latency = latency),

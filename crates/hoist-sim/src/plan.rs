@@ -26,6 +26,13 @@ pub struct Timed {
     pub fault: Fault,
 }
 
+#[derive(Debug, Clone, Copy)]
+pub enum Action {
+    Restart,
+    Update,
+    Maintenance { lasts: Duration },
+}
+
 #[derive(Debug, Clone)]
 pub enum Fault {
     /// The agent process dies; it is started again after `down`, with its state file or without.
@@ -54,6 +61,15 @@ pub enum Fault {
         node: usize,
         count: u32,
     },
+    /// The KV's tag is put again mid-rollout: on to `v3` (good), or back to `v1`.
+    Retag {
+        to: &'static str,
+    },
+    /// An operator asks `node` for a transition; `Maintenance` is resumed after `lasts`.
+    Operator {
+        node: usize,
+        action: Action,
+    },
     ContainerCrash {
         node: usize,
     },
@@ -78,6 +94,7 @@ impl Fault {
     pub fn lasts(&self) -> Duration {
         match self {
             Fault::AgentCrash { down, .. } => *down,
+            Fault::Operator { action: Action::Maintenance { lasts }, .. } => *lasts,
             Fault::CutOff { lasts, .. } | Fault::Outage { lasts } | Fault::EngineRestart { lasts, .. } => *lasts,
             _ => Duration::ZERO,
         }
@@ -98,7 +115,7 @@ impl Plan {
                 let node = rng.below(nodes as u64) as usize;
                 // Mostly in the middle of the rollout, where a fault does the most harm.
                 let at = secs(&mut rng, 5, 60);
-                let fault = match rng.below(10) {
+                let fault = match rng.below(12) {
                     0 => Fault::AgentCrash { node, down: secs(&mut rng, 1, 40), keeps_state: rng.chance(0.7) },
                     1 => Fault::CutOff { node, lasts: secs(&mut rng, 2, 60) },
                     2 => Fault::EngineRestart { node, lasts: secs(&mut rng, 1, 20), live_restore: rng.chance(0.5) },
@@ -108,12 +125,33 @@ impl Plan {
                     6 => Fault::Evict,
                     7 => Fault::Outage { lasts: secs(&mut rng, 2, 60) },
                     8 => Fault::AdapterPanics { node, count: 1 + rng.below(3) as u32 },
+                    9 => Fault::Retag { to: if rng.chance(0.5) { "v3" } else { "v1" } },
+                    10 => {
+                        let action = match rng.below(3) {
+                            0 => Action::Restart,
+                            1 => Action::Update,
+                            _ => Action::Maintenance { lasts: secs(&mut rng, 1, 30) },
+                        };
+                        Fault::Operator { node, action }
+                    }
                     _ => Fault::Capacity { to: 1 + rng.below(3) },
                 };
+                // A retag moves on from the release, so it comes after it.
+                let at = if matches!(fault, Fault::Retag { .. }) { at.max(RELEASE_AT + Duration::from_secs(1)) } else { at };
                 Timed { at, fault }
             })
             .collect();
         Plan { seed, nodes, capacity, expire, broken, faults }
+    }
+
+    /// The version the KV asks for once every fault is over: v2, or the last retag.
+    pub fn final_tag(&self) -> &'static str {
+        let mut retags: Vec<&Timed> = self.faults.iter().filter(|t| matches!(t.fault, Fault::Retag { .. })).collect();
+        retags.sort_by_key(|t| t.at);
+        match retags.last().map(|t| &t.fault) {
+            Some(Fault::Retag { to }) => to,
+            _ => "v2",
+        }
     }
 
     /// When the last fault is over.

@@ -36,7 +36,10 @@ fn a_seed_replays_exactly() {
 }
 
 /// Each found a bug once (see ARCHITECTURE.md, "Tests"):
+/// 3: `resume` made a version that never passed its gate (it had died meanwhile) the last good one;
 /// 19: a machine whose adapter call panicked was gone from the agent for good;
+/// 176, 1977: a version that died in its gate while the KV moved on was brought back as if it had
+/// run well, and crash-looped (1977: rolled back onto itself with no delay, hundreds of times);
 /// 380: a node whose state file was lost ran, and crash-looped on, a version the fleet had rolled back;
 /// 14266: nodes that had no version pass its gate yet (crashes before the release) crash-looped on a
 /// broken KV version instead of going back to the config's image_tag;
@@ -44,7 +47,7 @@ fn a_seed_replays_exactly() {
 /// failing on the name rolled a good version back fleet-wide;
 #[test]
 fn seeds_that_found_bugs() {
-    for seed in [19, 380, 14266, 18603, 19097] {
+    for seed in [3, 19, 176, 380, 1977, 14266, 18603, 19097] {
         assert_holds(&run(seed));
     }
 }

@@ -136,6 +136,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         registration_interval: cfg.registration.interval,
         conditions: conditions.clone(),
         slots: hoist_core::slot::SlotKeeper::start(backends.governor.clone(), backends.events.clone(), cfg.node.clone()),
+        outbox: hoist_core::outbox::Outbox::start(backends.events.clone()),
     });
     if backends.fleet.is_some() && cfg.fleet.allow_unsigned {
         // Shown in `hoist status` for as long as it is so, not only logged once.

@@ -4,7 +4,7 @@
 use super::*;
 
 /// Progress of the health gate a new (or adopted) container must pass before RUN.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(super) struct Gate {
     /// A probe success has been seen since this container started.
     pub(super) probe_passed: bool,
@@ -41,32 +41,20 @@ impl Machine {
             return;
         }
         let Some(c) = &self.container else { return };
-        let docker_ok = matches!(c.health, RuntimeHealth::None | RuntimeHealth::Healthy);
-        let checked = self.cfg.health_check.is_some() || c.health != RuntimeHealth::None;
-        let hoist_ok =
-            if self.cfg.health_check.is_some() { self.gate.probe_passed } else { self.gate.waited || c.health == RuntimeHealth::Healthy };
-        if !(c.state == RunState::Running && docker_ok && hoist_ok) {
-            self.gate.healthy_since = None;
-            return;
-        }
-        if checked {
-            // Healthy once is not enough: it must stay healthy for `min_healthy_time` (an adopted
-            // container's time up counts) before the gate passes and the governor slot is freed.
-            let needed = self.deps.rollout.min_healthy_time.saturating_sub(self.uptime_credit());
-            let streak_starts = self.gate.healthy_since.is_none();
-            let since = *self.gate.healthy_since.get_or_insert_with(Instant::now);
-            let remaining = needed.saturating_sub(since.elapsed());
-            if remaining > Duration::ZERO {
+        // An adopted container's time up counts toward `min_healthy_time`.
+        let needed = self.deps.rollout.min_healthy_time.saturating_sub(self.uptime_credit());
+        let (healthy_since, verdict) = verdict(c, self.cfg.health_check.is_some(), &self.gate, needed, Instant::now());
+        self.gate.healthy_since = healthy_since;
+        let how = match verdict {
+            Verdict::NotYet => return,
+            Verdict::Confirming { remaining, streak_starts } => {
                 if streak_starts {
                     self.activity = Some(format!("healthy; confirming for {}s", remaining.as_secs_f64().ceil()));
                     self.timer(self.epoch, TimerKind::MinHealthy, remaining);
                 }
                 return;
             }
-        }
-        let how = match (c.health, &self.cfg.health_check) {
-            (_, Some(_)) | (RuntimeHealth::Healthy, None) => "healthy",
-            _ => "running, unverified (no health check)",
+            Verdict::Passed(how) => how,
         };
         if let Some(asked) = self.kv_asks().filter(|_| self.trying_new_version()) {
             // The fleet's first pass of this version: the nodes waiting may fetch it now.
@@ -181,6 +169,40 @@ impl Machine {
     }
 }
 
+/// What the gate says of a container now.
+#[derive(Debug, PartialEq)]
+pub(super) enum Verdict {
+    /// Not running, not healthy, or not checked yet.
+    NotYet,
+    /// Healthy, and to stay so `remaining` longer (`min_healthy_time`); `streak_starts` on the first
+    /// look of a healthy streak, when the timer for its end is to be set.
+    Confirming { remaining: Duration, streak_starts: bool },
+    /// Passed, and how it was judged.
+    Passed(&'static str),
+}
+
+/// The gate's decision, without I/O: a container passes when it runs, Docker does not report it
+/// unhealthy, and hoist's own check passed (or, without one, Docker says healthy or `unverified_wait`
+/// is over); a checked container must then stay healthy for `needed`, counted from the first healthy
+/// look (`gate.healthy_since`, returned updated).
+pub(super) fn verdict(c: &ContainerInfo, has_check: bool, gate: &Gate, needed: Duration, now: Instant) -> (Option<Instant>, Verdict) {
+    let docker_ok = matches!(c.health, RuntimeHealth::None | RuntimeHealth::Healthy);
+    let checked = has_check || c.health != RuntimeHealth::None;
+    let hoist_ok = if has_check { gate.probe_passed } else { gate.waited || c.health == RuntimeHealth::Healthy };
+    if !(c.state == RunState::Running && docker_ok && hoist_ok) {
+        return (None, Verdict::NotYet);
+    }
+    if !checked {
+        return (gate.healthy_since, Verdict::Passed("running, unverified (no health check)"));
+    }
+    let since = gate.healthy_since.unwrap_or(now);
+    let remaining = needed.saturating_sub(now.duration_since(since));
+    if remaining > Duration::ZERO {
+        return (Some(since), Verdict::Confirming { remaining, streak_starts: gate.healthy_since.is_none() });
+    }
+    (Some(since), Verdict::Passed("healthy"))
+}
+
 /// The part of a health gate's wait a container has already served: for an adopted one, whole seconds
 /// since it started less one for the precision of `started_at` (seconds); for one this machine just
 /// started, none, since its `started_at` may already lie in the previous second.
@@ -191,6 +213,58 @@ pub(super) fn gate_credit(adopted: bool, started_at: i64, now: i64) -> Duration 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn container(state: RunState, health: RuntimeHealth) -> ContainerInfo {
+        ContainerInfo {
+            id: "c1".into(),
+            container_name: "hoist_web".into(),
+            labels: Default::default(),
+            image: "registry.test/web:v2".into(),
+            image_id: "sha256:1".into(),
+            state,
+            health,
+            exit_code: None,
+            created: 0,
+            started_at: 0,
+            ip: None,
+        }
+    }
+
+    #[test]
+    fn the_gate_passes_a_container_that_runs_healthy_long_enough() {
+        use RuntimeHealth::{Healthy, None as NoCheck, Starting, Unhealthy};
+        let now = Instant::now();
+        let min = Duration::from_secs(10);
+        let fresh = Gate::default();
+        let probed = Gate { probe_passed: true, ..Gate::default() };
+        let waited = Gate { waited: true, ..Gate::default() };
+        let streak = |ago: u64| Gate { probe_passed: true, healthy_since: Some(now - Duration::from_secs(ago)), ..Gate::default() };
+        let confirming = |secs: u64, starts: bool| Verdict::Confirming { remaining: Duration::from_secs(secs), streak_starts: starts };
+        // (container, has a hoist check, gate, verdict)
+        let cases = [
+            (container(RunState::Exited, Healthy), true, probed.clone(), Verdict::NotYet),
+            (container(RunState::Running, Unhealthy), true, probed.clone(), Verdict::NotYet),
+            (container(RunState::Running, NoCheck), true, fresh.clone(), Verdict::NotYet),
+            (container(RunState::Running, NoCheck), true, probed.clone(), confirming(10, true)),
+            (container(RunState::Running, NoCheck), true, streak(4), confirming(6, false)),
+            (container(RunState::Running, NoCheck), true, streak(10), Verdict::Passed("healthy")),
+            // No hoist check: Docker's HEALTHCHECK decides, and is confirmed like one.
+            (container(RunState::Running, Starting), false, fresh.clone(), Verdict::NotYet),
+            (container(RunState::Running, Healthy), false, fresh.clone(), confirming(10, true)),
+            // No check at all: the unverified wait, then no confirmation to wait for.
+            (container(RunState::Running, NoCheck), false, fresh.clone(), Verdict::NotYet),
+            (container(RunState::Running, NoCheck), false, waited.clone(), Verdict::Passed("running, unverified (no health check)")),
+        ];
+        for (c, has_check, gate, expected) in cases {
+            let (_, got) = verdict(&c, has_check, &gate, min, now);
+            assert_eq!(got, expected, "{:?}/{:?}, hoist check {has_check}, {gate:?}", c.state, c.health);
+        }
+        // A healthy streak is remembered from its first look, and forgotten when it breaks.
+        let (since, _) = verdict(&container(RunState::Running, NoCheck), true, &probed, min, now);
+        assert_eq!(since, Some(now));
+        let (since, _) = verdict(&container(RunState::Running, Unhealthy), true, &streak(4), min, now);
+        assert_eq!(since, None);
+    }
 
     #[test]
     fn only_an_adopted_container_gets_credit_for_its_time_up() {

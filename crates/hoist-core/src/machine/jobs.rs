@@ -274,7 +274,7 @@ impl Machine {
                 self.bad_version = Some(self.wanted_version());
                 self.bad_version_node = Some(mark.node);
                 self.remember().await;
-                self.notice(&message).await;
+                self.notice(&message);
                 self.last_error = Some(message);
                 self.release_slot();
                 // Towards the last good version, keeping the container if it runs it: from UPDATE
@@ -307,7 +307,7 @@ impl Machine {
                 let e = e.to_string();
                 tracing::warn!(container = %self.cfg.name, state = %self.state, error = %e, "pull failed");
                 if self.pull_due.is_none() {
-                    self.notice(&e).await;
+                    self.notice(&e);
                 }
                 self.last_error = Some(e);
                 let delay = self.pull_retry.next_wait();
@@ -325,7 +325,7 @@ impl Machine {
             }
             Err(JobError::Failed(e)) => {
                 tracing::warn!(container = %self.cfg.name, state = %self.state, error = %e, "job failed");
-                self.notice(&e).await;
+                self.notice(&e);
                 match self.state {
                     State::Start | State::Restart => {
                         // The same path as a container failing its gate: a new version that cannot
@@ -362,7 +362,7 @@ impl Machine {
     pub(super) async fn wait_for_runtime(&mut self, why: String) {
         tracing::warn!(container = %self.cfg.name, state = %self.state, error = %why, "waiting for the container runtime");
         if !self.waiting_for_runtime {
-            self.notice(&why).await;
+            self.notice(&why);
         }
         self.last_error = Some(why);
         self.waiting_for_runtime = true;

@@ -67,6 +67,8 @@ pub struct MachineDeps {
     pub conditions: crate::health::Conditions,
     /// Releases every governor slot a machine lets go of.
     pub slots: SlotKeeper,
+    /// Where the machines' events go, in order, without waiting (`Outbox::start(events)`).
+    pub outbox: crate::outbox::Outbox,
 }
 
 /// Everything a machine reacts to.
@@ -490,12 +492,27 @@ impl Machine {
         let Ok(to) = fsm::check(self.state, transition) else { return };
         let from = self.state;
         if from == State::Update && to == State::Restart && !self.update_pulled {
-            // The update has not pulled its image: bring back what ran, and update once it can.
-            self.revive = self.container.as_ref().and_then(|c| version_of(&c.image)).and_then(|v| ImageVersion::parse(&v).ok());
+            // The update has not pulled its image: bring back what ran, and update once it can. Only
+            // a version that passed its gate here is brought back: one that died in its gate (the
+            // KV moved on meanwhile) is no better than what the KV asks for now.
+            let last_good = self.last_good_image.as_deref();
+            self.revive = self
+                .container
+                .as_ref()
+                .filter(|c| Some(c.image.as_str()) == last_good)
+                .and_then(|c| version_of(&c.image))
+                .and_then(|v| ImageVersion::parse(&v).ok());
         }
         self.state = to;
+        if transition == Transition::HealthCheck
+            && let Some(c) = &self.container
+        {
+            // Only a container that passed its gate makes its version the last good one: RUN entered
+            // by `resume` has passed nothing, and what it finds (reconciled next) may have failed.
+            self.last_good_image = Some(c.image.clone());
+        }
         tracing::info!(container = %self.cfg.name, %transition, %from, %to, reason = %why, "transition");
-        self.publish(transition, from, &why).await;
+        self.publish(transition, from, &why);
         self.enter().await;
     }
 
@@ -539,10 +556,6 @@ impl Machine {
                 self.crash.healthy(Instant::now());
                 if let Some(started) = self.update_started.take() {
                     self.last_update = Some(started.elapsed());
-                }
-                if let Some(c) = &self.container {
-                    self.last_good_image = Some(c.image.clone());
-                    self.remember().await;
                 }
                 self.start_probe();
                 self.register();

@@ -16,25 +16,12 @@ impl Machine {
         if self.state != State::Run {
             return;
         }
-        let spec = self.spec();
-        let why = match &self.container {
-            None => Some((Transition::Restart, "no container".to_string())),
-            Some(c) if c.state != RunState::Running => {
-                Some((Transition::Restart, format!("container not running ({})", exit_text(c.exit_code))))
+        match gap(self.container.as_ref(), &self.spec(), self.kv_pending) {
+            Gap::None => {}
+            Gap::AwaitingKv(image) => {
+                tracing::info!(container = %self.cfg.name, %image, "keeping the running version until the KV answers");
             }
-            Some(c) if c.image != spec.image_ref() && self.kv_pending => {
-                tracing::info!(container = %self.cfg.name, image = %c.image, "keeping the running version until the KV answers");
-                None
-            }
-            Some(c) if c.image != spec.image_ref() => Some((Transition::Update, format!("image {} → {}", c.image, spec.image_ref()))),
-            Some(c) if c.label(LABEL_SPEC) != Some(spec.hash().as_str()) => Some((Transition::Restart, "definition changed".to_string())),
-            Some(c) if c.health == RuntimeHealth::Unhealthy => {
-                Some((Transition::Restart, "Docker reports the container unhealthy".to_string()))
-            }
-            Some(_) => None,
-        };
-        if let Some((t, why)) = why {
-            self.want(t, why);
+            Gap::Close(t, why) => self.want(t, why),
         }
     }
 
@@ -178,6 +165,94 @@ impl Machine {
             // A container that cannot come up must not hold the fleet's slot through its backoff;
             // the next attempt campaigns again.
             self.release_slot();
+        }
+    }
+}
+
+/// What stands between the container observed and the one wanted, for a machine in RUN.
+#[derive(Debug, PartialEq)]
+pub(super) enum Gap {
+    None,
+    /// Another version runs, but the KV has not been read yet: it may still ask for that one.
+    AwaitingKv(String),
+    /// This transition closes it, for this reason.
+    Close(Transition, String),
+}
+
+/// The reconcile decision, without I/O: missing or dead → restart, another image → update (unless
+/// the KV has not answered yet), another definition → restart, Docker-unhealthy → restart.
+pub(super) fn gap(container: Option<&ContainerInfo>, spec: &ContainerSpec, kv_pending: bool) -> Gap {
+    let Some(c) = container else { return Gap::Close(Transition::Restart, "no container".into()) };
+    if c.state != RunState::Running {
+        return Gap::Close(Transition::Restart, format!("container not running ({})", exit_text(c.exit_code)));
+    }
+    if c.image != spec.image_ref() {
+        if kv_pending {
+            return Gap::AwaitingKv(c.image.clone());
+        }
+        return Gap::Close(Transition::Update, format!("image {} → {}", c.image, spec.image_ref()));
+    }
+    if c.label(LABEL_SPEC) != Some(spec.hash().as_str()) {
+        return Gap::Close(Transition::Restart, "definition changed".into());
+    }
+    if c.health == RuntimeHealth::Unhealthy {
+        return Gap::Close(Transition::Restart, "Docker reports the container unhealthy".into());
+    }
+    Gap::None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{AgentConfig, ContainerSet, load_containers};
+    use std::collections::BTreeMap;
+
+    fn spec(tag: &str) -> ContainerSpec {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.yaml");
+        std::fs::write(&file, format!("containers:\n  web:\n    image: registry.test/web\n    image_tag: {tag}\n")).unwrap();
+        let set: ContainerSet = load_containers(&[file], &serde_json::json!({})).unwrap();
+        let cfg = &set.containers["web"];
+        cfg.spec("n1", &AgentConfig::defaults().docker, &cfg.image_tag)
+    }
+
+    fn running(spec: &ContainerSpec) -> ContainerInfo {
+        ContainerInfo {
+            id: "c1".into(),
+            container_name: spec.container_name.clone(),
+            labels: BTreeMap::from([(LABEL_SPEC.to_string(), spec.hash())]),
+            image: spec.image_ref(),
+            image_id: "sha256:1".into(),
+            state: RunState::Running,
+            health: RuntimeHealth::Healthy,
+            exit_code: None,
+            created: 0,
+            started_at: 0,
+            ip: None,
+        }
+    }
+
+    #[test]
+    fn the_gap_in_run_picks_the_transition_that_closes_it() {
+        let (v1, v2) = (spec("v1"), spec("v2"));
+        let ok = running(&v1);
+        let exited = ContainerInfo { state: RunState::Exited, exit_code: Some(137), ..ok.clone() };
+        let unhealthy = ContainerInfo { health: RuntimeHealth::Unhealthy, ..ok.clone() };
+        let redefined = ContainerInfo { labels: BTreeMap::from([(LABEL_SPEC.to_string(), "other".to_string())]), ..ok.clone() };
+        let close = |t: Transition, why: &str| Gap::Close(t, why.to_string());
+        let cases: [(Option<&ContainerInfo>, &ContainerSpec, bool, Gap); 8] = [
+            (Some(&ok), &v1, false, Gap::None),
+            (None, &v1, false, close(Transition::Restart, "no container")),
+            (Some(&exited), &v1, false, close(Transition::Restart, "container not running (exit 137)")),
+            // A dead container comes back even before the KV answers.
+            (Some(&exited), &v2, true, close(Transition::Restart, "container not running (exit 137)")),
+            (Some(&ok), &v2, false, close(Transition::Update, "image registry.test/web:v1 → registry.test/web:v2")),
+            (Some(&ok), &v2, true, Gap::AwaitingKv("registry.test/web:v1".into())),
+            (Some(&redefined), &v1, false, close(Transition::Restart, "definition changed")),
+            (Some(&unhealthy), &v1, false, close(Transition::Restart, "Docker reports the container unhealthy")),
+        ];
+        for (container, want, kv_pending, expected) in cases {
+            assert_eq!(gap(container, want, kv_pending), expected, "{container:?} wanting {}", want.image_ref());
         }
     }
 }

@@ -18,23 +18,24 @@ impl Machine {
         }
     }
 
-    /// The transition just made (from `from` to the current state).
-    pub(super) async fn publish(&self, transition: Transition, from: State, why: &str) {
-        self.emit(transition.as_str(), from, why).await;
+    /// The transition just made (from `from` to the current state). Like every event, it is queued
+    /// in the outbox: a machine never waits on the backend for a report.
+    pub(super) fn publish(&self, transition: Transition, from: State, why: &str) {
+        self.emit(transition.as_str(), from, why);
     }
 
     /// A problem worth an event but no state change (a refused KV value, a failed pull).
-    pub(super) async fn notice(&self, message: &str) {
-        self.publish_event("error", message).await;
+    pub(super) fn notice(&self, message: &str) {
+        self.publish_event("error", message);
     }
 
     /// An event that is not a state change (an error, a rollback), in the transition shape with
     /// from = to = the current state, so Choria tools show it in the same stream.
-    pub(super) async fn publish_event(&self, kind: &str, message: &str) {
-        self.emit(kind, self.state, message).await;
+    pub(super) fn publish_event(&self, kind: &str, message: &str) {
+        self.emit(kind, self.state, message);
     }
 
-    pub(super) async fn emit(&self, kind: &str, from: State, detail: &str) {
+    pub(super) fn emit(&self, kind: &str, from: State, detail: &str) {
         let event = TransitionEvent {
             protocol: TRANSITION_PROTOCOL.into(),
             identity: self.deps.node.clone(),
@@ -48,9 +49,7 @@ impl Machine {
             detail: Some(detail.to_string()),
             image: Some(self.spec().image_ref()),
         };
-        if let Err(e) = self.deps.events.publish(&event).await {
-            tracing::debug!(error = %e, kind, "could not publish an event");
-        }
+        self.deps.outbox.send(event);
     }
 
     pub(super) fn status(&self) -> MachineStatus {

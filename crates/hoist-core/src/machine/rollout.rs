@@ -24,7 +24,7 @@ impl Machine {
         self.remember().await;
         let message = format!("rolled back from {failed} to {}: {why}", self.spec().image_ref());
         tracing::warn!(container = %self.cfg.name, "{message}");
-        self.publish_event("rollback", &message).await;
+        self.publish_event("rollback", &message);
         self.last_error = Some(message);
         self.next_delay = Duration::ZERO;
     }
@@ -38,7 +38,7 @@ impl Machine {
                     let msg = format!("ignored KV value for {}: {e}", tag_key(&self.cfg.name));
                     tracing::warn!(container = %self.cfg.name, "{msg}");
                     self.last_error = Some(msg.clone());
-                    self.notice(&msg).await;
+                    self.notice(&msg);
                     return;
                 }
             },
