@@ -3,7 +3,7 @@
 //! recorded), exactly one container of it running, and no governor slot left held by anyone. The
 //! invariants that can break at any moment are checked where they happen (`engine.rs`).
 
-use crate::fleet::{CONTAINER, GOVERNOR, IMAGE, Node};
+use crate::fleet::{CONTAINER, GOVERNOR, HEALTHY_DEADLINE, IMAGE, Node};
 use crate::plan::{Fault, Plan};
 use crate::world::World;
 use hoist_core::backend::HOIST_BUCKET;
@@ -100,6 +100,11 @@ fn rollbacks_were_the_containers(world: &World) {
 /// one for each fault that can let another through (a slot expired, evicted or added, a node cut off
 /// remediating without one, an agent that lost its state): the first rollback stops the rest.
 pub fn few_tried_the_broken_version(world: &World, plan: &Plan) {
+    // Slots that expire before an update is through limit nothing (Choria's semantics; the agent
+    // warns of such a governor): then any number may try.
+    if plan.expire < HEALTHY_DEADLINE {
+        return;
+    }
     let capacity =
         plan.faults.iter().filter_map(|t| if let Fault::Capacity { to } = t.fault { Some(to) } else { None }).fold(plan.capacity, u64::max);
     let allowed = capacity as usize + plan.faults.len();

@@ -21,8 +21,13 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 pub const GOVERNOR: &str = "RG";
+/// The update governor: how many nodes pull at once.
+const PULLS: &str = "UG";
 pub const CONTAINER: &str = "web";
 pub const IMAGE: &str = "registry.sim/web";
+
+/// `rollout.healthy_deadline` of the simulated agents.
+pub const HEALTHY_DEADLINE: Duration = Duration::from_secs(60);
 
 /// How long after the last fault every node must have settled.
 pub const SETTLE_WITHIN: Duration = Duration::from_secs(15 * 60);
@@ -32,7 +37,7 @@ static SET: LazyLock<ContainerSet> = LazyLock::new(|| {
     let dir = tempfile::tempdir().expect("a temp dir");
     let data = dir.path().join("containers.yaml");
     let yaml = format!(
-        "containers:\n  {CONTAINER}:\n    image: {IMAGE}\n    image_tag: v1\n    kv_update: true\n    restart_governor: {GOVERNOR}\n"
+        "containers:\n  {CONTAINER}:\n    image: {IMAGE}\n    image_tag: v1\n    kv_update: true\n    restart_governor: {GOVERNOR}\n    update_governor: {PULLS}\n"
     );
     std::fs::write(&data, yaml).expect("writing the container data");
     load_containers(&[data], &serde_json::json!({})).expect("the simulated container data loads")
@@ -75,7 +80,7 @@ impl Node {
             node: self.name.clone(),
             docker: DockerConfig { stop_grace: Duration::from_secs(2), ..AgentConfig::defaults().docker },
             rollout: RolloutConfig {
-                healthy_deadline: Duration::from_secs(60),
+                healthy_deadline: HEALTHY_DEADLINE,
                 min_healthy_time: Duration::from_secs(3),
                 unverified_wait: Duration::from_secs(10),
                 governor_timeout: Duration::from_secs(600),
@@ -112,6 +117,7 @@ pub async fn simulate(plan: Plan) -> Outcome {
     let world = World::new();
     world.create_bucket(HOIST_BUCKET, BucketConfig::default());
     world.add_governor(GOVERNOR, plan.capacity, plan.expire);
+    world.add_governor(PULLS, 1, Duration::from_secs(120));
     world.write(HOIST_BUCKET, &tag_key(CONTAINER), b"v1", KvOperation::Put).expect("the bucket exists");
     world.note(format!("plan: {plan:?}"));
     let nodes: Vec<Arc<Node>> = (0..plan.nodes)

@@ -40,6 +40,8 @@ fn a_seed_replays_exactly() {
 /// 19: a machine whose adapter call panicked was gone from the agent for good;
 /// 176, 1977: a version that died in its gate while the KV moved on was brought back as if it had
 /// run well, and crash-looped (1977: rolled back onto itself with no delay, hundreds of times);
+/// 4308: a replacement superseded after it had taken its container down freed its slot, so the
+/// node came back up (and took a leftover down) outside the governor;
 /// 380: a node whose state file was lost ran, and crash-looped on, a version the fleet had rolled back;
 /// 14266: nodes that had no version pass its gate yet (crashes before the release) crash-looped on a
 /// broken KV version instead of going back to the config's image_tag;
@@ -47,7 +49,7 @@ fn a_seed_replays_exactly() {
 /// failing on the name rolled a good version back fleet-wide;
 #[test]
 fn seeds_that_found_bugs() {
-    for seed in [3, 19, 176, 380, 1977, 14266, 18603, 19097] {
+    for seed in [3, 19, 176, 380, 1977, 4308, 14266, 18603, 19097] {
         assert_holds(&run(seed));
     }
 }

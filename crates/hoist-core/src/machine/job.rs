@@ -178,7 +178,7 @@ impl JobCtx {
                 // STOPSIGNAL or `stop_signal`, else SIGTERM), then the grace, then a kill.
                 let short: String = old.id.chars().take(12).collect();
                 let grace = humantime::format_duration(turn.stop_grace);
-                let _ = self.tx.send(Input::TakingDown { epoch: self.epoch }).await;
+                let _ = self.tx.send(Input::TakingDown { epoch: self.epoch, slot: lease.take() }).await;
                 tracing::info!(container = %spec.name, id = %short, %grace, "stopping the replaced container");
                 self.progress(format!("stopping {short}, {grace} grace")).await;
                 self.or_cancelled(runtime.stop(&old.id, turn.stop_grace)).await??;

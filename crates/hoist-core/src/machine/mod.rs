@@ -95,8 +95,11 @@ pub enum Input {
     /// A job waited this long for a governor slot (for metrics).
     GovernorWaited(Duration),
     /// The job is about to stop the container it replaces: a death from now on is its own doing.
+    /// It hands over the restart slot it took: from here the node is down, and the slot is held
+    /// until it is back (RUN) whatever supersedes the job.
     TakingDown {
         epoch: u64,
+        slot: Option<Slot>,
     },
     /// What a job is doing right now (pull progress), shown in status while the job is current.
     JobProgress {
@@ -435,7 +438,17 @@ impl Machine {
             }
             Input::Probe { epoch, result } if epoch == self.epoch => self.on_probe(result).await,
             Input::GovernorWaited(waited) => self.governor_wait += waited,
-            Input::TakingDown { epoch } => self.taking_down |= epoch == self.epoch,
+            Input::TakingDown { epoch, slot } => {
+                self.taking_down |= epoch == self.epoch;
+                // Kept even from a superseded job, whose stop may be under way: the next provision
+                // brings the node back within it. A job hands one over only when the slot the
+                // machine held was lost, so it replaces that one. STOP and MAINTENANCE hold none.
+                if let Some(slot) = slot
+                    && matches!(self.state, State::Start | State::Restart | State::Update)
+                {
+                    self.lease = Some(slot);
+                }
+            }
             Input::JobProgress { epoch, activity } => {
                 if epoch == self.epoch && self.cancel_job.is_some() {
                     self.activity = Some(activity);
