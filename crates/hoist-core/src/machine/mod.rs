@@ -12,10 +12,12 @@ mod adopt;
 mod gate;
 mod job;
 mod jobs;
+mod load;
 mod observe;
 mod report;
 mod rollout;
 mod supervise;
+mod versions;
 mod watches;
 
 use adopt::{Preferred, pick_adoptable};
@@ -23,6 +25,7 @@ use gate::Gate;
 use job::{JobCtx, Turn};
 pub use jobs::JobOutcome;
 use jobs::{JobDone, JobError};
+pub use load::spawn;
 
 use crate::backend::{BackendError, Events, Governor, GovernorEventType, HOIST_BUCKET, Kv, TRANSITION_PROTOCOL, TransitionEvent, tag_key};
 use crate::backoff::{CrashLoop, Retry};
@@ -240,86 +243,7 @@ pub struct Machine {
     pending: Vec<(Transition, String)>,
 }
 
-/// Spawns a machine for `cfg`, adopting one of `candidates` (the runtime's containers of this name) if
-/// the runtime already has its container. It runs under a supervisor (`supervise.rs`): a machine
-/// that panics is loaded again from what it persisted, not lost.
-pub async fn spawn(cfg: ContainerConfig, deps: Arc<MachineDeps>, candidates: Vec<ContainerInfo>) -> MachineHandle {
-    let (tx, rx) = mpsc::channel(256);
-    let handle = MachineHandle { name: cfg.name.clone(), tx: tx.clone() };
-    let first = Machine::load(cfg.clone(), deps.clone(), candidates, tx.clone(), supervise::Incarnation::first()).await;
-    tokio::spawn(supervise::supervise(first, cfg, deps, tx, rx));
-    handle
-}
-
 impl Machine {
-    /// A machine for `cfg` from what it persisted, adopting one of `candidates`; also how a
-    /// supervisor brings back one that panicked.
-    async fn load(
-        cfg: ContainerConfig,
-        deps: Arc<MachineDeps>,
-        candidates: Vec<ContainerInfo>,
-        tx: mpsc::Sender<Input>,
-        incarnation: supervise::Incarnation,
-    ) -> (Machine, State) {
-        let remembered = deps.store.load(&cfg.name).await;
-        let kv_version = remembered.as_ref().and_then(|r| r.desired_version.as_deref()).and_then(|v| ImageVersion::parse(v).ok());
-        let wanted = kv_version.clone().filter(|_| cfg.kv_update).unwrap_or_else(|| cfg.image_tag.clone());
-        let preferred =
-            Preferred { id: remembered.as_ref().and_then(|r| r.container_id.clone()), spec: cfg.spec(&deps.node, &deps.docker, &wanted) };
-        let existing = pick_adoptable(&*deps.runtime, candidates, &preferred).await;
-        let machine = Machine {
-            instance_id: uuid_v4(),
-            state: State::Start,
-            container: existing,
-            kv_version,
-            last_good_image: remembered.as_ref().and_then(|r| r.last_good_image.clone()),
-            lease: None,
-            verdict: None,
-            epoch: incarnation.first_epoch(),
-            incident: incarnation.incident,
-            cancel_job: None,
-            job: None,
-            gate: Gate::default(),
-            probe_task: None,
-            watch_tasks: Vec::new(),
-            registration: None,
-            crash: CrashLoop::new(cfg.restart_backoff.unwrap_or(deps.rollout.restart_backoff)),
-            next_delay: Duration::ZERO,
-            pull_retry: Retry::default(),
-            pull_due: None,
-            backend_retry: Retry::default(),
-            remediating: false,
-            revive: None,
-            update_pulled: false,
-            // Without its state file a machine does not know what the KV last asked for: it keeps what runs
-            // until the KV answers, rather than move it back to the configured tag meanwhile.
-            kv_pending: cfg.kv_update && remembered.is_none(),
-            taking_down: false,
-            restarts: remembered.as_ref().map_or(0, |r| r.restarts),
-            replacing: None,
-            waiting_for_runtime: false,
-            bad_version: remembered.as_ref().and_then(|r| r.bad_version.as_deref()).and_then(|v| ImageVersion::parse(v).ok()),
-            bad_version_node: remembered.as_ref().and_then(|r| r.bad_version_node.clone()),
-            keep_unchanged: false,
-            last_error: None,
-            activity: None,
-            governor_wait: Duration::ZERO,
-            update_started: None,
-            last_update: None,
-            pending: Vec::new(),
-            tx,
-            deps,
-            cfg,
-        };
-        let initial = match remembered.map(|r| r.state) {
-            // An operator's maintenance outlives an agent restart; an unfinished stop is finished.
-            Some(State::Maintenance) => State::Maintenance,
-            Some(State::Stop) => State::Stop,
-            _ => State::Start,
-        };
-        (machine, initial)
-    }
-
     /// Handles inputs until shut down. `rx` is the supervisor's, so a restarted machine goes on with
     /// the inputs queued for the one that panicked.
     async fn run(mut self, rx: &mut mpsc::Receiver<Input>, initial: State) {
@@ -341,59 +265,6 @@ impl Machine {
             self.handle(input).await;
             self.apply_pending().await;
         }
-    }
-
-    fn spec(&self) -> ContainerSpec {
-        self.cfg.spec(&self.deps.node, &self.deps.docker, &self.desired_version())
-    }
-
-    /// What the KV or the config asks for.
-    fn wanted_version(&self) -> ImageVersion {
-        self.kv_asks().unwrap_or(&self.cfg.image_tag).clone()
-    }
-
-    /// The version the KV asks for, when it is what this container follows: asked of the whole fleet.
-    fn kv_asks(&self) -> Option<&ImageVersion> {
-        self.kv_version.as_ref().filter(|_| self.cfg.kv_update)
-    }
-
-    /// What to run: the wanted version, unless it was rolled back from (then the last good one) or a
-    /// revival brings back what ran before an update could pull.
-    fn desired_version(&self) -> ImageVersion {
-        if let Some(revive) = &self.revive {
-            return revive.clone();
-        }
-        let wanted = self.wanted_version();
-        if self.bad_version.as_ref() == Some(&wanted)
-            && let Some(fallback) = self.fallback_version()
-        {
-            return fallback;
-        }
-        wanted
-    }
-
-    /// What to run instead of the wanted version when it was rolled back: the last version that
-    /// passed its gate here, else (a node with no such memory: new, or its state file lost) the
-    /// config's `image_tag`. None when that is the wanted version itself: there is nothing else.
-    fn fallback_version(&self) -> Option<ImageVersion> {
-        let good = self.last_good_image.as_deref().and_then(version_of).and_then(|v| ImageVersion::parse(&v).ok());
-        Some(good.unwrap_or_else(|| self.cfg.image_tag.clone())).filter(|v| *v != self.wanted_version())
-    }
-
-    /// Whether the fleet's rollback mark is to be read before bringing up the desired version: the
-    /// KV asks for it and it is new here (`trying_new_version`), also on a node with no memory of a
-    /// good version (new, or its state file lost).
-    fn check_fleet_mark(&self) -> bool {
-        self.kv_asks() == Some(&self.desired_version()) && self.trying_new_version()
-    }
-
-    /// Whether the container being brought up is a new version, one a failure rolls back from: it has
-    /// not passed its gate here, and there is another version to fall back to (the last good one, or
-    /// for a node with no memory of one, the config's `image_tag`). The fallback itself is not: its
-    /// failures are crashes, with backoff.
-    fn trying_new_version(&self) -> bool {
-        self.last_good_image.as_ref() != Some(&self.spec().image_ref())
-            && self.fallback_version().is_some_and(|f| f != self.desired_version())
     }
 
     /// Lets go of the governor slot, if one is held. While a rollback verdict of this node is still

@@ -1,0 +1,85 @@
+//! A machine comes to be: from what it persisted (its state, the KV's tag, its last good version),
+//! adopting the container it managed if it still exists, and run under its supervisor.
+
+use super::*;
+
+/// Spawns a machine for `cfg`, adopting one of `candidates` (the runtime's containers of this name) if
+/// the runtime already has its container. It runs under a supervisor (`supervise.rs`): a machine
+/// that panics is loaded again from what it persisted, not lost.
+pub async fn spawn(cfg: ContainerConfig, deps: Arc<MachineDeps>, candidates: Vec<ContainerInfo>) -> MachineHandle {
+    let (tx, rx) = mpsc::channel(256);
+    let handle = MachineHandle { name: cfg.name.clone(), tx: tx.clone() };
+    let first = Machine::load(cfg.clone(), deps.clone(), candidates, tx.clone(), supervise::Incarnation::first()).await;
+    tokio::spawn(supervise::supervise(first, cfg, deps, tx, rx));
+    handle
+}
+
+impl Machine {
+    /// A machine for `cfg` from what it persisted, adopting one of `candidates`; also how a
+    /// supervisor brings back one that panicked.
+    pub(super) async fn load(
+        cfg: ContainerConfig,
+        deps: Arc<MachineDeps>,
+        candidates: Vec<ContainerInfo>,
+        tx: mpsc::Sender<Input>,
+        incarnation: supervise::Incarnation,
+    ) -> (Machine, State) {
+        let remembered = deps.store.load(&cfg.name).await;
+        let kv_version = remembered.as_ref().and_then(|r| r.desired_version.as_deref()).and_then(|v| ImageVersion::parse(v).ok());
+        let wanted = kv_version.clone().filter(|_| cfg.kv_update).unwrap_or_else(|| cfg.image_tag.clone());
+        let preferred =
+            Preferred { id: remembered.as_ref().and_then(|r| r.container_id.clone()), spec: cfg.spec(&deps.node, &deps.docker, &wanted) };
+        let existing = pick_adoptable(&*deps.runtime, candidates, &preferred).await;
+        let machine = Machine {
+            instance_id: uuid_v4(),
+            state: State::Start,
+            container: existing,
+            kv_version,
+            last_good_image: remembered.as_ref().and_then(|r| r.last_good_image.clone()),
+            lease: None,
+            verdict: None,
+            epoch: incarnation.first_epoch(),
+            incident: incarnation.incident,
+            cancel_job: None,
+            job: None,
+            gate: Gate::default(),
+            probe_task: None,
+            watch_tasks: Vec::new(),
+            registration: None,
+            crash: CrashLoop::new(cfg.restart_backoff.unwrap_or(deps.rollout.restart_backoff)),
+            next_delay: Duration::ZERO,
+            pull_retry: Retry::default(),
+            pull_due: None,
+            backend_retry: Retry::default(),
+            remediating: false,
+            revive: None,
+            update_pulled: false,
+            // Without its state file a machine does not know what the KV last asked for: it keeps what runs
+            // until the KV answers, rather than move it back to the configured tag meanwhile.
+            kv_pending: cfg.kv_update && remembered.is_none(),
+            taking_down: false,
+            restarts: remembered.as_ref().map_or(0, |r| r.restarts),
+            replacing: None,
+            waiting_for_runtime: false,
+            bad_version: remembered.as_ref().and_then(|r| r.bad_version.as_deref()).and_then(|v| ImageVersion::parse(v).ok()),
+            bad_version_node: remembered.as_ref().and_then(|r| r.bad_version_node.clone()),
+            keep_unchanged: false,
+            last_error: None,
+            activity: None,
+            governor_wait: Duration::ZERO,
+            update_started: None,
+            last_update: None,
+            pending: Vec::new(),
+            tx,
+            deps,
+            cfg,
+        };
+        let initial = match remembered.map(|r| r.state) {
+            // An operator's maintenance outlives an agent restart; an unfinished stop is finished.
+            Some(State::Maintenance) => State::Maintenance,
+            Some(State::Stop) => State::Stop,
+            _ => State::Start,
+        };
+        (machine, initial)
+    }
+}
