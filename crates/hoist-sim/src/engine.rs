@@ -33,8 +33,9 @@ pub const SIMULATED_PANIC: &str = "simulated adapter bug";
 pub struct Engine {
     pub node: String,
     world: Arc<World>,
-    /// The restart governor, whose slots must cover every container taken down.
-    governor: String,
+    /// The rolled-out container and its restart governor, whose slots must cover each of its
+    /// containers taken down.
+    governed: (String, String),
     state: Mutex<EngineState>,
     events: broadcast::Sender<RuntimeEvent>,
 }
@@ -57,10 +58,11 @@ pub struct EngineState {
 }
 
 impl Engine {
-    pub fn new(node: &str, world: Arc<World>, governor: &str) -> Arc<Engine> {
+    pub fn new(node: &str, world: Arc<World>, container: &str, governor: &str) -> Arc<Engine> {
         let (events, _) = broadcast::channel(256);
         let state = EngineState { up: true, pull_latency: Duration::from_secs(2), ..EngineState::default() };
-        Arc::new(Engine { node: node.into(), world, governor: governor.into(), state: Mutex::new(state), events })
+        let governed = (container.to_string(), governor.to_string());
+        Arc::new(Engine { node: node.into(), world, governed, state: Mutex::new(state), events })
     }
 
     pub fn with<T>(&self, f: impl FnOnce(&mut EngineState) -> T) -> T {
@@ -127,14 +129,15 @@ impl Engine {
     /// restart governor held by this node. One already down, not yet healthy (hoist's own start
     /// that was superseded) or reported unhealthy may be replaced without one.
     fn check_taking_down(&self, c: &ContainerInfo) {
-        if c.state != RunState::Running || c.health != RuntimeHealth::Healthy || c.label(LABEL_NODE) != Some(self.node.as_str()) {
+        let (container, governor) = &self.governed;
+        let governed = c.label(LABEL_NODE) == Some(self.node.as_str()) && c.label(LABEL_NAME) == Some(container.as_str());
+        if !governed || c.state != RunState::Running || c.health != RuntimeHealth::Healthy {
             return;
         }
         let holder = format!("@ {}", self.node);
-        let held = self.world.view_governor(&self.governor).is_ok_and(|g| g.leases.iter().any(|l| l.holder.ends_with(&holder)));
+        let held = self.world.view_governor(governor).is_ok_and(|g| g.leases.iter().any(|l| l.holder.ends_with(&holder)));
         if !held {
-            self.world
-                .violation(format!("{} took down running container {} ({}) without a slot of {}", self.node, c.id, c.image, self.governor));
+            self.world.violation(format!("{} took down running container {} ({}) without a slot of {governor}", self.node, c.id, c.image));
         }
     }
 

@@ -25,6 +25,9 @@ pub const GOVERNOR: &str = "RG";
 const PULLS: &str = "UG";
 pub const CONTAINER: &str = "web";
 pub const IMAGE: &str = "registry.sim/web";
+/// A second container on every node, outside the rollout: its machine shares the agent, the
+/// engine and their faults with the one rolled out.
+const NEIGHBOUR: &str = "cron";
 
 /// `rollout.healthy_deadline` of the simulated agents.
 pub const HEALTHY_DEADLINE: Duration = Duration::from_secs(60);
@@ -37,7 +40,7 @@ static SET: LazyLock<ContainerSet> = LazyLock::new(|| {
     let dir = tempfile::tempdir().expect("a temp dir");
     let data = dir.path().join("containers.yaml");
     let yaml = format!(
-        "containers:\n  {CONTAINER}:\n    image: {IMAGE}\n    image_tag: v1\n    kv_update: true\n    restart_governor: {GOVERNOR}\n    update_governor: {PULLS}\n"
+        "containers:\n  {CONTAINER}:\n    image: {IMAGE}\n    image_tag: v1\n    kv_update: true\n    restart_governor: {GOVERNOR}\n    update_governor: {PULLS}\n  {NEIGHBOUR}:\n    image: {IMAGE}\n    image_tag: v1\n"
     );
     std::fs::write(&data, yaml).expect("writing the container data");
     load_containers(&[data], &serde_json::json!({})).expect("the simulated container data loads")
@@ -123,7 +126,7 @@ pub async fn simulate(plan: Plan) -> Outcome {
     let nodes: Vec<Arc<Node>> = (0..plan.nodes)
         .map(|i| {
             let name = format!("n{i}");
-            let engine = Engine::new(&name, world.clone(), GOVERNOR);
+            let engine = Engine::new(&name, world.clone(), CONTAINER, GOVERNOR);
             if plan.broken {
                 engine.with(|s| s.broken.insert(format!("{IMAGE}:v2")));
             }
