@@ -156,7 +156,7 @@ impl Agent {
                         }
                         Err(e) => {
                             tracing::error!(errors = %e, "config refused; the running set is unchanged");
-                            self.publish_refusal(&e).await;
+                            self.publish_refusal(&e);
                             self.config_error = Some(e);
                         }
                     }
@@ -198,7 +198,7 @@ impl Agent {
     /// A refused config in the event stream (`hoist watch`, and NATS for a fleet), in the transition
     /// shape the machines' own error events use, from the agent itself (machine `hoist`) rather than
     /// one container's machine.
-    async fn publish_refusal(&self, errors: &str) {
+    fn publish_refusal(&self, errors: &str) {
         let event = TransitionEvent {
             protocol: TRANSITION_PROTOCOL.into(),
             identity: self.deps.node.clone(),
@@ -212,9 +212,8 @@ impl Agent {
             detail: Some(errors.to_string()),
             image: None,
         };
-        if let Err(e) = self.deps.events.publish(&event).await {
-            tracing::debug!(error = %e, "could not publish the config refusal");
-        }
+        // Through the outbox: the agent's loop routes and never waits on the backend.
+        self.deps.outbox.send(event);
     }
 
     /// Moves from the current set to `set`.

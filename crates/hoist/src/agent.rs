@@ -14,7 +14,7 @@ use hoist_core::config::{
 };
 use hoist_core::files::FileWatch;
 use hoist_core::fleet::Fleet;
-use hoist_core::fleet_auth::node_key;
+use hoist_core::fleet_auth::{KeyPair, node_key};
 use hoist_core::health::Conditions;
 use hoist_core::machine::MachineDeps;
 use hoist_core::persist::StateStore;
@@ -149,11 +149,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     // Before anything is managed: another machine may already run this node name (`node_claim`).
     let key = match &member {
-        Some(_) => Some(node_key(&cfg.state_dir).map_err(|e| anyhow::anyhow!("the node key: {e}"))?.public_key()),
+        Some(_) => Some(node_key(&cfg.state_dir).map_err(|e| anyhow::anyhow!("the node key: {e}"))?),
         None => None,
     };
-    let holder = match (&member, &key) {
-        (Some(m), Some(key)) => node_claim::rival(&*backends.kv, &m.claim(&cfg, &facts, key.clone())).await,
+    let public = key.as_ref().map(KeyPair::public_key);
+    let holder = match (&member, &public) {
+        (Some(m), Some(public)) => node_claim::rival(&*backends.kv, &m.claim(&cfg, &facts, public.clone())).await,
         _ => None,
     };
     // Standing by, the agent starts with nothing to manage and purge off, so it touches no container;
@@ -168,8 +169,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     if let (Some(m), Some(holder)) = (&member, &holder) {
         workload.stand_by(node_claim::standby_reason(&cfg.node, &m.instance, holder)).await;
     }
-    if let Some(m) = &member {
-        node_claim::serve_fleet(m, &handle, &cfg, &facts, workload.answering()).await?;
+    if let (Some(m), Some(key)) = (&member, key) {
+        node_claim::serve_fleet(m, &handle, &cfg, &facts, workload.answering(), key).await?;
     }
     let control = Control {
         agent: handle.clone(),
@@ -183,8 +184,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics.listen {addr}"))?;
         tokio::spawn(server::serve(listener, server::metrics_router(control)));
     }
-    if let (Some(member), Some(key)) = (member, key) {
-        tokio::spawn(node_claim::hold_node(member, backends.kv, cfg.clone(), facts.clone(), key, workload.clone(), holder));
+    if let (Some(member), Some(public)) = (member, public) {
+        tokio::spawn(node_claim::hold_node(member, backends.kv, cfg.clone(), facts.clone(), public, workload.clone(), holder));
     }
     tokio::spawn(reload_on_change(workload, hup));
 

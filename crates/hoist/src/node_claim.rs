@@ -11,14 +11,14 @@ use hoist_core::agent::AgentHandle;
 use hoist_core::backend::Kv;
 use hoist_core::config::AgentConfig;
 use hoist_core::fleet::{AgentResponder, Fleet, Responder};
-use hoist_core::fleet_auth::{Authority, node_key};
+use hoist_core::fleet_auth::{Authority, KeyPair};
 use hoist_core::presence::{Announced, LIVENESS, NODES_BUCKET, PRESENCE_INTERVAL, Presence, announce, claimed_elsewhere, keeps_node};
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 /// This agent's part in a fleet.
 pub(crate) struct Member {
@@ -30,7 +30,7 @@ pub(crate) struct Member {
 impl Member {
     /// This install's claim on the node name, taken now.
     pub fn claim(&self, cfg: &AgentConfig, facts: &serde_json::Value, key: String) -> Presence {
-        let since_ms = u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).ok();
+        let since_ms = Some(hoist_core::clock::unix_now_ms());
         Presence { node: cfg.node.clone(), facts: facts.clone(), instance: Some(self.instance.clone()), key: Some(key), since_ms }
     }
 }
@@ -79,10 +79,9 @@ pub(crate) async fn serve_fleet(
     cfg: &AgentConfig,
     facts: &serde_json::Value,
     answering: Arc<AtomicBool>,
-) -> anyhow::Result<String> {
-    let key = node_key(&cfg.state_dir).map_err(|e| anyhow::anyhow!("the node key: {e}"))?;
-    let public = key.public_key();
-    tracing::info!(node_key = %public, "fleet replies are signed with this node key");
+    key: KeyPair,
+) -> anyhow::Result<()> {
+    tracing::info!(node_key = %key.public_key(), "fleet replies are signed with this node key");
     let operators: Vec<&str> = cfg.fleet.operators.iter().map(|o| o.name.as_str()).collect();
     // With fleet.allow_unsigned, the node condition set at start has said so.
     if !cfg.fleet.allow_unsigned && operators.is_empty() {
@@ -93,8 +92,7 @@ pub(crate) async fn serve_fleet(
     let fleet = member.fleet.clone();
     let responder =
         AgentResponder { agent: handle.clone(), facts: facts.clone(), authority: Authority::new(&cfg.fleet), key, audit: fleet.clone() };
-    fleet.serve(Arc::new(WhileHeld { responder, answering })).await.context("answering fleet requests")?;
-    Ok(public)
+    fleet.serve(Arc::new(WhileHeld { responder, answering })).await.context("answering fleet requests")
 }
 
 /// An `AgentResponder` that is silent while the agent stands by: the node's answers come from the
@@ -128,7 +126,7 @@ pub(crate) async fn hold_node(
 ) {
     loop {
         if let Some(other) = holder.take() {
-            wait_until_silent(&member, other, &*kv, &cfg, &workload).await;
+            wait_until_silent(&member.claim(&cfg, &facts, key.clone()), other, &*kv, &workload).await;
             tracing::info!(node = %cfg.node, "the other machine running this node has been silent for {}; taking over", humantime::format_duration(LIVENESS));
             workload.take_over().await;
         }
@@ -142,16 +140,16 @@ pub(crate) async fn hold_node(
 
 /// Waits until `holder`, the other machine announcing this node, has been silent for `LIVENESS`,
 /// keeping the standby reason in status up to date meanwhile.
-async fn wait_until_silent(member: &Member, mut holder: Announced, kv: &dyn Kv, cfg: &AgentConfig, workload: &Workload) {
+async fn wait_until_silent(claim: &Presence, mut holder: Announced, kv: &dyn Kv, workload: &Workload) {
+    let instance = claim.instance.as_deref().unwrap_or_default();
     loop {
-        workload.standing_by_because(standby_reason(&cfg.node, &member.instance, &holder));
+        workload.standing_by_because(standby_reason(&claim.node, instance, &holder));
         // Look again when the holder would turn stale, or after a presence interval if sooner.
         let stale_in = (holder.last_seen + LIVENESS).duration_since(SystemTime::now()).unwrap_or_default();
         tokio::time::sleep(stale_in.min(PRESENCE_INTERVAL) + Duration::from_millis(100)).await;
-        let now = SystemTime::now();
-        match hoist_core::presence::announcement(kv, &cfg.node).await {
-            Ok(Some(still)) if still.presence.instance.as_deref() != Some(&member.instance) && still.alive(now) => holder = still,
-            Ok(_) => return,
+        match claimed_elsewhere(kv, claim).await {
+            Ok(Some(still)) => holder = still,
+            Ok(None) => return,
             Err(e) => tracing::warn!(error = %e, "cannot read {NODES_BUCKET}; still standing by"),
         }
     }

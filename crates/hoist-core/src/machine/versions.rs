@@ -20,7 +20,7 @@ impl Machine {
         self.kv_version.as_ref().filter(|_| self.cfg.kv_update)
     }
 
-    /// What to run: the wanted version, unless it was rolled back from (then the last good one) or a
+    /// What to run: the wanted version, unless it was rolled back from (then `fallback_version`) or a
     /// revival brings back what ran before an update could pull.
     pub(super) fn desired_version(&self) -> ImageVersion {
         if let Some(revive) = &self.revive {
