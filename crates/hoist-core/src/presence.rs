@@ -131,7 +131,9 @@ pub async fn announce(kv: Arc<dyn Kv>, presence: Presence) -> Announced {
         let wait = match kv.put(NODES_BUCKET, &presence.node, &value).await {
             Ok(_) => {
                 retry.reset();
-                PRESENCE_INTERVAL
+                // Jittered: two claimants refreshing in lockstep could each read only its own write
+                // (the other's landing between its read and its write) and never see the other.
+                crate::clock::jitter(PRESENCE_INTERVAL)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not announce this node in {NODES_BUCKET}");
