@@ -64,6 +64,20 @@ impl Transition {
         TABLE.iter().find(|(t, sources, _)| *t == self && sources.contains(&from)).map(|(_, _, to)| *to)
     }
 
+    /// What the transition does, for help texts.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Transition::Maintenance => "stop checking and remediating; the container is left as it is",
+            Transition::Resume => "leave maintenance: checks and remediation again (from MAINTENANCE)",
+            Transition::HealthCheck => "the container passed its health gate (decided by the agent, not requested)",
+            Transition::Restart => "replace the container with a new one of the same version, through the restart governor",
+            Transition::Update => {
+                "pull again and run the desired version (the KV's tag if it follows one); retries a version rolled back from"
+            }
+            Transition::Stop => "stop the container (STOP, then MAINTENANCE until `resume`)",
+        }
+    }
+
     /// Whether an operator may ask for this transition. `health_check` is the agent's own verdict.
     pub fn operator_may_request(self) -> bool {
         self != Transition::HealthCheck

@@ -5,6 +5,7 @@ mod control;
 mod fleet;
 mod follow;
 mod inotify;
+mod logs;
 mod metrics;
 mod node_claim;
 mod output;
@@ -63,14 +64,18 @@ enum Command {
     Agent,
     /// Show each container's state, version and health, with summaries.
     Status {
-        /// Only this container.
+        /// Only this container (its name in the data files, e.g. `web`).
         container: Option<String>,
         #[command(flatten)]
         fleet: fleet::FleetArgs,
     },
     /// Ask a container's machine for a transition: stop, restart, update, maintenance or resume.
+    #[command(after_long_help = transitions_help())]
     Transition {
+        /// The container, by its name in the data files (e.g. `web`).
         container: String,
+        /// What to do (an operator may not ask for `health_check`: that is the agent's verdict).
+        #[arg(value_parser = transition_parser())]
         transition: Transition,
         /// Follow the container until it settles (RUN, or MAINTENANCE after stop), printing progress;
         /// fails if it does not within LIMIT (default 10m) or settles with a condition such as a rollback.
@@ -111,6 +116,7 @@ enum Command {
     Node(NodeCommand),
     /// Print the shell completion script for SHELL (the Debian package installs them).
     Completions {
+        /// The shell to complete for.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
@@ -127,20 +133,28 @@ enum NodeCommand {
     /// Every node remembered, when it last announced itself and whether it is alive.
     Ls,
     /// Stop listing a dead node (one removed for good), so fleet commands no longer report it missing.
-    Forget { node: String },
+    Forget {
+        /// The node's name, as `node ls` lists it.
+        node: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum KeyCommand {
     /// Write a new operator key (an nkey seed) to FILE, readable by you only, and print its public key.
-    New { file: PathBuf },
+    New {
+        /// Where to write the seed (never replaced if it exists).
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
 enum KvCommand {
     /// Create a bucket, or change its settings.
     Add {
+        /// The bucket's name (letters, digits, `_` and `-`).
         bucket: String,
+        /// Values kept per key, the current one included.
         #[arg(long, default_value_t = 5)]
         history: u8,
         /// Entries older than this vanish, e.g. 1m.
@@ -151,23 +165,51 @@ enum KvCommand {
         replicas: Option<u8>,
     },
     /// Set KEY to VALUE (a container's tag key is checked to be a tag or a digest first).
-    Put { bucket: String, key: String, value: String },
+    Put {
+        /// The bucket, e.g. HOIST.
+        bucket: String,
+        /// The key, e.g. `container/web/tag`.
+        key: String,
+        /// The new value.
+        value: String,
+    },
     /// Print the value of KEY.
-    Get { bucket: String, key: String },
+    Get {
+        /// The bucket, e.g. HOIST.
+        bucket: String,
+        /// The key, e.g. `container/web/tag`.
+        key: String,
+    },
     /// Delete KEY.
-    Del { bucket: String, key: String },
+    Del {
+        /// The bucket, e.g. HOIST.
+        bucket: String,
+        /// The key, e.g. `container/web/tag`.
+        key: String,
+    },
     /// List buckets, or the keys of one bucket.
-    Ls { bucket: Option<String> },
+    Ls {
+        /// This bucket's keys instead of the list of buckets.
+        bucket: Option<String>,
+    },
     /// Stream changes to matching keys (default: all).
-    Watch { bucket: String, pattern: Option<String> },
+    Watch {
+        /// The bucket, e.g. HOIST.
+        bucket: String,
+        /// NATS-style key pattern: `container/*/tag`, `container/>` (default: every key).
+        pattern: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
 enum GovernorCommand {
     /// Create a governor or change its capacity and lease expiry live.
     Add {
+        /// The governor's name, as containers' `restart_governor` and `update_governor` give it.
         name: String,
+        /// How many holders at once, fleet-wide.
         capacity: u64,
+        /// How long a slot is held at most before it is freed for another, e.g. 5m.
         #[arg(value_parser = humantime::parse_duration)]
         expire: Duration,
         /// Copies kept in a NATS cluster (default: `nats.replicas`, else one per server up to 3).
@@ -175,15 +217,49 @@ enum GovernorCommand {
         replicas: Option<u8>,
     },
     /// Show capacity and the leases held.
-    View { name: String },
+    View {
+        /// The governor's name.
+        name: String,
+    },
     /// Free one lease by its id.
-    Evict { name: String, id: u64 },
+    Evict {
+        /// The governor's name.
+        name: String,
+        /// The lease's id, as `governor view` lists it.
+        id: u64,
+    },
     /// Free every lease.
-    Reset { name: String },
+    Reset {
+        /// The governor's name.
+        name: String,
+    },
     /// Remove a governor and its leases.
-    Rm { name: String },
+    Rm {
+        /// The governor's name.
+        name: String,
+    },
     /// List the governors.
     Ls,
+}
+
+/// The transitions an operator may ask for, each with what it does, for `transition --help`.
+fn transition_parser() -> impl clap::builder::TypedValueParser<Value = Transition> {
+    use clap::builder::TypedValueParser;
+    // `health_check` is parsed but not listed: the agent's refusal says why it is not asked for.
+    let values = Transition::ALL
+        .into_iter()
+        .map(|t| clap::builder::PossibleValue::new(t.as_str()).help(t.describe()).hide(!t.operator_may_request()));
+    clap::builder::PossibleValuesParser::new(values).map(|name| name.parse::<Transition>().expect("a listed transition"))
+}
+
+/// Where each transition may be asked for, from the machine's table.
+fn transitions_help() -> String {
+    let mut out = String::from("Allowed from:\n");
+    for t in Transition::ALL.into_iter().filter(|t| t.operator_may_request()) {
+        let from: Vec<&str> = hoist_core::fsm::State::ALL.into_iter().filter(|s| t.target(*s).is_some()).map(|s| s.as_str()).collect();
+        out.push_str(&format!("  {:<12} {}\n", t.as_str(), from.join(", ")));
+    }
+    out
 }
 
 fn main() -> ExitCode {
@@ -234,23 +310,17 @@ fn print_line<T: Serialize>(json: bool, value: &T, human: impl FnOnce(&T) -> Str
     }
 }
 
-fn init_logs() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HOIST_LOG").unwrap_or_else(|_| "info".into());
-    let json = std::env::var("HOIST_LOG_FORMAT").is_ok_and(|f| f == "json");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if json { builder.json().init() } else { builder.init() }
-}
-
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let g = &cli.global;
     match cli.command {
         Command::Agent => {
-            init_logs();
+            logs::init();
             agent::run(agent_config(g)?).await?;
         }
         Command::Status { container, fleet } if fleet.wanted() => {
             let answer = fleet::ask(&agent_config(g)?, &fleet, container.as_deref(), Operation::Status).await?;
-            print(g.json, &answer, fleet::render);
+            let answered: Vec<_> = answer.replies.iter().filter(|r| r.refused.is_none()).map(|r| &r.status).collect();
+            print(g.json, &output::WithSummaries::new(&answer, &answered), |a| fleet::render(a.status));
             if fleet::incomplete(&answer) {
                 return Ok(ExitCode::FAILURE);
             }
@@ -260,7 +330,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(c) = &container {
                 anyhow::ensure!(!status.machines.is_empty(), "no container named {c:?} is managed on {}", status.node);
             }
-            print(g.json, &status, |s| output::status(std::slice::from_ref(s)));
+            print(g.json, &output::WithSummaries::new(&status, &[&status]), |s| output::status(std::slice::from_ref(s.status)));
         }
         Command::Transition { container, transition, wait, fleet } if fleet.wanted() => {
             anyhow::ensure!(wait.is_none(), "--wait follows this node's agent only; follow a fleet with `hoist watch --fleet`");
@@ -427,7 +497,7 @@ async fn kv(g: &Global, kv: &dyn Kv, cmd: KvCommand) -> anyhow::Result<()> {
         }
         KvCommand::Get { bucket, key } => {
             let entry = kv.get(&bucket, &key).await?.with_context(|| format!("no key {key} in bucket {bucket}"))?;
-            print(g.json, &entry, |e| format!("{}\n", output::clean(&e.value_str())));
+            print(g.json, &output::KvEntryView::from(&entry), |e| format!("{}\n", output::clean(&e.value)));
         }
         KvCommand::Del { bucket, key } => {
             kv.delete(&bucket, &key).await?;
@@ -435,17 +505,17 @@ async fn kv(g: &Global, kv: &dyn Kv, cmd: KvCommand) -> anyhow::Result<()> {
         }
         KvCommand::Ls { bucket: None } => {
             let buckets = kv.list_buckets().await?;
-            print(g.json, &buckets, |b| b.iter().map(|b| format!("{}\n", output::clean(b))).collect());
+            print(g.json, &buckets, |b| output::names(b, "no buckets"));
         }
         KvCommand::Ls { bucket: Some(bucket) } => {
             let keys = kv.keys(&bucket).await?;
-            print(g.json, &keys, |k| k.iter().map(|k| format!("{}\n", output::clean(k))).collect());
+            print(g.json, &keys, |k| output::names(k, &format!("no keys in bucket {bucket}")));
         }
         KvCommand::Watch { bucket, pattern } => {
             let mut entries = kv.watch(&bucket, pattern.as_deref().unwrap_or(">")).await?;
             while let Some(e) = entries.next().await {
-                print_line(g.json, &e, |e| {
-                    format!("[{}] {:?} {} = {}", e.revision, e.operation, output::clean(&e.key), output::clean(&e.value_str()))
+                print_line(g.json, &output::KvEntryView::from(&e), |e| {
+                    format!("{} [{}] {:?} {} = {}", e.created, e.revision, e.operation, output::clean(e.key), output::clean(&e.value))
                 });
             }
         }
@@ -479,8 +549,49 @@ async fn governor(g: &Global, gov: &dyn Governor, cmd: GovernorCommand) -> anyho
         }
         GovernorCommand::Ls => {
             let names = gov.list().await?;
-            print(g.json, &names, |n| n.iter().map(|n| format!("{}\n", output::clean(n))).collect());
+            print(g.json, &names, |n| output::names(n, "no governors"));
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every command and every argument a user can type says what it is for, in `--help` and the man pages.
+    #[test]
+    fn every_command_and_argument_has_a_help_text() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments().filter(|a| !matches!(a.get_id().as_str(), "help" | "version")) {
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} <{}>", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+                let path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() && sub.get_long_about().is_none() {
+                    missing.push(path.clone());
+                }
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "hoist", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+    }
+
+    #[test]
+    fn transition_help_lists_each_transition_and_where_it_applies() {
+        let mut cmd = Cli::command();
+        let help = cmd.find_subcommand_mut("transition").expect("transition").render_long_help().to_string();
+        for t in ["stop", "restart", "update", "maintenance", "resume"] {
+            let t: Transition = t.parse().unwrap();
+            assert!(help.contains(t.describe()), "{t} is described: {help}");
+        }
+        assert!(help.contains("resume       MAINTENANCE"), "{help}");
+        assert!(!help.contains(Transition::HealthCheck.describe()), "not an operator's transition: {help}");
+        assert!(Cli::try_parse_from(["hoist", "transition", "web", "restart"]).is_ok());
+        assert!(Cli::try_parse_from(["hoist", "transition", "web", "reboot"]).is_err());
+    }
 }

@@ -17,14 +17,25 @@ fn a_restart_on_a_broken_file_keeps_managing_the_last_good_set_and_reports_the_r
     assert!(agent.path("state/last-good.json").exists(), "the good set is kept");
 
     agent.stop_agent();
-    agent.write_containers(&format!("containers:\n  web:\n    image: {}\n    image_tag: v1\n    colour: red\n", image()));
+    let broken = format!(
+        "containers:\n  web:\n    image: {0}\n    image_tag: v1\n    colour: red\n  db:\n    image: {0}\n    flavour: 1\n",
+        image()
+    );
+    agent.write_containers(&broken);
     agent.spawn();
 
     let status = agent.status();
     let refusal = status.config_error.expect("the refusal is reported");
-    for part in ["containers.yaml", "container web", "field colour", "refused at start", "last-good.json"] {
+    for part in ["containers.yaml", "container web", "field colour", "container db", "field flavour", "refused at start", "last-good.json"]
+    {
         assert!(refusal.contains(part), "{part} missing from the refusal: {refusal}");
     }
+    // The refusal names two problems, on lines of their own, yet the log has it as one record: a log
+    // reader or shipper would otherwise split it and lose the second problem's time and level.
+    let log = agent.log();
+    let record = log.lines().find(|l| l.contains("field colour")).unwrap_or_else(|| panic!("the refusal is logged:\n{log}"));
+    assert!(record.contains("field flavour") && record.contains("ERROR"), "one record holds both problems: {record}");
+    assert!(!log.contains('\x1b'), "no colour escapes in a log that is not a terminal:\n{log}");
     let human = String::from_utf8_lossy(&agent.hoist(&["status"]).stdout).into_owned();
     assert!(human.contains("field colour"), "hoist status shows it: {human}");
     assert!(agent.hoist_ok(&["metrics"]).contains("hoist_config_refused 1"));
