@@ -33,6 +33,9 @@ pub struct MachineStatus {
     pub version: String,
     /// The image reference the container runs.
     pub image: Option<String>,
+    /// The registry digest of what it runs, when known: shows what a moving tag (`latest`) is now.
+    #[serde(default)]
+    pub digest: Option<String>,
     /// The image reference it should run.
     pub desired_image: String,
     pub container_id: Option<String>,
@@ -68,6 +71,8 @@ pub struct NodeStatus {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Summaries {
+    /// Machines per name (`hoist_web`): across a fleet, how many nodes run each container.
+    pub name: BTreeMap<String, usize>,
     pub state: BTreeMap<String, usize>,
     pub version: BTreeMap<String, usize>,
     pub image: BTreeMap<String, usize>,
@@ -77,11 +82,102 @@ impl Summaries {
     pub fn of<'a>(machines: impl IntoIterator<Item = &'a MachineStatus>) -> Summaries {
         let mut s = Summaries::default();
         for m in machines {
+            *s.name.entry(m.name.clone()).or_default() += 1;
             *s.state.entry(m.state.to_string()).or_default() += 1;
             *s.version.entry(m.version.clone()).or_default() += 1;
             let image = m.image.clone().unwrap_or_else(|| "(none)".into());
             *s.image.entry(image).or_default() += 1;
         }
         s
+    }
+}
+
+impl MachineStatus {
+    /// The version as the table shows it: a tag with the digest it resolved to, which tells two
+    /// nodes on `latest` apart.
+    pub fn version_shown(&self) -> String {
+        match &self.digest {
+            Some(digest) if !self.version.starts_with("sha256:") => {
+                let short: String = digest.strip_prefix("sha256:").unwrap_or(digest).chars().take(12).collect();
+                format!("{}@{short}", self.version)
+            }
+            _ => self.version.clone(),
+        }
+    }
+
+    /// What the table's NOTE says: the condition (a crash loop, a rollback) and what the machine is
+    /// doing, each with the last error when that is what explains it ("crash-looping" alone does
+    /// not say that the port is taken).
+    pub fn note(&self) -> String {
+        let mut parts: Vec<String> = [&self.condition, &self.activity].into_iter().flatten().cloned().collect();
+        if let Some(error) = &self.last_error
+            && !parts.iter().any(|p| p.contains(error.as_str()))
+        {
+            parts.push(if parts.is_empty() { error.clone() } else { format!("last error: {error}") });
+        }
+        parts.join("; ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine() -> MachineStatus {
+        MachineStatus {
+            name: "hoist_web".into(),
+            container: "web".into(),
+            node: "n1".into(),
+            id: "1".into(),
+            state: State::Restart,
+            version: "latest".into(),
+            image: Some("r/app:latest".into()),
+            digest: Some("sha256:0123456789abcdef".into()),
+            desired_image: "r/app:latest".into(),
+            container_id: None,
+            started: None,
+            available_transitions: vec![],
+            health: Health::Down,
+            restarts: 5,
+            last_error: Some("starting web: port is already allocated".into()),
+            condition: Some("crash-looping: 5 failures in the last 5m".into()),
+            activity: None,
+            governor_wait_seconds: 0.0,
+            last_update_seconds: None,
+        }
+    }
+
+    #[test]
+    fn the_note_gives_the_cause_with_the_condition() {
+        let m = machine();
+        assert_eq!(m.note(), "crash-looping: 5 failures in the last 5m; last error: starting web: port is already allocated");
+        let pulling = MachineStatus {
+            condition: None,
+            activity: Some("retrying the pull in 4 s".into()),
+            last_error: Some("pull of r/app:v9 failed: not found".into()),
+            ..m.clone()
+        };
+        assert_eq!(pulling.note(), "retrying the pull in 4 s; last error: pull of r/app:v9 failed: not found");
+        let said = MachineStatus {
+            activity: Some("waiting (backend down); trying again".into()),
+            condition: None,
+            last_error: Some("backend down".into()),
+            ..m.clone()
+        };
+        assert_eq!(said.note(), "waiting (backend down); trying again", "an error already told is not repeated");
+        let only_error = MachineStatus { condition: None, activity: None, ..m.clone() };
+        assert_eq!(only_error.note(), "starting web: port is already allocated");
+        let fine = MachineStatus { condition: None, activity: None, last_error: None, ..m };
+        assert_eq!(fine.note(), "");
+    }
+
+    #[test]
+    fn a_tag_shows_the_digest_it_resolved_to() {
+        let m = machine();
+        assert_eq!(m.version_shown(), "latest@0123456789ab");
+        let pinned = MachineStatus { version: "sha256:0123456789abcdef".into(), ..m.clone() };
+        assert_eq!(pinned.version_shown(), "sha256:0123456789abcdef", "a digest is not repeated");
+        let imported = MachineStatus { digest: None, ..m };
+        assert_eq!(imported.version_shown(), "latest");
     }
 }

@@ -147,6 +147,9 @@ pub async fn nodes(cfg: &AgentConfig) -> anyhow::Result<Vec<NodeSeen>> {
 }
 
 pub fn render_nodes(nodes: &[NodeSeen]) -> String {
+    if nodes.is_empty() {
+        return format!("no nodes have announced themselves in {NODES_BUCKET}\n");
+    }
     let mut t = Table::new();
     t.load_style(NOTHING).set_header(vec!["NODE", "LAST SEEN", "ALIVE"]);
     for n in nodes {

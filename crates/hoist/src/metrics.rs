@@ -1,5 +1,8 @@
 //! Prometheus metrics, rendered at scrape time from the machines' status: the actors stay the only
 //! owners of their state, and a scrape costs one status round-trip.
+//!
+//! Rendered as OpenMetrics, and as the classic text format (0.0.4) for a scraper that asks only for
+//! that one: older Prometheus, Telegraf, many agents.
 
 use hoist_core::fsm::State;
 use hoist_core::status::{Health, NodeStatus};
@@ -51,4 +54,105 @@ pub fn render(status: &NodeStatus, conditions: &[&'static str]) -> String {
     let mut out = String::new();
     encode(&mut out, &registry).expect("writing to a String cannot fail");
     out
+}
+
+/// The two exposition formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    OpenMetrics,
+    /// `text/plain; version=0.0.4`.
+    Classic,
+}
+
+impl Format {
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::Classic => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+
+    /// The format a scraper's `Accept` header prefers: the one of the two with the higher `q`,
+    /// OpenMetrics on a tie or when it names neither.
+    pub fn negotiate(accept: Option<&str>) -> Format {
+        let weight = |wanted: &str| -> f32 {
+            accept
+                .unwrap_or_default()
+                .split(',')
+                .filter_map(|range| {
+                    let mut parts = range.split(';').map(str::trim);
+                    let media = parts.next()?;
+                    let q = parts.find_map(|p| p.strip_prefix("q=")).map_or(1.0, |q| q.parse().unwrap_or(0.0));
+                    media.eq_ignore_ascii_case(wanted).then_some(q)
+                })
+                .fold(0.0, f32::max)
+        };
+        let (open, classic) = (weight("application/openmetrics-text"), weight("text/plain"));
+        if classic > open { Format::Classic } else { Format::OpenMetrics }
+    }
+
+    /// `openmetrics` (as `render` makes it) in this format.
+    pub fn write(self, openmetrics: String) -> String {
+        match self {
+            Format::OpenMetrics => openmetrics,
+            Format::Classic => classic(&openmetrics),
+        }
+    }
+}
+
+/// The classic format names a counter's family by its `_total` sample and has no `# UNIT` or `# EOF`.
+fn classic(openmetrics: &str) -> String {
+    let counters: Vec<&str> = openmetrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(&name).then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PROMETHEUS: &str = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+
+    #[test]
+    fn the_scrapers_preference_picks_the_format() {
+        assert_eq!(Format::negotiate(Some(PROMETHEUS)), Format::OpenMetrics);
+        assert_eq!(Format::negotiate(Some("text/plain;version=0.0.4;q=1,*/*;q=0.1")), Format::Classic);
+        assert_eq!(Format::negotiate(Some("text/plain")), Format::Classic);
+        assert_eq!(Format::negotiate(Some("application/openmetrics-text;q=0.2, text/plain;q=0.9")), Format::Classic);
+        assert_eq!(Format::negotiate(Some("*/*")), Format::OpenMetrics);
+        assert_eq!(Format::negotiate(None), Format::OpenMetrics);
+    }
+
+    #[test]
+    fn the_classic_format_names_counters_by_their_total() {
+        let machine = serde_json::from_value(serde_json::json!({
+            "name": "hoist_web", "container": "web", "node": "n1", "id": "1", "state": "RUN", "version": "v1",
+            "image": null, "desired_image": "x", "container_id": null, "started": null, "available_transitions": [],
+            "health": "healthy", "restarts": 2, "last_error": null, "condition": null, "activity": null,
+            "governor_wait_seconds": 0.0, "last_update_seconds": null,
+        }))
+        .expect("a machine status");
+        let status = NodeStatus { node: "n1".into(), machines: vec![machine], config_error: None, warnings: vec![] };
+        let open = render(&status, &["nats"]);
+        assert!(open.contains("# TYPE hoist_container_restarts counter") && open.ends_with("# EOF\n"), "{open}");
+        let text = Format::Classic.write(open);
+        assert!(text.contains("# TYPE hoist_container_restarts_total counter"), "{text}");
+        assert!(text.contains("# HELP hoist_container_restarts_total Containers replaced"), "{text}");
+        assert!(text.contains("# TYPE hoist_machine_state gauge"), "gauges keep their name: {text}");
+        assert!(text.contains("hoist_container_restarts_total{node=\"n1\",container=\"web\"} 2"), "{text}");
+        assert!(text.contains("hoist_node_condition{source=\"nats\"} 1"), "{text}");
+        assert!(!text.contains("# EOF"), "{text}");
+    }
 }

@@ -6,7 +6,7 @@
 //! by serde already.
 
 use comfy_table::{Table, presets::NOTHING};
-use hoist_core::backend::{GovernorInfo, TransitionEvent};
+use hoist_core::backend::{GovernorInfo, KvEntry, KvOperation, TransitionEvent};
 use hoist_core::clock::unix_now;
 use hoist_core::registration::ServiceEntry;
 use hoist_core::status::{NodeStatus, Summaries};
@@ -50,23 +50,29 @@ pub fn status(nodes: &[NodeStatus]) -> String {
     let mut t = table(&["NODE", "NAME", "STATE", "VERSION", "HEALTH", "RESTARTS", "CONTAINER", "UP", "NOTE"]);
     for n in nodes {
         for m in &n.machines {
-            let note = m.condition.clone().or_else(|| m.activity.clone()).or_else(|| m.last_error.clone()).unwrap_or_default();
             t.add_row(vec![
                 clean(&n.node),
                 clean(&m.name),
                 m.state.to_string(),
-                clean(&m.version),
+                clean(&m.version_shown()),
                 format!("{:?}", m.health).to_lowercase(),
                 m.restarts.to_string(),
                 m.container_id.as_deref().map_or_else(|| "-".into(), clean),
                 m.started.map(age).unwrap_or_else(|| "-".into()),
-                clean(&note),
+                clean(&m.note()),
             ]);
         }
     }
-    let mut out = format!("{t}\n");
+    let managed = nodes.iter().map(|n| n.machines.len()).sum::<usize>();
+    let mut out = if managed == 0 {
+        let names: Vec<&str> = nodes.iter().map(|n| n.node.as_str()).collect();
+        format!("no containers are managed on {}\n", clean(&names.join(", ")))
+    } else {
+        format!("{t}\n")
+    };
     let summaries = Summaries::of(nodes.iter().flat_map(|n| &n.machines));
-    for (title, counts) in [("State", &summaries.state), ("Version", &summaries.version), ("Image", &summaries.image)] {
+    let titles = [("Name", &summaries.name), ("State", &summaries.state), ("Version", &summaries.version), ("Image", &summaries.image)];
+    for (title, counts) in titles.into_iter().filter(|_| managed > 0) {
         out.push_str(&summary(title, counts));
     }
     for n in nodes {
@@ -84,6 +90,46 @@ pub fn status(nodes: &[NodeStatus]) -> String {
     out
 }
 
+/// A status answer (one node's, or a fleet's) with the summaries its table shows, for `--json`.
+#[derive(serde::Serialize)]
+pub struct WithSummaries<'a, T> {
+    #[serde(flatten)]
+    pub status: &'a T,
+    pub summaries: Summaries,
+}
+
+impl<'a, T> WithSummaries<'a, T> {
+    pub fn new(status: &'a T, nodes: &[&NodeStatus]) -> Self {
+        WithSummaries { status, summaries: Summaries::of(nodes.iter().flat_map(|n| &n.machines)) }
+    }
+}
+
+/// A KV entry as an operator reads it: the value as text, the time it was written as RFC 3339.
+#[derive(serde::Serialize)]
+pub struct KvEntryView<'a> {
+    pub bucket: &'a str,
+    pub key: &'a str,
+    /// Lossy where the bytes are not UTF-8; every value hoist writes is text.
+    pub value: String,
+    pub revision: u64,
+    pub operation: &'a KvOperation,
+    pub created: String,
+}
+
+impl<'a> From<&'a KvEntry> for KvEntryView<'a> {
+    fn from(e: &'a KvEntry) -> Self {
+        let created = std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.created_ms);
+        KvEntryView {
+            bucket: &e.bucket,
+            key: &e.key,
+            value: e.value_str(),
+            revision: e.revision,
+            operation: &e.operation,
+            created: humantime::format_rfc3339_millis(created).to_string(),
+        }
+    }
+}
+
 fn summary(title: &str, counts: &BTreeMap<String, usize>) -> String {
     let mut out = format!("\nSummary of {title}:\n");
     for (k, v) in counts {
@@ -96,7 +142,21 @@ pub fn event(e: &TransitionEvent) -> String {
     let detail = e.detail.as_deref().unwrap_or("");
     let fields = [&e.identity, &e.machine, &e.from_state, &e.to_state, &e.transition].map(|f| clean(f));
     let [identity, machine, from, to, transition] = fields;
-    format!("{} {identity} {machine} {from} → {to} ({transition}) {}", e.timestamp, clean(detail))
+    format!("{} {identity} {machine} {from} → {to} ({transition}) {}", rfc3339(e.timestamp), clean(detail))
+}
+
+/// Unix seconds as `2026-12-01T10:31:02Z`.
+pub fn rfc3339(unix_secs: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix_secs.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// One name per line, or `empty` when there is none (a blank output reads as a failure).
+pub fn names(names: &[String], empty: &str) -> String {
+    if names.is_empty() {
+        return format!("{empty}\n");
+    }
+    names.iter().map(|n| format!("{}\n", clean(n))).collect()
 }
 
 /// `(key, entry)` pairs; the key's last token is the registering machine's instance id.
@@ -113,6 +173,9 @@ pub fn services(entries: &[(String, ServiceEntry)]) -> String {
             s.priority.to_string(),
             clean(instance),
         ]);
+    }
+    if entries.is_empty() {
+        return "no endpoints are registered\n".into();
     }
     format!("{t}\n{} endpoint(s)\n", entries.len())
 }

@@ -273,6 +273,11 @@ fn a_crash_looping_container_backs_off_and_says_so() {
     let m = agent.wait_machine("bad", "restarted a few times", Duration::from_secs(40), |m| m.restarts >= 3);
     assert_ne!(m.state, State::Run);
     assert!(m.last_error.unwrap_or_default().contains("exit 3"));
+    // The table's NOTE gives the cause, not only that it loops.
+    let looping = agent.wait_machine("bad", "crash-looping", Duration::from_secs(40), |m| m.condition.is_some());
+    let table = agent.hoist_ok(&["status"]);
+    let row = table.lines().find(|l| l.contains("hoist_bad")).unwrap_or_else(|| panic!("{table}"));
+    assert!(row.contains("crash-looping") && row.contains("exit 3"), "{looping:?}\n{table}");
     // Backoff: the restarts slow down rather than spin.
     std::thread::sleep(Duration::from_secs(2));
     let later = agent.machine("bad").unwrap();
@@ -324,11 +329,23 @@ fn metrics_report_states_and_restarts() {
     let port = free_port();
     let agent = TestAgent::start_with("metrics", &web(free_port(), "v1", ""), &format!("metrics:\n  listen: 127.0.0.1:{port}\n"));
     agent.wait_running("web");
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    use std::io::{Read, Write};
-    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).unwrap();
+    let scrape = |accept: &str| {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        use std::io::{Read, Write};
+        write!(stream, "GET /metrics HTTP/1.0\r\nHost: x\r\n{accept}\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+    };
+    // A Prometheus that asks for OpenMetrics gets it; one that asks only for the classic text
+    // format (as Prometheus before 2.5 and many other scrapers do) gets that, not a format it cannot read.
+    let body = scrape("Accept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5\r\n");
+    assert!(body.to_lowercase().contains("content-type: application/openmetrics-text"), "{body}");
+    assert!(body.trim_end().ends_with("# EOF"), "{body}");
+    let classic = scrape("Accept: text/plain;version=0.0.4;q=1,*/*;q=0.1\r\n");
+    assert!(classic.to_lowercase().contains("content-type: text/plain; version=0.0.4"), "{classic}");
+    assert!(!classic.contains("# EOF") && classic.contains("# TYPE hoist_container_restarts_total counter"), "{classic}");
+    assert!(classic.contains("hoist_container_restarts_total{"), "{classic}");
     assert!(body.contains(&format!("hoist_machine_state{{node=\"{}\",container=\"web\",state=\"RUN\"}} 1", agent.node)), "{body}");
     assert!(body.contains(&format!("hoist_machine_state{{node=\"{}\",container=\"web\",state=\"MAINTENANCE\"}} 0", agent.node)), "{body}");
     assert!(body.contains("hoist_container_restarts_total{"), "{body}");
@@ -344,12 +361,20 @@ fn status_shows_summaries_and_json() {
     agent.wait_running("web");
     agent.wait_running("db");
     let table = agent.hoist_ok(&["status"]);
+    assert!(table.contains("Summary of Name:\n   hoist_db: 1\n   hoist_web: 1"), "{table}");
     assert!(table.contains("Summary of State:\n   RUN: 2"), "{table}");
     assert!(table.contains("Summary of Version:\n   v1: 1\n   v2: 1"), "{table}");
+    // The JSON carries the same summaries, so a script need not count them itself.
+    let all: serde_json::Value = serde_json::from_str(&agent.hoist_ok(&["status", "--json"])).unwrap();
+    assert_eq!(all["summaries"]["state"], serde_json::json!({"RUN": 2}), "{all:#}");
+    assert_eq!(all["summaries"]["version"], serde_json::json!({"v1": 1, "v2": 1}), "{all:#}");
+    assert_eq!(all["summaries"]["name"], serde_json::json!({"hoist_db": 1, "hoist_web": 1}), "{all:#}");
     let one = agent.hoist_ok(&["status", "db", "--json"]);
     let s: hoist_core::status::NodeStatus = serde_json::from_str(&one).unwrap();
     assert_eq!(s.machines.len(), 1);
     assert_eq!(s.machines[0].available_transitions.len(), 4);
+    let one: serde_json::Value = serde_json::from_str(&one).unwrap();
+    assert_eq!(one["summaries"]["version"], serde_json::json!({"v2": 1}), "the summaries of what was asked for: {one:#}");
 }
 
 #[test]
@@ -399,6 +424,10 @@ fn an_update_waits_for_its_update_governor() {
 #[test]
 fn kv_and_governor_commands_work_through_the_agent() {
     let agent = TestAgent::start("cli", "containers: {}\n");
+    // Empty lists say so rather than print nothing.
+    assert!(agent.hoist_ok(&["status"]).contains("no containers are managed on"), "empty status");
+    assert_eq!(agent.hoist_ok(&["governor", "ls"]).trim(), "no governors");
+    assert_eq!(agent.hoist_ok(&["services"]).trim(), "no endpoints are registered");
     let made: serde_json::Value =
         serde_json::from_str(&agent.hoist_ok(&["kv", "add", "CONFIG", "--history", "3", "--ttl", "45s", "--json"])).unwrap();
     assert_eq!((made["history"].as_u64(), made["ttl"].as_str()), (Some(3), Some("45s")), "{made}");
@@ -409,7 +438,10 @@ fn kv_and_governor_commands_work_through_the_agent() {
     assert_eq!(agent.hoist_ok(&["kv", "ls", "CONFIG"]).trim(), "app/colour");
     let entry: serde_json::Value = serde_json::from_str(&agent.hoist_ok(&["kv", "get", "CONFIG", "app/colour", "--json"])).unwrap();
     assert_eq!(entry["revision"], 1);
+    assert_eq!(entry["value"], "blue", "the value as text, not bytes: {entry}");
+    assert!(entry["created"].as_str().is_some_and(|t| t.starts_with("20") && t.ends_with('Z')), "RFC 3339: {entry}");
     agent.hoist_ok(&["kv", "del", "CONFIG", "app/colour"]);
+    assert_eq!(agent.hoist_ok(&["kv", "ls", "CONFIG"]).trim(), "no keys in bucket CONFIG");
     let missing = agent.hoist(&["kv", "get", "CONFIG", "app/colour"]);
     assert!(!missing.status.success() && String::from_utf8_lossy(&missing.stderr).contains("no key app/colour"));
     let bad = agent.hoist(&["kv", "put", "NOPE", "k", "v"]);

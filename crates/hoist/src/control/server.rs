@@ -256,8 +256,9 @@ async fn evict(State(c): State<Control>, Path((name, seq)): Path<(String, u64)>)
     json(lease)
 }
 
-async fn metrics_text(State(c): State<Control>) -> Response {
+async fn metrics_text(State(c): State<Control>, headers: axum::http::HeaderMap) -> Response {
+    let accept = headers.get(axum::http::header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = metrics::Format::negotiate(accept);
     let status = c.agent.status(None).await;
-    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics::render(&status, &c.conditions.sources()))
-        .into_response()
+    ([("content-type", format.content_type())], format.write(metrics::render(&status, &c.conditions.sources()))).into_response()
 }
