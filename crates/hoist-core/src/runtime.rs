@@ -43,6 +43,10 @@ pub struct ContainerInfo {
     pub image: String,
     /// The content id of that image (`sha256:…`).
     pub image_id: String,
+    /// The registry's digest of that image for the container's repository (`sha256:…`), when the
+    /// runtime knows it: what a tag such as `latest` resolved to. None for an image never pulled.
+    #[serde(default)]
+    pub image_digest: Option<String>,
     pub state: RunState,
     pub health: RuntimeHealth,
     pub exit_code: Option<i64>,

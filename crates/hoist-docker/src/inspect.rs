@@ -20,6 +20,8 @@ pub(crate) fn container_info(c: ContainerInspectResponse) -> ContainerInfo {
         labels: config.labels.unwrap_or_default().into_iter().collect(),
         image: config.image.unwrap_or_default(),
         image_id: c.image.unwrap_or_default(),
+        // Filled in from the image (`DockerRuntime::digests`): the container's document lacks it.
+        image_digest: None,
         state: run_state,
         health: health(state.health.and_then(|h| h.status)),
         exit_code,
@@ -171,5 +173,35 @@ mod tests {
         assert_eq!(info.health, RuntimeHealth::None);
         assert_eq!(info.exit_code, None);
         assert_eq!(info.ip, Some(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+    }
+}
+
+/// The digest in `repo_digests` (Docker's `RepoDigests`, `repo@sha256:…`) for the repository of
+/// `image_ref` (`repo:tag` or `repo@digest`). An image pulled from two repositories has one per repository.
+pub(crate) fn repo_digest(image_ref: &str, repo_digests: &[String]) -> Option<String> {
+    let repo = match image_ref.split_once('@') {
+        Some((repo, _)) => repo,
+        None => match image_ref.rsplit_once(':') {
+            // A colon after the last slash separates the tag; one before it is a registry's port.
+            Some((repo, tag)) if !tag.contains('/') => repo,
+            _ => image_ref,
+        },
+    };
+    repo_digests.iter().find_map(|d| d.strip_prefix(repo)?.strip_prefix('@')).map(str::to_string)
+}
+
+#[cfg(test)]
+mod digest_tests {
+    use super::repo_digest;
+
+    #[test]
+    fn the_digest_of_the_containers_own_repository() {
+        let digests = vec!["mirror.example/app@sha256:bbb".to_string(), "127.0.0.1:5000/hoist/test@sha256:aaa".to_string()];
+        assert_eq!(repo_digest("127.0.0.1:5000/hoist/test:latest", &digests).as_deref(), Some("sha256:aaa"));
+        assert_eq!(repo_digest("127.0.0.1:5000/hoist/test@sha256:aaa", &digests).as_deref(), Some("sha256:aaa"));
+        assert_eq!(repo_digest("127.0.0.1:5000/hoist/test", &digests).as_deref(), Some("sha256:aaa"), "no tag, a port");
+        assert_eq!(repo_digest("mirror.example/app:v2", &digests).as_deref(), Some("sha256:bbb"));
+        assert_eq!(repo_digest("127.0.0.1:5000/hoist/testing:v1", &digests), None, "a longer name is another repository");
+        assert_eq!(repo_digest("local/imported:v1", &[]), None, "an imported image has none");
     }
 }

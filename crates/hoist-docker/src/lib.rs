@@ -41,6 +41,8 @@ pub struct DockerRuntime {
     /// Connected (API version negotiated) on first use rather than at construction, so an agent can
     /// start before its engine (a boot where Docker comes up later) and wait for it as for any outage.
     client: OnceCell<Docker>,
+    /// `RepoDigests` per image content id: an image's content never changes, so it is asked once.
+    digests: std::sync::Mutex<HashMap<String, Vec<String>>>,
 }
 
 impl DockerRuntime {
@@ -51,7 +53,9 @@ impl DockerRuntime {
         let target = host.map(str::to_string).or_else(|| std::env::var("DOCKER_HOST").ok()).unwrap_or_else(|| DEFAULT_HOST.into());
         match Docker::connect_with_host(&target) {
             // dockerd creates its socket when it starts.
-            Ok(_) | Err(DockerError::SocketNotFoundError(_)) => Ok(DockerRuntime { target, client: OnceCell::new() }),
+            Ok(_) | Err(DockerError::SocketNotFoundError(_)) => {
+                Ok(DockerRuntime { target, client: OnceCell::new(), digests: Default::default() })
+            }
             Err(e) => Err(RuntimeError::Other(format!("unusable Docker Engine address {target}: {e}"))),
         }
     }
@@ -89,6 +93,23 @@ impl DockerRuntime {
             Err(e) if status(&e) == Some(404) => Ok(None),
             Err(e) => Err(runtime_error(e)),
         }
+    }
+
+    /// The image's `RepoDigests`; empty for an image that is gone or was never pulled (only pulled
+    /// images, whose digests are known, are cached: a later pull may give an imported image some).
+    async fn repo_digests(&self, image_id: &str) -> RuntimeResult<Vec<String>> {
+        if let Some(known) = self.digests.lock().expect("digest cache").get(image_id) {
+            return Ok(known.clone());
+        }
+        let digests = match self.client().await?.inspect_image(image_id).await {
+            Ok(image) => image.repo_digests.unwrap_or_default(),
+            Err(e) if status(&e) == Some(404) => return Ok(Vec::new()),
+            Err(e) => return Err(runtime_error(e)),
+        };
+        if !digests.is_empty() {
+            self.digests.lock().expect("digest cache").insert(image_id.to_string(), digests.clone());
+        }
+        Ok(digests)
     }
 
     async fn create(docker: &Docker, spec: &ContainerSpec) -> Result<String, DockerError> {
@@ -170,7 +191,9 @@ impl Runtime for DockerRuntime {
     }
 
     async fn inspect(&self, id: &str) -> RuntimeResult<Option<ContainerInfo>> {
-        Ok(self.inspect_raw(id).await?.map(inspect::container_info))
+        let Some(mut info) = self.inspect_raw(id).await?.map(inspect::container_info) else { return Ok(None) };
+        info.image_digest = inspect::repo_digest(&info.image, &self.repo_digests(&info.image_id).await?);
+        Ok(Some(info))
     }
 
     async fn run(&self, spec: &ContainerSpec) -> RuntimeResult<ContainerInfo> {

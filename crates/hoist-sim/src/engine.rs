@@ -235,6 +235,7 @@ impl Runtime for EngineView {
                 container_name: spec.container_name.clone(),
                 labels,
                 image_id: Engine::image_id_of(&image),
+                image_digest: None,
                 image: image.clone(),
                 state: RunState::Running,
                 health: RuntimeHealth::Starting,

@@ -56,6 +56,10 @@ fn a_tag_that_cannot_be_pulled_leaves_the_running_container_alone() {
     assert_eq!(m.state, State::Update);
     assert_eq!(m.container_id, before.container_id);
     assert_eq!(http_get(port).as_deref(), Some("v1"));
+    // The table says what is going on and why: the retry, and the registry's answer.
+    let table = agent.hoist_ok(&["status"]);
+    let row = table.lines().find(|l| l.contains("hoist_web")).unwrap_or_else(|| panic!("{table}"));
+    assert!(row.contains("retrying the pull") && row.contains("nosuchtag") && row.contains("not found"), "{table}");
 
     // Back to v1 in the KV: the image is already there and unchanged, so the container is kept.
     agent.hoist_ok(&["kv", "put", "HOIST", "container/web/tag", "v1"]);
@@ -172,6 +176,43 @@ fn registry_digest(tag: &str) -> String {
     s.read_to_string(&mut head).unwrap();
     let line = head.lines().find(|l| l.to_ascii_lowercase().starts_with("docker-content-digest:")).expect("digest header");
     line.split_once(':').unwrap().1.trim().to_string()
+}
+
+/// Points `tag` of the test repository at what `to` is, in the registry.
+fn move_tag(tag: &str, to: &str) {
+    let (from, moved) = (format!("{}:{to}", image()), format!("{}:{tag}", image()));
+    docker_ok(&["tag", &from, &moved]);
+    docker_ok(&["push", &moved]);
+}
+
+#[test]
+fn a_moving_tag_shows_the_digest_it_resolved_to() {
+    // A tag of this test's own, moved as a CI pipeline moves `latest`.
+    let tag = "moving-digest-test";
+    move_tag(tag, "v1");
+    let config =
+        format!("containers:\n  web:\n    image: {}\n    image_tag: {tag}\n    ports: ['127.0.0.1:{}:80']\n", image(), free_port());
+    let agent = TestAgent::start("movingtag", &config);
+    let first = agent.wait_running("web");
+    let v1 = registry_digest("v1");
+    assert_eq!(first.digest.as_deref(), Some(v1.as_str()), "{first:?}");
+    let shown = |agent: &TestAgent| {
+        let table = agent.hoist_ok(&["status"]);
+        table.lines().find(|l| l.contains("hoist_web")).map(str::to_string).unwrap_or_else(|| panic!("{table}"))
+    };
+    let short = |digest: &str| format!("{tag}@{}", &digest[7..19]);
+    assert!(shown(&agent).contains(&short(&v1)), "{}", shown(&agent));
+
+    // The tag moves to v2's content; an update pulls it, and the table tells the two apart.
+    move_tag(tag, "v2");
+    agent.hoist_ok(&["transition", "web", "update"]);
+    let v2 = registry_digest("v2");
+    let moved = agent.wait_machine("web", "on the moved tag", Duration::from_secs(60), |m| {
+        m.state == State::Run && m.digest.as_deref() == Some(v2.as_str())
+    });
+    assert_eq!(moved.version, tag, "the version is still the tag");
+    assert!(shown(&agent).contains(&short(&v2)), "{}", shown(&agent));
+    let _ = docker(&["rmi", &format!("{}:{tag}", image())]);
 }
 
 /// PUT through the control socket, bypassing the CLI's own check of tag values (as another KV

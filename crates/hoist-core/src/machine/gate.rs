@@ -221,6 +221,7 @@ mod tests {
             labels: Default::default(),
             image: "registry.test/web:v2".into(),
             image_id: "sha256:1".into(),
+            image_digest: None,
             state,
             health,
             exit_code: None,

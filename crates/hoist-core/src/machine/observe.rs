@@ -6,8 +6,8 @@ use super::*;
 impl Machine {
     pub(super) fn register(&mut self) {
         if self.registration.is_none() {
-            let (kv, interval) = (self.deps.kv.clone(), self.deps.registration_interval);
-            self.registration = registration::Publisher::start(kv, &self.cfg.register_ports, &self.instance_id, interval);
+            let (kv, events, settings) = (self.deps.kv.clone(), self.deps.events.clone(), &self.deps.registration);
+            self.registration = registration::Publisher::start(kv, events, &self.cfg.register_ports, &self.instance_id, settings);
         }
     }
 
@@ -223,6 +223,7 @@ mod tests {
             labels: BTreeMap::from([(LABEL_SPEC.to_string(), spec.hash())]),
             image: spec.image_ref(),
             image_id: "sha256:1".into(),
+            image_digest: None,
             state: RunState::Running,
             health: RuntimeHealth::Healthy,
             exit_code: None,

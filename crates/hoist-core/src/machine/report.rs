@@ -75,6 +75,7 @@ impl Machine {
             state: self.state,
             version,
             image,
+            digest: self.container.as_ref().and_then(|c| c.image_digest.clone()),
             desired_image: spec.image_ref(),
             container_id: self.container.as_ref().map(|c| c.id.chars().take(12).collect()),
             started: running.map(|c| c.started_at),
