@@ -257,6 +257,8 @@ pub async fn read_all(kv: &dyn Kv, bucket: &str) -> BackendResult<Vec<KvEntry>> 
 pub trait Events: Send + Sync + 'static {
     async fn publish(&self, event: &TransitionEvent) -> BackendResult<()>;
     async fn publish_governor(&self, event: &GovernorEvent) -> BackendResult<()>;
+    /// A service registration on choria-io/ccm's subject (`registration::ServiceEntry::ccm_subject`).
+    async fn publish_registration(&self, subject: &str, entry: &[u8]) -> BackendResult<()>;
     /// Events published from now on (by any node, for a fleet backend).
     async fn subscribe(&self) -> BackendResult<BoxStream<'static, TransitionEvent>>;
 }

@@ -66,6 +66,9 @@ mod tests {
         async fn publish_governor(&self, _event: &GovernorEvent) -> BackendResult<()> {
             Ok(())
         }
+        async fn publish_registration(&self, _subject: &str, _entry: &[u8]) -> BackendResult<()> {
+            Ok(())
+        }
         async fn subscribe(&self) -> BackendResult<BoxStream<'static, TransitionEvent>> {
             Ok(futures_util::stream::pending().boxed())
         }

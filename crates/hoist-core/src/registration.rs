@@ -2,10 +2,11 @@
 //! while its machine is in RUN (it passed its health gate), every `registration.interval`, under the
 //! key `<cluster>.<protocol>.<service>.<instance>` and in the JSON shape Choria's gossip watcher uses.
 //! Leaving RUN withdraws them at once; an agent that dies stops refreshing them and the bucket's TTL
-//! removes them.
+//! removes them. With `registration.ccm`, each refresh is also published on choria-io/ccm's subject
+//! (`ServiceEntry::ccm_subject`), for registries that listen rather than read the bucket.
 
-use crate::backend::{BucketConfig, Kv};
-use crate::config::Registration;
+use crate::backend::{BucketConfig, Events, Kv};
+use crate::config::{Registration, RegistrationConfig};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -54,6 +55,14 @@ impl ServiceEntry {
     pub fn key(&self, instance: &str) -> String {
         format!("{}.{}.{}.{instance}", self.cluster, self.protocol, self.service)
     }
+
+    /// `choria.ccm.registration.v1.<cluster>.<protocol>.<service>.<address>.<instance>`. Cluster,
+    /// protocol and service are single tokens already (checked at load); the address's dots and
+    /// colons (`10.0.0.1`, `fe80::1`) would split it into several tokens, so they are written `_`.
+    pub fn ccm_subject(&self, instance: &str) -> String {
+        let address = self.address.replace(['.', ':'], "_");
+        format!("choria.ccm.registration.v1.{}.{}.{}.{address}.{instance}", self.cluster, self.protocol, self.service)
+    }
 }
 
 /// The refresh loop of one machine's registrations; `withdraw` ends it and deletes the entries.
@@ -65,22 +74,33 @@ pub struct Publisher {
 
 impl Publisher {
     /// None when the container registers nothing.
-    pub fn start(kv: Arc<dyn Kv>, registrations: &[Registration], instance: &str, interval: Duration) -> Option<Publisher> {
+    /// `events` carries the ccm publications when `settings.ccm` is on.
+    pub fn start(
+        kv: Arc<dyn Kv>,
+        events: Arc<dyn Events>,
+        registrations: &[Registration],
+        instance: &str,
+        settings: &RegistrationConfig,
+    ) -> Option<Publisher> {
         if registrations.is_empty() {
             return None;
         }
-        let entries: Vec<(String, Vec<u8>)> = registrations
+        let entries: Vec<(String, String, Vec<u8>)> = registrations
             .iter()
             .map(ServiceEntry::of)
-            .map(|e| (e.key(instance), serde_json::to_vec(&e).expect("entries serialise")))
+            .map(|e| (e.key(instance), e.ccm_subject(instance), serde_json::to_vec(&e).expect("entries serialise")))
             .collect();
-        let keys = entries.iter().map(|(k, _)| k.clone()).collect();
+        let keys = entries.iter().map(|(k, ..)| k.clone()).collect();
         let store = kv.clone();
+        let (interval, ccm) = (settings.interval, settings.ccm);
         let task = tokio::spawn(async move {
             loop {
-                for (key, value) in &entries {
+                for (key, subject, value) in &entries {
                     if let Err(e) = store.put(SERVICES_BUCKET, key, value).await {
                         tracing::warn!(%key, error = %e, "could not publish a service registration");
+                    }
+                    if ccm && let Err(e) = events.publish_registration(subject, value).await {
+                        tracing::warn!(%subject, error = %e, "could not publish a service registration for ccm");
                     }
                 }
                 tokio::time::sleep(interval).await;
@@ -133,5 +153,8 @@ mod tests {
             r#"{"cluster":"lon","service":"ginkgo","protocol":"http","address":"192.168.1.1","port":8080,"priority":1}"#
         );
         assert_eq!(e.key("abc-1"), "lon.http.ginkgo.abc-1");
+        assert_eq!(e.ccm_subject("abc-1"), "choria.ccm.registration.v1.lon.http.ginkgo.192_168_1_1.abc-1");
+        let v6 = ServiceEntry { address: "fe80::1".into(), ..e };
+        assert_eq!(v6.ccm_subject("abc-1"), "choria.ccm.registration.v1.lon.http.ginkgo.fe80__1.abc-1");
     }
 }

@@ -373,6 +373,11 @@ impl Events for EmbeddedStore {
         Ok(())
     }
 
+    /// Refused at load (`registration.ccm` needs NATS): one node has no bus for ccm to read.
+    async fn publish_registration(&self, subject: &str, _entry: &[u8]) -> BackendResult<()> {
+        Err(BackendError::Invalid { what: "subject", value: subject.into(), reason: "the embedded store has no message bus".into() })
+    }
+
     async fn subscribe(&self) -> BackendResult<BoxStream<'static, TransitionEvent>> {
         let rx = self.inner.events.subscribe();
         Ok(Box::pin(stream::unfold(rx, |mut rx| async move {

@@ -71,6 +71,13 @@ impl Events for NatsBackend {
         self.client.publish(SUBJECT, body.into()).await.map_err(|e| unavailable("publishing a transition event", e))
     }
 
+    async fn publish_registration(&self, subject: &str, entry: &[u8]) -> BackendResult<()> {
+        self.client
+            .publish(subject.to_string(), entry.to_vec().into())
+            .await
+            .map_err(|e| unavailable("publishing a service registration", e))
+    }
+
     async fn publish_governor(&self, event: &GovernorEvent) -> BackendResult<()> {
         let body = GovernorLifecycle { protocol: GOVERNOR_EVENT_PROTOCOL, id: uuid_v4(), timestamp: hoist_core::clock::unix_now(), event };
         let body = serde_json::to_vec(&body).map_err(|e| unavailable("encoding a governor event", e))?;

@@ -89,7 +89,7 @@ impl Node {
                 governor_timeout: Duration::from_secs(600),
                 restart_backoff: Default::default(),
             },
-            registration_interval: Duration::from_secs(15),
+            registration: hoist_core::config::RegistrationConfig { interval: Duration::from_secs(15), ccm: false },
             conditions: Default::default(),
             slots: SlotKeeper::start(view.clone(), view.clone(), self.name.clone()),
             outbox: hoist_core::outbox::Outbox::start(view),

@@ -185,6 +185,11 @@ impl Events for NodeView {
         Ok(())
     }
 
+    async fn publish_registration(&self, _subject: &str, _entry: &[u8]) -> BackendResult<()> {
+        self.reach().await?;
+        Ok(())
+    }
+
     async fn subscribe(&self) -> BackendResult<BoxStream<'static, TransitionEvent>> {
         Ok(stream::pending().boxed())
     }

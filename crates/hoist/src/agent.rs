@@ -133,7 +133,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         node: cfg.node.clone(),
         docker: cfg.docker.clone(),
         rollout: cfg.rollout.clone(),
-        registration_interval: cfg.registration.interval,
+        registration: cfg.registration.clone(),
         conditions: conditions.clone(),
         slots: hoist_core::slot::SlotKeeper::start(backends.governor.clone(), backends.events.clone(), cfg.node.clone()),
         outbox: hoist_core::outbox::Outbox::start(backends.events.clone()),

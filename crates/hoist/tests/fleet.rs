@@ -19,12 +19,12 @@ fn fleet_status(agent: &TestAgent, extra: &[&str]) -> FleetAnswer {
 }
 
 /// Three agents on `server`, each running `web` (v1, following the KV, restart governor RG at
-/// capacity 1, registering its port), all in RUN, taking fleet requests signed by the operator key
+/// capacity 1, registering its port, in the bucket and on ccm's subject), all in RUN, taking fleet requests signed by the operator key
 /// returned (which their agent files also give the CLI to sign with).
 fn three_agents(test: &str, server: &nats::Server) -> (Vec<TestAgent>, OperatorKey) {
     let operator = OperatorKey::new();
     let agent_yaml = format!(
-        "backend: nats\nnats:\n  servers: ['{}']\nregistration:\n  interval: 1s\n{}",
+        "backend: nats\nnats:\n  servers: ['{}']\nregistration:\n  interval: 1s\n  ccm: true\n{}",
         server.url(),
         operator.fleet_yaml("tester", "[status, transition]")
     );
@@ -59,8 +59,25 @@ fn all_on(agents: &[TestAgent], version: &str, what: &str) {
 #[test]
 fn a_fleet_rolls_one_instance_at_a_time_and_answers_fleet_commands() {
     let server = nats::Server::start();
+    let ccm = SubjectRecord::start(&server, "choria.ccm.registration.v1");
     let (mut agents, _operator) = three_agents("fleet", &server);
     let nodes: BTreeSet<String> = agents.iter().map(|a| a.node.clone()).collect();
+
+    // Each node's registration is also published on ccm's subject, with the bucket's JSON.
+    let bucket = wait_until("three registrations in the bucket", Duration::from_secs(10), || {
+        let entries: Vec<serde_json::Value> = serde_json::from_str(&agents[0].hoist_ok(&["services", "--json"])).unwrap();
+        (entries.len() == 3).then_some(entries)
+    });
+    let published = wait_until("three ccm registrations", Duration::from_secs(10), || {
+        let subjects: BTreeSet<String> = ccm.events().into_iter().map(|(subject, _)| subject).collect();
+        (subjects.len() == 3).then_some(subjects)
+    });
+    for subject in &published {
+        assert!(subject.starts_with("choria.ccm.registration.v1.t.http.web.127_0_0_1."), "{subject}");
+    }
+    for (_, body) in ccm.events() {
+        assert!(bucket.contains(&body), "the same entry as in the bucket: {body} vs {bucket:?}");
+    }
 
     // Every node answers a fleet status, with the summaries across the fleet.
     let answer = wait_until("all nodes to answer", Duration::from_secs(20), || {
@@ -170,14 +187,15 @@ fn a_failing_version_is_tried_on_one_node_and_stopped_fleet_wide() {
     assert_eq!(max_down, 1, "docker events:\n{record}");
 }
 
-/// Choria governor lifecycle events as `choria tool event` would see them: (subject, body).
-struct LifecycleRecord {
+/// Messages under a subject prefix as a Choria tool would see them: (subject, body).
+struct SubjectRecord {
     _runtime: tokio::runtime::Runtime,
     events: std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>,
 }
 
-impl LifecycleRecord {
-    fn start(server: &nats::Server) -> LifecycleRecord {
+impl SubjectRecord {
+    /// Records what is published under `prefix.>` from now on.
+    fn start(server: &nats::Server, prefix: &'static str) -> SubjectRecord {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -185,11 +203,12 @@ impl LifecycleRecord {
         runtime.spawn(async move {
             use futures_util::StreamExt;
             let client = async_nats::connect(url).await.expect("connect");
-            let mut messages = client.subscribe("choria.lifecycle.event.governor.>").await.expect("subscribe");
+            let mut messages = client.subscribe(format!("{prefix}.>")).await.expect("subscribe");
             // Live once our own message comes back.
-            client.publish("choria.lifecycle.event.governor.sync", "{}".into()).await.unwrap();
+            let sync = format!("{prefix}.sync");
+            client.publish(sync.clone(), "{}".into()).await.unwrap();
             while let Some(msg) = messages.next().await {
-                if msg.subject.as_str() == "choria.lifecycle.event.governor.sync" {
+                if msg.subject.as_str() == sync {
                     let _ = ready_tx.send(());
                     continue;
                 }
@@ -197,8 +216,8 @@ impl LifecycleRecord {
                 sink.lock().unwrap().push((msg.subject.to_string(), body));
             }
         });
-        ready_rx.recv_timeout(Duration::from_secs(10)).expect("the lifecycle subscription");
-        LifecycleRecord { _runtime: runtime, events }
+        ready_rx.recv_timeout(Duration::from_secs(10)).expect("the subscription");
+        SubjectRecord { _runtime: runtime, events }
     }
 
     fn events(&self) -> Vec<(String, serde_json::Value)> {
@@ -271,7 +290,7 @@ fn a_revert_after_its_slot_was_lost_waits_for_a_slot_again() {
         a.wait_running("web");
     }
     let record = record_webs(&agents);
-    let lifecycle = LifecycleRecord::start(&server);
+    let lifecycle = SubjectRecord::start(&server, "choria.lifecycle.event.governor");
     agents[0].hoist_ok(&["kv", "put", "HOIST", "container/web/tag", "v2"]);
     let confirming = |a: &TestAgent| {
         a.machine("web").is_some_and(|m| m.state == State::Restart && m.activity.is_some_and(|x| x.starts_with("healthy; confirming")))

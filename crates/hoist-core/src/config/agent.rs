@@ -68,6 +68,7 @@ struct RawTls {
 #[serde(deny_unknown_fields)]
 struct RawRegistration {
     interval: Option<Secs>,
+    ccm: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -226,6 +227,10 @@ fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<Path
     }
     let node = raw.node.unwrap_or_else(default_node);
     let backend = raw.backend.unwrap_or(BackendKind::Embedded);
+    let ccm = registration.ccm.unwrap_or(false);
+    if ccm && backend != BackendKind::Nats {
+        error("registration.ccm", "publishing on ccm's registration subject needs backend: nats".into());
+    }
     if backend == BackendKind::Nats && servers.is_empty() {
         error("nats.servers", "backend nats needs at least one server, e.g. [\"nats://n1:4222\"]".into());
     }
@@ -273,7 +278,7 @@ fn build(raw: RawAgent, path: Option<&Path>, base: &Path, default_data: Vec<Path
             inbox_prefix: inbox_prefix(nats.inbox_prefix, &mut error),
         },
         facts,
-        registration: RegistrationConfig { interval: secs(registration.interval, 15) },
+        registration: RegistrationConfig { interval: secs(registration.interval, 15), ccm },
         control: ControlConfig { socket: control.socket.map(resolve).unwrap_or_else(|| state_dir.join("hoist.sock")) },
         metrics: MetricsConfig { listen: metrics.listen },
         rollout: RolloutConfig {

@@ -90,6 +90,8 @@ pub struct TlsConfig {
 pub struct RegistrationConfig {
     /// Default 15 s.
     pub interval: Duration,
+    /// Also publish each entry on choria-io/ccm's registration subject (NATS backend only).
+    pub ccm: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

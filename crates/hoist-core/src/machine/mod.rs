@@ -30,7 +30,7 @@ pub use load::spawn;
 use crate::backend::{BackendError, Events, Governor, GovernorEventType, HOIST_BUCKET, Kv, TRANSITION_PROTOCOL, TransitionEvent, tag_key};
 use crate::backoff::{CrashLoop, Retry};
 use crate::clock::unix_now;
-use crate::config::{ContainerConfig, DockerConfig, RolloutConfig};
+use crate::config::{ContainerConfig, DockerConfig, RegistrationConfig, RolloutConfig};
 use crate::files::FileWatch;
 use crate::fsm::{self, State, Transition, TransitionError};
 use crate::persist::{Remembered, StateStore};
@@ -64,8 +64,8 @@ pub struct MachineDeps {
     /// Container naming, stop grace, purge grace, syslog address.
     pub docker: DockerConfig,
     pub rollout: RolloutConfig,
-    /// How often `register_ports` entries are refreshed while a container is in RUN.
-    pub registration_interval: Duration,
+    /// How often `register_ports` entries are refreshed while a container is in RUN, and where.
+    pub registration: RegistrationConfig,
     /// Problems of the node's dependencies, shown in `hoist status` (`NodeStatus::warnings`).
     pub conditions: crate::health::Conditions,
     /// Releases every governor slot a machine lets go of.

@@ -93,6 +93,11 @@ fn agent_settings_outside_their_range_are_refused_all_at_once() {
     let e = AgentConfig::load(&file).unwrap_err().0.remove(0);
     assert_eq!(e.field.as_deref(), Some("rollout.min_healthy_time"));
     assert!(e.message.contains("not shorter than rollout.healthy_deadline"), "{e}");
+    // ccm listens on NATS: one node alone has nowhere to publish to.
+    let file = write(dir.path(), "hoist.yaml", "registration: {ccm: true}\n");
+    let e = AgentConfig::load(&file).unwrap_err().0.remove(0);
+    assert_eq!(e.field.as_deref(), Some("registration.ccm"));
+    assert!(e.message.contains("needs backend: nats"), "{e}");
     // The socket path is bounded by the kernel.
     let file = write(dir.path(), "hoist.yaml", &format!("control: {{socket: /{}/hoist.sock}}\n", "d".repeat(100)));
     assert_eq!(AgentConfig::load(&file).unwrap_err().0[0].field.as_deref(), Some("control.socket"));
