@@ -244,6 +244,17 @@ mod tests {
     }
 
     #[test]
+    fn events_show_their_time_as_rfc3339() {
+        let e: TransitionEvent = serde_json::from_value(serde_json::json!({
+            "protocol": "io.choria.machine.v1.transition", "identity": "n1", "id": "1", "version": "1.0.0",
+            "timestamp": 1_796_119_862, "machine": "hoist_web", "transition": "restart", "from_state": "RUN",
+            "to_state": "RESTART",
+        }))
+        .expect("an event");
+        assert!(event(&e).starts_with("2026-12-01T10:11:02Z n1 hoist_web RUN → RESTART (restart)"), "{}", event(&e));
+    }
+
+    #[test]
     fn control_characters_are_written_out() {
         assert_eq!(clean("v2\x1b]0;pwned\x07\x1b[2J\r\n\u{9b}é"), "v2\\x1b]0;pwned\\x07\\x1b[2J\\r\\n\\u{9b}é");
         assert_eq!(clean_lines("a\x1b\nb"), "a\\x1b\nb");
