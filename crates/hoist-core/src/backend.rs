@@ -29,6 +29,9 @@ pub enum BackendError {
     Invalid { what: &'static str, value: String, reason: String },
     #[error("backend unavailable: {0}")]
     Unavailable(String),
+    /// A compare-and-set write (`Kv::update`) found the key changed since it was read.
+    #[error("{bucket}/{key} was changed by another writer since it was read")]
+    Conflict { bucket: String, key: String },
     #[error("{0}")]
     Other(String),
 }
@@ -135,6 +138,10 @@ pub trait Kv: Send + Sync + 'static {
     async fn get(&self, bucket: &str, key: &str) -> BackendResult<Option<KvEntry>>;
     /// Returns the new revision.
     async fn put(&self, bucket: &str, key: &str, value: &[u8]) -> BackendResult<u64>;
+    /// Compare-and-set: writes `value` only if the key's latest revision is still `last` (as `get`
+    /// returned it), or, with None, only if the key holds no value (never written, deleted, expired).
+    /// Otherwise `BackendError::Conflict`, and nothing is written. Returns the new revision.
+    async fn update(&self, bucket: &str, key: &str, value: &[u8], last: Option<u64>) -> BackendResult<u64>;
     async fn delete(&self, bucket: &str, key: &str) -> BackendResult<()>;
     /// Keys that currently hold a value, sorted.
     async fn keys(&self, bucket: &str) -> BackendResult<Vec<String>>;

@@ -95,6 +95,22 @@ pub async fn kv_suite(kv: &dyn Kv) {
     let again = kv.put(&bucket, key, b"v3").await.expect("put after delete");
     assert!(again > other, "a put after a delete gets a new revision");
 
+    // Compare-and-set: a write that raced another one is refused, never lost.
+    let cas = "cas/claim";
+    assert_err!(kv.update(&bucket, cas, b"x", Some(again)).await, BackendError::Conflict { .. }, "update of a key never written");
+    let made = kv.update(&bucket, cas, b"1", None).await.expect("create a key without a value");
+    assert_err!(kv.update(&bucket, cas, b"x", None).await, BackendError::Conflict { .. }, "create of a key that holds a value");
+    let changed = kv.update(&bucket, cas, b"2", Some(made)).await.expect("update at the revision read");
+    assert!(changed > made, "a new revision: {made} then {changed}");
+    assert_err!(kv.update(&bucket, cas, b"x", Some(made)).await, BackendError::Conflict { .. }, "update at a stale revision");
+    let raced = kv.put(&bucket, cas, b"3").await.expect("another writer's put");
+    assert_err!(kv.update(&bucket, cas, b"x", Some(changed)).await, BackendError::Conflict { .. }, "update after another's put");
+    assert_entry(&kv.get(&bucket, cas).await.expect("get").expect("a value"), cas, "3", KvOperation::Put, "refused updates wrote nothing");
+    kv.delete(&bucket, cas).await.expect("delete");
+    assert_err!(kv.update(&bucket, cas, b"x", Some(raced)).await, BackendError::Conflict { .. }, "update of a deleted key");
+    kv.update(&bucket, cas, b"4", None).await.expect("create over a deleted key");
+    assert_err!(kv.update("NoSuchBucketHere", cas, b"x", None).await, BackendError::NoBucket(_), "update in a missing bucket");
+
     kv.delete_bucket(&bucket).await.expect("delete the bucket");
     assert!(!kv.list_buckets().await.expect("list buckets").contains(&bucket), "a deleted bucket is still listed");
     assert_err!(kv.get(&bucket, key).await, BackendError::NoBucket(_), "get from a deleted bucket");

@@ -9,7 +9,7 @@
 //! the other has been silent for `LIVENESS`. The claim is checked at every refresh, not only at start:
 //! twins that could not see each other (NATS down when both started, a partition) settle once they can.
 
-use crate::backend::{BackendResult, BucketConfig, Kv, KvEntry, read_all};
+use crate::backend::{BackendError, BackendResult, BucketConfig, Kv, KvEntry, read_all};
 use crate::backoff::Retry;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -114,33 +114,62 @@ pub async fn announcement(kv: &dyn Kv, node: &str) -> BackendResult<Option<Annou
 /// yet on a first start), until another install's live claim on the node name wins over this one's
 /// (`keeps_node`): then returns that claim, and the caller stands by. A live claim that loses to this
 /// one is overwritten; its agent sees this one's at its next refresh and stands by.
+///
+/// Every write is a compare-and-set against the entry just read, so a rival's claim landing between
+/// the read and the write is never overwritten unseen: the write is refused and the entry read again.
 pub async fn announce(kv: Arc<dyn Kv>, presence: Presence) -> Announced {
     let value = serde_json::to_vec(&presence).expect("presence serialises");
     let mut retry = Retry::default();
     loop {
-        match claimed_elsewhere(&*kv, &presence).await {
-            Ok(Some(other)) if !keeps_node(&presence, &other.presence) => return other,
-            Ok(Some(other)) => tracing::warn!(
-                node = %presence.node,
-                other = other.presence.instance.as_deref().unwrap_or("?"),
-                "another machine announces this node name too; this agent took it first and keeps it, the other stands by"
-            ),
-            Ok(None) => {}
-            Err(e) => tracing::debug!(error = %e, "could not read this node's presence"),
-        }
-        let wait = match kv.put(NODES_BUCKET, &presence.node, &value).await {
-            Ok(_) => {
+        let wait = match claim(&*kv, &presence, &value).await {
+            Ok(Claim::Lost(other)) => return other,
+            Ok(Claim::Held) => {
                 retry.reset();
-                // Jittered: two claimants refreshing in lockstep could each read only its own write
-                // (the other's landing between its read and its write) and never see the other.
+                // Jittered, so that the agents of a fleet started together do not refresh in lockstep.
                 crate::clock::jitter(PRESENCE_INTERVAL)
             }
+            Ok(Claim::Raced) => RACED_RETRY,
             Err(e) => {
                 tracing::warn!(error = %e, "could not announce this node in {NODES_BUCKET}");
                 retry.next_wait().min(PRESENCE_INTERVAL)
             }
         };
         tokio::time::sleep(wait).await;
+    }
+}
+
+/// How soon a presence write refused by a concurrent one is tried again (after reading the other).
+const RACED_RETRY: Duration = Duration::from_millis(50);
+
+/// What one presence refresh found.
+#[derive(Debug)]
+enum Claim {
+    /// This install's presence is written.
+    Held,
+    /// Another writer changed the entry between the read and the write: read it again.
+    Raced,
+    /// Another install's live claim keeps the name.
+    Lost(Announced),
+}
+
+async fn claim(kv: &dyn Kv, presence: &Presence, value: &[u8]) -> BackendResult<Claim> {
+    let entry = kv.get(NODES_BUCKET, &presence.node).await?;
+    let now = SystemTime::now();
+    let rival = entry.as_ref().and_then(Announced::of).filter(|a| a.presence.instance != presence.instance && a.alive(now));
+    if let Some(other) = rival {
+        if !keeps_node(presence, &other.presence) {
+            return Ok(Claim::Lost(other));
+        }
+        tracing::warn!(
+            node = %presence.node,
+            other = other.presence.instance.as_deref().unwrap_or("?"),
+            "another machine announces this node name too; this agent took it first and keeps it, the other stands by"
+        );
+    }
+    match kv.update(NODES_BUCKET, &presence.node, value, entry.map(|e| e.revision)).await {
+        Ok(_) => Ok(Claim::Held),
+        Err(BackendError::Conflict { .. }) => Ok(Claim::Raced),
+        Err(e) => Err(e),
     }
 }
 

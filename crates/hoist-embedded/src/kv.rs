@@ -136,11 +136,31 @@ fn snapshot(inner: &Inner, bucket: &str, pattern: Option<&str>) -> Result<(Vec<K
     Ok((current, meta.last_revision))
 }
 
-/// Writes a value or tombstone for `key` and trims the key's history.
-fn write_entry(inner: &Inner, bucket: &str, key: &str, value: &[u8], operation: KvOperation) -> Result<u64, Fail> {
+/// Writes a value or tombstone for `key` and trims the key's history. With `expect`, only if the
+/// key's live revision (None: no value) is the one expected, checked in the same transaction.
+fn write_entry(
+    inner: &Inner,
+    bucket: &str,
+    key: &str,
+    value: &[u8],
+    operation: KvOperation,
+    expect: Option<Option<u64>>,
+) -> Result<u64, Fail> {
     inner.kv_write(|txn| {
         let mut buckets = txn.open_table(BUCKETS)?;
         let mut meta = load_meta(&buckets, bucket)?;
+        if let Some(expected) = expect {
+            let latest = txn.open_table(LATEST)?.get((bucket, key))?.and_then(|g| g.value().last().copied());
+            let live = match latest {
+                Some(revision) => read_entry(&txn.open_table(ENTRIES)?, bucket, revision, &meta.config, now_ms())?
+                    .filter(|e| e.operation == KvOperation::Put)
+                    .map(|e| e.revision),
+                None => None,
+            };
+            if live != expected {
+                return Err(BackendError::Conflict { bucket: bucket.into(), key: key.into() }.into());
+            }
+        }
         meta.last_revision += 1;
         let revision = meta.last_revision;
         let created_ms = now_ms();
@@ -237,14 +257,21 @@ impl Kv for EmbeddedStore {
         validate_bucket(bucket)?;
         validate_key(key, false)?;
         let (bucket, key, value) = (bucket.to_owned(), key.to_owned(), value.to_vec());
-        self.run(move |inner| write_entry(inner, &bucket, &key, &value, KvOperation::Put)).await
+        self.run(move |inner| write_entry(inner, &bucket, &key, &value, KvOperation::Put, None)).await
+    }
+
+    async fn update(&self, bucket: &str, key: &str, value: &[u8], last: Option<u64>) -> BackendResult<u64> {
+        validate_bucket(bucket)?;
+        validate_key(key, false)?;
+        let (bucket, key, value) = (bucket.to_owned(), key.to_owned(), value.to_vec());
+        self.run(move |inner| write_entry(inner, &bucket, &key, &value, KvOperation::Put, Some(last))).await
     }
 
     async fn delete(&self, bucket: &str, key: &str) -> BackendResult<()> {
         validate_bucket(bucket)?;
         validate_key(key, false)?;
         let (bucket, key) = (bucket.to_owned(), key.to_owned());
-        self.run(move |inner| write_entry(inner, &bucket, &key, &[], KvOperation::Delete).map(drop)).await
+        self.run(move |inner| write_entry(inner, &bucket, &key, &[], KvOperation::Delete, None).map(drop)).await
     }
 
     async fn keys(&self, bucket: &str) -> BackendResult<Vec<String>> {

@@ -126,6 +126,25 @@ impl Kv for NatsBackend {
         store.put(key, value.to_vec().into()).await.map_err(|e| unavailable(format!("writing {bucket}/{key}"), e))
     }
 
+    async fn update(&self, bucket: &str, key: &str, value: &[u8], last: Option<u64>) -> BackendResult<u64> {
+        use async_nats::jetstream::kv::{CreateErrorKind, UpdateErrorKind};
+        validate_key(key, false)?;
+        let store = self.store(bucket).await?;
+        let conflict = || BackendError::Conflict { bucket: bucket.into(), key: key.into() };
+        let what = || format!("writing {bucket}/{key}");
+        match last {
+            // `create` also writes over a delete marker or a purged key: those hold no value.
+            None => store.create(key, value.to_vec().into()).await.map_err(|e| match e.kind() {
+                CreateErrorKind::AlreadyExists => conflict(),
+                _ => unavailable(what(), e),
+            }),
+            Some(revision) => store.update(key, value.to_vec().into(), revision).await.map_err(|e| match e.kind() {
+                UpdateErrorKind::WrongLastRevision => conflict(),
+                _ => unavailable(what(), e),
+            }),
+        }
+    }
+
     async fn delete(&self, bucket: &str, key: &str) -> BackendResult<()> {
         validate_key(key, false)?;
         let store = self.store(bucket).await?;

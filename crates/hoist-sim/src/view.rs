@@ -72,6 +72,12 @@ impl Kv for NodeView {
         self.world.write(bucket, key, value, KvOperation::Put)
     }
 
+    async fn update(&self, bucket: &str, key: &str, value: &[u8], last: Option<u64>) -> BackendResult<u64> {
+        self.reach().await?;
+        self.world.note(format!("{} kv update {bucket} {key} (if at {last:?}) = {}", self.node, String::from_utf8_lossy(value)));
+        self.world.write_if(bucket, key, value, KvOperation::Put, Some(last))
+    }
+
     async fn delete(&self, bucket: &str, key: &str) -> BackendResult<()> {
         self.reach().await?;
         self.world.note(format!("{} kv delete {bucket} {key}", self.node));

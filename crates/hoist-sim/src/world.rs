@@ -138,10 +138,27 @@ impl World {
     }
 
     pub fn write(&self, bucket: &str, key: &str, value: &[u8], operation: KvOperation) -> BackendResult<u64> {
+        self.write_if(bucket, key, value, operation, None)
+    }
+
+    /// `write`, with `expect` only if the key's live revision (None: no value) is the one expected.
+    pub fn write_if(
+        &self,
+        bucket: &str,
+        key: &str,
+        value: &[u8],
+        operation: KvOperation,
+        expect: Option<Option<u64>>,
+    ) -> BackendResult<u64> {
         self.with(|w| {
+            let b = w.buckets.get_mut(bucket).ok_or_else(|| BackendError::NoBucket(bucket.into()))?;
+            let live = b.entries.get(key).filter(|e| e.operation == KvOperation::Put).map(|e| e.revision);
+            if expect.is_some_and(|expected| expected != live) {
+                return Err(BackendError::Conflict { bucket: bucket.into(), key: key.into() });
+            }
             w.revision += 1;
             let revision = w.revision;
-            let b = w.buckets.get_mut(bucket).ok_or_else(|| BackendError::NoBucket(bucket.into()))?;
+            let b = w.buckets.get_mut(bucket).expect("looked up above");
             let entry = KvEntry {
                 bucket: bucket.into(),
                 key: key.into(),

@@ -99,9 +99,7 @@ impl ControlClient {
     }
 
     async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Bytes) -> BackendResult<T> {
-        let response = self.send(method, path, body).await?;
-        let bytes = response.into_body().collect().await.map_err(|e| BackendError::Unavailable(e.to_string()))?.to_bytes();
-        serde_json::from_slice(&bytes).map_err(|e| BackendError::Other(format!("unexpected answer from the agent: {e}")))
+        decode(self.send(method, path, body).await?).await
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> BackendResult<T> {
@@ -163,6 +161,12 @@ impl ControlClient {
     }
 }
 
+/// A successful answer's JSON body.
+async fn decode<T: DeserializeOwned>(response: Response) -> BackendResult<T> {
+    let bytes = response.into_body().collect().await.map_err(|e| BackendError::Unavailable(e.to_string()))?.to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| BackendError::Other(format!("unexpected answer from the agent: {e}")))
+}
+
 fn entry_path(bucket: &str, key: &str) -> String {
     format!("/v1/kv/{}/entry/{}", segment(bucket), key.split('/').map(segment).collect::<Vec<_>>().join("/"))
 }
@@ -195,6 +199,20 @@ impl Kv for ControlClient {
 
     async fn put(&self, bucket: &str, key: &str, value: &[u8]) -> BackendResult<u64> {
         self.call(Method::PUT, &entry_path(bucket, key), Bytes::copy_from_slice(value)).await
+    }
+
+    async fn update(&self, bucket: &str, key: &str, value: &[u8], last: Option<u64>) -> BackendResult<u64> {
+        let expect = last.map_or_else(|| "none".to_string(), |r| r.to_string());
+        let path = format!("{}?expect={expect}", entry_path(bucket, key));
+        let response = self.send_or_refusal(Method::PUT, &path, Bytes::copy_from_slice(value)).await.map_err(|e| match e {
+            Sent::Refused(refusal) if refusal.status == StatusCode::CONFLICT => {
+                BackendError::Conflict { bucket: bucket.into(), key: key.into() }
+            }
+            Sent::Refused(refusal) if refusal.status == StatusCode::SERVICE_UNAVAILABLE => BackendError::Unavailable(refusal.message),
+            Sent::Refused(refusal) => BackendError::Other(refusal.message),
+            Sent::Unreachable(e) => e,
+        })?;
+        decode(response).await
     }
 
     async fn delete(&self, bucket: &str, key: &str) -> BackendResult<()> {

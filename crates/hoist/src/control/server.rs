@@ -120,6 +120,7 @@ impl From<BackendError> for ApiError {
             BackendError::Invalid { .. } => StatusCode::BAD_REQUEST,
             BackendError::GovernorTimeout(..) => StatusCode::REQUEST_TIMEOUT,
             BackendError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            BackendError::Conflict { .. } => StatusCode::CONFLICT,
             BackendError::Other(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(code, e.to_string())
@@ -206,8 +207,27 @@ async fn kv_get(State(c): State<Control>, Path((bucket, key)): Path<(String, Str
     json(c.kv.get(&bucket, &key).await?)
 }
 
-async fn kv_put(State(c): State<Control>, Path((bucket, key)): Path<(String, String)>, body: Bytes) -> ApiResult<u64> {
-    json(c.kv.put(&bucket, &key, &body).await?)
+#[derive(Deserialize)]
+struct WriteCondition {
+    /// Compare-and-set: the revision the key must still have, or `none` for a key without a value.
+    expect: Option<String>,
+}
+
+async fn kv_put(
+    State(c): State<Control>,
+    Path((bucket, key)): Path<(String, String)>,
+    Query(q): Query<WriteCondition>,
+    body: Bytes,
+) -> ApiResult<u64> {
+    let revision = match q.expect.as_deref() {
+        None => c.kv.put(&bucket, &key, &body).await?,
+        Some("none") => c.kv.update(&bucket, &key, &body, None).await?,
+        Some(r) => {
+            let last = r.parse().map_err(|_| ApiError(StatusCode::BAD_REQUEST, format!("expect={r:?} is neither a revision nor none")))?;
+            c.kv.update(&bucket, &key, &body, Some(last)).await?
+        }
+    };
+    json(revision)
 }
 
 async fn kv_delete(State(c): State<Control>, Path((bucket, key)): Path<(String, String)>) -> ApiResult<()> {
