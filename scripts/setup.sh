@@ -11,8 +11,11 @@ missing=()
 # init-system-helpers (deb-systemd-helper in the maintainer scripts) and man-db (man -l).
 # debootstrap: the image with systemd as PID 1 that the packaged unit is run under (test-fixtures.sh).
 # The Puppet module's test (crates/hoist/tests/puppet.rs): puppet and the stdlib module it uses.
+# The web view's test (crates/hoist/tests/ui.rs): chromium, driven headless through chromedriver
+# (chromium-driver) over WebDriver.
 for pkg in docker-registry busybox-static curl apache2-utils openssl iproute2 \
-  dpkg-dev binutils systemd init-system-helpers man-db debootstrap puppet puppet-module-puppetlabs-stdlib; do
+  dpkg-dev binutils systemd init-system-helpers man-db debootstrap puppet puppet-module-puppetlabs-stdlib \
+  chromium chromium-driver; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }

@@ -10,6 +10,7 @@ mod metrics;
 mod node_claim;
 mod output;
 mod state_dir;
+mod ui;
 
 use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
@@ -114,6 +115,16 @@ enum Command {
     /// The nodes of the fleet, as they announce themselves in HOIST_NODES (NATS backend).
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Serve a read-only live web view of this node (control socket) or the fleet (NATS backend).
+    Ui {
+        /// The address to listen on; one other than loopback needs a token.
+        #[arg(long, value_name = "ADDRESS", default_value = ui::DEFAULT_LISTEN)]
+        listen: std::net::SocketAddr,
+        /// A file whose first line is the token every request must then carry (`Authorization:
+        /// Bearer` or `?token=`); without it, the token is HOIST_UI_TOKEN if set.
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<PathBuf>,
+    },
     /// Print the shell completion script for SHELL (the Debian package installs them).
     Completions {
         /// The shell to complete for.
@@ -386,6 +397,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let seen = fleet::forget(&agent_config(g)?, &node).await?;
             print(g.json, &seen, |s| format!("forgot node {} (last seen {})\n", s.node, fleet::when(s.last_seen)));
         }
+        Command::Ui { listen, token_file } => ui::run(agent_config(g)?, g.socket.clone(), listen, token_file).await?,
         Command::Completions { shell } => {
             // Rendered whole first: the generator panics on a write error such as a closed pipe.
             let mut script = Vec::new();
