@@ -19,6 +19,7 @@ pub mod outbox;
 pub mod persist;
 pub mod presence;
 pub mod registration;
+pub mod release;
 pub mod rollback_mark;
 pub mod runtime;
 pub mod slot;

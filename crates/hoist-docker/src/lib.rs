@@ -60,6 +60,21 @@ impl DockerRuntime {
         }
     }
 
+    /// The registry digest `image_ref` names now (`sha256:…`), asked of the registry through the
+    /// engine (its TLS, mirrors and insecure-registry settings) with the Docker config's credentials.
+    /// For a multi-platform image, the digest of its index, which is what `repo@digest` pulls.
+    pub async fn resolve_digest(&self, image_ref: &str) -> RuntimeResult<String> {
+        let resolve_error = |message: String| RuntimeError::Pull { image: image_ref.to_string(), message };
+        let found =
+            self.client().await?.inspect_registry_image(image_ref, image::credentials(image_ref)).await.map_err(
+                |e| match runtime_error(e) {
+                    unavailable @ RuntimeError::Unavailable(_) => unavailable,
+                    other => resolve_error(other.to_string()),
+                },
+            )?;
+        found.descriptor.digest.filter(|d| d.starts_with("sha256:")).ok_or_else(|| resolve_error("the registry gave no digest".into()))
+    }
+
     /// `new`, then reaches the engine now.
     pub async fn connect(host: Option<&str>) -> Result<DockerRuntime, RuntimeError> {
         let runtime = DockerRuntime::new(host)?;

@@ -5,10 +5,12 @@ mod control;
 mod fleet;
 mod follow;
 mod inotify;
+mod kv_access;
 mod logs;
 mod metrics;
 mod node_claim;
 mod output;
+mod release;
 mod state_dir;
 mod ui;
 
@@ -106,6 +108,9 @@ enum Command {
     /// The key-value store.
     #[command(subcommand)]
     Kv(KvCommand),
+    /// Release a tag to the fleet pinned to its digest (`hoist release web v2`), or show or abort a
+    /// container's release.
+    Release(release::ReleaseArgs),
     /// Governors: fleet-wide limits on concurrent pulls and restarts.
     #[command(subcommand)]
     Governor(GovernorCommand),
@@ -373,20 +378,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Metrics => print!("{}", output::clean_lines(&client(g)?.metrics().await?)),
         Command::Validate { files } => return validate(g, files),
         Command::Kv(cmd) => {
+            let access = kv_access::KvAccess::open(&agent_config(g)?, g.socket.clone()).await?;
+            kv(g, access.kv(), cmd).await.map_err(|e| access.explain(e))?
+        }
+        Command::Release(args) => {
             let cfg = agent_config(g)?;
-            if g.socket.is_none() && cfg.backend == BackendKind::Nats {
-                // With this file's own NATS user rather than through the local agent's, so what
-                // an operator or reader may change is what NATS permits them (and no agent is needed).
-                let nats = fleet::connect(&cfg).await?;
-                if let Err(e) = kv(g, &nats, cmd).await {
-                    return Err(match nats.last_refusal() {
-                        Some(refusal) => e.context(fleet::refused_by_nats(&cfg, &refusal)),
-                        None => e,
-                    });
-                }
-            } else {
-                kv(g, &client(g)?, cmd).await?
-            }
+            let access = kv_access::KvAccess::open(&cfg, g.socket.clone()).await?;
+            release::run(&cfg, &access, args, g.json).await.map_err(|e| access.explain(e))?
         }
         Command::Governor(cmd) => governor(g, &client(g)?, cmd).await?,
         Command::Node(NodeCommand::Ls) => {

@@ -225,12 +225,6 @@ impl SubjectRecord {
     }
 }
 
-/// What the node's web answers on its published port (found through Docker).
-fn http_get_container(agent: &TestAgent) -> Option<String> {
-    let port = docker_ok(&["port", &agent.container_name("web"), "80/tcp"]);
-    http_get(port.rsplit(':').next()?.parse().ok()?)
-}
-
 #[test]
 fn a_nats_outage_keeps_containers_remediated_locally_and_catches_up_on_kv_changes() {
     let mut server = nats::Server::start();

@@ -163,28 +163,6 @@ fn a_registry_outage_mid_rollout_causes_no_outage_and_the_rollout_resumes() {
     let _ = docker(&["rmi", &format!("{repo}:v1"), &format!("{repo}:v2")]);
 }
 
-/// The registry's content digest of a tag (what `docker pull repo@sha256:…` pins).
-fn registry_digest(tag: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(registry()).unwrap();
-    let req = format!(
-        "HEAD /v2/hoist/test/manifests/{tag} HTTP/1.0\r\nHost: {}\r\nAccept: application/vnd.docker.distribution.manifest.v2+json\r\n\r\n",
-        registry()
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut head = String::new();
-    s.read_to_string(&mut head).unwrap();
-    let line = head.lines().find(|l| l.to_ascii_lowercase().starts_with("docker-content-digest:")).expect("digest header");
-    line.split_once(':').unwrap().1.trim().to_string()
-}
-
-/// Points `tag` of the test repository at what `to` is, in the registry.
-fn move_tag(tag: &str, to: &str) {
-    let (from, moved) = (format!("{}:{to}", image()), format!("{}:{tag}", image()));
-    docker_ok(&["tag", &from, &moved]);
-    docker_ok(&["push", &moved]);
-}
-
 #[test]
 fn a_moving_tag_shows_the_digest_it_resolved_to() {
     // A tag of this test's own, moved as a CI pipeline moves `latest`.

@@ -23,6 +23,33 @@ pub fn image() -> String {
     format!("{}/hoist/test", registry())
 }
 
+/// The registry's content digest of a tag (what `docker pull repo@sha256:…` pins).
+pub fn registry_digest(tag: &str) -> String {
+    let mut s = std::net::TcpStream::connect(registry()).unwrap();
+    let req = format!(
+        "HEAD /v2/hoist/test/manifests/{tag} HTTP/1.0\r\nHost: {}\r\nAccept: application/vnd.docker.distribution.manifest.v2+json\r\n\r\n",
+        registry()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut head = String::new();
+    s.read_to_string(&mut head).unwrap();
+    let line = head.lines().find(|l| l.to_ascii_lowercase().starts_with("docker-content-digest:")).expect("digest header");
+    line.split_once(':').unwrap().1.trim().to_string()
+}
+
+/// Points `tag` of the test repository at what `to` is, in the registry.
+pub fn move_tag(tag: &str, to: &str) {
+    let (from, moved) = (format!("{}:{to}", image()), format!("{}:{tag}", image()));
+    docker_ok(&["tag", &from, &moved]);
+    docker_ok(&["push", &moved]);
+}
+
+/// What the node's web answers on its published port (found through Docker).
+pub fn http_get_container(agent: &TestAgent) -> Option<String> {
+    let port = docker_ok(&["port", &agent.container_name("web"), "80/tcp"]);
+    http_get(port.rsplit(':').next()?.parse().ok()?)
+}
+
 pub fn docker(args: &[&str]) -> Output {
     Command::new("docker").args(args).output().expect("docker CLI must be installed")
 }

@@ -1,0 +1,131 @@
+//! Release records against real agents, Docker, the registry and NATS (a 3-node cluster): a release
+//! pins the fleet to the digest its tag named when it was made, even when the tag moves mid-rollout;
+//! an abort leaves the nodes it had not reached alone; a tag that cannot be resolved writes nothing.
+
+mod support;
+
+#[allow(dead_code)] // the harness also serves hoist-nats's own tests
+#[path = "../../hoist-nats/tests/harness/mod.rs"]
+mod nats;
+
+use hoist_core::fsm::State;
+use hoist_core::release::{ReleaseRecord, ReleaseState};
+use hoist_core::status::MachineStatus;
+use std::time::Duration;
+use support::*;
+
+/// A confirmation long enough that a rollout at capacity 1 is still going when the test acts on it.
+const SLOW_GATE: &str = "{ unverified_wait: 1s, min_healthy_time: 4s, healthy_deadline: 60s, governor_timeout: 120s }";
+
+fn web(port: u16) -> String {
+    format!(
+        "containers:\n  web:\n    image: {}\n    image_tag: v1\n    kv_update: true\n    restart_governor: RG\n    ports: ['127.0.0.1:{port}:80']\n    health_check: {{ type: http, port: 80, interval: 1s, timeout: 1s, retries: 2 }}\n",
+        image()
+    )
+}
+
+/// Three agents on `urls`, running web v1 behind restart governor RG (capacity 1), all in RUN.
+fn three_agents(test: &str, urls: &[String]) -> Vec<TestAgent> {
+    let list = urls.iter().map(|u| format!("'{u}'")).collect::<Vec<_>>().join(", ");
+    let agent_yaml = format!("backend: nats\nnats:\n  servers: [{list}]\n");
+    let agents: Vec<TestAgent> = ["a", "b", "c"]
+        .iter()
+        .map(|n| TestAgent::start_with_rollout(&format!("{test}-{n}"), &web(free_port()), &agent_yaml, SLOW_GATE))
+        .collect();
+    wait_until("the governor to be created", Duration::from_secs(30), || {
+        agents[0].hoist(&["governor", "add", "RG", "1", "2m"]).status.success().then_some(())
+    });
+    for a in &agents {
+        a.wait_running("web");
+    }
+    agents
+}
+
+fn on(m: &MachineStatus, version: &str) -> bool {
+    m.state == State::Run && m.version == version && m.container_id.is_some()
+}
+
+fn release(agent: &TestAgent, args: &[&str]) -> ReleaseRecord {
+    let mut all = vec!["release", "--json"];
+    all.extend_from_slice(args);
+    serde_json::from_str(&agent.hoist_ok(&all)).expect("a release record")
+}
+
+#[test]
+fn a_release_pins_the_fleet_to_its_digest_even_when_the_tag_moves_mid_rollout() {
+    let cluster = nats::Cluster::start();
+    let agents = three_agents("pinned", &cluster.urls());
+    let tag = format!("release-pinned-{}", std::process::id());
+    move_tag(&tag, "v2");
+    let (v1, v2, v3) = (registry_digest("v1"), registry_digest("v2"), registry_digest("v3"));
+
+    let record = release(&agents[0], &["web", &tag]);
+    assert_eq!((record.tag.as_str(), record.digest.as_str(), record.state), (tag.as_str(), v2.as_str(), ReleaseState::Rolling));
+    assert_eq!((record.previous.as_deref(), record.previous_digest.as_deref()), (None, Some(v1.as_str())), "{record:?}");
+    assert!(record.by.contains('@'), "who released it: {record:?}");
+    assert_eq!(agents[1].hoist_ok(&["kv", "get", "HOIST", "container/web/tag"]).trim(), v2, "the tag key names the digest");
+
+    // The tag moves while the first node is being replaced: the nodes not updated yet still get
+    // what the release resolved, not the tag's new content.
+    wait_until("a node to be replaced", Duration::from_secs(60), || {
+        agents.iter().any(|a| a.machine("web").is_some_and(|m| m.state == State::Restart)).then_some(())
+    });
+    move_tag(&tag, "v3");
+    for a in &agents {
+        let m = a.wait_machine("web", "on the released digest", Duration::from_secs(180), |m| on(m, &v2));
+        assert_eq!(m.image, Some(format!("{}@{v2}", image())), "{}: {m:?}", a.node);
+        assert_ne!(m.digest.as_deref(), Some(v3.as_str()), "{}: the moved tag's content never ran", a.node);
+        assert_eq!(http_get_container(a).as_deref(), Some("v2"), "{} serves the released build", a.node);
+    }
+    let shown = agents[2].hoist_ok(&["release", "show", "web"]);
+    assert!(shown.contains(&format!("{tag} = {v2}")) && shown.contains("rolling out"), "{shown}");
+    let _ = docker(&["rmi", &format!("{}:{tag}", image())]);
+}
+
+#[test]
+fn an_abort_mid_rollout_brings_back_the_nodes_that_ran_it_and_leaves_the_rest_alone() {
+    let server = nats::Server::start();
+    let agents = three_agents("abort", &[server.url()]);
+    let before: Vec<MachineStatus> = agents.iter().map(|a| a.machine("web").unwrap()).collect();
+    let v2 = registry_digest("v2");
+    release(&agents[0], &["web", "v2"]);
+
+    // The first node takes its slot; abort while it confirms the new version.
+    let first = wait_until("a node to be replaced", Duration::from_secs(60), || {
+        agents.iter().position(|a| a.machine("web").is_some_and(|m| m.state == State::Restart || on(&m, &v2)))
+    });
+    let aborted = release(&agents[1], &["abort", "web"]);
+    assert_eq!(aborted.state, ReleaseState::Aborted);
+    let refused = agents[1].hoist(&["release", "abort", "web"]);
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("already"), "{refused:?}");
+
+    for (i, a) in agents.iter().enumerate() {
+        let m = a.wait_machine("web", "back on v1", Duration::from_secs(120), |m| on(m, "v1"));
+        assert_eq!(http_get_container(a).as_deref(), Some("v1"));
+        if i != first {
+            // Still the container it ran before the release: never pulled, stopped or replaced.
+            assert_eq!((m.container_id.clone(), m.restarts), (before[i].container_id.clone(), before[i].restarts), "{}: {m:?}", a.node);
+        }
+    }
+    let tag = agents[0].hoist(&["kv", "get", "HOIST", "container/web/tag"]);
+    assert!(!tag.status.success(), "the tag key is gone again, as before the release: {tag:?}");
+}
+
+#[test]
+fn a_tag_that_cannot_be_resolved_releases_nothing() {
+    let agent = TestAgent::start("unresolved", &web(free_port()));
+    let before = agent.wait_running("web");
+    let out = agent.hoist(&["release", "web", "no-such-tag"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("cannot resolve no-such-tag") && err.contains("nothing was released"), "{err}");
+    for key in ["container/web/release", "container/web/tag"] {
+        assert!(!agent.hoist(&["kv", "get", "HOIST", key]).status.success(), "{key} was written");
+    }
+    let unknown = agent.hoist(&["release", "db", "v2"]);
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("give its repository with --image"), "{unknown:?}");
+    let none = agent.hoist(&["release", "show", "web"]);
+    assert!(String::from_utf8_lossy(&none.stderr).contains("no release of web is recorded"), "{none:?}");
+    std::thread::sleep(Duration::from_secs(1));
+    let after = agent.machine("web").unwrap();
+    assert_eq!((after.state, after.container_id, after.restarts), (State::Run, before.container_id, before.restarts));
+}
