@@ -21,6 +21,7 @@ pub mod presence;
 pub mod registration;
 pub mod release;
 pub mod rollback_mark;
+pub mod rollout_status;
 pub mod runtime;
 pub mod slot;
 pub mod spec;

@@ -120,9 +120,17 @@ pub async fn announcement(kv: &dyn Kv, node: &str) -> BackendResult<Option<Annou
 pub async fn announce(kv: Arc<dyn Kv>, presence: Presence) -> Announced {
     let value = serde_json::to_vec(&presence).expect("presence serialises");
     let mut retry = Retry::default();
+    let mut warned_unchecked = false;
     loop {
         let wait = match claim(&*kv, &presence, &value).await {
             Ok(Claim::Lost(other)) => return other,
+            Ok(Claim::Unchecked(why)) => {
+                if !std::mem::replace(&mut warned_unchecked, true) {
+                    tracing::warn!(error = %why, "cannot read {NODES_BUCKET} (missing permission $JS.API.DIRECT.GET.KV_{NODES_BUCKET}.>?): this node's presence is written, but whether another machine uses its name is not checked");
+                }
+                retry.reset();
+                crate::clock::jitter(PRESENCE_INTERVAL)
+            }
             Ok(Claim::Held) => {
                 retry.reset();
                 // Jittered, so that the agents of a fleet started together do not refresh in lockstep.
@@ -150,10 +158,20 @@ enum Claim {
     Raced,
     /// Another install's live claim keeps the name.
     Lost(Announced),
+    /// Written without the claim check: the entry could not be read (why), though it could be written.
+    Unchecked(BackendError),
 }
 
 async fn claim(kv: &dyn Kv, presence: &Presence, value: &[u8]) -> BackendResult<Claim> {
-    let entry = kv.get(NODES_BUCKET, &presence.node).await?;
+    let entry = match kv.get(NODES_BUCKET, &presence.node).await {
+        Ok(entry) => entry,
+        Err(e) => {
+            // A NATS user allowed to write presence but not to read it (an older permission profile):
+            // announcing matters more to the fleet than the check, which needs the read.
+            kv.put(NODES_BUCKET, &presence.node, value).await?;
+            return Ok(Claim::Unchecked(e));
+        }
+    };
     let now = SystemTime::now();
     let rival = entry.as_ref().and_then(Announced::of).filter(|a| a.presence.instance != presence.instance && a.alive(now));
     if let Some(other) = rival {

@@ -52,6 +52,15 @@ pub struct EnvVar {
     pub value: String,
 }
 
+/// The tag or digest of an image reference (`repo:tag`, `repo@sha256:…`); None without either.
+pub fn version_of(image: &str) -> Option<String> {
+    if let Some((_, digest)) = image.split_once('@') {
+        return Some(digest.to_string());
+    }
+    let last = image.rsplit('/').next()?;
+    last.split_once(':').map(|(_, tag)| tag.to_string())
+}
+
 /// The version part of an image reference: a tag or a pinned digest.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

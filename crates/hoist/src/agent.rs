@@ -20,6 +20,7 @@ use hoist_core::machine::MachineDeps;
 use hoist_core::persist::StateStore;
 use hoist_core::presence::{NODES_BUCKET, nodes_bucket};
 use hoist_core::registration::{SERVICES_BUCKET, services_bucket};
+use hoist_core::rollout_status::{self, STATUS_BUCKET, status_bucket};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -184,6 +185,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics.listen {addr}"))?;
         tokio::spawn(server::serve(listener, server::metrics_router(control)));
     }
+    tokio::spawn(rollout_status::keep_published(backends.kv.clone(), handle.clone()));
     if let (Some(member), Some(public)) = (member, public) {
         tokio::spawn(node_claim::hold_node(member, backends.kv, cfg.clone(), facts.clone(), public, workload.clone(), holder));
     }
@@ -221,6 +223,10 @@ async fn ensure_buckets(kv: Arc<dyn Kv>, replicas: Replicas, cfg: AgentConfig, f
             }
             if fleet {
                 ensure_nodes_bucket(&*kv, &cfg, replicas).await.map_err(|e| (NODES_BUCKET, e))?;
+            }
+            // Last: the rollout view is what the agent can best do without.
+            if kv.bucket_config(STATUS_BUCKET).await.is_err() {
+                kv.create_bucket(STATUS_BUCKET, status_bucket(replicas)).await.map_err(|e| (STATUS_BUCKET, e))?;
             }
             Ok::<(), (&str, hoist_core::backend::BackendError)>(())
         };

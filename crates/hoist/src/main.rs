@@ -11,6 +11,7 @@ mod metrics;
 mod node_claim;
 mod output;
 mod release;
+mod rollout;
 mod state_dir;
 mod ui;
 
@@ -111,6 +112,9 @@ enum Command {
     /// Release a tag to the fleet pinned to its digest (`hoist release web v2`), or show or abort a
     /// container's release.
     Release(release::ReleaseArgs),
+    /// Rollouts across the fleet, from the nodes' status records.
+    #[command(subcommand)]
+    Rollout(rollout::RolloutCommand),
     /// Governors: fleet-wide limits on concurrent pulls and restarts.
     #[command(subcommand)]
     Governor(GovernorCommand),
@@ -380,6 +384,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Kv(cmd) => {
             let access = kv_access::KvAccess::open(&agent_config(g)?, g.socket.clone()).await?;
             kv(g, access.kv(), cmd).await.map_err(|e| access.explain(e))?
+        }
+        Command::Rollout(cmd) => {
+            let access = kv_access::KvAccess::open(&agent_config(g)?, g.socket.clone()).await?;
+            return rollout::run(&access, cmd, g.json).await.map_err(|e| access.explain(e));
         }
         Command::Release(args) => {
             let cfg = agent_config(g)?;

@@ -403,8 +403,10 @@ const AGENT_PERMISSIONS: &str = r#"{
         "$JS.API.STREAM.INFO.KV_HOIST", "$JS.API.STREAM.CREATE.KV_HOIST", "$JS.API.STREAM.UPDATE.KV_HOIST",
         "$JS.API.STREAM.INFO.KV_HOIST_NODES", "$JS.API.STREAM.CREATE.KV_HOIST_NODES", "$JS.API.STREAM.UPDATE.KV_HOIST_NODES",
         "$JS.API.STREAM.INFO.KV_CHORIA_SERVICES", "$JS.API.STREAM.CREATE.KV_CHORIA_SERVICES", "$JS.API.STREAM.UPDATE.KV_CHORIA_SERVICES",
+        "$JS.API.STREAM.INFO.KV_HOIST_STATUS", "$JS.API.STREAM.CREATE.KV_HOIST_STATUS", "$JS.API.STREAM.UPDATE.KV_HOIST_STATUS",
         "$JS.API.CONSUMER.CREATE.KV_HOIST", "$JS.API.CONSUMER.CREATE.KV_HOIST.>", "$JS.API.DIRECT.GET.KV_HOIST.>",
-        "$KV.HOIST.>", "$KV.HOIST_NODES.*", "$KV.CHORIA_SERVICES.>",
+        "$JS.API.DIRECT.GET.KV_HOIST_NODES.>",
+        "$KV.HOIST.>", "$KV.HOIST_NODES.*", "$KV.CHORIA_SERVICES.>", "$KV.HOIST_STATUS.>",
         # governors: campaign, release, view, and `hoist governor …` through this node's agent
         "mcollective.governor.*", "hoist.governor.*.freed", "$JS.API.STREAM.NAMES",
         "$JS.API.STREAM.INFO.GOVERNOR_RG", "$JS.API.STREAM.CREATE.GOVERNOR_RG", "$JS.API.STREAM.UPDATE.GOVERNOR_RG",
@@ -428,7 +430,9 @@ const OPERATOR_PERMISSIONS: &str = r#"{
         "$JS.API.CONSUMER.CREATE.KV_HOIST", "$JS.API.CONSUMER.CREATE.KV_HOIST.>",
         "$JS.API.CONSUMER.CREATE.KV_HOIST_NODES", "$JS.API.CONSUMER.CREATE.KV_HOIST_NODES.>",
         "$JS.API.CONSUMER.CREATE.KV_CHORIA_SERVICES", "$JS.API.CONSUMER.CREATE.KV_CHORIA_SERVICES.>",
-        "$JS.API.DIRECT.GET.KV_HOIST.>", "$JS.API.DIRECT.GET.KV_HOIST_NODES.>", "$JS.API.DIRECT.GET.KV_CHORIA_SERVICES.>"
+        "$JS.API.DIRECT.GET.KV_HOIST.>", "$JS.API.DIRECT.GET.KV_HOIST_NODES.>", "$JS.API.DIRECT.GET.KV_CHORIA_SERVICES.>",
+        "$JS.API.STREAM.INFO.KV_HOIST_STATUS", "$JS.API.CONSUMER.CREATE.KV_HOIST_STATUS", "$JS.API.CONSUMER.CREATE.KV_HOIST_STATUS.>",
+        "$JS.API.DIRECT.GET.KV_HOIST_STATUS.>"
       ] }
       subscribe: { allow: [
         "_INBOX.>", "choria.machine.transition", "choria.lifecycle.event.>", "hoist.audit.>",
@@ -444,7 +448,9 @@ const READER_PERMISSIONS: &str = r#"{
           "$JS.API.CONSUMER.CREATE.KV_HOIST", "$JS.API.CONSUMER.CREATE.KV_HOIST.>",
           "$JS.API.CONSUMER.CREATE.KV_HOIST_NODES", "$JS.API.CONSUMER.CREATE.KV_HOIST_NODES.>",
           "$JS.API.CONSUMER.CREATE.KV_CHORIA_SERVICES", "$JS.API.CONSUMER.CREATE.KV_CHORIA_SERVICES.>",
-          "$JS.API.DIRECT.GET.KV_HOIST.>", "$JS.API.DIRECT.GET.KV_HOIST_NODES.>", "$JS.API.DIRECT.GET.KV_CHORIA_SERVICES.>"
+          "$JS.API.DIRECT.GET.KV_HOIST.>", "$JS.API.DIRECT.GET.KV_HOIST_NODES.>", "$JS.API.DIRECT.GET.KV_CHORIA_SERVICES.>",
+          "$JS.API.STREAM.INFO.KV_HOIST_STATUS", "$JS.API.CONSUMER.CREATE.KV_HOIST_STATUS", "$JS.API.CONSUMER.CREATE.KV_HOIST_STATUS.>",
+          "$JS.API.DIRECT.GET.KV_HOIST_STATUS.>"
         ]
         deny: [ "$KV.>", "hoist.fleet.transition" ]
       }
@@ -521,6 +527,12 @@ fn nats_permission_profiles_let_agents_roll_and_readers_only_read() {
     assert!(ok && out.trim() == "v2", "{out}{err}");
     let view: hoist_core::backend::GovernorInfo = serde_json::from_str(&agents[1].hoist_ok(&["governor", "view", "RG", "--json"])).unwrap();
     assert!(view.leases.is_empty(), "every slot was given back: {view:?}");
+    // The agents keep their rollout status records, which the reader may read.
+    wait_until("the reader to see both nodes serving v2", Duration::from_secs(30), || {
+        let (ok, out, _) = cli_with(&reader, &["rollout", "status", "web", "--json"]);
+        let s: serde_json::Value = serde_json::from_str(&out).ok()?;
+        (ok && s["phases"]["serving"] == 2).then_some(())
+    });
     let (ok, out, err) = cli_with(&operator, &["transition", "--fleet", "web", "maintenance"]);
     assert!(ok && out.matches("web: → MAINTENANCE").count() == 2, "{out}{err}");
     let (ok, out, err) = cli_with(&operator, &["transition", "--fleet", "web", "resume"]);

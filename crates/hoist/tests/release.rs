@@ -1,6 +1,7 @@
 //! Release records against real agents, Docker, the registry and NATS (a 3-node cluster): a release
 //! pins the fleet to the digest its tag named when it was made, even when the tag moves mid-rollout;
-//! an abort leaves the nodes it had not reached alone; a tag that cannot be resolved writes nothing.
+//! an abort leaves the nodes it had not reached alone; a tag that cannot be resolved writes nothing;
+//! `hoist rollout status` tells, in one read, who waits, who is down and who serves.
 
 mod support;
 
@@ -45,6 +46,11 @@ fn on(m: &MachineStatus, version: &str) -> bool {
     m.state == State::Run && m.version == version && m.container_id.is_some()
 }
 
+/// `hoist rollout status web --json`, which exits 0 unless the release was aborted.
+fn rollout_status(agent: &TestAgent) -> serde_json::Value {
+    serde_json::from_str(&agent.hoist_ok(&["rollout", "status", "web", "--json"])).expect("a rollout summary")
+}
+
 fn release(agent: &TestAgent, args: &[&str]) -> ReleaseRecord {
     let mut all = vec!["release", "--json"];
     all.extend_from_slice(args);
@@ -71,12 +77,28 @@ fn a_release_pins_the_fleet_to_its_digest_even_when_the_tag_moves_mid_rollout() 
         agents.iter().any(|a| a.machine("web").is_some_and(|m| m.state == State::Restart)).then_some(())
     });
     move_tag(&tag, "v3");
+    // One read shows the rollout: one node being replaced or in its gate, the others waiting for
+    // the governor's slot while they serve the old version, and who they are.
+    let during = wait_until("the rollout's status", Duration::from_secs(30), || {
+        let s = rollout_status(&agents[2]);
+        let replacing = s["phases"]["down"].as_u64().unwrap_or(0) + s["phases"]["gate"].as_u64().unwrap_or(0);
+        let waiting_for_rg = s["blocking"].as_array()?.iter().any(|b| b["reason"].as_str().is_some_and(|r| r.contains("governor RG")));
+        (s["nodes"] == 3 && replacing == 1 && s["phases"]["waiting"] == 2 && waiting_for_rg).then_some(s)
+    });
+    assert_eq!(during["release"]["digest"], v2.as_str(), "{during:#}");
     for a in &agents {
         let m = a.wait_machine("web", "on the released digest", Duration::from_secs(180), |m| on(m, &v2));
         assert_eq!(m.image, Some(format!("{}@{v2}", image())), "{}: {m:?}", a.node);
         assert_ne!(m.digest.as_deref(), Some(v3.as_str()), "{}: the moved tag's content never ran", a.node);
         assert_eq!(http_get_container(a).as_deref(), Some("v2"), "{} serves the released build", a.node);
     }
+    let done = wait_until("every node serving", Duration::from_secs(30), || {
+        let s = rollout_status(&agents[1]);
+        (s["phases"]["serving"] == 3).then_some(s)
+    });
+    assert!(done["blocking"].as_array().is_some_and(|b| b.is_empty()), "{done:#}");
+    let table = agents[0].hoist_ok(&["rollout", "status", "web"]);
+    assert!(table.contains("3 node(s): 3 serving the desired version"), "{table}");
     let shown = agents[2].hoist_ok(&["release", "show", "web"]);
     assert!(shown.contains(&format!("{tag} = {v2}")) && shown.contains("rolling out"), "{shown}");
     let _ = docker(&["rmi", &format!("{}:{tag}", image())]);
@@ -109,6 +131,9 @@ fn an_abort_mid_rollout_brings_back_the_nodes_that_ran_it_and_leaves_the_rest_al
     }
     let tag = agents[0].hoist(&["kv", "get", "HOIST", "container/web/tag"]);
     assert!(!tag.status.success(), "the tag key is gone again, as before the release: {tag:?}");
+    let status = agents[2].hoist(&["rollout", "status", "web"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(!status.status.success() && text.contains("aborted"), "an aborted release exits non-zero: {text}");
 }
 
 #[test]
@@ -125,7 +150,12 @@ fn a_tag_that_cannot_be_resolved_releases_nothing() {
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("give its repository with --image"), "{unknown:?}");
     let none = agent.hoist(&["release", "show", "web"]);
     assert!(String::from_utf8_lossy(&none.stderr).contains("no release of web is recorded"), "{none:?}");
-    std::thread::sleep(Duration::from_secs(1));
+    // One node alone reports through its own store (its record follows the machine within a second).
+    let alone = wait_until("the node's status record to say it serves", Duration::from_secs(10), || {
+        let s = rollout_status(&agent);
+        (s["phases"]["serving"] == 1).then_some(s)
+    });
+    assert_eq!((&alone["nodes"], &alone["release"]), (&serde_json::json!(1), &serde_json::Value::Null), "{alone:#}");
     let after = agent.machine("web").unwrap();
     assert_eq!((after.state, after.container_id, after.restarts), (State::Run, before.container_id, before.restarts));
 }

@@ -38,7 +38,7 @@ use crate::registration;
 use crate::rollback_mark::{self, RollbackMark};
 use crate::runtime::{ContainerInfo, ProbeError, RunState, Runtime, RuntimeError, RuntimeEvent, RuntimeEventKind, RuntimeHealth};
 use crate::slot::{self, Slot, SlotKeeper};
-use crate::spec::{ContainerSpec, ImageVersion, LABEL_SPEC};
+use crate::spec::{ContainerSpec, ImageVersion, LABEL_SPEC, version_of};
 use crate::status::{Health, MachineStatus};
 use futures_util::StreamExt;
 use std::future::Future;
@@ -492,15 +492,6 @@ impl Machine {
 
 pub(super) fn exit_text(code: Option<i64>) -> String {
     code.map_or_else(|| "no exit code".into(), |c| format!("exit {c}"))
-}
-
-/// The tag or digest of an image reference.
-pub(super) fn version_of(image: &str) -> Option<String> {
-    if let Some((_, digest)) = image.split_once('@') {
-        return Some(digest.to_string());
-    }
-    let last = image.rsplit('/').next()?;
-    last.split_once(':').map(|(_, tag)| tag.to_string())
 }
 
 /// A random (version 4) UUID: machine instance ids and event ids, as Choria makes them.
