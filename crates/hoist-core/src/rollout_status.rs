@@ -11,7 +11,7 @@ use crate::agent::AgentHandle;
 use crate::backend::{BucketConfig, Kv, KvEntry};
 use crate::clock::unix_now_ms;
 use crate::fsm::State;
-use crate::release::{ReleaseRecord, ReleaseState};
+use crate::release::{Outcome, ReleaseRecord, ReleaseState, waves};
 use crate::spec::version_of;
 use crate::status::{Health, MachineStatus};
 use serde::{Deserialize, Serialize};
@@ -158,6 +158,10 @@ pub struct RolloutSummary {
     /// Seconds until every node serves the desired version, at the pace so far; None before the
     /// first node has finished or once all have.
     pub eta_seconds: Option<u64>,
+    /// The release's outcomes so far: nodes healthy on it, and the nodes it failed on (what the
+    /// failure budget counts).
+    pub succeeded: usize,
+    pub failed: Vec<String>,
     pub records: Vec<NodeRollout>,
 }
 
@@ -174,11 +178,31 @@ impl RolloutSummary {
     }
 }
 
-/// `entries` (the bucket's) summarized for `container`. `now_ms` by the caller's clock.
-pub fn summarize(container: &str, entries: &[KvEntry], release: Option<ReleaseRecord>, now_ms: u64) -> RolloutSummary {
-    let mut records: Vec<NodeRollout> =
-        entries.iter().filter_map(|e| serde_json::from_slice::<NodeRollout>(&e.value).ok()).filter(|r| r.container == container).collect();
+/// `entries` (the status bucket's) summarized for `container`, with its release and the outcomes
+/// bucket's entries. `now_ms` by the caller's clock.
+pub fn summarize(
+    container: &str,
+    entries: &[KvEntry],
+    release: Option<ReleaseRecord>,
+    outcomes: &[KvEntry],
+    now_ms: u64,
+) -> RolloutSummary {
+    let mut records: Vec<NodeRollout> = entries
+        .iter()
+        .filter_map(|e| serde_json::from_slice::<NodeRollout>(&e.value).ok())
+        .filter(|r| r.container == container)
+        .map(|r| waiting_for_wave(r, release.as_ref()))
+        .collect();
     records.sort_by(|a, b| a.node.cmp(&b.node));
+    let prefix = format!("{container}.");
+    let outcomes: Vec<Outcome> = outcomes
+        .iter()
+        .filter(|e| e.key.starts_with(&prefix))
+        .filter_map(|e| serde_json::from_slice::<Outcome>(&e.value).ok())
+        .filter(|o| release.as_ref().is_some_and(|r| r.id == o.release))
+        .collect();
+    let succeeded = outcomes.iter().filter(|o| o.ok).count();
+    let failed = outcomes.iter().filter(|o| !o.ok).map(|o| o.node.clone()).collect();
     let mut phases = BTreeMap::new();
     let mut reasons: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for r in &records {
@@ -190,7 +214,20 @@ pub fn summarize(container: &str, entries: &[KvEntry], release: Option<ReleaseRe
     let mut blocking: Vec<Blocking> = reasons.into_iter().map(|(reason, nodes)| Blocking { reason, nodes }).collect();
     blocking.sort_by(|a, b| b.nodes.len().cmp(&a.nodes.len()).then_with(|| a.reason.cmp(&b.reason)));
     let eta_seconds = eta(&records, release.as_ref(), now_ms);
-    RolloutSummary { container: container.into(), release, nodes: records.len(), phases, blocking, eta_seconds, records }
+    RolloutSummary { container: container.into(), release, nodes: records.len(), phases, blocking, eta_seconds, succeeded, failed, records }
+}
+
+/// A node that serves what it should only because its wave has not started yet is waiting for it.
+fn waiting_for_wave(r: NodeRollout, release: Option<&ReleaseRecord>) -> NodeRollout {
+    let Some(release) = release.filter(|rel| rel.state == ReleaseState::Rolling) else { return r };
+    if r.phase != Phase::Serving || r.version == release.digest {
+        return r;
+    }
+    let wave = match &release.plan {
+        Some(plan) => format!("waiting for wave {} of {}", waves::wave_of(&release.policy, plan, &r.node) + 1, release.waves()),
+        None => "waiting for the release's plan".into(),
+    };
+    NodeRollout { phase: Phase::Waiting, blocking: Some(wave), ..r }
 }
 
 /// The nodes left, at the pace the finished ones have set since the release was made.
@@ -227,6 +264,7 @@ mod tests {
             restarts: 0,
             last_error: None,
             condition: condition.map(str::to_string),
+            bad_version: None,
             activity: activity.map(str::to_string),
             governor_wait_seconds: 0.0,
             last_update_seconds: None,
@@ -253,11 +291,11 @@ mod tests {
         assert_eq!(phase(&machine(State::Restart, "v1", Health::Healthy, slot, None)).1.as_deref(), slot);
     }
 
-    fn entry(r: &NodeRollout) -> KvEntry {
+    fn entry(key: &str, value: &impl Serialize) -> KvEntry {
         KvEntry {
             bucket: STATUS_BUCKET.into(),
-            key: status_key(&r.container, &r.node),
-            value: serde_json::to_vec(r).unwrap(),
+            key: key.into(),
+            value: serde_json::to_vec(value).unwrap(),
             revision: 1,
             operation: crate::backend::KvOperation::Put,
             created_ms: 0,
@@ -282,29 +320,46 @@ mod tests {
             record("n2", "web", Phase::Gate, "sha256:d2", Some("healthy; confirming for 4s")),
             record("n3", "web", Phase::Waiting, "v1", Some(slot)),
             record("n4", "web", Phase::Waiting, "v1", Some(slot)),
+            // Serving what it should, v1, because its wave has not started.
+            record("n5", "web", Phase::Serving, "v1", None),
             record("n1", "db", Phase::Down, "v1", None),
         ]
         .iter()
-        .map(entry)
+        .map(|r| entry(&status_key(&r.container, &r.node), r))
         .collect();
         let release = ReleaseRecord {
+            id: "r1".into(),
             container: "web".into(),
             image: "r/web".into(),
             tag: "v2".into(),
             digest: "sha256:d2".into(),
             previous: None,
             previous_digest: None,
+            policy: crate::release::Policy {
+                waves: vec![crate::release::WaveSize::Percent(80), crate::release::WaveSize::Percent(100)],
+                ..Default::default()
+            },
+            plan: Some(["n1", "n2", "n3", "n4", "n5"].iter().map(|s| s.to_string()).collect()),
+            wave: 0,
             state: ReleaseState::Rolling,
+            reason: None,
             by: "alice@ops".into(),
             at_ms: 10_000,
         };
-        let s = summarize("web", &entries, Some(release.clone()), 70_000);
-        assert_eq!(s.nodes, 4, "only web's records");
-        assert_eq!(s.phases, BTreeMap::from([(Phase::Waiting, 2), (Phase::Gate, 1), (Phase::Serving, 1)]));
+        let outcome = |node: &str, release: &str, ok: bool| Outcome { release: release.into(), node: node.into(), ok, reason: None };
+        let outcomes: Vec<KvEntry> = [outcome("n1", "r1", true), outcome("n3", "r0", false), outcome("n2", "r1", false)]
+            .iter()
+            .map(|o| entry(&format!("web.{}", o.node), o))
+            .collect();
+        let s = summarize("web", &entries, Some(release.clone()), &outcomes, 70_000);
+        assert_eq!(s.nodes, 5, "only web's records");
+        assert_eq!(s.phases, BTreeMap::from([(Phase::Waiting, 3), (Phase::Gate, 1), (Phase::Serving, 1)]));
         assert_eq!(s.blocking[0], Blocking { reason: slot.into(), nodes: vec!["n3".into(), "n4".into()] });
-        assert_eq!(s.eta_seconds, Some(180), "one node in 60 s, three to go");
+        assert!(s.blocking.contains(&Blocking { reason: "waiting for wave 2 of 2".into(), nodes: vec!["n5".into()] }), "{:?}", s.blocking);
+        assert_eq!(s.eta_seconds, Some(240), "one node in 60 s, four to go");
+        assert_eq!((s.succeeded, s.failed.clone()), (1, vec!["n2".to_string()]), "an earlier release's outcome does not count");
         assert!(!s.aborted());
-        let aborted = summarize("web", &entries, Some(ReleaseRecord { state: ReleaseState::Aborted, ..release }), 70_000);
+        let aborted = summarize("web", &entries, Some(ReleaseRecord { state: ReleaseState::Aborted, ..release }), &[], 70_000);
         assert!(aborted.aborted() && aborted.eta_seconds.is_none());
     }
 }

@@ -52,6 +52,16 @@ pub struct EnvVar {
     pub value: String,
 }
 
+/// 64-bit FNV-1a: a hash that every node and every Rust release computes alike.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &byte in bytes {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
 /// The tag or digest of an image reference (`repo:tag`, `repo@sha256:…`); None without either.
 pub fn version_of(image: &str) -> Option<String> {
     if let Some((_, digest)) = image.split_once('@') {
@@ -145,12 +155,7 @@ impl ContainerSpec {
     pub fn hash(&self) -> String {
         // FNV-1a over the canonical JSON form: stable across Rust releases, unlike std's hasher.
         let canonical = serde_json::to_vec(self).expect("a spec always serialises");
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for byte in canonical {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-        format!("{hash:016x}")
+        format!("{:016x}", fnv1a(&canonical))
     }
 
     /// The equivalent `docker run` command line, for `hoist validate` and for operators who want to

@@ -48,6 +48,10 @@ pub struct MachineStatus {
     pub last_error: Option<String>,
     /// An explicit failed condition, e.g. a crash loop; None when all is well.
     pub condition: Option<String>,
+    /// A version this machine rolled back from (or skipped, rolled back elsewhere) and will not try
+    /// again until the desired version changes: what a release's outcome reads.
+    #[serde(default)]
+    pub bad_version: Option<String>,
     /// What the machine is doing or waiting for right now, e.g. "waiting for governor web (capacity 1)".
     pub activity: Option<String>,
     /// Time spent waiting for governor slots since the agent loaded this machine.
@@ -141,6 +145,7 @@ mod tests {
             restarts: 5,
             last_error: Some("starting web: port is already allocated".into()),
             condition: Some("crash-looping: 5 failures in the last 5m".into()),
+            bad_version: None,
             activity: None,
             governor_wait_seconds: 0.0,
             last_update_seconds: None,

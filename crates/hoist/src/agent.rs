@@ -20,6 +20,7 @@ use hoist_core::machine::MachineDeps;
 use hoist_core::persist::StateStore;
 use hoist_core::presence::{NODES_BUCKET, nodes_bucket};
 use hoist_core::registration::{SERVICES_BUCKET, services_bucket};
+use hoist_core::release::{OUTCOMES_BUCKET, conductor};
 use hoist_core::rollout_status::{self, STATUS_BUCKET, status_bucket};
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -186,6 +187,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         tokio::spawn(server::serve(listener, server::metrics_router(control)));
     }
     tokio::spawn(rollout_status::keep_published(backends.kv.clone(), handle.clone()));
+    tokio::spawn(conductor::conduct(backends.kv.clone(), handle.clone()));
     if let (Some(member), Some(public)) = (member, public) {
         tokio::spawn(node_claim::hold_node(member, backends.kv, cfg.clone(), facts.clone(), public, workload.clone(), holder));
     }
@@ -224,9 +226,13 @@ async fn ensure_buckets(kv: Arc<dyn Kv>, replicas: Replicas, cfg: AgentConfig, f
             if fleet {
                 ensure_nodes_bucket(&*kv, &cfg, replicas).await.map_err(|e| (NODES_BUCKET, e))?;
             }
-            // Last: the rollout view is what the agent can best do without.
+            // Last: the rollout view and releases are what the agent can best do without.
             if kv.bucket_config(STATUS_BUCKET).await.is_err() {
                 kv.create_bucket(STATUS_BUCKET, status_bucket(replicas)).await.map_err(|e| (STATUS_BUCKET, e))?;
+            }
+            if kv.bucket_config(OUTCOMES_BUCKET).await.is_err() {
+                let outcomes = BucketConfig { history: 1, ttl: None, replicas };
+                kv.create_bucket(OUTCOMES_BUCKET, outcomes).await.map_err(|e| (OUTCOMES_BUCKET, e))?;
             }
             Ok::<(), (&str, hoist_core::backend::BackendError)>(())
         };

@@ -1,5 +1,5 @@
-//! `hoist release`: pin a container's fleet to the digest a tag names now (`hoist_core::release`),
-//! show the recorded release, or abort it.
+//! `hoist release`: move a container's fleet, wave by wave, to the digest a tag names now
+//! (`hoist_core::release`); show, abort or resume the recorded release.
 
 use crate::kv_access::KvAccess;
 use crate::output;
@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use hoist_core::backend::{HOIST_BUCKET, tag_key};
 use hoist_core::clock::unix_now_ms;
 use hoist_core::config::{AgentConfig, load_containers};
-use hoist_core::release::{self, ReleaseRecord, ReleaseState};
+use hoist_core::release::{self, Budget, Policy, ReleaseRecord, ReleaseState, WaveSize};
 use hoist_core::spec::ImageVersion;
 use hoist_docker::DockerRuntime;
 
@@ -25,6 +25,20 @@ pub struct ReleaseArgs {
     /// The image repository, when this machine's data files do not declare the container.
     #[arg(long, value_name = "REPO")]
     image: Option<String>,
+    /// Canary waves: the nodes that have it once each wave has started, as counts or shares of the
+    /// fleet, e.g. `1,10%,50%,100%` (default: all at once, still one at a time per governor).
+    #[arg(long, value_name = "SIZES", value_delimiter = ',', value_parser = WaveSize::parse)]
+    waves: Vec<WaveSize>,
+    /// How long a wave must stay healthy, with no failure, before the next starts (e.g. 5m).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "0s")]
+    bake: std::time::Duration,
+    /// Failures allowed before the release is aborted: a count (`2`), or a share of the nodes that
+    /// finished (`10%`, once --min-sample have). Default 0: the first failure aborts.
+    #[arg(long, value_name = "N|N%", value_parser = parse_budget, default_value = "0")]
+    budget: (usize, Option<u8>),
+    /// For a share budget: how many nodes must have finished before the share counts.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    min_sample: usize,
 }
 
 #[derive(Subcommand)]
@@ -34,12 +48,28 @@ enum ReleaseAction {
         /// The container, by its name in the data files.
         container: String,
     },
-    /// Abort a release: the tag key goes back to what it said before; nodes that run the release go
-    /// back under their governors, nodes it had not reached are left alone.
+    /// Abort a release: nodes that run it go back under their governors to what the tag key said
+    /// before; nodes it had not reached are left alone.
     Abort {
         /// The container, by its name in the data files.
         container: String,
     },
+    /// Resume an aborted release where it stopped, its failures forgotten.
+    Resume {
+        /// The container, by its name in the data files.
+        container: String,
+    },
+}
+
+/// `2` (failures) or `10%` (of the nodes that finished).
+fn parse_budget(text: &str) -> Result<(usize, Option<u8>), String> {
+    match text.strip_suffix('%') {
+        Some(p) => match p.parse::<u8>() {
+            Ok(p) if p <= 100 => Ok((usize::MAX, Some(p))),
+            _ => Err(format!("{text:?}: a share is 0% to 100%")),
+        },
+        None => text.parse().map(|n| (n, None)).map_err(|_| format!("{text:?}: a number of failures, or a share such as 10%")),
+    }
 }
 
 pub async fn run(cfg: &AgentConfig, access: &KvAccess, args: ReleaseArgs, json: bool) -> anyhow::Result<()> {
@@ -49,9 +79,13 @@ pub async fn run(cfg: &AgentConfig, access: &KvAccess, args: ReleaseArgs, json: 
             release::current(kv, &container).await?.ok_or_else(|| release::ReleaseError::NoRelease(container.clone()))?.0
         }
         Some(ReleaseAction::Abort { container }) => release::abort(kv, &container, &who(cfg), unix_now_ms()).await?,
+        Some(ReleaseAction::Resume { container }) => release::resume(kv, &container, &who(cfg), unix_now_ms()).await?,
         None => {
             let (container, tag) = (args.container.expect("required by clap"), args.tag.expect("required by clap"));
-            make(cfg, kv, &container, &tag, args.image).await?
+            let waves = if args.waves.is_empty() { Policy::default().waves } else { args.waves };
+            let (failures, percent) = args.budget;
+            let policy = Policy { waves, bake: args.bake, budget: Budget { failures, percent, min_sample: args.min_sample } };
+            make(cfg, kv, &container, &tag, args.image, policy).await?
         }
     };
     crate::print(json, &record, describe);
@@ -65,6 +99,7 @@ async fn make(
     container: &str,
     tag: &str,
     image: Option<String>,
+    policy: Policy,
 ) -> anyhow::Result<ReleaseRecord> {
     ImageVersion::parse(tag).map_err(|e| anyhow::anyhow!("refusing to release {tag:?}: {e}"))?;
     let declared = declared(cfg, container);
@@ -93,13 +128,18 @@ async fn make(
         None => None,
     };
     let record = ReleaseRecord {
+        id: hoist_core::machine::uuid_v4(),
         container: container.into(),
         image,
         tag: tag.into(),
         digest,
         previous,
         previous_digest,
+        policy,
+        plan: None,
+        wave: 0,
         state: ReleaseState::Rolling,
+        reason: None,
         by: who(cfg),
         at_ms: unix_now_ms(),
     };
@@ -129,9 +169,11 @@ fn who(cfg: &AgentConfig) -> String {
 fn describe(r: &ReleaseRecord) -> String {
     let at = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(r.at_ms));
     let state = match r.state {
-        ReleaseState::Rolling => "rolling out",
-        ReleaseState::Aborted => "aborted",
+        ReleaseState::Rolling => format!("rolling out, wave {} of {}", r.wave + 1, r.waves()),
+        ReleaseState::Complete => "complete".into(),
+        ReleaseState::Aborted => "aborted".into(),
     };
+    let why = r.reason.as_deref().map(|why| format!(" ({why})")).unwrap_or_default();
     let before = match (&r.previous, &r.previous_digest) {
         (Some(value), Some(digest)) if value != digest => format!("{value} ({digest})"),
         (Some(value), _) => value.clone(),
@@ -139,7 +181,7 @@ fn describe(r: &ReleaseRecord) -> String {
         (None, None) => "the data files' tag".into(),
     };
     output::clean_lines(&format!(
-        "release of {}: {}:{} = {}\n  {state}, by {} at {at}\n  before: {before}\n",
+        "release of {}: {}:{} = {}\n  {state}{why}, by {} at {at}\n  before: {before}\n",
         r.container, r.image, r.tag, r.digest, r.by
     ))
 }

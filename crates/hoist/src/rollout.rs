@@ -4,9 +4,9 @@
 use crate::kv_access::KvAccess;
 use crate::output::{clean, rfc3339};
 use clap::Subcommand;
-use hoist_core::backend::read_all;
+use hoist_core::backend::{BackendError, KvEntry, read_all};
 use hoist_core::clock::unix_now_ms;
-use hoist_core::release;
+use hoist_core::release::{self, OUTCOMES_BUCKET, ReleaseState};
 use hoist_core::rollout_status::{RolloutSummary, STATUS_BUCKET, summarize};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -30,9 +30,14 @@ const NAMED: usize = 5;
 pub async fn run(access: &KvAccess, cmd: RolloutCommand, json: bool) -> anyhow::Result<ExitCode> {
     let RolloutCommand::Status { container, watch } = cmd;
     loop {
-        let entries = read_all(access.kv(), STATUS_BUCKET).await?;
-        let release = release::current(access.kv(), &container).await?.map(|(record, _)| record);
-        let summary = summarize(&container, &entries, release, unix_now_ms());
+        // A bucket the agents have not created yet holds nothing yet.
+        let entries = or_nothing(read_all(access.kv(), STATUS_BUCKET).await)?;
+        let release = match release::current(access.kv(), &container).await {
+            Err(release::ReleaseError::Backend(BackendError::NoBucket(_))) => None,
+            other => other?.map(|(record, _)| record),
+        };
+        let outcomes = or_nothing(read_all(access.kv(), OUTCOMES_BUCKET).await)?;
+        let summary = summarize(&container, &entries, release, &outcomes, unix_now_ms());
         if json {
             println!("{}", serde_json::to_string(&summary).expect("serialises"));
         } else {
@@ -48,18 +53,38 @@ pub async fn run(access: &KvAccess, cmd: RolloutCommand, json: bool) -> anyhow::
     }
 }
 
+fn or_nothing(read: Result<Vec<KvEntry>, BackendError>) -> Result<Vec<KvEntry>, BackendError> {
+    match read {
+        Err(BackendError::NoBucket(_)) => Ok(Vec::new()),
+        other => other,
+    }
+}
+
 fn describe(s: &RolloutSummary) -> String {
     let mut out = match &s.release {
-        Some(r) => format!(
-            "{}: release {}:{} = {} ({:?} since {}, by {})\n",
-            clean(&s.container),
-            clean(&r.image),
-            clean(&r.tag),
-            clean(&r.digest),
-            r.state,
-            rfc3339((r.at_ms / 1000) as i64),
-            clean(&r.by)
-        ),
+        Some(r) => {
+            let state = match r.state {
+                ReleaseState::Rolling => format!("rolling out, wave {} of {}", r.wave + 1, r.waves()),
+                ReleaseState::Complete => "complete".into(),
+                ReleaseState::Aborted => format!("aborted: {}", r.reason.as_deref().unwrap_or("no reason recorded")),
+            };
+            format!(
+                "{}: release {}:{} = {}\n  {state} (last change {} by {}); {} healthy on it, {} failed{}\n",
+                clean(&s.container),
+                clean(&r.image),
+                clean(&r.tag),
+                clean(&r.digest),
+                rfc3339((r.at_ms / 1000) as i64),
+                clean(&r.by),
+                s.succeeded,
+                s.failed.len(),
+                if s.failed.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", s.failed.iter().map(|n| clean(n)).collect::<Vec<_>>().join(", "))
+                },
+            )
+        }
         None => format!("{}: no release recorded; the nodes follow the tag key or their data files\n", clean(&s.container)),
     };
     if s.nodes == 0 {

@@ -253,10 +253,8 @@ fn losing_the_stream_leader_mid_rollout_is_not_taken_for_a_bad_release() {
     wait_until("a node to take the slot", Duration::from_secs(60), || {
         agents.iter().any(|a| a.machine("web").is_some_and(|m| m.state == State::Restart)).then_some(())
     });
-    let leader = stream_leader(&cluster, "GOVERNOR_RG");
-    // The harness names the servers n0, n1, n2 in the order of `nodes`.
-    let index: usize = leader.trim_start_matches('n').parse().expect("a harness server name");
-    cluster.nodes[index].kill();
+    let leader = cluster.stream_leader("GOVERNOR_RG");
+    cluster.nodes[leader].kill();
 
     for a in &agents {
         let m = a.wait_machine("web", "on v2", Duration::from_secs(180), |m| running_on(m, "v2"));
@@ -269,18 +267,6 @@ fn losing_the_stream_leader_mid_rollout_is_not_taken_for_a_bad_release() {
         let view: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         view["leases"].as_array().is_some_and(|l| l.is_empty()).then_some(())
     });
-}
-
-/// The server name leading `stream`, asked of any live server of the cluster.
-fn stream_leader(cluster: &nats::Cluster, stream: &str) -> String {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let client = async_nats::connect(cluster.urls()[0].as_str()).await.expect("connect to the cluster");
-        let js = async_nats::jetstream::new(client);
-        let mut s = js.get_stream(stream).await.expect("the stream");
-        let info = s.info().await.expect("stream info");
-        info.cluster.as_ref().and_then(|c| c.leader.clone()).expect("a leader")
-    })
 }
 
 #[test]

@@ -404,9 +404,12 @@ const AGENT_PERMISSIONS: &str = r#"{
         "$JS.API.STREAM.INFO.KV_HOIST_NODES", "$JS.API.STREAM.CREATE.KV_HOIST_NODES", "$JS.API.STREAM.UPDATE.KV_HOIST_NODES",
         "$JS.API.STREAM.INFO.KV_CHORIA_SERVICES", "$JS.API.STREAM.CREATE.KV_CHORIA_SERVICES", "$JS.API.STREAM.UPDATE.KV_CHORIA_SERVICES",
         "$JS.API.STREAM.INFO.KV_HOIST_STATUS", "$JS.API.STREAM.CREATE.KV_HOIST_STATUS", "$JS.API.STREAM.UPDATE.KV_HOIST_STATUS",
+        "$JS.API.STREAM.INFO.KV_HOIST_OUTCOMES", "$JS.API.STREAM.CREATE.KV_HOIST_OUTCOMES", "$JS.API.STREAM.UPDATE.KV_HOIST_OUTCOMES",
+        "$JS.API.CONSUMER.CREATE.KV_HOIST_STATUS", "$JS.API.CONSUMER.CREATE.KV_HOIST_STATUS.>", "$JS.API.DIRECT.GET.KV_HOIST_STATUS.>",
+        "$JS.API.CONSUMER.CREATE.KV_HOIST_OUTCOMES", "$JS.API.CONSUMER.CREATE.KV_HOIST_OUTCOMES.>", "$JS.API.DIRECT.GET.KV_HOIST_OUTCOMES.>",
         "$JS.API.CONSUMER.CREATE.KV_HOIST", "$JS.API.CONSUMER.CREATE.KV_HOIST.>", "$JS.API.DIRECT.GET.KV_HOIST.>",
         "$JS.API.DIRECT.GET.KV_HOIST_NODES.>",
-        "$KV.HOIST.>", "$KV.HOIST_NODES.*", "$KV.CHORIA_SERVICES.>", "$KV.HOIST_STATUS.>",
+        "$KV.HOIST.>", "$KV.HOIST_NODES.*", "$KV.CHORIA_SERVICES.>", "$KV.HOIST_STATUS.>", "$KV.HOIST_OUTCOMES.>",
         # governors: campaign, release, view, and `hoist governor …` through this node's agent
         "mcollective.governor.*", "hoist.governor.*.freed", "$JS.API.STREAM.NAMES",
         "$JS.API.STREAM.INFO.GOVERNOR_RG", "$JS.API.STREAM.CREATE.GOVERNOR_RG", "$JS.API.STREAM.UPDATE.GOVERNOR_RG",
@@ -432,7 +435,9 @@ const OPERATOR_PERMISSIONS: &str = r#"{
         "$JS.API.CONSUMER.CREATE.KV_CHORIA_SERVICES", "$JS.API.CONSUMER.CREATE.KV_CHORIA_SERVICES.>",
         "$JS.API.DIRECT.GET.KV_HOIST.>", "$JS.API.DIRECT.GET.KV_HOIST_NODES.>", "$JS.API.DIRECT.GET.KV_CHORIA_SERVICES.>",
         "$JS.API.STREAM.INFO.KV_HOIST_STATUS", "$JS.API.CONSUMER.CREATE.KV_HOIST_STATUS", "$JS.API.CONSUMER.CREATE.KV_HOIST_STATUS.>",
-        "$JS.API.DIRECT.GET.KV_HOIST_STATUS.>"
+        "$JS.API.DIRECT.GET.KV_HOIST_STATUS.>",
+        "$JS.API.STREAM.INFO.KV_HOIST_OUTCOMES", "$JS.API.CONSUMER.CREATE.KV_HOIST_OUTCOMES", "$JS.API.CONSUMER.CREATE.KV_HOIST_OUTCOMES.>",
+        "$JS.API.DIRECT.GET.KV_HOIST_OUTCOMES.>"
       ] }
       subscribe: { allow: [
         "_INBOX.>", "choria.machine.transition", "choria.lifecycle.event.>", "hoist.audit.>",
@@ -450,7 +455,9 @@ const READER_PERMISSIONS: &str = r#"{
           "$JS.API.CONSUMER.CREATE.KV_CHORIA_SERVICES", "$JS.API.CONSUMER.CREATE.KV_CHORIA_SERVICES.>",
           "$JS.API.DIRECT.GET.KV_HOIST.>", "$JS.API.DIRECT.GET.KV_HOIST_NODES.>", "$JS.API.DIRECT.GET.KV_CHORIA_SERVICES.>",
           "$JS.API.STREAM.INFO.KV_HOIST_STATUS", "$JS.API.CONSUMER.CREATE.KV_HOIST_STATUS", "$JS.API.CONSUMER.CREATE.KV_HOIST_STATUS.>",
-          "$JS.API.DIRECT.GET.KV_HOIST_STATUS.>"
+          "$JS.API.DIRECT.GET.KV_HOIST_STATUS.>",
+          "$JS.API.STREAM.INFO.KV_HOIST_OUTCOMES", "$JS.API.CONSUMER.CREATE.KV_HOIST_OUTCOMES", "$JS.API.CONSUMER.CREATE.KV_HOIST_OUTCOMES.>",
+          "$JS.API.DIRECT.GET.KV_HOIST_OUTCOMES.>"
         ]
         deny: [ "$KV.>", "hoist.fleet.transition" ]
       }
@@ -545,6 +552,9 @@ fn nats_permission_profiles_let_agents_roll_and_readers_only_read() {
     let alice_key = alice.seed.to_str().unwrap();
     let (ok, out, err) = cli_with(&reader, &["transition", "--fleet", "web", "stop", "--key", alice_key]);
     assert!(!ok && err.contains("Permissions Violation for Publish to \"hoist.fleet.transition\""), "{out}{err}");
+    // Nor make a release: its record is a KV write too.
+    let (ok, out, err) = cli_with(&reader, &["release", "web", "v2", "--image", &image()]);
+    assert!(!ok && err.contains("Permissions Violation for Publish to \"$KV.HOIST.container/web/release\""), "{out}{err}");
     wait_until("both nodes running v2", Duration::from_secs(30), || fleet_on("v2"));
     let (_, out, _) = cli_with(&reader, &["kv", "get", "HOIST", "container/web/tag"]);
     assert_eq!(out.trim(), "v2");

@@ -1,5 +1,7 @@
 //! Release records against real agents, Docker, the registry and NATS (a 3-node cluster): a release
 //! pins the fleet to the digest its tag named when it was made, even when the tag moves mid-rollout;
+//! canary waves wait for their bake time; a broken release stops at its failure budget with only its
+//! first wave having run it;
 //! an abort leaves the nodes it had not reached alone; a tag that cannot be resolved writes nothing;
 //! `hoist rollout status` tells, in one read, who waits, who is down and who serves.
 
@@ -39,6 +41,8 @@ fn three_agents(test: &str, urls: &[String]) -> Vec<TestAgent> {
     for a in &agents {
         a.wait_running("web");
     }
+    // Each in the rollout view, so a release's plan orders all three.
+    wait_until("three status records", Duration::from_secs(30), || (rollout_status(&agents[0])["nodes"] == 3).then_some(()));
     agents
 }
 
@@ -69,7 +73,10 @@ fn a_release_pins_the_fleet_to_its_digest_even_when_the_tag_moves_mid_rollout() 
     assert_eq!((record.tag.as_str(), record.digest.as_str(), record.state), (tag.as_str(), v2.as_str(), ReleaseState::Rolling));
     assert_eq!((record.previous.as_deref(), record.previous_digest.as_deref()), (None, Some(v1.as_str())), "{record:?}");
     assert!(record.by.contains('@'), "who released it: {record:?}");
-    assert_eq!(agents[1].hoist_ok(&["kv", "get", "HOIST", "container/web/tag"]).trim(), v2, "the tag key names the digest");
+    assert!(
+        !agents[1].hoist(&["kv", "get", "HOIST", "container/web/tag"]).status.success(),
+        "the record, not the tag key, moves the fleet"
+    );
 
     // The tag moves while the first node is being replaced: the nodes not updated yet still get
     // what the release resolved, not the tag's new content.
@@ -99,8 +106,11 @@ fn a_release_pins_the_fleet_to_its_digest_even_when_the_tag_moves_mid_rollout() 
     assert!(done["blocking"].as_array().is_some_and(|b| b.is_empty()), "{done:#}");
     let table = agents[0].hoist_ok(&["rollout", "status", "web"]);
     assert!(table.contains("3 node(s): 3 serving the desired version"), "{table}");
-    let shown = agents[2].hoist_ok(&["release", "show", "web"]);
-    assert!(shown.contains(&format!("{tag} = {v2}")) && shown.contains("rolling out"), "{shown}");
+    let shown = wait_until("the release to be complete", Duration::from_secs(30), || {
+        let shown = agents[2].hoist_ok(&["release", "show", "web"]);
+        shown.contains("complete").then_some(shown)
+    });
+    assert!(shown.contains(&format!("{tag} = {v2}")), "{shown}");
     let _ = docker(&["rmi", &format!("{}:{tag}", image())]);
 }
 
@@ -119,7 +129,7 @@ fn an_abort_mid_rollout_brings_back_the_nodes_that_ran_it_and_leaves_the_rest_al
     let aborted = release(&agents[1], &["abort", "web"]);
     assert_eq!(aborted.state, ReleaseState::Aborted);
     let refused = agents[1].hoist(&["release", "abort", "web"]);
-    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("already"), "{refused:?}");
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("cannot be aborted"), "{refused:?}");
 
     for (i, a) in agents.iter().enumerate() {
         let m = a.wait_machine("web", "back on v1", Duration::from_secs(120), |m| on(m, "v1"));
@@ -130,7 +140,7 @@ fn an_abort_mid_rollout_brings_back_the_nodes_that_ran_it_and_leaves_the_rest_al
         }
     }
     let tag = agents[0].hoist(&["kv", "get", "HOIST", "container/web/tag"]);
-    assert!(!tag.status.success(), "the tag key is gone again, as before the release: {tag:?}");
+    assert!(!tag.status.success(), "the tag key was never written: {tag:?}");
     let status = agents[2].hoist(&["rollout", "status", "web"]);
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(!status.status.success() && text.contains("aborted"), "an aborted release exits non-zero: {text}");
@@ -158,4 +168,113 @@ fn a_tag_that_cannot_be_resolved_releases_nothing() {
     assert_eq!((&alone["nodes"], &alone["release"]), (&serde_json::json!(1), &serde_json::Value::Null), "{alone:#}");
     let after = agent.machine("web").unwrap();
     assert_eq!((after.state, after.container_id, after.restarts), (State::Run, before.container_id, before.restarts));
+}
+
+/// The release record as the CLI shows it.
+fn record_of(agent: &TestAgent) -> ReleaseRecord {
+    release(agent, &["show", "web"])
+}
+
+#[test]
+fn a_good_release_goes_wave_by_wave_and_waits_out_its_bake_time() {
+    let cluster = nats::Cluster::start();
+    let agents = three_agents("waves", &cluster.urls());
+    let v2 = registry_digest("v2");
+    let bake = Duration::from_secs(8);
+    release(&agents[0], &["web", "v2", "--waves", "1,100%", "--bake", "8s"]);
+
+    // The first node to look freezes the plan; its first node alone gets the release.
+    let plan = wait_until("the plan", Duration::from_secs(20), || record_of(&agents[0]).plan);
+    assert_eq!(plan.len(), 3, "every node running web is in it: {plan:?}");
+    let first = agents.iter().find(|a| a.node == plan[0]).expect("a planned node is one of ours");
+    first.wait_machine("web", "the canary on the release", Duration::from_secs(60), |m| on(m, &v2));
+    let canary_healthy = std::time::Instant::now();
+    // Through the bake, the second wave keeps serving v1, untouched.
+    while canary_healthy.elapsed() < bake - Duration::from_secs(2) {
+        for a in agents.iter().filter(|a| a.node != plan[0]) {
+            let m = a.machine("web").unwrap();
+            assert!(
+                on(&m, "v1"),
+                "{} started before the canary baked ({:?} after it was healthy): {m:?}",
+                a.node,
+                canary_healthy.elapsed()
+            );
+        }
+        let status = rollout_status(&agents[1]);
+        assert_eq!(status["release"]["wave"], 0, "{status:#}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for a in &agents {
+        a.wait_machine("web", "on the release", Duration::from_secs(120), |m| on(m, &v2));
+    }
+    let done = wait_until("the release to complete", Duration::from_secs(30), || {
+        let r = record_of(&agents[2]);
+        (r.state == ReleaseState::Complete).then_some(r)
+    });
+    assert_eq!(done.wave, 1, "{done:?}");
+    let status = rollout_status(&agents[0]);
+    assert_eq!((status["succeeded"].as_u64(), status["failed"].as_array().map(Vec::len)), (Some(3), Some(0)), "{status:#}");
+}
+
+#[test]
+fn a_broken_release_stops_at_its_budget_with_only_the_first_wave_having_run_it() {
+    let cluster = nats::Cluster::start();
+    let agents = three_agents("budget", &cluster.urls());
+    let before: Vec<MachineStatus> = agents.iter().map(|a| a.machine("web").unwrap()).collect();
+    let watch = Watch::start(&agents[0], &["--fleet"]);
+    release(&agents[0], &["web", "broken", "--waves", "1,100%", "--budget", "0"]);
+
+    let aborted = wait_until("the budget to abort the release", Duration::from_secs(120), || {
+        let r = record_of(&agents[1]);
+        (r.state == ReleaseState::Aborted).then_some(r)
+    });
+    assert!(aborted.reason.as_deref().is_some_and(|r| r.contains("failure budget exhausted")), "{aborted:?}");
+    let plan = aborted.plan.clone().expect("a plan");
+    for (i, a) in agents.iter().enumerate() {
+        let m = a.wait_machine("web", "back on v1", Duration::from_secs(120), |m| on(m, "v1"));
+        assert_eq!(http_get_container(a).as_deref(), Some("v1"));
+        if a.node != plan[0] {
+            assert_eq!((m.container_id.clone(), m.restarts), (before[i].container_id.clone(), before[i].restarts), "{}: {m:?}", a.node);
+        }
+    }
+    // Only the canary ever left RUN: the others neither pulled (UPDATE) nor replaced anything.
+    let events = watch.finish();
+    let moved: std::collections::BTreeSet<&str> =
+        events.iter().filter(|e| e.to_state != "RUN" && e.transition != "error").map(|e| e.identity.as_str()).collect();
+    assert_eq!(moved, std::collections::BTreeSet::from([plan[0].as_str()]), "{events:#?}");
+    let status = agents[2].hoist(&["rollout", "status", "web"]);
+    assert!(!status.status.success() && String::from_utf8_lossy(&status.stdout).contains("failure budget exhausted"), "{status:?}");
+}
+
+#[test]
+fn the_rollout_goes_on_when_the_node_that_would_advance_it_dies_and_a_leader_is_lost() {
+    let mut cluster = nats::Cluster::start();
+    let mut agents = three_agents("advance", &cluster.urls());
+    wait_until("HOIST to be replicated", Duration::from_secs(30), || {
+        agents[0].hoist(&["kv", "add", "HOIST", "--replicas", "3"]).status.success().then_some(())
+    });
+    let v2 = registry_digest("v2");
+    release(&agents[0], &["web", "v2", "--waves", "1,100%", "--bake", "5s"]);
+    let plan = wait_until("the plan", Duration::from_secs(20), || record_of(&agents[0]).plan);
+    let canary = agents.iter().position(|a| a.node == plan[0]).expect("a planned node is one of ours");
+    agents[canary].wait_machine("web", "the canary on the release", Duration::from_secs(60), |m| on(m, &v2));
+    wait_until("the canary's outcome", Duration::from_secs(20), || (rollout_status(&agents[canary])["succeeded"] == 1).then_some(()));
+
+    // While the canary bakes: its agent dies (the node that might have advanced the wave), and the
+    // server leading the records' stream goes away. Neither is a failure of the release.
+    agents[canary].kill_agent();
+    let leader = cluster.stream_leader("KV_HOIST");
+    cluster.nodes[leader].kill();
+
+    for (i, a) in agents.iter().enumerate().filter(|(i, _)| *i != canary) {
+        a.wait_machine("web", "on the release", Duration::from_secs(180), |m| on(m, &v2));
+        assert_eq!(http_get_container(a).as_deref(), Some("v2"), "agent {i}");
+    }
+    let other = agents.iter().position(|a| a.node != plan[0]).unwrap();
+    let done = wait_until("the release to complete", Duration::from_secs(60), || {
+        let r = record_of(&agents[other]);
+        (r.state == ReleaseState::Complete).then_some(r)
+    });
+    assert!(done.by.starts_with("hoist@") && !done.by.ends_with(&plan[0]), "a surviving node took the steps: {done:?}");
+    assert_eq!(done.reason.as_deref(), Some("every wave healthy"), "{done:?}");
 }

@@ -35,6 +35,7 @@ use crate::files::FileWatch;
 use crate::fsm::{self, State, Transition, TransitionError};
 use crate::persist::{Remembered, StateStore};
 use crate::registration;
+use crate::release;
 use crate::rollback_mark::{self, RollbackMark};
 use crate::runtime::{ContainerInfo, ProbeError, RunState, Runtime, RuntimeError, RuntimeEvent, RuntimeEventKind, RuntimeHealth};
 use crate::slot::{self, Slot, SlotKeeper};

@@ -83,6 +83,7 @@ impl Machine {
             health,
             restarts: self.restarts,
             last_error: self.last_error.clone(),
+            bad_version: self.bad_version.as_ref().map(|v| v.to_string()),
             condition: self.rollback_condition().or_else(|| self.crash.condition()).or_else(|| self.incident.clone()),
             activity: self.activity.clone(),
             governor_wait_seconds: self.governor_wait.as_secs_f64(),

@@ -1,4 +1,5 @@
-//! The machine's watches: the KV tag key it follows and the files whose touch restarts it.
+//! The machine's watches: the KV keys it follows (its tag key and its release record) and the files
+//! whose touch restarts it.
 
 use super::*;
 
@@ -7,9 +8,9 @@ impl Machine {
         if self.cfg.kv_update {
             let kv = self.deps.kv.clone();
             let tx = self.tx.clone();
-            let key = tag_key(&self.cfg.name);
+            let (node, container) = (self.deps.node.clone(), self.cfg.name.clone());
             let resync = self.cfg.kv_interval.max(Duration::from_secs(60));
-            let task = tokio::spawn(watch_desired_tag(kv, key, resync, tx));
+            let task = tokio::spawn(watch_desired(kv, node, container, resync, tx));
             self.watch_tasks.push(task.abort_handle());
         }
         if !self.cfg.restart_files.is_empty() {
@@ -27,46 +28,92 @@ impl Machine {
     }
 }
 
-/// Follows the container's tag key: the watch delivers changes as they happen; a slow jittered
-/// re-read catches anything a reconnect gap lost. Backs off when the backend is unreachable.
-pub(super) async fn watch_desired_tag(kv: Arc<dyn Kv>, key: String, resync: Duration, tx: mpsc::Sender<Input>) {
+/// Follows what the container should run: its tag key and its release record (`release::desired`
+/// decides between them, for this node's wave). The watches deliver changes as they happen; a slow
+/// jittered re-read catches anything a reconnect gap lost. Backs off when the backend is unreachable.
+pub(super) async fn watch_desired(kv: Arc<dyn Kv>, node: String, container: String, resync: Duration, tx: mpsc::Sender<Input>) {
+    let (tag, release) = (tag_key(&container), release::release_key(&container));
     let mut retry = Duration::from_millis(500);
     loop {
-        match kv.watch(HOIST_BUCKET, &key).await {
-            Ok(mut updates) => {
+        match (kv.watch(HOIST_BUCKET, &tag).await, kv.watch(HOIST_BUCKET, &release).await) {
+            (Ok(mut tags), Ok(mut releases)) => {
                 retry = Duration::from_millis(500);
-                // The watch delivers the current value first, if there is one; absent means "use image_tag".
-                if let Ok(None) = kv.get(HOIST_BUCKET, &key).await
-                    && tx.send(Input::DesiredVersion(None)).await.is_err()
-                {
+                let mut view = Sources::default();
+                // The watches deliver current values only if there are some: read both first, so an
+                // absent key counts too (absent means "use image_tag").
+                if view.read(&*kv, &tag, &release).await && !view.send(&node, &tx).await {
                     return;
                 }
                 loop {
                     tokio::select! {
                         biased;
-                        entry = updates.next() => match entry {
-                            Some(entry) => {
-                                let value = (entry.operation == crate::backend::KvOperation::Put).then(|| entry.value_str());
-                                if tx.send(Input::DesiredVersion(value)).await.is_err() {
-                                    return;
-                                }
-                            }
+                        entry = tags.next() => match entry {
+                            Some(entry) => view.tag = Some(entry),
+                            None => break,
+                        },
+                        entry = releases.next() => match entry {
+                            Some(entry) => view.set_release(&entry),
                             None => break,
                         },
                         _ = tokio::time::sleep(crate::clock::jitter(resync)) => {
-                            if let Ok(entry) = kv.get(HOIST_BUCKET, &key).await
-                                && tx.send(Input::DesiredVersion(entry.map(|e| e.value_str()))).await.is_err()
-                            {
-                                return;
+                            if !view.read(&*kv, &tag, &release).await {
+                                continue;
                             }
                         }
                     }
+                    if !view.send(&node, &tx).await {
+                        return;
+                    }
                 }
             }
-            Err(e) => tracing::debug!(key = %key, error = %e, "KV watch unavailable, retrying"),
+            (Err(e), _) | (_, Err(e)) => tracing::debug!(key = %tag, error = %e, "KV watch unavailable, retrying"),
         }
         tokio::time::sleep(retry).await;
         // Capped low: after a NATS outage this is how soon the tag is followed again.
         retry = (retry * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// The two keys a machine's desired version comes from, as last seen.
+#[derive(Default)]
+struct Sources {
+    tag: Option<crate::backend::KvEntry>,
+    release: Option<(release::ReleaseRecord, u64)>,
+}
+
+impl Sources {
+    /// Reads both keys; false if the store did not answer (the view is then left as it was).
+    async fn read(&mut self, kv: &dyn Kv, tag: &str, release: &str) -> bool {
+        match (kv.get(HOIST_BUCKET, tag).await, kv.get(HOIST_BUCKET, release).await) {
+            (Ok(t), Ok(r)) => {
+                self.tag = t;
+                self.release = None;
+                if let Some(entry) = r {
+                    self.set_release(&entry);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A record that does not parse is no release: the tag key rules, as without one.
+    fn set_release(&mut self, entry: &crate::backend::KvEntry) {
+        self.release = match entry.operation {
+            crate::backend::KvOperation::Put => match release::parse(entry) {
+                Ok(record) => Some((record, entry.revision)),
+                Err(e) => {
+                    tracing::warn!(key = %entry.key, error = %e, "ignored a release record that does not parse");
+                    None
+                }
+            },
+            _ => None,
+        };
+    }
+
+    /// Tells the machine; false once it is gone.
+    async fn send(&self, node: &str, tx: &mpsc::Sender<Input>) -> bool {
+        let value = release::desired(node, self.tag.as_ref(), self.release.as_ref().map(|(r, revision)| (r, *revision)));
+        tx.send(Input::DesiredVersion(value)).await.is_ok()
     }
 }

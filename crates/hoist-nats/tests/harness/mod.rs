@@ -120,6 +120,23 @@ impl Cluster {
         self.nodes.iter().map(Server::url).collect()
     }
 
+    /// The index in `nodes` of the server leading `stream`, asked of any live server.
+    #[allow(dead_code)] // for hoist's fault and release tests, which share this harness
+    pub fn stream_leader(&self, stream: &str) -> usize {
+        let urls = self.urls();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let leader = runtime.block_on(async {
+            let servers: Vec<async_nats::ServerAddr> = urls.iter().map(|u| u.parse().expect("a server address")).collect();
+            let client = async_nats::connect(servers).await.expect("connect to the cluster");
+            let js = async_nats::jetstream::new(client);
+            let mut s = js.get_stream(stream).await.expect("the stream");
+            let info = s.info().await.expect("stream info");
+            info.cluster.as_ref().and_then(|c| c.leader.clone()).expect("a leader")
+        });
+        // The servers are named n0, n1, n2 in the order of `nodes`.
+        leader.trim_start_matches('n').parse().expect("a harness server name")
+    }
+
     /// A client of all three nodes, once the cluster has elected a JetStream meta leader and can place
     /// a three-replica stream.
     pub async fn ready_backend(&self) -> NatsBackend {

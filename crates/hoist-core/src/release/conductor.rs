@@ -1,0 +1,108 @@
+//! Every agent's part in its containers' releases, each look (every `LOOK_EVERY`): record its own
+//! outcome once it has one, then take the release's next step (`waves::next_step`) if it is due. All
+//! nodes run the same rule; the record's compare-and-set lets exactly one of them take each step, and
+//! a node that dies mid-release leaves the steps to the others.
+
+use super::waves::{self, Seen, Step};
+use super::{OUTCOMES_BUCKET, Outcome, ReleaseError, ReleaseRecord, ReleaseState, current, outcome_key, write};
+use crate::agent::AgentHandle;
+use crate::backend::{Kv, read_all};
+use crate::clock::unix_now_ms;
+use crate::fsm::State;
+use crate::rollout_status::{STATUS_BUCKET, status_key};
+use crate::status::MachineStatus;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+const LOOK_EVERY: Duration = Duration::from_secs(2);
+
+/// Runs until the agent ends. Errors (an unreachable store) wait for the next look.
+pub async fn conduct(kv: Arc<dyn Kv>, agent: AgentHandle) {
+    let node = agent.node().to_string();
+    // What this node last recorded per container, so an outcome is written once.
+    let mut reported: HashMap<String, Outcome> = HashMap::new();
+    loop {
+        for m in agent.status(None).await.machines {
+            if let Err(e) = look(&*kv, &node, &m, &mut reported).await {
+                tracing::debug!(container = %m.container, error = %e, "release step not taken; next look");
+            }
+        }
+        tokio::time::sleep(LOOK_EVERY).await;
+    }
+}
+
+async fn look(kv: &dyn Kv, node: &str, m: &MachineStatus, reported: &mut HashMap<String, Outcome>) -> Result<(), ReleaseError> {
+    let Some((record, revision)) = current(kv, &m.container).await? else { return Ok(()) };
+    if record.state != ReleaseState::Rolling {
+        return Ok(());
+    }
+    if record.includes(node)
+        && let Some(outcome) = outcome_of(&record, node, m)
+        && reported.get(&m.container) != Some(&outcome)
+    {
+        let value = serde_json::to_vec(&outcome).expect("outcomes serialise");
+        kv.put(OUTCOMES_BUCKET, &outcome_key(&m.container, node), &value).await?;
+        tracing::info!(container = %m.container, release = %record.id, ok = outcome.ok, "recorded this node's outcome of the release");
+        reported.insert(m.container.clone(), outcome);
+    }
+    let seen = outcomes(kv, &record).await?;
+    let Some(now_ms) = store_now(kv, &m.container, node).await? else { return Ok(()) };
+    let next = match waves::next_step(&record.policy, record.plan.as_deref(), record.wave, &seen, now_ms) {
+        Step::Wait(_) => return Ok(()),
+        Step::Plan => ReleaseRecord { plan: Some(waves::plan_for(&running(kv, &m.container, node).await?, &record.id)), ..record },
+        Step::Advance => ReleaseRecord { wave: record.wave + 1, ..record },
+        Step::Abort(reason) => ReleaseRecord { state: ReleaseState::Aborted, reason: Some(reason), ..record },
+        Step::Complete => ReleaseRecord { state: ReleaseState::Complete, reason: Some("every wave healthy".into()), ..record },
+    };
+    let next = ReleaseRecord { by: format!("hoist@{node}"), at_ms: unix_now_ms(), ..next };
+    match write(kv, &next, Some(revision)).await {
+        Ok(_) => {
+            tracing::info!(container = %m.container, release = %next.id, wave = next.wave + 1, state = ?next.state, reason = ?next.reason, "took the release's next step");
+            Ok(())
+        }
+        // Another node took this step first; the next look reads what it wrote.
+        Err(ReleaseError::Raced(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// This node's outcome of `record`, once it has one: failed (its gate rolled the digest back) or ok
+/// (serving it in RUN, nothing wrong).
+fn outcome_of(record: &ReleaseRecord, node: &str, m: &MachineStatus) -> Option<Outcome> {
+    let outcome = |ok: bool, reason: Option<String>| Outcome { release: record.id.clone(), node: node.into(), ok, reason };
+    if m.bad_version.as_deref() == Some(record.digest.as_str()) {
+        return Some(outcome(false, m.last_error.clone()));
+    }
+    (m.state == State::Run && m.version == record.digest && m.condition.is_none()).then(|| outcome(true, None))
+}
+
+/// The outcomes recorded for this release (an earlier release's do not count), by the store's clock.
+async fn outcomes(kv: &dyn Kv, record: &ReleaseRecord) -> Result<Vec<Seen>, ReleaseError> {
+    let prefix = format!("{}.", record.container);
+    Ok(read_all(kv, OUTCOMES_BUCKET)
+        .await?
+        .into_iter()
+        .filter(|e| e.key.starts_with(&prefix))
+        .filter_map(|e| {
+            let o: Outcome = serde_json::from_slice(&e.value).ok()?;
+            (o.release == record.id).then_some(Seen { node: o.node, ok: o.ok, at_ms: e.created_ms })
+        })
+        .collect())
+}
+
+/// The store's clock, as of this node's latest rollout status record (written at least every
+/// `STATUS_REFRESH`): bake times are measured on it, not on any node's clock. Lagging by up to a
+/// refresh, it can only make a bake last longer. None before the first record.
+async fn store_now(kv: &dyn Kv, container: &str, node: &str) -> Result<Option<u64>, ReleaseError> {
+    Ok(kv.get(STATUS_BUCKET, &status_key(container, node)).await?.map(|e| e.created_ms))
+}
+
+/// The nodes running `container` now (their status records), this one included: whom the plan orders.
+async fn running(kv: &dyn Kv, container: &str, node: &str) -> Result<Vec<String>, ReleaseError> {
+    let prefix = format!("{container}.");
+    let mut nodes: Vec<String> =
+        read_all(kv, STATUS_BUCKET).await?.into_iter().filter_map(|e| e.key.strip_prefix(&prefix).map(str::to_string)).collect();
+    nodes.push(node.to_string());
+    Ok(nodes)
+}
