@@ -335,6 +335,7 @@ mod tests {
             digest: "sha256:d2".into(),
             previous: None,
             previous_digest: None,
+            tag_revision: None,
             policy: crate::release::Policy {
                 waves: vec![crate::release::WaveSize::Percent(80), crate::release::WaveSize::Percent(100)],
                 ..Default::default()

@@ -4,10 +4,11 @@
 //! invariants that can break at any moment are checked where they happen (`engine.rs`).
 
 use crate::fleet::{CONTAINER, GOVERNOR, HEALTHY_DEADLINE, IMAGE, Node};
-use crate::plan::{Fault, Plan};
+use crate::plan::{Fault, Plan, V2_DIGEST};
 use crate::world::World;
 use hoist_core::backend::HOIST_BUCKET;
 use hoist_core::fsm::State;
+use hoist_core::release::{self, ReleaseState, WaveSize};
 use hoist_core::rollback_mark::{RollbackMark, rollback_key};
 use hoist_core::runtime::RunState;
 use std::sync::Arc;
@@ -18,12 +19,13 @@ const LOOK_EVERY: Duration = Duration::from_secs(5);
 /// Waits until every node has settled, or records why not once `within` has passed.
 /// `may_roll_back`: a fault could have killed a container of the new version in its gate; otherwise
 /// a good version must reach every node, whatever else went wrong (an outage is no bad release).
-pub async fn settles(world: &World, nodes: &[Arc<Node>], final_tag: &str, broken: bool, may_roll_back: bool, within: Duration) {
+pub async fn settles(world: &World, nodes: &[Arc<Node>], plan: &Plan, may_roll_back: bool, within: Duration) {
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        let problems = unsettled(world, nodes, final_tag, broken, may_roll_back).await;
+        let problems = unsettled(world, nodes, plan, may_roll_back).await;
         if problems.is_empty() {
             world.note("every node settled");
+            release_ended_as_it_should(world, plan, may_roll_back);
             return rollbacks_were_the_containers(world);
         }
         if tokio::time::Instant::now() >= deadline {
@@ -34,12 +36,30 @@ pub async fn settles(world: &World, nodes: &[Arc<Node>], final_tag: &str, broken
     }
 }
 
+/// The release record's state, when the fleet follows one last.
+fn release_state(world: &World, plan: &Plan) -> Option<ReleaseState> {
+    if !plan.released_last() {
+        return None;
+    }
+    let entry = world.get(HOIST_BUCKET, &release::release_key(CONTAINER)).ok()??;
+    release::parse(&entry).ok().map(|r| r.state)
+}
+
 /// What keeps each node from having settled; empty when all have.
-async fn unsettled(world: &World, nodes: &[Arc<Node>], final_tag: &str, broken: bool, may_roll_back: bool) -> Vec<String> {
-    let image = |tag: &str| format!("{IMAGE}:{tag}");
+async fn unsettled(world: &World, nodes: &[Arc<Node>], plan: &Plan, may_roll_back: bool) -> Vec<String> {
+    let (broken, final_tag) = (plan.broken, plan.final_tag());
+    let tagged = |tag: &str| format!("{IMAGE}:{tag}");
     // v2 is the one version that may be broken.
     let final_broken = broken && final_tag == "v2";
     let mut problems = Vec::new();
+    // What the fleet must end on: the last tag, or what became of the release.
+    let (expected, aborted) = match release_state(world, plan) {
+        None if plan.released_last() => return vec!["no readable release record".into()],
+        None => (tagged(final_tag), false),
+        Some(ReleaseState::Rolling) => return vec!["the release is still rolling".into()],
+        Some(ReleaseState::Complete) => (format!("{IMAGE}@{V2_DIGEST}"), false),
+        Some(ReleaseState::Aborted) => (tagged("v1"), true),
+    };
     for node in nodes {
         let name = &node.name;
         let Some(agent) = node.agent() else {
@@ -67,10 +87,12 @@ async fn unsettled(world: &World, nodes: &[Arc<Node>], final_tag: &str, broken: 
         // rollback recorded (its own, or the fleet's mark): a broken version must end there, and a
         // good one may, when a fault killed its container in the gate on some node (the rollout then
         // stops where it is).
-        let on = |tag: &str| m.state == State::Run && containers.len() == 1 && running.len() == 1 && running[0].image == image(tag);
-        let on_a_good_one = ["v1", "v2", "v3"].into_iter().any(|tag| !(broken && tag == "v2") && on(tag));
+        let on = |image: &str| m.state == State::Run && containers.len() == 1 && running.len() == 1 && running[0].image == image;
+        let on_a_good_one = ["v1", "v2", "v3"].into_iter().any(|tag| !(broken && tag == "v2") && on(&tagged(tag)))
+            || (!broken && on(&format!("{IMAGE}@{V2_DIGEST}")));
         let back = (final_broken || may_roll_back) && on_a_good_one && m.condition.is_some();
-        let settled = (!final_broken && on(final_tag)) || back;
+        // An aborted release brings every node back to what it ran before, condition or not.
+        let settled = (!final_broken && on(&expected)) || (aborted && on(&expected)) || back;
         if !settled {
             problems.push(describe());
         }
@@ -96,9 +118,22 @@ fn rollbacks_were_the_containers(world: &World) {
     }
 }
 
+/// A release ends as its version deserves: a broken one aborted by its budget, a good one complete
+/// unless a fault killed its containers (then the budget may have stopped it, as it should).
+fn release_ended_as_it_should(world: &World, plan: &Plan, may_roll_back: bool) {
+    match release_state(world, plan) {
+        Some(ReleaseState::Complete) if plan.broken => world.violation("a broken release completed".into()),
+        Some(ReleaseState::Aborted) if !plan.broken && !may_roll_back => {
+            world.violation("a good release was aborted though no fault touched its containers".into())
+        }
+        _ => {}
+    }
+}
+
 /// A broken version is tried by no more nodes than the restart governor lets through at once, plus
 /// one for each fault that can let another through (a slot expired, evicted or added, a node cut off
-/// remediating without one, an agent that lost its state): the first rollback stops the rest.
+/// remediating without one, an agent that lost its state): the first rollback stops the rest. A
+/// release in waves is tried only by its first wave (within its budget).
 pub fn few_tried_the_broken_version(world: &World, plan: &Plan) {
     // Slots that expire before an update is through limit nothing (Choria's semantics; the agent
     // warns of such a governor): then any number may try.
@@ -107,7 +142,20 @@ pub fn few_tried_the_broken_version(world: &World, plan: &Plan) {
     }
     let capacity =
         plan.faults.iter().filter_map(|t| if let Fault::Capacity { to } = t.fault { Some(to) } else { None }).fold(plan.capacity, u64::max);
-    let allowed = capacity as usize + plan.faults.len();
+    let through = match plan.release.as_ref().filter(|_| plan.released_last()) {
+        // With no budget the first failure stops the release in its first wave; a budget lets that
+        // many failures through to later waves.
+        Some(r) if r.budget == 0 => {
+            let first_wave = match r.waves.first() {
+                Some(WaveSize::Nodes(n)) => *n,
+                _ => plan.nodes,
+            };
+            first_wave.min(capacity as usize)
+        }
+        Some(r) => r.budget + capacity as usize,
+        None => capacity as usize,
+    };
+    let allowed = through + plan.faults.len();
     let tried = world.nodes_that_tried_broken();
     if tried.len() > allowed {
         world.violation(format!(

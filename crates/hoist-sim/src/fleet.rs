@@ -2,7 +2,7 @@
 //! to settle, checked by `check.rs`.
 
 use crate::engine::{Engine, EngineView};
-use crate::plan::{Action, Fault, Plan, RELEASE_AT};
+use crate::plan::{Action, Fault, Plan, RELEASE_AT, V2_DIGEST};
 use crate::view::NodeView;
 use crate::world::World;
 use crate::{Outcome, check, elapsed};
@@ -14,6 +14,8 @@ use hoist_core::files::FileWatch;
 use hoist_core::fsm::Transition;
 use hoist_core::machine::MachineDeps;
 use hoist_core::persist::StateStore;
+use hoist_core::release::{self, OUTCOMES_BUCKET, Policy, ReleaseRecord, ReleaseState};
+use hoist_core::rollout_status::{self, STATUS_BUCKET};
 use hoist_core::slot::SlotKeeper;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -96,6 +98,12 @@ impl Node {
         });
         world.note(format!("{} agent starts", self.name));
         let handle = agent::start(deps, SET.clone()).await;
+        // As `hoist agent` runs them: the rollout status records and the node's part in releases.
+        // Once the agent dies, their store calls never return (`NodeView`).
+        let kv: Arc<dyn hoist_core::backend::Kv> =
+            Arc::new(NodeView { world: world.clone(), node: self.name.clone(), alive: alive.clone() });
+        tokio::spawn(rollout_status::keep_published(kv.clone(), handle.clone()));
+        tokio::spawn(release::conductor::conduct(kv, handle.clone()));
         *self.run.lock().expect("not poisoned") = Some(AgentRun { alive, handle });
     }
 
@@ -119,6 +127,8 @@ impl Node {
 pub async fn simulate(plan: Plan) -> Outcome {
     let world = World::new();
     world.create_bucket(HOIST_BUCKET, BucketConfig::default());
+    world.create_bucket(STATUS_BUCKET, BucketConfig::default());
+    world.create_bucket(OUTCOMES_BUCKET, BucketConfig::default());
     world.add_governor(GOVERNOR, plan.capacity, plan.expire);
     world.add_governor(PULLS, 1, Duration::from_secs(120));
     world.write(HOIST_BUCKET, &tag_key(CONTAINER), b"v1", KvOperation::Put).expect("the bucket exists");
@@ -129,6 +139,7 @@ pub async fn simulate(plan: Plan) -> Outcome {
             let engine = Engine::new(&name, world.clone(), CONTAINER, GOVERNOR);
             if plan.broken {
                 engine.with(|s| s.broken.insert(format!("{IMAGE}:v2")));
+                engine.with(|s| s.broken.insert(format!("{IMAGE}@{V2_DIGEST}")));
             }
             Arc::new(Node { name, engine, store: Mutex::new(StateStore::in_memory()), run: Mutex::new(None) })
         })
@@ -138,11 +149,45 @@ pub async fn simulate(plan: Plan) -> Outcome {
     }
 
     let release = {
-        let world = world.clone();
+        let (world, policy) = (world.clone(), plan.release.clone());
         tokio::spawn(async move {
             tokio::time::sleep(RELEASE_AT).await;
-            world.note("release: the KV asks for v2");
-            world.write(HOIST_BUCKET, &tag_key(CONTAINER), b"v2", KvOperation::Put).expect("the bucket exists");
+            match policy {
+                Some(p) => {
+                    world.note(format!(
+                        "release: a record asks for v2 ({V2_DIGEST}) in waves {:?}, bake {:?}, budget {}",
+                        p.waves, p.bake, p.budget
+                    ));
+                    let policy = Policy {
+                        waves: p.waves,
+                        bake: p.bake,
+                        budget: release::Budget { failures: p.budget, percent: None, min_sample: 1 },
+                    };
+                    let record = ReleaseRecord {
+                        id: "sim-release".into(),
+                        container: CONTAINER.into(),
+                        image: IMAGE.into(),
+                        tag: "v2".into(),
+                        digest: V2_DIGEST.into(),
+                        previous: Some("v1".into()),
+                        previous_digest: None,
+                        tag_revision: world.get(HOIST_BUCKET, &tag_key(CONTAINER)).ok().flatten().map(|e| e.revision),
+                        policy,
+                        plan: None,
+                        wave: 0,
+                        state: ReleaseState::Rolling,
+                        reason: None,
+                        by: "operator@sim".into(),
+                        at_ms: hoist_core::clock::unix_now_ms(),
+                    };
+                    let value = serde_json::to_vec(&record).expect("records serialise");
+                    world.write(HOIST_BUCKET, &release::release_key(CONTAINER), &value, KvOperation::Put).expect("the bucket exists");
+                }
+                None => {
+                    world.note("release: the KV asks for v2");
+                    world.write(HOIST_BUCKET, &tag_key(CONTAINER), b"v2", KvOperation::Put).expect("the bucket exists");
+                }
+            }
         })
     };
     for timed in plan.faults.clone() {
@@ -156,7 +201,7 @@ pub async fn simulate(plan: Plan) -> Outcome {
     let _ = release.await;
     world.note("the faults are over");
     let may_roll_back = plan.faults.iter().any(|t| matches!(t.fault, Fault::ContainerCrash { .. }));
-    check::settles(&world, &nodes, plan.final_tag(), plan.broken, may_roll_back, SETTLE_WITHIN).await;
+    check::settles(&world, &nodes, &plan, may_roll_back, SETTLE_WITHIN).await;
     if plan.broken {
         check::few_tried_the_broken_version(&world, &plan);
     }

@@ -3,10 +3,22 @@
 //! seed, so a seed is a run.
 
 use hoist_core::clock::SplitMix64;
+use hoist_core::release::WaveSize;
 use std::time::Duration;
 
 /// When the KV asks for the new version.
 pub const RELEASE_AT: Duration = Duration::from_secs(10);
+
+/// The registry digest of v2, as a release pins it.
+pub const V2_DIGEST: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+
+/// A release made through a release record (`hoist release`), in waves, instead of a tag put.
+#[derive(Debug, Clone)]
+pub struct Release {
+    pub waves: Vec<WaveSize>,
+    pub bake: Duration,
+    pub budget: usize,
+}
 
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -18,6 +30,8 @@ pub struct Plan {
     /// The new version's containers exit a second after starting.
     pub broken: bool,
     pub faults: Vec<Timed>,
+    /// How v2 is asked for: a release record, or (None) the tag key.
+    pub release: Option<Release>,
 }
 
 #[derive(Debug, Clone)]
@@ -141,7 +155,27 @@ impl Plan {
                 Timed { at, fault }
             })
             .collect();
-        Plan { seed, nodes, capacity, expire, broken, faults }
+        Plan { seed, nodes, capacity, expire, broken, faults, release: Self::release_of(seed) }
+    }
+
+    /// Drawn from a generator of its own, so the seeds drawn before releases were simulated still
+    /// plan the same fleet and faults.
+    fn release_of(seed: u64) -> Option<Release> {
+        let mut rng = SplitMix64::new(seed ^ 0x7265_6c65_6173_6573);
+        if !rng.chance(0.4) {
+            return None;
+        }
+        let waves = match rng.below(3) {
+            0 => vec![WaveSize::Nodes(1), WaveSize::Percent(100)],
+            1 => vec![WaveSize::Nodes(1), WaveSize::Percent(50), WaveSize::Percent(100)],
+            _ => vec![WaveSize::Percent(100)],
+        };
+        Some(Release { waves, bake: Duration::from_secs(rng.below(60)), budget: rng.below(2) as usize })
+    }
+
+    /// The release record is what the fleet follows last: no tag was put after it.
+    pub fn released_last(&self) -> bool {
+        self.release.is_some() && !self.faults.iter().any(|t| matches!(t.fault, Fault::Retag { .. }))
     }
 
     /// The version the KV asks for once every fault is over: v2, or the last retag.

@@ -119,7 +119,8 @@ async fn make(
     };
     let digest = resolve(tag).await.map_err(|e| anyhow::anyhow!("cannot resolve {tag} to a digest, so nothing was released: {e}"))?;
     let last = release::current(kv, container).await?.map(|(_, revision)| revision);
-    let previous = kv.get(HOIST_BUCKET, &tag_key(container)).await?.map(|e| e.value_str());
+    let tag_entry = kv.get(HOIST_BUCKET, &tag_key(container)).await?;
+    let (previous, tag_revision) = (tag_entry.as_ref().map(|e| e.value_str()), tag_entry.map(|e| e.revision));
     // What ran before: the tag key's version, else the data files'; informational, so a failure to
     // resolve it is no reason not to release.
     let before = previous.clone().or_else(|| declared.map(|(_, tag)| tag));
@@ -135,6 +136,7 @@ async fn make(
         digest,
         previous,
         previous_digest,
+        tag_revision,
         policy,
         plan: None,
         wave: 0,

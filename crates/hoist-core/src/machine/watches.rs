@@ -78,7 +78,7 @@ pub(super) async fn watch_desired(kv: Arc<dyn Kv>, node: String, container: Stri
 #[derive(Default)]
 struct Sources {
     tag: Option<crate::backend::KvEntry>,
-    release: Option<(release::ReleaseRecord, u64)>,
+    release: Option<release::ReleaseRecord>,
 }
 
 impl Sources {
@@ -101,7 +101,7 @@ impl Sources {
     fn set_release(&mut self, entry: &crate::backend::KvEntry) {
         self.release = match entry.operation {
             crate::backend::KvOperation::Put => match release::parse(entry) {
-                Ok(record) => Some((record, entry.revision)),
+                Ok(record) => Some(record),
                 Err(e) => {
                     tracing::warn!(key = %entry.key, error = %e, "ignored a release record that does not parse");
                     None
@@ -113,7 +113,7 @@ impl Sources {
 
     /// Tells the machine; false once it is gone.
     async fn send(&self, node: &str, tx: &mpsc::Sender<Input>) -> bool {
-        let value = release::desired(node, self.tag.as_ref(), self.release.as_ref().map(|(r, revision)| (r, *revision)));
+        let value = release::desired(node, self.tag.as_ref(), self.release.as_ref());
         tx.send(Input::DesiredVersion(value)).await.is_ok()
     }
 }

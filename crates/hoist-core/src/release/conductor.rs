@@ -68,13 +68,14 @@ async fn look(kv: &dyn Kv, node: &str, m: &MachineStatus, reported: &mut HashMap
 }
 
 /// This node's outcome of `record`, once it has one: failed (its gate rolled the digest back) or ok
-/// (serving it in RUN, nothing wrong).
+/// (serving it in RUN: it passed its gate). A condition from before (a crash of the old version, a
+/// machine the supervisor restarted) says nothing about the release.
 fn outcome_of(record: &ReleaseRecord, node: &str, m: &MachineStatus) -> Option<Outcome> {
     let outcome = |ok: bool, reason: Option<String>| Outcome { release: record.id.clone(), node: node.into(), ok, reason };
     if m.bad_version.as_deref() == Some(record.digest.as_str()) {
         return Some(outcome(false, m.last_error.clone()));
     }
-    (m.state == State::Run && m.version == record.digest && m.condition.is_none()).then(|| outcome(true, None))
+    (m.state == State::Run && m.version == record.digest).then(|| outcome(true, None))
 }
 
 /// The outcomes recorded for this release (an earlier release's do not count), by the store's clock.

@@ -60,6 +60,11 @@ pub struct ReleaseRecord {
     pub previous: Option<String>,
     /// The digest `previous` resolved to when the release was made, when it could be.
     pub previous_digest: Option<String>,
+    /// The tag key's revision when the release was made or resumed (None: there was no tag key): a
+    /// tag written after it supersedes the release. Not the record's own revision, which moves with
+    /// every wave.
+    #[serde(default)]
+    pub tag_revision: Option<u64>,
     #[serde(default)]
     pub policy: Policy,
     /// The order the nodes get it in, frozen by the first node to act (`waves::plan_for`).
@@ -102,16 +107,13 @@ pub struct Outcome {
 }
 
 /// The raw tag value `node`'s machine should follow, from the tag key and the release record as the
-/// store holds them: the later written wins (revisions are bucket-wide). None: the data files' tag.
-pub fn desired(node: &str, tag: Option<&KvEntry>, record: Option<(&ReleaseRecord, u64)>) -> Option<String> {
+/// store holds them: the release, unless the tag key was written after it was made (revisions are
+/// bucket-wide). None: the data files' tag.
+pub fn desired(node: &str, tag: Option<&KvEntry>, record: Option<&ReleaseRecord>) -> Option<String> {
     let tag = tag.filter(|e| e.operation == KvOperation::Put);
     match record {
-        Some((r, revision)) if tag.is_none_or(|t| t.revision < revision) => {
-            if r.includes(node) || (r.state == ReleaseState::Complete) {
-                Some(r.digest.clone())
-            } else {
-                r.previous.clone()
-            }
+        Some(r) if tag.is_none_or(|t| t.revision <= r.tag_revision.unwrap_or(0)) => {
+            if r.includes(node) || (r.state == ReleaseState::Complete) { Some(r.digest.clone()) } else { r.previous.clone() }
         }
         _ => tag.map(KvEntry::value_str),
     }
@@ -177,11 +179,13 @@ pub async fn abort(kv: &dyn Kv, container: &str, by: &str, at_ms: u64) -> Result
 }
 
 /// Resumes an aborted release where it stopped: the same plan and wave, its failures forgotten (a new
-/// id), so the nodes of the started waves try it again.
+/// id), so the nodes of the started waves try it again; over a tag put since, too.
 pub async fn resume(kv: &dyn Kv, container: &str, by: &str, at_ms: u64) -> Result<ReleaseRecord, ReleaseError> {
+    let tag_revision = kv.get(HOIST_BUCKET, &crate::backend::tag_key(container)).await?.map(|e| e.revision);
     change(kv, container, "resumed", |r| {
         (r.state == ReleaseState::Aborted).then(|| ReleaseRecord {
             id: crate::machine::uuid_v4(),
+            tag_revision,
             state: ReleaseState::Rolling,
             reason: None,
             by: by.into(),
@@ -229,6 +233,7 @@ mod tests {
             digest: D2.into(),
             previous: Some("v1".into()),
             previous_digest: None,
+            tag_revision: Some(5),
             policy: Policy { waves: vec![WaveSize::Nodes(1), WaveSize::Percent(100)], ..Policy::default() },
             plan: plan.map(|p| p.iter().map(|s| s.to_string()).collect()),
             wave,
@@ -255,22 +260,22 @@ mod tests {
         let plan = ["a", "b", "c"];
         let wave1 = record(ReleaseState::Rolling, Some(&plan), 0);
         let v1 = tag("v1", 5);
-        assert_eq!(desired("a", Some(&v1), Some((&wave1, 7))).as_deref(), Some(D2), "a is the first wave");
-        assert_eq!(desired("b", Some(&v1), Some((&wave1, 7))).as_deref(), Some("v1"), "b waits, keeping what it runs");
-        assert_eq!(desired("z", Some(&v1), Some((&wave1, 7))).as_deref(), Some("v1"), "a late joiner goes last");
+        assert_eq!(desired("a", Some(&v1), Some(&wave1)).as_deref(), Some(D2), "a is the first wave");
+        assert_eq!(desired("b", Some(&v1), Some(&wave1)).as_deref(), Some("v1"), "b waits, keeping what it runs");
+        assert_eq!(desired("z", Some(&v1), Some(&wave1)).as_deref(), Some("v1"), "a late joiner goes last");
         let unplanned = record(ReleaseState::Rolling, None, 0);
-        assert_eq!(desired("a", Some(&v1), Some((&unplanned, 7))).as_deref(), Some("v1"), "nobody before the plan");
+        assert_eq!(desired("a", Some(&v1), Some(&unplanned)).as_deref(), Some("v1"), "nobody before the plan");
         let wave2 = record(ReleaseState::Rolling, Some(&plan), 1);
-        assert_eq!(desired("c", Some(&v1), Some((&wave2, 9))).as_deref(), Some(D2));
+        assert_eq!(desired("c", Some(&v1), Some(&wave2)).as_deref(), Some(D2));
         let aborted = record(ReleaseState::Aborted, Some(&plan), 0);
-        assert_eq!(desired("a", Some(&v1), Some((&aborted, 9))).as_deref(), Some("v1"), "back to what the tag said");
+        assert_eq!(desired("a", Some(&v1), Some(&aborted)).as_deref(), Some("v1"), "back to what the tag said");
         let complete = record(ReleaseState::Complete, Some(&plan), 1);
-        assert_eq!(desired("z", None, Some((&complete, 9))).as_deref(), Some(D2), "once complete, newcomers too");
+        assert_eq!(desired("z", None, Some(&complete)).as_deref(), Some(D2), "once complete, newcomers too");
         // The seed's way: a tag written after the release wins.
-        assert_eq!(desired("a", Some(&tag("v3", 10)), Some((&wave1, 7))).as_deref(), Some("v3"));
+        assert_eq!(desired("a", Some(&tag("v3", 10)), Some(&wave1)).as_deref(), Some("v3"));
         assert_eq!(desired("a", None, None), None, "nothing at all: the data files' tag");
         let without_previous = ReleaseRecord { previous: None, ..aborted };
-        assert_eq!(desired("a", None, Some((&without_previous, 9))), None);
+        assert_eq!(desired("a", None, Some(&without_previous)), None);
     }
 
     #[test]
