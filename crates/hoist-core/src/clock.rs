@@ -44,6 +44,12 @@ pub fn jitter(d: Duration) -> Duration {
     d.mul_f64(factor)
 }
 
+/// True with probability `p` (0 to 1).
+pub fn chance(p: f64) -> bool {
+    let draw = SIMULATED.with(|s| s.borrow_mut().as_mut().map(|s| s.rng.unit())).unwrap_or_else(|| rand::rng().random_range(0.0..1.0));
+    draw < p
+}
+
 /// Random bytes (ids).
 pub fn random_bytes<const N: usize>() -> [u8; N] {
     SIMULATED

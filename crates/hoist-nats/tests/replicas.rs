@@ -10,11 +10,12 @@ use harness::{Cluster, Server, connect};
 async fn a_server_reports_how_many_servers_its_cluster_has() {
     let cluster = Cluster::start();
     // A server learns its peers as their routes form and tells its clients again each time: the count
-    // reaches the cluster's size within moments of the cluster forming.
+    // reaches the cluster's size soon after the cluster forms (on a loaded CI machine, the last
+    // server's client address has been seen to take more than 10 s to spread).
     let sees_all = |backend: hoist_nats::NatsBackend, what: &'static str| async move {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(45);
         while backend.cluster_size() != 3 {
-            assert!(std::time::Instant::now() < deadline, "{what}: still {} after 10 s", backend.cluster_size());
+            assert!(std::time::Instant::now() < deadline, "{what}: still {} after 45 s", backend.cluster_size());
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
     };

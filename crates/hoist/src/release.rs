@@ -128,8 +128,13 @@ async fn make(
         Some(version) => resolve(&version).await.ok(),
         None => None,
     };
+    // Planned here, from the nodes that report running the container, so the nodes need not each
+    // read the fleet to do it; with none reporting, the first node to act plans.
+    let id = hoist_core::machine::uuid_v4();
+    let nodes = release::running(kv, container).await?;
+    let plan = (!nodes.is_empty()).then(|| release::waves::plan_for(&nodes, &id));
     let record = ReleaseRecord {
-        id: hoist_core::machine::uuid_v4(),
+        id,
         container: container.into(),
         image,
         tag: tag.into(),
@@ -138,7 +143,7 @@ async fn make(
         previous_digest,
         tag_revision,
         policy,
-        plan: None,
+        plan,
         wave: 0,
         state: ReleaseState::Rolling,
         reason: None,

@@ -183,7 +183,7 @@ fn a_good_release_goes_wave_by_wave_and_waits_out_its_bake_time() {
     let bake = Duration::from_secs(8);
     release(&agents[0], &["web", "v2", "--waves", "1,100%", "--bake", "8s"]);
 
-    // The first node to look freezes the plan; its first node alone gets the release.
+    // The plan is frozen with the release; its first node alone gets it.
     let plan = wait_until("the plan", Duration::from_secs(20), || record_of(&agents[0]).plan);
     assert_eq!(plan.len(), 3, "every node running web is in it: {plan:?}");
     let first = agents.iter().find(|a| a.node == plan[0]).expect("a planned node is one of ours");

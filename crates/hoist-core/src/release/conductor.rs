@@ -17,6 +17,12 @@ use std::time::Duration;
 
 const LOOK_EVERY: Duration = Duration::from_secs(2);
 
+/// How many nodes, on average, evaluate a release's next step at each look: enough that one dying is
+/// made up for within a look or two, few enough that a fleet of thousands does not read every outcome
+/// thousands of times every look. Each node draws for itself; the step, once due, is taken within a
+/// few looks by whoever drew.
+const EVALUATORS: f64 = 3.0;
+
 /// Runs until the agent ends. Errors (an unreachable store) wait for the next look.
 pub async fn conduct(kv: Arc<dyn Kv>, agent: AgentHandle) {
     let node = agent.node().to_string();
@@ -45,6 +51,10 @@ async fn look(kv: &dyn Kv, node: &str, m: &MachineStatus, reported: &mut HashMap
         kv.put(OUTCOMES_BUCKET, &outcome_key(&m.container, node), &value).await?;
         tracing::info!(container = %m.container, release = %record.id, ok = outcome.ok, "recorded this node's outcome of the release");
         reported.insert(m.container.clone(), outcome);
+    }
+    let planned = record.plan.as_ref().map_or(1, Vec::len).max(1);
+    if !crate::clock::chance(EVALUATORS / planned as f64) {
+        return Ok(());
     }
     let seen = outcomes(kv, &record).await?;
     let Some(now_ms) = store_now(kv, &m.container, node).await? else { return Ok(()) };
@@ -101,9 +111,7 @@ async fn store_now(kv: &dyn Kv, container: &str, node: &str) -> Result<Option<u6
 
 /// The nodes running `container` now (their status records), this one included: whom the plan orders.
 async fn running(kv: &dyn Kv, container: &str, node: &str) -> Result<Vec<String>, ReleaseError> {
-    let prefix = format!("{container}.");
-    let mut nodes: Vec<String> =
-        read_all(kv, STATUS_BUCKET).await?.into_iter().filter_map(|e| e.key.strip_prefix(&prefix).map(str::to_string)).collect();
+    let mut nodes = super::running(kv, container).await?;
     nodes.push(node.to_string());
     Ok(nodes)
 }

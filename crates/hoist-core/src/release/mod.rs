@@ -210,6 +210,17 @@ async fn change(
     Ok(changed)
 }
 
+/// The nodes that report running `container` (their rollout status records): whom a plan orders. A
+/// status bucket not created yet holds none.
+pub async fn running(kv: &dyn Kv, container: &str) -> Result<Vec<String>, BackendError> {
+    let prefix = format!("{container}.");
+    let entries = match crate::backend::read_all(kv, crate::rollout_status::STATUS_BUCKET).await {
+        Err(BackendError::NoBucket(_)) => Vec::new(),
+        other => other?,
+    };
+    Ok(entries.into_iter().filter_map(|e| e.key.strip_prefix(&prefix).map(str::to_string)).collect())
+}
+
 pub(crate) async fn write(kv: &dyn Kv, record: &ReleaseRecord, last: Option<u64>) -> Result<u64, ReleaseError> {
     let value = serde_json::to_vec(record).expect("records serialise");
     kv.update(HOIST_BUCKET, &release_key(&record.container), &value, last).await.map_err(|e| match e {

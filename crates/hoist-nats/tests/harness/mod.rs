@@ -37,8 +37,15 @@ impl Server {
             ["-js", "-a", "127.0.0.1", "-sd", path(&store), "-l", path(&log)].into_iter().map(str::to_string).collect();
         args.extend(extra);
         let mut server = Server { port, args, child: None, _dir: dir };
-        server.restart();
-        server
+        // A port found free may be taken by another test before the server binds it: then the server
+        // exits at once, and a first start simply moves to another port.
+        for _ in 0..5 {
+            if server.launch() {
+                return server;
+            }
+            server.port = free_port();
+        }
+        panic!("nats-server did not start on any of five free ports");
     }
 
     pub fn url(&self) -> String {
@@ -47,6 +54,12 @@ impl Server {
 
     /// Starts the server again with the same port and store, and waits until it accepts connections.
     pub fn restart(&mut self) {
+        assert!(self.launch(), "nats-server on port {} did not start", self.port);
+    }
+
+    /// Starts the server and waits until it accepts connections; false if it exits first (its port
+    /// is taken) or does not answer within 10 s.
+    fn launch(&mut self) -> bool {
         self.kill();
         let child = Command::new("nats-server")
             .args(&self.args)
@@ -55,12 +68,15 @@ impl Server {
             .stderr(Stdio::null())
             .spawn()
             .expect("start nats-server (is it on PATH?)");
-        self.child = Some(child);
+        let child = self.child.insert(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server on port {} did not start", self.port);
+            if Instant::now() >= deadline || child.try_wait().is_ok_and(|exited| exited.is_some()) {
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+        true
     }
 
     /// Restarts the server on another port with the same store, out of reach of clients of the old one.

@@ -40,6 +40,8 @@ pub fn registry_digest(tag: &str) -> String {
 /// Points `tag` of the test repository at what `to` is, in the registry.
 pub fn move_tag(tag: &str, to: &str) {
     let (from, moved) = (format!("{}:{to}", image()), format!("{}:{tag}", image()));
+    // From the registry, in case this engine's copy was removed (or is being rebuilt) meanwhile.
+    docker_ok(&["pull", "-q", &from]);
     docker_ok(&["tag", &from, &moved]);
     docker_ok(&["push", &moved]);
 }
