@@ -278,3 +278,22 @@ fn the_rollout_goes_on_when_the_node_that_would_advance_it_dies_and_a_leader_is_
     assert!(done.by.starts_with("hoist@") && !done.by.ends_with(&plan[0]), "a surviving node took the steps: {done:?}");
     assert_eq!(done.reason.as_deref(), Some("every wave healthy"), "{done:?}");
 }
+
+#[test]
+fn one_node_alone_releases_through_its_own_store() {
+    let agent = TestAgent::start("alone", &web(free_port()));
+    agent.hoist_ok(&["governor", "add", "RG", "1", "2m"]);
+    agent.wait_running("web");
+    let v2 = registry_digest("v2");
+    let record = release(&agent, &["web", "v2", "--waves", "1,100%", "--bake", "1s"]);
+    assert_eq!(record.plan.as_deref().map(<[String]>::len), Some(1), "the node itself: {record:?}");
+    let m = agent.wait_machine("web", "on the release", Duration::from_secs(60), |m| on(m, &v2));
+    assert_eq!(http_get_container(&agent).as_deref(), Some("v2"), "{m:?}");
+    let done = wait_until("the release to complete", Duration::from_secs(30), || {
+        let r = record_of(&agent);
+        (r.state == ReleaseState::Complete).then_some(r)
+    });
+    assert_eq!(done.by, format!("hoist@{}", agent.node), "the node itself completed it: {done:?}");
+    let status = rollout_status(&agent);
+    assert_eq!((status["succeeded"].as_u64(), status["phases"]["serving"].as_u64()), (Some(1), Some(1)), "{status:#}");
+}
