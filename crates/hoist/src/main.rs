@@ -13,18 +13,16 @@ mod output;
 mod release;
 mod rollout;
 mod state_dir;
+mod store_commands;
 mod ui;
 
 use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use control::client::ControlClient;
 use futures_util::StreamExt;
-use hoist_core::backend::{BucketConfig, Governor, Kv, read_all};
-use hoist_core::config::{AgentConfig, BackendKind, DEFAULT_AGENT_FILE, LOCAL_SYSLOG_SOCKETS, load_containers, syslog_warning};
+use hoist_core::config::{AgentConfig, DEFAULT_AGENT_FILE, LOCAL_SYSLOG_SOCKETS, load_containers, syslog_warning};
 use hoist_core::fleet::Operation;
 use hoist_core::fsm::Transition;
-use hoist_core::registration::{SERVICES_BUCKET, ServiceEntry};
-use hoist_core::spec::ImageVersion;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -108,7 +106,7 @@ enum Command {
     },
     /// The key-value store.
     #[command(subcommand)]
-    Kv(KvCommand),
+    Kv(store_commands::KvCommand),
     /// Release a tag to the fleet pinned to its digest (`hoist release web v2`), or show or abort a
     /// container's release.
     Release(release::ReleaseArgs),
@@ -117,7 +115,7 @@ enum Command {
     Rollout(rollout::RolloutCommand),
     /// Governors: fleet-wide limits on concurrent pulls and restarts.
     #[command(subcommand)]
-    Governor(GovernorCommand),
+    Governor(store_commands::GovernorCommand),
     /// Operator keys that sign fleet requests.
     #[command(subcommand)]
     Key(KeyCommand),
@@ -166,100 +164,6 @@ enum KeyCommand {
         /// Where to write the seed (never replaced if it exists).
         file: PathBuf,
     },
-}
-
-#[derive(Subcommand)]
-enum KvCommand {
-    /// Create a bucket, or change its settings.
-    Add {
-        /// The bucket's name (letters, digits, `_` and `-`).
-        bucket: String,
-        /// Values kept per key, the current one included.
-        #[arg(long, default_value_t = 5)]
-        history: u8,
-        /// Entries older than this vanish, e.g. 1m.
-        #[arg(long, value_parser = humantime::parse_duration)]
-        ttl: Option<Duration>,
-        /// Copies kept in a NATS cluster (default: `nats.replicas`, else one per server up to 3).
-        #[arg(long)]
-        replicas: Option<u8>,
-    },
-    /// Set KEY to VALUE (a container's tag key is checked to be a tag or a digest first).
-    Put {
-        /// The bucket, e.g. HOIST.
-        bucket: String,
-        /// The key, e.g. `container/web/tag`.
-        key: String,
-        /// The new value.
-        value: String,
-    },
-    /// Print the value of KEY.
-    Get {
-        /// The bucket, e.g. HOIST.
-        bucket: String,
-        /// The key, e.g. `container/web/tag`.
-        key: String,
-    },
-    /// Delete KEY.
-    Del {
-        /// The bucket, e.g. HOIST.
-        bucket: String,
-        /// The key, e.g. `container/web/tag`.
-        key: String,
-    },
-    /// List buckets, or the keys of one bucket.
-    Ls {
-        /// This bucket's keys instead of the list of buckets.
-        bucket: Option<String>,
-    },
-    /// Stream changes to matching keys (default: all).
-    Watch {
-        /// The bucket, e.g. HOIST.
-        bucket: String,
-        /// NATS-style key pattern: `container/*/tag`, `container/>` (default: every key).
-        pattern: Option<String>,
-    },
-}
-
-#[derive(Subcommand)]
-enum GovernorCommand {
-    /// Create a governor or change its capacity and lease expiry live.
-    Add {
-        /// The governor's name, as containers' `restart_governor` and `update_governor` give it.
-        name: String,
-        /// How many holders at once, fleet-wide.
-        capacity: u64,
-        /// How long a slot is held at most before it is freed for another, e.g. 5m.
-        #[arg(value_parser = humantime::parse_duration)]
-        expire: Duration,
-        /// Copies kept in a NATS cluster (default: `nats.replicas`, else one per server up to 3).
-        #[arg(long)]
-        replicas: Option<u8>,
-    },
-    /// Show capacity and the leases held.
-    View {
-        /// The governor's name.
-        name: String,
-    },
-    /// Free one lease by its id.
-    Evict {
-        /// The governor's name.
-        name: String,
-        /// The lease's id, as `governor view` lists it.
-        id: u64,
-    },
-    /// Free every lease.
-    Reset {
-        /// The governor's name.
-        name: String,
-    },
-    /// Remove a governor and its leases.
-    Rm {
-        /// The governor's name.
-        name: String,
-    },
-    /// List the governors.
-    Ls,
 }
 
 /// The transitions an operator may ask for, each with what it does, for `transition --help`.
@@ -378,12 +282,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_line(g.json, &e, output::event);
             }
         }
-        Command::Services { service } => services(g, &client(g)?, service.as_deref()).await?,
+        Command::Services { service } => store_commands::services(g, &client(g)?, service.as_deref()).await?,
         Command::Metrics => print!("{}", output::clean_lines(&client(g)?.metrics().await?)),
         Command::Validate { files } => return validate(g, files),
         Command::Kv(cmd) => {
             let access = kv_access::KvAccess::open(&agent_config(g)?, g.socket.clone()).await?;
-            kv(g, access.kv(), cmd).await.map_err(|e| access.explain(e))?
+            store_commands::kv(g, access.kv(), cmd).await.map_err(|e| access.explain(e))?
         }
         Command::Rollout(cmd) => {
             let access = kv_access::KvAccess::open(&agent_config(g)?, g.socket.clone()).await?;
@@ -394,7 +298,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let access = kv_access::KvAccess::open(&cfg, g.socket.clone()).await?;
             release::run(&cfg, &access, args, g.json).await.map_err(|e| access.explain(e))?
         }
-        Command::Governor(cmd) => governor(g, &client(g)?, cmd).await?,
+        Command::Governor(cmd) => store_commands::governor(g, &client(g)?, cmd).await?,
         Command::Node(NodeCommand::Ls) => {
             let nodes = fleet::nodes(&agent_config(g)?).await?;
             print(g.json, &nodes, |n| fleet::render_nodes(n));
@@ -467,110 +371,6 @@ fn validate(g: &Global, files: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-/// The replica count the agent gives what it creates, for what an operator creates without `--replicas`.
-async fn default_replicas(g: &Global) -> anyhow::Result<u8> {
-    let cfg = agent_config(g)?;
-    match cfg.backend {
-        BackendKind::Embedded => Ok(1),
-        BackendKind::Nats => Ok(agent::replicas(&cfg, &fleet::connect(&cfg).await?)),
-    }
-}
-
-async fn services(g: &Global, kv: &dyn Kv, only: Option<&str>) -> anyhow::Result<()> {
-    let mut found = Vec::new();
-    for entry in read_all(kv, SERVICES_BUCKET).await? {
-        match serde_json::from_slice::<ServiceEntry>(&entry.value) {
-            Ok(service) if only.is_none_or(|s| s == service.service) => found.push((entry.key, service)),
-            Ok(_) => {}
-            Err(e) => tracing::debug!(key = %entry.key, error = %e, "not a service entry"),
-        }
-    }
-    print(g.json, &found.iter().map(|(_, s)| s).collect::<Vec<_>>(), |_| output::services(&found));
-    Ok(())
-}
-
-async fn kv(g: &Global, kv: &dyn Kv, cmd: KvCommand) -> anyhow::Result<()> {
-    match cmd {
-        KvCommand::Add { bucket, history, ttl, replicas } => {
-            let replicas = match replicas {
-                Some(n) => n,
-                None => default_replicas(g).await?,
-            };
-            kv.create_bucket(&bucket, BucketConfig { history, ttl, replicas }).await?;
-            // What the backend now holds, not what was asked for.
-            let config = kv.bucket_config(&bucket).await?;
-            print(g.json, &config, |c| {
-                let ttl = c.ttl.map_or_else(|| "none".into(), |t| humantime::format_duration(t).to_string());
-                format!("bucket {bucket}: history {}, ttl {ttl}, replicas {}\n", c.history, c.replicas)
-            });
-        }
-        KvCommand::Put { bucket, key, value } => {
-            if bucket == hoist_core::backend::HOIST_BUCKET && key.ends_with("/tag") {
-                ImageVersion::parse(&value).map_err(|e| anyhow::anyhow!("refusing to write {key}: {e}"))?;
-            }
-            let revision = kv.put(&bucket, &key, value.as_bytes()).await?;
-            print(g.json, &serde_json::json!({"revision": revision}), |_| format!("{key} = {value} (revision {revision})\n"));
-        }
-        KvCommand::Get { bucket, key } => {
-            let entry = kv.get(&bucket, &key).await?.with_context(|| format!("no key {key} in bucket {bucket}"))?;
-            print(g.json, &output::KvEntryView::from(&entry), |e| format!("{}\n", output::clean(&e.value)));
-        }
-        KvCommand::Del { bucket, key } => {
-            kv.delete(&bucket, &key).await?;
-            print(g.json, &serde_json::json!({"deleted": key}), |_| format!("deleted {key}\n"));
-        }
-        KvCommand::Ls { bucket: None } => {
-            let buckets = kv.list_buckets().await?;
-            print(g.json, &buckets, |b| output::names(b, "no buckets"));
-        }
-        KvCommand::Ls { bucket: Some(bucket) } => {
-            let keys = kv.keys(&bucket).await?;
-            print(g.json, &keys, |k| output::names(k, &format!("no keys in bucket {bucket}")));
-        }
-        KvCommand::Watch { bucket, pattern } => {
-            let mut entries = kv.watch(&bucket, pattern.as_deref().unwrap_or(">")).await?;
-            while let Some(e) = entries.next().await {
-                print_line(g.json, &output::KvEntryView::from(&e), |e| {
-                    format!("{} [{}] {:?} {} = {}", e.created, e.revision, e.operation, output::clean(e.key), output::clean(&e.value))
-                });
-            }
-        }
-    }
-    Ok(())
-}
-
-async fn governor(g: &Global, gov: &dyn Governor, cmd: GovernorCommand) -> anyhow::Result<()> {
-    match cmd {
-        GovernorCommand::Add { name, capacity, expire, replicas } => {
-            let replicas = match replicas {
-                Some(n) => n,
-                None => default_replicas(g).await?,
-            };
-            gov.add(&name, capacity, expire, replicas).await?;
-            let info = gov.view(&name).await?;
-            print(g.json, &info, output::governor);
-        }
-        GovernorCommand::View { name } => print(g.json, &gov.view(&name).await?, output::governor),
-        GovernorCommand::Evict { name, id } => {
-            let lease = gov.evict(&name, id).await?;
-            print(g.json, &lease, |l| format!("evicted lease {} held by {}\n", l.seq, output::clean(&l.holder)));
-        }
-        GovernorCommand::Reset { name } => {
-            gov.reset(&name).await?;
-            print(g.json, &serde_json::json!({"reset": name}), |_| format!("governor {name} reset\n"));
-        }
-        GovernorCommand::Rm { name } => {
-            gov.remove(&name).await?;
-            print(g.json, &serde_json::json!({"removed": name}), |_| format!("governor {name} removed\n"));
-        }
-        GovernorCommand::Ls => {
-            let names = gov.list().await?;
-            print(g.json, &names, |n| output::names(n, "no governors"));
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
