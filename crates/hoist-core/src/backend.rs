@@ -260,6 +260,15 @@ pub async fn read_all(kv: &dyn Kv, bucket: &str) -> BackendResult<Vec<KvEntry>> 
     Ok(entries.into_iter().collect::<BackendResult<Vec<_>>>()?.into_iter().flatten().collect())
 }
 
+/// `read_all`, with a bucket nobody has created yet read as empty (the agents create theirs when
+/// the backend first answers).
+pub async fn read_all_if_any(kv: &dyn Kv, bucket: &str) -> BackendResult<Vec<KvEntry>> {
+    match read_all(kv, bucket).await {
+        Err(BackendError::NoBucket(_)) => Ok(Vec::new()),
+        other => other,
+    }
+}
+
 #[async_trait]
 pub trait Events: Send + Sync + 'static {
     async fn publish(&self, event: &TransitionEvent) -> BackendResult<()>;

@@ -173,14 +173,21 @@ fn who(cfg: &AgentConfig) -> String {
     format!("{user}@{host}")
 }
 
-fn describe(r: &ReleaseRecord) -> String {
-    let at = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(r.at_ms));
+/// Where a release stands, in a few words: its state (and wave), and why it ended as it did.
+pub fn progress(r: &ReleaseRecord) -> String {
     let state = match r.state {
         ReleaseState::Rolling => format!("rolling out, wave {} of {}", r.wave + 1, r.waves()),
         ReleaseState::Complete => "complete".into(),
         ReleaseState::Aborted => "aborted".into(),
     };
-    let why = r.reason.as_deref().map(|why| format!(" ({why})")).unwrap_or_default();
+    match &r.reason {
+        Some(why) => format!("{state} ({why})"),
+        None => state,
+    }
+}
+
+fn describe(r: &ReleaseRecord) -> String {
+    let (progress, at) = (progress(r), output::rfc3339((r.at_ms / 1000) as i64));
     let before = match (&r.previous, &r.previous_digest) {
         (Some(value), Some(digest)) if value != digest => format!("{value} ({digest})"),
         (Some(value), _) => value.clone(),
@@ -188,7 +195,7 @@ fn describe(r: &ReleaseRecord) -> String {
         (None, None) => "the data files' tag".into(),
     };
     output::clean_lines(&format!(
-        "release of {}: {}:{} = {}\n  {state}{why}, by {} at {at}\n  before: {before}\n",
+        "release of {}: {}:{} = {}\n  {progress}, by {} at {at}\n  before: {before}\n",
         r.container, r.image, r.tag, r.digest, r.by
     ))
 }

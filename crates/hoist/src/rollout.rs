@@ -4,9 +4,9 @@
 use crate::kv_access::KvAccess;
 use crate::output::{clean, rfc3339};
 use clap::Subcommand;
-use hoist_core::backend::{BackendError, KvEntry, read_all};
+use hoist_core::backend::{BackendError, read_all_if_any};
 use hoist_core::clock::unix_now_ms;
-use hoist_core::release::{self, OUTCOMES_BUCKET, ReleaseState};
+use hoist_core::release::{self, OUTCOMES_BUCKET};
 use hoist_core::rollout_status::{RolloutSummary, STATUS_BUCKET, summarize};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -31,12 +31,12 @@ pub async fn run(access: &KvAccess, cmd: RolloutCommand, json: bool) -> anyhow::
     let RolloutCommand::Status { container, watch } = cmd;
     loop {
         // A bucket the agents have not created yet holds nothing yet.
-        let entries = or_nothing(read_all(access.kv(), STATUS_BUCKET).await)?;
+        let entries = read_all_if_any(access.kv(), STATUS_BUCKET).await?;
         let release = match release::current(access.kv(), &container).await {
             Err(release::ReleaseError::Backend(BackendError::NoBucket(_))) => None,
             other => other?.map(|(record, _)| record),
         };
-        let outcomes = or_nothing(read_all(access.kv(), OUTCOMES_BUCKET).await)?;
+        let outcomes = read_all_if_any(access.kv(), OUTCOMES_BUCKET).await?;
         let summary = summarize(&container, &entries, release, &outcomes, unix_now_ms());
         if json {
             println!("{}", serde_json::to_string(&summary).expect("serialises"));
@@ -53,27 +53,16 @@ pub async fn run(access: &KvAccess, cmd: RolloutCommand, json: bool) -> anyhow::
     }
 }
 
-fn or_nothing(read: Result<Vec<KvEntry>, BackendError>) -> Result<Vec<KvEntry>, BackendError> {
-    match read {
-        Err(BackendError::NoBucket(_)) => Ok(Vec::new()),
-        other => other,
-    }
-}
-
 fn describe(s: &RolloutSummary) -> String {
     let mut out = match &s.release {
         Some(r) => {
-            let state = match r.state {
-                ReleaseState::Rolling => format!("rolling out, wave {} of {}", r.wave + 1, r.waves()),
-                ReleaseState::Complete => "complete".into(),
-                ReleaseState::Aborted => format!("aborted: {}", r.reason.as_deref().unwrap_or("no reason recorded")),
-            };
             format!(
-                "{}: release {}:{} = {}\n  {state} (last change {} by {}); {} healthy on it, {} failed{}\n",
+                "{}: release {}:{} = {}\n  {}, last changed {} by {}; {} healthy on it, {} failed{}\n",
                 clean(&s.container),
                 clean(&r.image),
                 clean(&r.tag),
                 clean(&r.digest),
+                crate::release::progress(r),
                 rfc3339((r.at_ms / 1000) as i64),
                 clean(&r.by),
                 s.succeeded,

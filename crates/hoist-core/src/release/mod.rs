@@ -214,10 +214,7 @@ async fn change(
 /// status bucket not created yet holds none.
 pub async fn running(kv: &dyn Kv, container: &str) -> Result<Vec<String>, BackendError> {
     let prefix = format!("{container}.");
-    let entries = match crate::backend::read_all(kv, crate::rollout_status::STATUS_BUCKET).await {
-        Err(BackendError::NoBucket(_)) => Vec::new(),
-        other => other?,
-    };
+    let entries = crate::backend::read_all_if_any(kv, crate::rollout_status::STATUS_BUCKET).await?;
     Ok(entries.into_iter().filter_map(|e| e.key.strip_prefix(&prefix).map(str::to_string)).collect())
 }
 
