@@ -20,6 +20,13 @@ const CONNECTION_CHECK: Duration = Duration::from_millis(250);
 /// Longest pause between attempts to re-create a broken watch.
 const MAX_REWATCH_DELAY: Duration = Duration::from_secs(5);
 
+/// How many watches a bucket serves at once. Every agent holds two per container that follows the KV
+/// (its tag key and its release record), each an ordered consumer of the bucket's stream; nats-server
+/// 2.15 limits a stream that sets no limit to 1000 of them, so an unset limit would cut a fleet off
+/// at 500 nodes. Streams cannot say "unlimited" any more (the server takes any value under 1 for its
+/// default), so this is a fleet's worth: 20,000 nodes with 5 such containers each.
+const MAX_WATCHES: i32 = 200_000;
+
 fn stream_name(bucket: &str) -> String {
     format!("KV_{bucket}")
 }
@@ -35,7 +42,7 @@ fn stream_config(bucket: &str, config: &BucketConfig) -> Config {
         max_messages: -1,
         max_bytes: -1,
         max_message_size: -1,
-        max_consumers: -1,
+        max_consumers: MAX_WATCHES,
         num_replicas: usize::from(config.replicas),
         storage: StorageType::File,
         discard: DiscardPolicy::New,

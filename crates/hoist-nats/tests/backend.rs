@@ -330,3 +330,22 @@ async fn tls_with_a_private_ca_is_verified() {
     let backend = NatsBackend::connect(options(Some(d.join("ca.pem")))).await.expect("connect over TLS with the CA");
     backend.create_bucket("TLS", BucketConfig::default()).await.expect("use the connection");
 }
+
+/// nats-server 2.15 gives a stream that sets no consumer limit a limit of 1000, which two watches per
+/// agent reach at 500 nodes; the buckets hoist makes take a fleet's worth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_serves_more_watches_than_the_servers_default_limit() {
+    let server = Server::start();
+    let backend = connect(vec![server.url()]).await;
+    backend.create_bucket("HOIST", BucketConfig::default()).await.expect("create");
+    let mut watches = Vec::new();
+    for i in 0..1_100 {
+        let key = format!("container/c{}/tag", i % 10);
+        watches.push(backend.watch("HOIST", &key).await.unwrap_or_else(|e| panic!("watch {i}: {e}")));
+    }
+    backend.put("HOIST", "container/c0/tag", b"v2").await.expect("put");
+    for (i, watch) in watches.iter_mut().enumerate().filter(|(i, _)| i % 10 == 0) {
+        let entry = timeout(Duration::from_secs(10), watch.next()).await.unwrap_or_else(|_| panic!("watch {i} delivered nothing"));
+        assert_eq!(entry.map(|e| e.value), Some(b"v2".to_vec()), "watch {i}");
+    }
+}

@@ -1,7 +1,7 @@
 //! Faults as they happen in production, against the real engine, registry and nats-server: graceful
 //! replacement, a container dying during a NATS outage or a pull retry, an agent starting without
-//! NATS, leases after an outage, a rejected version not pulled again, and a stream leader lost in the
-//! middle of a rollout on a 3-node cluster.
+//! NATS, leases after an outage, a rejected version not pulled again, a stream leader lost in the
+//! middle of a rollout on a 3-node cluster, and a bucket with no room for another watch.
 
 #[allow(dead_code)] // the harness also serves hoist-nats's own tests
 #[path = "../../hoist-nats/tests/harness/mod.rs"]
@@ -379,4 +379,36 @@ fn a_container_that_dies_while_its_replacement_waits_for_a_slot_is_replaced_at_o
     assert!(agent.container_running("b"));
     let a = agent.machine("a").unwrap();
     assert_eq!(a.state, State::Restart, "a still holds the slot: {a:?}");
+}
+
+/// A bucket made elsewhere (`choria kv add`, an older hoist) under nats-server 2.15's default limit
+/// can be out of room for another watch. The machine then reads its keys every `kv_interval`, as
+/// the seed's machines poll, and still follows the tag.
+#[test]
+fn a_bucket_that_refuses_another_watch_is_followed_by_reading_it() {
+    let server = nats::Server::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.expect("connect"));
+        // Choria's KV stream for HOIST, with room for one watch: the machine needs two.
+        let config = async_nats::jetstream::stream::Config {
+            name: "KV_HOIST".into(),
+            subjects: vec!["$KV.HOIST.>".into()],
+            max_messages_per_subject: 10,
+            max_consumers: 1,
+            allow_direct: true,
+            allow_rollup: true,
+            deny_delete: true,
+            discard: async_nats::jetstream::stream::DiscardPolicy::New,
+            ..Default::default()
+        };
+        js.create_stream(config).await.expect("create KV_HOIST");
+    });
+    let port = free_port();
+    let agent = TestAgent::start_with("refused-watch", &web(port, "    kv_interval: 2\n"), &nats_agent_yaml(&[server.url()]));
+    agent.wait_running("web");
+    agent.hoist_ok(&["kv", "put", "HOIST", "container/web/tag", "v2"]);
+    agent.wait_machine("web", "on v2, read from the bucket", Duration::from_secs(30), |m| running_on(m, "v2"));
+    assert_eq!(http_get(port).as_deref(), Some("v2"));
+    assert!(agent.log().contains("cannot watch the key"), "the agent says why it polls: {}", agent.log());
 }

@@ -9,8 +9,7 @@ impl Machine {
             let kv = self.deps.kv.clone();
             let tx = self.tx.clone();
             let (node, container) = (self.deps.node.clone(), self.cfg.name.clone());
-            let resync = self.cfg.kv_interval.max(Duration::from_secs(60));
-            let task = tokio::spawn(watch_desired(kv, node, container, resync, tx));
+            let task = tokio::spawn(watch_desired(kv, node, container, self.cfg.kv_interval, tx));
             self.watch_tasks.push(task.abort_handle());
         }
         if !self.cfg.restart_files.is_empty() {
@@ -30,15 +29,22 @@ impl Machine {
 
 /// Follows what the container should run: its tag key and its release record (`release::desired`
 /// decides between them, for this node's wave). The watches deliver changes as they happen; a slow
-/// jittered re-read catches anything a reconnect gap lost. Backs off when the backend is unreachable.
-pub(super) async fn watch_desired(kv: Arc<dyn Kv>, node: String, container: String, resync: Duration, tx: mpsc::Sender<Input>) {
+/// jittered re-read catches anything a reconnect gap lost. A store that answers reads but refuses a
+/// watch (a stream at its consumer limit) is read every `poll` (`kv_interval`, as the seed's machines
+/// poll) until it gives one. Backs off when the backend is unreachable.
+pub(super) async fn watch_desired(kv: Arc<dyn Kv>, node: String, container: String, poll: Duration, tx: mpsc::Sender<Input>) {
     let (tag, release) = (tag_key(&container), release::release_key(&container));
+    let resync = poll.max(Duration::from_secs(60));
     let mut retry = Duration::from_millis(500);
+    let mut view = Sources::default();
+    let mut polling = false;
     loop {
         match (kv.watch(HOIST_BUCKET, &tag).await, kv.watch(HOIST_BUCKET, &release).await) {
             (Ok(mut tags), Ok(mut releases)) => {
                 retry = Duration::from_millis(500);
-                let mut view = Sources::default();
+                if std::mem::take(&mut polling) {
+                    tracing::info!(%container, key = %tag, "watching the key again");
+                }
                 // The watches deliver current values only if there are some: read both first, so an
                 // absent key counts too (absent means "use image_tag").
                 if view.read(&*kv, &tag, &release).await && !view.send(&node, &tx).await {
@@ -66,7 +72,19 @@ pub(super) async fn watch_desired(kv: Arc<dyn Kv>, node: String, container: Stri
                     }
                 }
             }
-            (Err(e), _) | (_, Err(e)) => tracing::debug!(key = %tag, error = %e, "KV watch unavailable, retrying"),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::debug!(key = %tag, error = %e, "KV watch unavailable, retrying");
+                if view.read(&*kv, &tag, &release).await {
+                    if !std::mem::replace(&mut polling, true) {
+                        tracing::warn!(%container, key = %tag, error = %e, "cannot watch the key; reading it every {poll:?} until it can be watched");
+                    }
+                    if !view.send(&node, &tx).await {
+                        return;
+                    }
+                    tokio::time::sleep(crate::clock::jitter(poll)).await;
+                    continue;
+                }
+            }
         }
         tokio::time::sleep(retry).await;
         // Capped low: after a NATS outage this is how soon the tag is followed again.
@@ -113,7 +131,8 @@ impl Sources {
 
     /// Tells the machine; false once it is gone.
     async fn send(&self, node: &str, tx: &mpsc::Sender<Input>) -> bool {
-        let value = release::desired(node, self.tag.as_ref(), self.release.as_ref());
-        tx.send(Input::DesiredVersion(value)).await.is_ok()
+        let (tag, record) = (self.tag.as_ref(), self.release.as_ref());
+        tx.send(Input::DesiredVersion(release::desired(node, tag, record))).await.is_ok()
+            && tx.send(Input::FetchAhead(release::fetch_ahead(node, tag, record))).await.is_ok()
     }
 }
