@@ -27,11 +27,19 @@ const DELETE_FAILED: ErrorCode = ErrorCode(10057);
 /// than Choria's five-second ladder so a freed slot is noticed within a couple of seconds.
 const BACKOFF_MS: [u64; 7] = [250, 500, 750, 1000, 1250, 1500, 2000];
 
-/// Hoist's own hint that a slot of governor `name` was freed, so waiting campaigns retry at once instead
-/// of at their next backoff step. Outside Choria's layout and only an optimisation: Choria's clients do
-/// not send it, and waiters still retry on their backoff ladder, so nothing depends on it arriving.
+/// Hoist's own hint that a slot of governor `name` was freed, so a waiting campaign retries at once
+/// instead of at its next backoff step. Outside Choria's layout and only an optimisation: Choria's
+/// clients do not send it, and waiters still retry on their backoff ladder, so nothing depends on it
+/// arriving.
 fn freed_subject(name: &str) -> String {
     format!("hoist.governor.{name}.freed")
+}
+
+/// The waiters of a governor take its freed hints as one queue group: each hint wakes one of them,
+/// the one the server picks, for the one slot it announces. Woken all at once, a thousand waiters
+/// would each campaign for every freed slot, and the server's time would go on refusing them.
+fn waiters_group(name: &str) -> String {
+    format!("hoist-governor-{name}-waiters")
 }
 
 fn stream_name(name: &str) -> String {
@@ -188,7 +196,7 @@ impl NatsBackend {
             .map_err(|e| unavailable(format!("deleting lease {seq} of governor {name}"), e))?;
         match response {
             Response::Ok(status) if status.success => {
-                self.announce_freed(name).await;
+                self.announce_freed(name, 1).await;
                 Ok(())
             }
             Response::Ok(_) => Err(BackendError::NoLease { governor: name.into(), seq }),
@@ -199,9 +207,13 @@ impl NatsBackend {
         }
     }
 
-    async fn announce_freed(&self, name: &str) {
-        if let Err(e) = self.client.publish(freed_subject(name), Default::default()).await {
-            debug!(governor = name, error = %e, "could not announce a freed slot");
+    /// One hint per free slot, each for one waiter.
+    async fn announce_freed(&self, name: &str, slots: u64) {
+        for _ in 0..slots {
+            if let Err(e) = self.client.publish(freed_subject(name), Default::default()).await {
+                debug!(governor = name, error = %e, "could not announce a freed slot");
+                return;
+            }
         }
     }
 
@@ -323,7 +335,7 @@ impl Governor for NatsBackend {
             }
         }
         // A raised capacity admits waiters at once.
-        self.announce_freed(name).await;
+        self.announce_freed(name, capacity.saturating_sub(info.state.messages)).await;
         Ok(())
     }
 
@@ -332,7 +344,11 @@ impl Governor for NatsBackend {
         let deadline = Instant::now() + timeout;
         let mut tries = 0;
         // Subscribed before the first campaign, so a slot freed in between is not missed.
-        let mut freed = self.client.subscribe(freed_subject(name)).await.map_err(|e| unavailable("subscribing to freed slots", e))?;
+        let mut freed = self
+            .client
+            .queue_subscribe(freed_subject(name), waiters_group(name))
+            .await
+            .map_err(|e| unavailable("subscribing to freed slots", e))?;
         let lock = self.leases.lock(name, holder);
         loop {
             let attempt = {
@@ -409,7 +425,7 @@ impl Governor for NatsBackend {
     async fn reset(&self, name: &str) -> BackendResult<()> {
         let stream = self.governor(name).await?;
         stream.purge().await.map_err(|e| unavailable(format!("resetting governor {name}"), e))?;
-        self.announce_freed(name).await;
+        self.announce_freed(name, u64::try_from(stream.cached_info().config.max_messages).unwrap_or(1)).await;
         Ok(())
     }
 
