@@ -80,6 +80,9 @@ pub struct NodeRollout {
     pub blocking: Option<String>,
     /// Unix ms (the agent's clock) since when it has been in this phase.
     pub since_ms: u64,
+    /// A release's version it has fetched ahead of its wave.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetched_ahead: Option<String>,
 }
 
 /// The phase of a machine, and what blocks it. Decided from its status alone, the same on every node.
@@ -129,6 +132,7 @@ pub async fn keep_published(kv: Arc<dyn Kv>, agent: AgentHandle) {
                 phase,
                 blocking,
                 since_ms,
+                fetched_ahead: m.fetched_ahead.clone(),
             };
             let due = previous.is_none_or(|(r, at)| *r != record || at.elapsed() >= STATUS_REFRESH);
             if !due {
@@ -224,7 +228,10 @@ fn waiting_for_wave(r: NodeRollout, release: Option<&ReleaseRecord>) -> NodeRoll
         return r;
     }
     let wave = match &release.plan {
-        Some(plan) => format!("waiting for wave {} of {}", waves::wave_of(&release.policy, plan, &r.node) + 1, release.waves()),
+        Some(plan) => {
+            let ahead = if r.fetched_ahead.as_ref() == Some(&release.digest) { ", image fetched ahead" } else { "" };
+            format!("waiting for wave {} of {}{ahead}", waves::wave_of(&release.policy, plan, &r.node) + 1, release.waves())
+        }
         None => "waiting for the release's plan".into(),
     };
     NodeRollout { phase: Phase::Waiting, blocking: Some(wave), ..r }
@@ -268,6 +275,7 @@ mod tests {
             activity: activity.map(str::to_string),
             governor_wait_seconds: 0.0,
             last_update_seconds: None,
+            fetched_ahead: None,
         }
     }
 
@@ -313,6 +321,7 @@ mod tests {
             phase,
             blocking: blocking.map(str::to_string),
             since_ms: 0,
+            fetched_ahead: None,
         };
         let slot = "waiting for a slot of governor RG (capacity 1)";
         let entries: Vec<KvEntry> = [
@@ -342,6 +351,7 @@ mod tests {
             },
             plan: Some(["n1", "n2", "n3", "n4", "n5"].iter().map(|s| s.to_string()).collect()),
             wave: 0,
+            through: None,
             state: ReleaseState::Rolling,
             reason: None,
             by: "alice@ops".into(),

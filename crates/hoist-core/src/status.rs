@@ -58,6 +58,9 @@ pub struct MachineStatus {
     pub governor_wait_seconds: f64,
     /// How long the last update took, from UPDATE until the new container was back in RUN.
     pub last_update_seconds: Option<f64>,
+    /// A release's version already fetched ahead of this node's wave.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetched_ahead: Option<String>,
 }
 
 /// A status answer from one node.
@@ -149,6 +152,7 @@ mod tests {
             activity: None,
             governor_wait_seconds: 0.0,
             last_update_seconds: None,
+            fetched_ahead: None,
         }
     }
 

@@ -130,10 +130,24 @@ fn release_ended_as_it_should(world: &World, plan: &Plan, may_roll_back: bool) {
     }
 }
 
+/// Pulls of a new version go through the update governor (capacity 1): the fetches ahead of a wave
+/// too. Each fault may let one more through (a slot expired or evicted, a node cut off).
+pub fn pulls_kept_to_the_update_governor(world: &World, plan: &Plan) {
+    let allowed = 1 + plan.faults.len() as u32;
+    let most = world.most_pulls_at_once();
+    if most > allowed {
+        world.violation(format!(
+            "{most} pulls of a new version at once, more than the update governor's 1 and {} fault(s) allow",
+            plan.faults.len()
+        ));
+    }
+}
+
 /// A broken version is tried by no more nodes than the restart governor lets through at once, plus
 /// one for each fault that can let another through (a slot expired, evicted or added, a node cut off
 /// remediating without one, an agent that lost its state): the first rollback stops the rest. A
-/// release in waves is tried only by its first wave (within its budget).
+/// release in waves is tried only by its first wave (within its budget). Nor is it fetched by more:
+/// not ahead of a wave, while the wave before has not come through.
 pub fn few_tried_the_broken_version(world: &World, plan: &Plan) {
     // Slots that expire before an update is through limit nothing (Choria's semantics; the agent
     // warns of such a governor): then any number may try.
@@ -161,6 +175,14 @@ pub fn few_tried_the_broken_version(world: &World, plan: &Plan) {
         world.violation(format!(
             "{} nodes tried the broken version ({tried:?}), more than the {allowed} the governor and the faults allow",
             tried.len()
+        ));
+    }
+    // A budget lets failures through to later waves, and those fetch ahead once a wave is through.
+    let fetched = world.nodes_that_fetched_broken();
+    if plan.release.as_ref().is_none_or(|r| r.budget == 0) && fetched.len() > allowed {
+        world.violation(format!(
+            "{} nodes fetched the broken version ({fetched:?}), more than the {allowed} that may try it",
+            fetched.len()
         ));
     }
 }

@@ -323,6 +323,8 @@ impl Runtime for EngineView {
     async fn pull(&self, image_ref: &str, progress: &(dyn Fn(PullProgress) + Send + Sync)) -> RuntimeResult<String> {
         self.reach_or_panic("pull").await?;
         let latency = self.engine.with(|s| s.pull_latency);
+        // The first version every container runs is outside the rollout and its update governor.
+        let _counted = (!image_ref.ends_with(":v1")).then(|| Pulling::begin(&self.engine.world));
         tokio::time::sleep(latency).await;
         self.reach().await?;
         let fails = self.engine.with(|s| {
@@ -335,7 +337,9 @@ impl Runtime for EngineView {
             return Err(RuntimeError::Pull { image: image_ref.into(), message: "the registry refused (simulated)".into() });
         }
         progress(PullProgress { layer: None, status: "Downloaded (simulated)".into(), current: None, total: None });
-        self.engine.with(|s| s.pulled.insert(image_ref.to_string()));
+        if self.engine.with(|s| s.pulled.insert(image_ref.to_string()) && s.broken.contains(image_ref)) {
+            self.engine.world.fetched_broken(&self.engine.node);
+        }
         self.engine.world.note(format!("{} pulled {image_ref}", self.engine.node));
         Ok(Engine::image_id_of(image_ref))
     }
@@ -369,5 +373,21 @@ impl Runtime for EngineView {
 
     async fn probe(&self, _container: &ContainerInfo, _probe: &Probe, _timeout: Duration) -> Result<(), ProbeError> {
         Ok(())
+    }
+}
+
+/// A pull of a new version, counted while under way (also when the job pulling is dropped).
+struct Pulling<'w>(&'w World);
+
+impl<'w> Pulling<'w> {
+    fn begin(world: &'w World) -> Pulling<'w> {
+        world.pulling(true);
+        Pulling(world)
+    }
+}
+
+impl Drop for Pulling<'_> {
+    fn drop(&mut self) {
+        self.0.pulling(false);
     }
 }

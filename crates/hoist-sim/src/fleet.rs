@@ -175,6 +175,7 @@ pub async fn simulate(plan: Plan) -> Outcome {
                         policy,
                         plan: None,
                         wave: 0,
+                        through: None,
                         state: ReleaseState::Rolling,
                         reason: None,
                         by: "operator@sim".into(),
@@ -204,6 +205,7 @@ pub async fn simulate(plan: Plan) -> Outcome {
     check::settles(&world, &nodes, &plan, may_roll_back, SETTLE_WITHIN).await;
     if plan.broken {
         check::few_tried_the_broken_version(&world, &plan);
+        check::pulls_kept_to_the_update_governor(&world, &plan);
     }
     let tried_broken = world.nodes_that_tried_broken().into_iter().collect();
     Outcome { violations: world.violations(), trace: world.trace(), tried_broken, simulated: elapsed(), plan }

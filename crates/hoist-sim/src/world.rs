@@ -27,6 +27,10 @@ struct Inner {
     violations: Vec<String>,
     /// Nodes that started a container of a broken version.
     tried_broken: BTreeSet<String>,
+    /// Nodes that pulled a broken version (to try it, or ahead of a wave).
+    fetched_broken: BTreeSet<String>,
+    /// Pulls of a new version under way now, and the most there were at once.
+    pulls: (u32, u32),
     revision: u64,
 }
 
@@ -86,6 +90,26 @@ impl World {
 
     pub fn nodes_that_tried_broken(&self) -> BTreeSet<String> {
         self.with(|w| w.tried_broken.clone())
+    }
+
+    /// A pull of a new version begins (true) or ends.
+    pub fn pulling(&self, begins: bool) {
+        self.with(|w| {
+            w.pulls.0 = if begins { w.pulls.0 + 1 } else { w.pulls.0.saturating_sub(1) };
+            w.pulls.1 = w.pulls.1.max(w.pulls.0);
+        });
+    }
+
+    pub fn most_pulls_at_once(&self) -> u32 {
+        self.with(|w| w.pulls.1)
+    }
+
+    pub fn fetched_broken(&self, node: &str) {
+        self.with(|w| w.fetched_broken.insert(node.to_string()));
+    }
+
+    pub fn nodes_that_fetched_broken(&self) -> BTreeSet<String> {
+        self.with(|w| w.fetched_broken.clone())
     }
 
     pub fn violations(&self) -> Vec<String> {

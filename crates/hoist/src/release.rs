@@ -145,6 +145,7 @@ async fn make(
         policy,
         plan,
         wave: 0,
+        through: None,
         state: ReleaseState::Rolling,
         reason: None,
         by: who(cfg),

@@ -1,8 +1,8 @@
 //! Release records against real agents, Docker, the registry and NATS (a 3-node cluster): a release
 //! pins the fleet to the digest its tag named when it was made, even when the tag moves mid-rollout;
-//! canary waves wait for their bake time; a broken release stops at its failure budget with only its
-//! first wave having run it;
-//! an abort leaves the nodes it had not reached alone; a tag that cannot be resolved writes nothing;
+//! canary waves wait for their bake time, the next wave fetching the image meanwhile; a broken release
+//! stops at its failure budget with only its first wave having run it (and no other fetching it); an
+//! abort leaves the nodes it had not reached alone; a tag that cannot be resolved writes nothing;
 //! `hoist rollout status` tells, in one read, who waits, who is down and who serves.
 
 mod support;
@@ -176,12 +176,13 @@ fn record_of(agent: &TestAgent) -> ReleaseRecord {
 }
 
 #[test]
-fn a_good_release_goes_wave_by_wave_and_waits_out_its_bake_time() {
+fn a_good_release_goes_wave_by_wave_and_waits_out_its_bake_time_fetching_ahead_meanwhile() {
     let cluster = nats::Cluster::start();
     let agents = three_agents("waves", &cluster.urls());
     let v2 = registry_digest("v2");
-    let bake = Duration::from_secs(8);
-    release(&agents[0], &["web", "v2", "--waves", "1,100%", "--bake", "8s"]);
+    let bake = Duration::from_secs(12);
+    let watch = Watch::start(&agents[0], &["--fleet"]);
+    release(&agents[0], &["web", "v2", "--waves", "1,100%", "--bake", "12s"]);
 
     // The plan is frozen with the release; its first node alone gets it.
     let plan = wait_until("the plan", Duration::from_secs(20), || record_of(&agents[0]).plan);
@@ -189,7 +190,8 @@ fn a_good_release_goes_wave_by_wave_and_waits_out_its_bake_time() {
     let first = agents.iter().find(|a| a.node == plan[0]).expect("a planned node is one of ours");
     first.wait_machine("web", "the canary on the release", Duration::from_secs(60), |m| on(m, &v2));
     let canary_healthy = std::time::Instant::now();
-    // Through the bake, the second wave keeps serving v1, untouched.
+    // Through the bake, the second wave keeps serving v1, untouched, and fetches v2 ahead of its turn.
+    let mut fetched_ahead = std::collections::BTreeSet::new();
     while canary_healthy.elapsed() < bake - Duration::from_secs(2) {
         for a in agents.iter().filter(|a| a.node != plan[0]) {
             let m = a.machine("web").unwrap();
@@ -199,11 +201,21 @@ fn a_good_release_goes_wave_by_wave_and_waits_out_its_bake_time() {
                 a.node,
                 canary_healthy.elapsed()
             );
+            if m.fetched_ahead.as_deref() == Some(v2.as_str()) {
+                fetched_ahead.insert(a.node.clone());
+            }
         }
         let status = rollout_status(&agents[1]);
         assert_eq!(status["release"]["wave"], 0, "{status:#}");
         std::thread::sleep(Duration::from_millis(500));
     }
+    let second_wave: std::collections::BTreeSet<String> = plan[1..].iter().cloned().collect();
+    assert_eq!(fetched_ahead, second_wave, "the second wave fetched the release while the canary baked");
+    let status = rollout_status(&agents[0]);
+    assert!(
+        status["blocking"].as_array().unwrap().iter().any(|b| b["reason"].as_str().unwrap().ends_with("image fetched ahead")),
+        "{status:#}"
+    );
     for a in &agents {
         a.wait_machine("web", "on the release", Duration::from_secs(120), |m| on(m, &v2));
     }
@@ -214,6 +226,9 @@ fn a_good_release_goes_wave_by_wave_and_waits_out_its_bake_time() {
     assert_eq!(done.wave, 1, "{done:?}");
     let status = rollout_status(&agents[0]);
     assert_eq!((status["succeeded"].as_u64(), status["failed"].as_array().map(Vec::len)), (Some(3), Some(0)), "{status:#}");
+    let fetch_events: std::collections::BTreeSet<String> =
+        watch.finish().into_iter().filter(|e| e.transition == "fetch_ahead").map(|e| e.identity).collect();
+    assert_eq!(fetch_events, second_wave, "one fetch_ahead event per node of the second wave");
 }
 
 #[test]
@@ -242,6 +257,8 @@ fn a_broken_release_stops_at_its_budget_with_only_the_first_wave_having_run_it()
     let moved: std::collections::BTreeSet<&str> =
         events.iter().filter(|e| e.to_state != "RUN" && e.transition != "error").map(|e| e.identity.as_str()).collect();
     assert_eq!(moved, std::collections::BTreeSet::from([plan[0].as_str()]), "{events:#?}");
+    assert!(!events.iter().any(|e| e.transition == "fetch_ahead"), "nobody fetched the failed release ahead: {events:#?}");
+    assert!(agents.iter().all(|a| a.machine("web").unwrap().fetched_ahead.is_none()));
     let status = agents[2].hoist(&["rollout", "status", "web"]);
     assert!(!status.status.success() && String::from_utf8_lossy(&status.stdout).contains("failure budget exhausted"), "{status:?}");
 }

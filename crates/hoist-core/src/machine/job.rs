@@ -83,6 +83,9 @@ impl JobCtx {
 
     /// Pulls under the update governor, if one is set.
     pub(super) async fn pull(&self, image: &str, governor: Option<String>, lease: &mut Option<Slot>) -> Result<String, JobError> {
+        if let Some(id) = pinned_and_local(&*self.deps.runtime, image).await {
+            return Ok(id);
+        }
         if let Some(g) = governor {
             *lease = Some(self.acquire(&g).await?);
         }
@@ -246,6 +249,16 @@ pub(super) fn same_definition_other_version(c: &ContainerInfo, spec: &ContainerS
     let Some(version) = version_of(&c.image).and_then(|v| ImageVersion::parse(&v).ok()) else { return false };
     let other = ContainerSpec { version, ..spec.clone() };
     c.label(LABEL_SPEC) == Some(other.hash().as_str()) && c.image == other.image_ref()
+}
+
+/// The image's id when `image` names a digest that the engine has already (fetched ahead of a wave,
+/// say): a digest's content never changes, so there is nothing to pull. A tag may have moved, so it
+/// is always pulled.
+pub(super) async fn pinned_and_local(runtime: &dyn Runtime, image: &str) -> Option<String> {
+    if !image.contains("@sha256:") {
+        return None;
+    }
+    runtime.image_id(image).await.ok().flatten()
 }
 
 #[cfg(test)]

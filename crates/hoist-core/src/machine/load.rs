@@ -45,6 +45,7 @@ impl Machine {
             gate: Gate::default(),
             probe_task: None,
             watch_tasks: Vec::new(),
+            fetch_ahead: None,
             registration: None,
             crash: CrashLoop::new(cfg.restart_backoff.unwrap_or(deps.rollout.restart_backoff)),
             next_delay: Duration::ZERO,

@@ -9,6 +9,7 @@
 //! the actor always answers status and operator requests at once.
 
 mod adopt;
+mod fetch_ahead;
 mod gate;
 mod job;
 mod jobs;
@@ -83,6 +84,12 @@ pub enum Input {
     Resync,
     /// The raw `HOIST` value for this container's tag; None when the key is absent or deleted.
     DesiredVersion(Option<String>),
+    /// The release's digest to fetch ahead of this node's wave (`release::fetch_ahead`), or None.
+    FetchAhead(Option<String>),
+    FetchedAhead {
+        version: ImageVersion,
+        result: Result<(), String>,
+    },
     FileTouched(PathBuf),
     Reconfigure(Box<ContainerConfig>),
     Request(Transition, oneshot::Sender<Result<State, TransitionError>>),
@@ -199,6 +206,7 @@ pub struct Machine {
     gate: Gate,
     probe_task: Option<AbortHandle>,
     watch_tasks: Vec<AbortHandle>,
+    fetch_ahead: Option<fetch_ahead::FetchAhead>,
     /// Present while in RUN for a container with `register_ports`.
     registration: Option<registration::Publisher>,
     crash: CrashLoop,
@@ -293,6 +301,8 @@ impl Machine {
             Input::Runtime(event) => self.on_runtime_event(event).await,
             Input::Resync => self.resync().await,
             Input::DesiredVersion(raw) => self.on_desired_version(raw).await,
+            Input::FetchAhead(raw) => self.on_fetch_ahead(raw),
+            Input::FetchedAhead { version, result } => self.on_fetched_ahead(version, result),
             Input::FileTouched(path) => {
                 if self.state == State::Run {
                     self.want(Transition::Restart, format!("{} changed", path.display()));
@@ -470,6 +480,7 @@ impl Machine {
         for task in self.watch_tasks.drain(..) {
             task.abort();
         }
+        self.fetch_ahead = None;
         self.release_slot();
         if let Some(publisher) = self.registration.take() {
             publisher.withdraw().await;

@@ -88,6 +88,7 @@ impl Machine {
             activity: self.activity.clone(),
             governor_wait_seconds: self.governor_wait.as_secs_f64(),
             last_update_seconds: self.last_update.map(|d| d.as_secs_f64()),
+            fetched_ahead: self.fetched_ahead(),
         }
     }
 }

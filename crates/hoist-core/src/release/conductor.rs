@@ -9,7 +9,7 @@ use crate::agent::AgentHandle;
 use crate::backend::{Kv, read_all};
 use crate::clock::unix_now_ms;
 use crate::fsm::State;
-use crate::rollout_status::{STATUS_BUCKET, status_key};
+use crate::rollout_status::STATUS_BUCKET;
 use crate::status::MachineStatus;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,20 +23,36 @@ const LOOK_EVERY: Duration = Duration::from_secs(2);
 /// few looks by whoever drew.
 const EVALUATORS: f64 = 3.0;
 
+/// How often the agent's own machines are looked at (in process, no store read): a machine that
+/// has just passed its gate or rolled back has its outcome recorded within this, not a whole look
+/// later, and the wave it finishes bakes from then.
+const WATCH_LOCALLY: Duration = Duration::from_millis(250);
+
 /// Runs until the agent ends. Errors (an unreachable store) wait for the next look.
 pub async fn conduct(kv: Arc<dyn Kv>, agent: AgentHandle) {
     let node = agent.node().to_string();
     // What this node last recorded per container, so an outcome is written once.
     let mut reported: HashMap<String, Outcome> = HashMap::new();
+    // Per container: what its machine looked like at the last look, and when that look was.
+    let mut looked: HashMap<String, (MachineShape, tokio::time::Instant)> = HashMap::new();
     loop {
         for m in agent.status(None).await.machines {
+            let now = (m.state, m.version.clone(), m.bad_version.clone());
+            let due = looked.get(&m.container).is_none_or(|(before, at)| *before != now || at.elapsed() >= LOOK_EVERY);
+            if !due {
+                continue;
+            }
+            looked.insert(m.container.clone(), (now, tokio::time::Instant::now()));
             if let Err(e) = look(&*kv, &node, &m, &mut reported).await {
                 tracing::debug!(container = %m.container, error = %e, "release step not taken; next look");
             }
         }
-        tokio::time::sleep(LOOK_EVERY).await;
+        tokio::time::sleep(WATCH_LOCALLY).await;
     }
 }
+
+/// What of a machine can change its outcome: its state, the version it runs, a version rolled back.
+type MachineShape = (State, String, Option<String>);
 
 async fn look(kv: &dyn Kv, node: &str, m: &MachineStatus, reported: &mut HashMap<String, Outcome>) -> Result<(), ReleaseError> {
     let Some((record, revision)) = current(kv, &m.container).await? else { return Ok(()) };
@@ -57,9 +73,12 @@ async fn look(kv: &dyn Kv, node: &str, m: &MachineStatus, reported: &mut HashMap
         return Ok(());
     }
     let seen = outcomes(kv, &record).await?;
-    let Some(now_ms) = store_now(kv, &m.container, node).await? else { return Ok(()) };
+    let Some(now_ms) = store_now(kv, node).await? else { return Ok(()) };
     let next = match waves::next_step(&record.policy, record.plan.as_deref(), record.wave, &seen, now_ms) {
         Step::Wait(_) => return Ok(()),
+        // Marked once per wave, so the next wave's nodes fetch the image while it bakes.
+        Step::Baking(_) if record.through == Some(record.wave) => return Ok(()),
+        Step::Baking(_) => ReleaseRecord { through: Some(record.wave), ..record },
         Step::Plan => ReleaseRecord { plan: Some(waves::plan_for(&running(kv, &m.container, node).await?, &record.id)), ..record },
         Step::Advance => ReleaseRecord { wave: record.wave + 1, ..record },
         Step::Abort(reason) => ReleaseRecord { state: ReleaseState::Aborted, reason: Some(reason), ..record },
@@ -102,11 +121,13 @@ async fn outcomes(kv: &dyn Kv, record: &ReleaseRecord) -> Result<Vec<Seen>, Rele
         .collect())
 }
 
-/// The store's clock, as of this node's latest rollout status record (written at least every
-/// `STATUS_REFRESH`): bake times are measured on it, not on any node's clock. Lagging by up to a
-/// refresh, it can only make a bake last longer. None before the first record.
-async fn store_now(kv: &dyn Kv, container: &str, node: &str) -> Result<Option<u64>, ReleaseError> {
-    Ok(kv.get(STATUS_BUCKET, &status_key(container, node)).await?.map(|e| e.created_ms))
+/// The store's clock now: the server's timestamp of a write of this node's own (key `=clock.<node>`
+/// in the status bucket, which no container's records can be named like; gone with the bucket's
+/// TTL). Bake times are measured on it, never on a node's clock. None if the write could not be read.
+async fn store_now(kv: &dyn Kv, node: &str) -> Result<Option<u64>, ReleaseError> {
+    let key = format!("=clock.{node}");
+    kv.put(STATUS_BUCKET, &key, unix_now_ms().to_string().as_bytes()).await?;
+    Ok(kv.get(STATUS_BUCKET, &key).await?.map(|e| e.created_ms))
 }
 
 /// The nodes running `container` now (their status records), this one included: whom the plan orders.

@@ -73,6 +73,10 @@ pub struct ReleaseRecord {
     /// The index of the latest wave started.
     #[serde(default)]
     pub wave: usize,
+    /// The latest wave found through (every node of it has its outcome, within the budget): its bake
+    /// has begun, and the next wave's nodes fetch the image ahead of their turn (`fetch_ahead`).
+    #[serde(default)]
+    pub through: Option<usize>,
     pub state: ReleaseState,
     /// Why it was aborted or how it ended.
     #[serde(default)]
@@ -111,12 +115,31 @@ pub struct Outcome {
 /// bucket-wide). None: the data files' tag.
 pub fn desired(node: &str, tag: Option<&KvEntry>, record: Option<&ReleaseRecord>) -> Option<String> {
     let tag = tag.filter(|e| e.operation == KvOperation::Put);
-    match record {
-        Some(r) if tag.is_none_or(|t| t.revision <= r.tag_revision.unwrap_or(0)) => {
-            if r.includes(node) || (r.state == ReleaseState::Complete) { Some(r.digest.clone()) } else { r.previous.clone() }
+    match governing(tag, record) {
+        Some(r) => {
+            if r.includes(node) || (r.state == ReleaseState::Complete) {
+                Some(r.digest.clone())
+            } else {
+                r.previous.clone()
+            }
         }
-        _ => tag.map(KvEntry::value_str),
+        None => tag.map(KvEntry::value_str),
     }
+}
+
+/// The digest `node` should fetch ahead of its wave: the release's, once the wave before its own is
+/// through and baking. Not sooner: a release that fails its canaries is then fetched by no node
+/// beyond them. Only the next wave, so the registry serves one wave at a time.
+pub fn fetch_ahead(node: &str, tag: Option<&KvEntry>, record: Option<&ReleaseRecord>) -> Option<String> {
+    let r = governing(tag.filter(|e| e.operation == KvOperation::Put), record)?;
+    let plan = r.plan.as_deref()?;
+    let next = (r.state == ReleaseState::Rolling && r.through == Some(r.wave)).then_some(r.wave + 1)?;
+    (waves::wave_of(&r.policy, plan, node) == next).then(|| r.digest.clone())
+}
+
+/// The release record, unless a tag key written after it supersedes it.
+fn governing<'r>(tag: Option<&KvEntry>, record: Option<&'r ReleaseRecord>) -> Option<&'r ReleaseRecord> {
+    record.filter(|r| tag.is_none_or(|t| t.revision <= r.tag_revision.unwrap_or(0)))
 }
 
 /// Why a release could not be made or changed.
@@ -245,6 +268,7 @@ mod tests {
             policy: Policy { waves: vec![WaveSize::Nodes(1), WaveSize::Percent(100)], ..Policy::default() },
             plan: plan.map(|p| p.iter().map(|s| s.to_string()).collect()),
             wave,
+            through: None,
             state,
             reason: None,
             by: "alice@ops".into(),
@@ -284,6 +308,37 @@ mod tests {
         assert_eq!(desired("a", None, None), None, "nothing at all: the data files' tag");
         let without_previous = ReleaseRecord { previous: None, ..aborted };
         assert_eq!(desired("a", None, Some(&without_previous)), None);
+    }
+
+    #[test]
+    fn only_the_next_wave_fetches_ahead_and_only_once_the_current_one_is_through() {
+        let plan = ["a", "b", "c", "d"];
+        let policy = Policy { waves: vec![WaveSize::Nodes(1), WaveSize::Nodes(2), WaveSize::Percent(100)], ..Policy::default() };
+        let rolling = ReleaseRecord { policy, ..record(ReleaseState::Rolling, Some(&plan), 0) };
+        let v1 = tag("v1", 5);
+        let ahead = |node: &str, r: &ReleaseRecord| fetch_ahead(node, Some(&v1), Some(r));
+        assert_eq!(ahead("b", &rolling), None, "the canary is not through: nobody beyond it fetches");
+        let baking = ReleaseRecord { through: Some(0), ..rolling.clone() };
+        assert_eq!(ahead("b", &baking).as_deref(), Some(D2), "b is the next wave");
+        assert_eq!(
+            (ahead("a", &baking), ahead("c", &baking), ahead("z", &baking)),
+            (None, None, None),
+            "not the wave running it, nor later ones"
+        );
+        let second = ReleaseRecord { wave: 1, ..baking.clone() };
+        assert_eq!(ahead("c", &second), None, "the mark is of an earlier wave");
+        let second_through = ReleaseRecord { through: Some(1), ..second };
+        assert_eq!(
+            (ahead("c", &second_through).as_deref(), ahead("z", &second_through).as_deref()),
+            (Some(D2), Some(D2)),
+            "the last wave, newcomers too"
+        );
+        assert_eq!(
+            ahead("b", &ReleaseRecord { state: ReleaseState::Aborted, ..baking.clone() }),
+            None,
+            "an aborted release is fetched by nobody"
+        );
+        assert_eq!(fetch_ahead("b", Some(&tag("v3", 10)), Some(&baking)), None, "a later tag supersedes the release");
     }
 
     #[test]

@@ -133,6 +133,8 @@ pub enum Step {
     Plan,
     /// Nothing yet; why, for status.
     Wait(String),
+    /// The wave is through and bakes; how long is left. Its next wave may fetch ahead meanwhile.
+    Baking(String),
     /// Start the next wave.
     Advance,
     /// Too many failures: give the release up.
@@ -167,7 +169,7 @@ pub fn next_step(policy: &Policy, plan: Option<&[String]>, wave: usize, outcomes
         return Step::Complete;
     }
     if baked < bake {
-        return Step::Wait(format!("wave {} of {} baking, {} s left", wave + 1, ends.len(), (bake - baked).div_ceil(1000)));
+        return Step::Baking(format!("wave {} of {} baking, {} s left", wave + 1, ends.len(), (bake - baked).div_ceil(1000)));
     }
     Step::Advance
 }
@@ -223,11 +225,11 @@ mod tests {
         assert_eq!(next_step(&p, None, 0, &[], 0), Step::Plan);
         assert!(matches!(next_step(&p, Some(&plan), 0, &[], 0), Step::Wait(w) if w.contains("0 of 1")));
         let first = [seen("a", true, 1_000)];
-        assert!(matches!(next_step(&p, Some(&plan), 0, &first, 30_000), Step::Wait(w) if w.contains("baking, 31 s left")));
+        assert!(matches!(next_step(&p, Some(&plan), 0, &first, 30_000), Step::Baking(w) if w.contains("baking, 31 s left")));
         assert_eq!(next_step(&p, Some(&plan), 0, &first, 61_000), Step::Advance, "baked on the store's clock");
         // Wave 2 (two nodes): one done; the bake counts from the last to finish.
         let two = [seen("a", true, 1_000), seen("b", true, 70_000)];
-        assert!(matches!(next_step(&p, Some(&plan), 1, &two, 80_000), Step::Wait(w) if w.contains("baking")));
+        assert!(matches!(next_step(&p, Some(&plan), 1, &two, 80_000), Step::Baking(w) if w.contains("baking")));
         let all = [seen("a", true, 1), seen("b", true, 2), seen("c", true, 3), seen("d", true, 4)];
         assert_eq!(next_step(&p, Some(&plan), 2, &all, 5), Step::Complete, "the last wave needs no bake");
         // One failure over a budget of none aborts, wherever it is.
