@@ -10,6 +10,7 @@ mod sim;
 mod single;
 
 use clap::{Parser, Subcommand};
+use hoist_core::release::WaveSize;
 use std::time::Duration;
 
 #[derive(Parser)]
@@ -45,6 +46,17 @@ enum Scenario {
         /// Agents connecting and starting at once.
         #[arg(long, default_value_t = 50)]
         start_concurrency: usize,
+        /// Agents sharing one NATS connection (1: each its own, as real nodes; more, for fleets
+        /// larger than this machine's file descriptors allow).
+        #[arg(long, default_value_t = 1)]
+        agents_per_connection: usize,
+        /// After the tag puts, a release in these canary waves at every capacity (`hoist release
+        /// --waves`); none when empty.
+        #[arg(long, value_delimiter = ',', default_value = "1%,10%,100%")]
+        release_waves: Vec<String>,
+        /// The release's bake time between waves.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        release_bake: Duration,
     },
     /// Real agent (embedded backend, test image): KV put → the machine leaves RUN for UPDATE.
     KvLatency {
@@ -93,13 +105,41 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let rows = rt.block_on(async {
         match cli.scenario {
-            Scenario::SimFleet { agents, capacity, pull_ms, start_ms, health_ms, start_concurrency } => {
+            Scenario::SimFleet {
+                agents,
+                capacity,
+                pull_ms,
+                start_ms,
+                health_ms,
+                start_concurrency,
+                agents_per_connection,
+                release_waves,
+                release_bake,
+            } => {
                 let latencies = sim::Latencies {
                     pull: Duration::from_millis(pull_ms),
                     start: Duration::from_millis(start_ms),
                     health: Duration::from_millis(health_ms),
                 };
-                sim::fleet(&sim::FleetOpts { agents, capacities: capacity, latencies, start_concurrency }).await
+                let mut kinds = vec![sim::Kind::Tag];
+                let waves: Vec<WaveSize> = release_waves
+                    .iter()
+                    .filter(|w| !w.is_empty())
+                    .map(|w| WaveSize::parse(w))
+                    .collect::<Result<_, _>>()
+                    .map_err(anyhow::Error::msg)?;
+                if !waves.is_empty() {
+                    kinds.push(sim::Kind::Release { waves, bake: release_bake });
+                }
+                let opts = sim::FleetOpts {
+                    agents,
+                    capacities: capacity,
+                    kinds,
+                    latencies,
+                    start_concurrency,
+                    per_connection: agents_per_connection,
+                };
+                sim::fleet(&opts).await
             }
             Scenario::KvLatency { rounds } => single::kv_latency(rounds).await,
             Scenario::KillRestart { rounds, repeats } => single::kill_restart(rounds, repeats).await,

@@ -1,15 +1,18 @@
 //! The fleet simulator (benchmarks only, DESIGN.md §6): N agents in one process, each the real core
-//! agent and state machines talking to a real nats-server over its own connection, with only the
-//! container runtime simulated in memory (`SimRuntime`). It measures a fleet-wide rollout through a
-//! restart governor against the ideal ceil(N/c) rounds, and `fleet status` across all N nodes.
+//! agent and state machines talking to a real nats-server, with only the container runtime simulated
+//! in memory (`runtime::SimRuntime`). It measures fleet-wide rollouts through a restart governor (a tag
+//! put, and a release in canary waves) against their ideal (`rollout`), `fleet status` across all N
+//! nodes, and `rollout status` over all their status records.
+
+mod rollout;
+mod runtime;
 
 use crate::real::NatsServer;
-use crate::report::{Row, Series, write_plot};
+use crate::report::Row;
 use anyhow::Context;
-use async_trait::async_trait;
 use futures_util::stream::{self, BoxStream, StreamExt};
 use hoist_core::agent::{self, AgentHandle};
-use hoist_core::backend::{BucketConfig, Events, Governor, HOIST_BUCKET, Kv, tag_key};
+use hoist_core::backend::{BucketConfig, HOIST_BUCKET, Kv, read_all_if_any};
 use hoist_core::config::{
     AgentConfig, ContainerSet, DockerConfig, FleetConfig, OperatorConfig, Permission, RolloutConfig, load_containers,
 };
@@ -20,193 +23,17 @@ use hoist_core::fsm::State;
 use hoist_core::machine::MachineDeps;
 use hoist_core::persist::StateStore;
 use hoist_core::presence::{self, NODES_BUCKET, Presence, announce, nodes_bucket};
-use hoist_core::runtime::{
-    ContainerInfo, Probe, ProbeError, PullProgress, RunState, Runtime, RuntimeError, RuntimeEvent, RuntimeEventKind, RuntimeHealth,
-    RuntimeResult,
-};
+use hoist_core::release::{OUTCOMES_BUCKET, conductor};
+use hoist_core::rollout_status::{self, STATUS_BUCKET, status_bucket};
 use hoist_core::slot::SlotKeeper;
-use hoist_core::spec::{ContainerSpec, LABEL_NAME, LABEL_NODE, LABEL_SPEC};
 use hoist_nats::{NatsBackend, NatsOptions};
-use std::collections::{BTreeMap, HashMap, HashSet};
+pub use rollout::Kind;
+pub use runtime::Latencies;
+use runtime::{EngineStep, SimRuntime};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::broadcast;
-
-/// The simulated runtime's latencies: what a real engine and registry would take.
-#[derive(Debug, Clone, Copy)]
-pub struct Latencies {
-    pub pull: Duration,
-    /// From `run` to the container running.
-    pub start: Duration,
-    /// From running to the (simulated Docker HEALTHCHECK) reporting healthy: this is what the
-    /// machine's health gate waits for before RUN releases the restart slot.
-    pub health: Duration,
-}
-
-/// One node's container runtime, in memory. Each simulated agent has its own, so `list`/`events` need
-/// no node filtering beyond the label check that keeps the contract honest.
-pub struct SimRuntime {
-    latencies: Latencies,
-    /// Shared with the tasks that turn containers healthy later.
-    containers: Arc<Mutex<HashMap<String, ContainerInfo>>>,
-    pulled: Mutex<HashSet<String>>,
-    events: broadcast::Sender<RuntimeEvent>,
-    next_id: AtomicU64,
-}
-
-impl SimRuntime {
-    pub fn new(latencies: Latencies) -> Arc<SimRuntime> {
-        let (events, _) = broadcast::channel(64);
-        Arc::new(SimRuntime { latencies, containers: Arc::default(), pulled: Mutex::default(), events, next_id: AtomicU64::new(1) })
-    }
-
-    fn emit(&self, info: &ContainerInfo, kind: RuntimeEventKind) {
-        let name = info.label(LABEL_NAME).unwrap_or_default().to_string();
-        // No subscriber yet (agent starting) is fine: the agent lists and inspects on start.
-        let _ = self.events.send(RuntimeEvent { container_id: info.id.clone(), name, kind });
-    }
-
-    fn image_id_of(image_ref: &str) -> String {
-        format!("sha256:sim-{image_ref}")
-    }
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
-
-#[async_trait]
-impl Runtime for SimRuntime {
-    async fn list(&self, node: &str) -> RuntimeResult<Vec<ContainerInfo>> {
-        let containers = self.containers.lock().expect("not poisoned");
-        Ok(containers.values().filter(|c| c.label(LABEL_NODE) == Some(node)).cloned().collect())
-    }
-
-    async fn find(&self, node: &str, name: &str) -> RuntimeResult<Vec<ContainerInfo>> {
-        Ok(self.list(node).await?.into_iter().filter(|c| c.label(LABEL_NAME) == Some(name)).collect())
-    }
-
-    async fn inspect(&self, id: &str) -> RuntimeResult<Option<ContainerInfo>> {
-        Ok(self.containers.lock().expect("not poisoned").get(id).cloned())
-    }
-
-    async fn run(&self, spec: &ContainerSpec) -> RuntimeResult<ContainerInfo> {
-        let image = spec.image_ref();
-        if !self.pulled.lock().expect("not poisoned").contains(&image) {
-            return Err(RuntimeError::ImageNotFound(image));
-        }
-        // Docker's name-conflict rule: a stopped holder of the name with our labels goes first.
-        let holder = {
-            let containers = self.containers.lock().expect("not poisoned");
-            containers.values().find(|c| c.container_name == spec.container_name).cloned()
-        };
-        if let Some(old) = holder {
-            if old.state == RunState::Running || old.label(LABEL_NAME) != Some(spec.name.as_str()) {
-                return Err(RuntimeError::Other(format!("the name {} is in use", spec.container_name)));
-            }
-            self.remove(&old.id).await?;
-        }
-        tokio::time::sleep(self.latencies.start).await;
-        let id = format!("sim{:012}", self.next_id.fetch_add(1, Ordering::Relaxed));
-        let labels = BTreeMap::from([
-            (LABEL_NODE.to_string(), spec.node.clone()),
-            (LABEL_NAME.to_string(), spec.name.clone()),
-            (LABEL_SPEC.to_string(), spec.hash()),
-        ]);
-        let now = unix_now();
-        let info = ContainerInfo {
-            id: id.clone(),
-            container_name: spec.container_name.clone(),
-            labels,
-            image_id: Self::image_id_of(&image),
-            image_digest: None,
-            image,
-            state: RunState::Running,
-            health: RuntimeHealth::Starting,
-            exit_code: None,
-            created: now,
-            started_at: now,
-            ip: None,
-        };
-        self.containers.lock().expect("not poisoned").insert(id.clone(), info.clone());
-        self.emit(&info, RuntimeEventKind::Started);
-        // The simulated HEALTHCHECK turns healthy after the health latency, as Docker would report.
-        let (containers, events, health) = (self.containers.clone(), self.events.clone(), self.latencies.health);
-        tokio::spawn(async move {
-            tokio::time::sleep(health).await;
-            let updated = {
-                let mut containers = containers.lock().expect("not poisoned");
-                containers.get_mut(&id).filter(|c| c.state == RunState::Running).map(|c| {
-                    c.health = RuntimeHealth::Healthy;
-                    c.clone()
-                })
-            };
-            if let Some(c) = updated {
-                let name = c.label(LABEL_NAME).unwrap_or_default().to_string();
-                let _ = events.send(RuntimeEvent { container_id: c.id, name, kind: RuntimeEventKind::Health(RuntimeHealth::Healthy) });
-            }
-        });
-        Ok(info)
-    }
-
-    async fn stop(&self, id: &str, _grace: Duration) -> RuntimeResult<()> {
-        let stopped = {
-            let mut containers = self.containers.lock().expect("not poisoned");
-            let c = containers.get_mut(id).ok_or_else(|| RuntimeError::NotFound(id.into()))?;
-            let was_running = c.state == RunState::Running;
-            c.state = RunState::Exited;
-            c.exit_code = Some(0);
-            was_running.then(|| c.clone())
-        };
-        if let Some(c) = stopped {
-            self.emit(&c, RuntimeEventKind::Died { exit_code: Some(0) });
-        }
-        Ok(())
-    }
-
-    async fn remove(&self, id: &str) -> RuntimeResult<()> {
-        let removed = self.containers.lock().expect("not poisoned").remove(id);
-        if let Some(c) = removed {
-            if c.state == RunState::Running {
-                self.emit(&c, RuntimeEventKind::Died { exit_code: Some(137) });
-            }
-            self.emit(&c, RuntimeEventKind::Destroyed);
-        }
-        Ok(())
-    }
-
-    async fn image_id(&self, image_ref: &str) -> RuntimeResult<Option<String>> {
-        Ok(self.pulled.lock().expect("not poisoned").contains(image_ref).then(|| Self::image_id_of(image_ref)))
-    }
-
-    async fn pull(&self, image_ref: &str, progress: &(dyn Fn(PullProgress) + Send + Sync)) -> RuntimeResult<String> {
-        tokio::time::sleep(self.latencies.pull).await;
-        progress(PullProgress { layer: None, status: "Downloaded (simulated)".into(), current: None, total: None });
-        self.pulled.lock().expect("not poisoned").insert(image_ref.to_string());
-        Ok(Self::image_id_of(image_ref))
-    }
-
-    async fn events(&self, _node: &str) -> RuntimeResult<BoxStream<'static, RuntimeEvent>> {
-        let rx = self.events.subscribe();
-        Ok(stream::unfold(rx, |mut rx| async move {
-            loop {
-                match rx.recv().await {
-                    Ok(event) => return Some((event, rx)),
-                    // A real engine drops events too; the machines re-inspect on their own schedule.
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                }
-            }
-        })
-        .boxed())
-    }
-
-    async fn probe(&self, _container: &ContainerInfo, _probe: &Probe, _timeout: Duration) -> Result<(), ProbeError> {
-        Ok(())
-    }
-}
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
 
 /// `restart_files` are not part of the simulation: a file watch that never yields.
 struct NoFiles;
@@ -220,19 +47,24 @@ impl FileWatch for NoFiles {
 pub struct FleetOpts {
     pub agents: Vec<usize>,
     pub capacities: Vec<u64>,
+    /// How the fleet is moved, each at every capacity.
+    pub kinds: Vec<Kind>,
     pub latencies: Latencies,
     /// How many agents connect and start at once.
     pub start_concurrency: usize,
+    /// How many agents share one NATS connection (1: each its own, as real nodes).
+    pub per_connection: usize,
 }
 
-/// One simulated agent: its handle and the presence heartbeat to stop with it.
+/// One simulated agent: its handle and the tasks `hoist agent` runs beside it, to stop with it.
 struct SimAgent {
     handle: AgentHandle,
-    announcer: tokio::task::JoinHandle<presence::Announced>,
+    beside: Vec<tokio::task::AbortHandle>,
 }
 
 const GOVERNOR: &str = "RG";
 const CONTAINER: &str = "web";
+const IMAGE: &str = "registry.sim/hoist/web";
 
 pub async fn fleet(opts: &FleetOpts) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
@@ -253,21 +85,35 @@ async fn fleet_of(n: usize, opts: &FleetOpts) -> anyhow::Result<Vec<Row>> {
     // Created once here; each real agent would only fill these gaps.
     observer.create_bucket(HOIST_BUCKET, BucketConfig::default()).await?;
     observer.create_bucket(NODES_BUCKET, nodes_bucket(presence::DEFAULT_NODE_RETENTION, 1)).await?;
+    observer.create_bucket(STATUS_BUCKET, status_bucket(1)).await?;
+    observer.create_bucket(OUTCOMES_BUCKET, BucketConfig::default()).await?;
 
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("containers.yaml");
     std::fs::write(
         &data,
         format!(
-            "containers:\n  {CONTAINER}:\n    image: registry.sim/hoist/web\n    image_tag: v1\n    kv_update: true\n    restart_governor: {GOVERNOR}\n"
+            "containers:\n  {CONTAINER}:\n    image: {IMAGE}\n    image_tag: v1\n    kv_update: true\n    restart_governor: {GOVERNOR}\n"
         ),
     )?;
     let set = load_containers(&[data], &serde_json::json!({})).map_err(|e| anyhow::anyhow!("{e}"))?;
 
-    eprintln!("simulator: starting {n} agents on {}", server.url);
+    let per_connection = opts.per_connection.max(1);
+    eprintln!("simulator: starting {n} agents on {}, {per_connection} per connection", server.url);
     let started = Instant::now();
+    let connections: Vec<Arc<NatsBackend>> = stream::iter(0..n.div_ceil(per_connection))
+        .map(|i| {
+            let url = server.url.clone();
+            async move { NatsBackend::connect(nats_options(&url, format!("hoist simulator connection {i}"))).await.map(Arc::new) }
+        })
+        .buffered(opts.start_concurrency)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    let (engine_log, mut engine) = mpsc::unbounded_channel();
     let agents: Vec<SimAgent> = stream::iter(0..n)
-        .map(|i| start_agent(i, &server.url, dir.path(), set.clone(), opts.latencies))
+        .map(|i| start_agent(i, connections[i / per_connection].clone(), dir.path(), set.clone(), opts.latencies, engine_log.clone()))
         .buffer_unordered(opts.start_concurrency)
         .collect::<Vec<_>>()
         .await
@@ -282,19 +128,23 @@ async fn fleet_of(n: usize, opts: &FleetOpts) -> anyhow::Result<Vec<Row>> {
         "all agents connected and RUN on v1",
         started.elapsed().as_secs_f64(),
         "s",
-        format!("{n} NATS connections"),
+        format!("{} NATS connections", connections.len()),
     ));
     rows.extend(fleet_status(&scenario, &observer, n).await?);
 
     let mut version = 1;
-    for &capacity in &opts.capacities {
-        version += 1;
-        rows.extend(rollout(&scenario, &observer, &handles, capacity, version, opts.latencies).await?);
+    let mut fleet = rollout::Fleet { observer: &observer, handles: &handles, engine: &mut engine, latencies: opts.latencies };
+    for kind in &opts.kinds {
+        for &capacity in &opts.capacities {
+            version += 1;
+            rows.extend(rollout::rollout(&scenario, &mut fleet, kind, capacity, version).await?);
+            rows.push(rollout_status(&scenario, &observer, n).await?);
+        }
     }
 
     // Stop the machines before the server goes, so they do not spend the next run reconnecting.
     futures_util::future::join_all(agents.iter().map(|a| {
-        a.announcer.abort();
+        a.beside.iter().for_each(tokio::task::AbortHandle::abort);
         a.handle.shutdown()
     }))
     .await;
@@ -305,11 +155,17 @@ async fn fleet_of(n: usize, opts: &FleetOpts) -> anyhow::Result<Vec<Row>> {
 static OPERATOR: std::sync::LazyLock<KeyPair> = std::sync::LazyLock::new(KeyPair::new_user);
 
 /// Wires one agent exactly as `hoist agent` does on the NATS backend, but on a `SimRuntime`.
-async fn start_agent(i: usize, url: &str, dir: &Path, set: ContainerSet, latencies: Latencies) -> anyhow::Result<SimAgent> {
+async fn start_agent(
+    i: usize,
+    backend: Arc<NatsBackend>,
+    dir: &Path,
+    set: ContainerSet,
+    latencies: Latencies,
+    engine_log: mpsc::UnboundedSender<EngineStep>,
+) -> anyhow::Result<SimAgent> {
     let node = format!("sim{i:05}");
-    let backend = Arc::new(NatsBackend::connect(nats_options(url, format!("hoist {node}"))).await?);
     let deps = Arc::new(MachineDeps {
-        runtime: SimRuntime::new(latencies),
+        runtime: SimRuntime::new(node.clone(), latencies, engine_log),
         kv: backend.clone(),
         governor: backend.clone(),
         events: backend.clone(),
@@ -356,9 +212,13 @@ async fn start_agent(i: usize, url: &str, dir: &Path, set: ContainerSet, latenci
         audit: backend.clone(),
     };
     fleet::Fleet::serve(&*backend, Arc::new(responder)).await?;
-    let announcer =
-        tokio::spawn(announce(kv, Presence { node, facts: serde_json::json!({}), key: Some(public), instance: None, since_ms: None }));
-    Ok(SimAgent { handle, announcer })
+    let presence = Presence { node, facts: serde_json::json!({}), key: Some(public), instance: None, since_ms: None };
+    let beside = vec![
+        tokio::spawn(announce(kv.clone(), presence)).abort_handle(),
+        tokio::spawn(rollout_status::keep_published(kv.clone(), handle.clone())).abort_handle(),
+        tokio::spawn(conductor::conduct(kv, handle.clone())).abort_handle(),
+    ];
+    Ok(SimAgent { handle, beside })
 }
 
 /// Polls every agent's status until all are RUN on `version`.
@@ -402,102 +262,14 @@ async fn fleet_status(scenario: &str, observer: &NatsBackend, n: usize) -> anyho
     ])
 }
 
-/// Where each node stands during a rollout, from its transition events.
-#[derive(Clone, Copy, PartialEq)]
-enum Phase {
-    /// Running the old version (in RUN, or in UPDATE pulling while the old container still runs).
-    Old,
-    /// Replacing: waiting for a slot, starting, or in the health gate.
-    Replacing,
-    New,
-}
-
-async fn rollout(
-    scenario: &str,
-    observer: &NatsBackend,
-    handles: &[AgentHandle],
-    capacity: u64,
-    version: u32,
-    lat: Latencies,
-) -> anyhow::Result<Vec<Row>> {
-    let n = handles.len();
-    let tag = format!("v{version}");
-    // A fresh governor per run so no lease of the previous run counts against this capacity.
-    if observer.list().await?.iter().any(|g| g == GOVERNOR) {
-        observer.remove(GOVERNOR).await?;
-    }
-    observer.add(GOVERNOR, capacity, Duration::from_secs(600), 1).await?;
-    let mut events = observer.subscribe().await?;
-
-    let slot = lat.start + lat.health;
-    let rounds = n.div_ceil(capacity as usize) as u32;
-    // Pulls are not governed (no update_governor), so every node pulls at once; only the slot
-    // (remove, start, health gate) is serialised through the governor.
-    let ideal = lat.pull + slot * rounds;
-    let limit = ideal * 5 + Duration::from_secs(60);
-
-    eprintln!("simulator: N={n} capacity {capacity}: rolling to {tag}, ideal {ideal:?}");
-    let t0 = Instant::now();
-    observer.put(HOIST_BUCKET, &tag_key(CONTAINER), tag.as_bytes()).await?;
-
-    let mut phases: HashMap<String, Phase> = HashMap::new();
-    let (mut old, mut replacing, mut new) = (n, 0usize, 0usize);
-    let mut series: [Vec<(f64, f64)>; 3] = [vec![(0.0, n as f64)], vec![(0.0, 0.0)], vec![(0.0, 0.0)]];
-    let suffix = format!(":{tag}");
-    while new < n {
-        let remaining = limit.saturating_sub(t0.elapsed());
-        let Ok(Some(event)) = tokio::time::timeout(remaining, events.next()).await else {
-            anyhow::bail!("rollout to {tag} at capacity {capacity}: {new}/{n} nodes on {tag} after {limit:?}");
-        };
-        if !event.image.as_deref().is_some_and(|i| i.ends_with(&suffix)) {
-            continue;
-        }
-        let phase = match event.to_state.as_str() {
-            "RUN" => Phase::New,
-            "RESTART" | "START" => Phase::Replacing,
-            _ => Phase::Old,
-        };
-        let before = phases.insert(event.identity.clone(), phase).unwrap_or(Phase::Old);
-        if before == phase {
-            continue;
-        }
-        for (p, delta) in [(before, -1isize), (phase, 1)] {
-            let count = match p {
-                Phase::Old => &mut old,
-                Phase::Replacing => &mut replacing,
-                Phase::New => &mut new,
-            };
-            *count = count.checked_add_signed(delta).expect("counts stay consistent");
-        }
-        let t = t0.elapsed().as_secs_f64();
-        for (s, v) in series.iter_mut().zip([old, replacing, new]) {
-            s.push((t, v as f64));
-        }
-    }
-    let total = t0.elapsed();
-    let overhead = (total.as_secs_f64() / ideal.as_secs_f64() - 1.0) * 100.0;
-
-    let name = format!("rollout-n{n}-c{capacity}");
-    let dir = PathBuf::from("target/hoist-bench");
-    let [old_s, replacing_s, new_s] = series;
-    write_plot(
-        &dir.join(format!("{name}.csv")),
-        &dir.join(format!("{name}.svg")),
-        &format!("simulator: {n} agents, v{} → {tag}, restart governor capacity {capacity}", version - 1),
-        &[
-            Series { name: format!("on v{}", version - 1), colour: "#1f77b4", points: old_s },
-            Series { name: "replacing".into(), colour: "#ff7f0e", points: replacing_s },
-            Series { name: format!("on {tag}"), colour: "#2ca02c", points: new_s },
-        ],
-    )?;
-    let note = format!(
-        "ideal {:.1}s = pull {:?} + ceil({n}/{capacity})={rounds} × slot {:?}; plot target/hoist-bench/{name}.svg",
-        ideal.as_secs_f64(),
-        lat.pull,
-        slot
-    );
-    Ok(vec![
-        Row::info(scenario, &format!("rollout c={capacity}: total"), total.as_secs_f64(), "s", note),
-        Row::at_most(scenario, &format!("rollout c={capacity}: overhead over ideal"), overhead, "%", 20.0, ""),
-    ])
+/// `hoist rollout status web` as the CLI does it: the status and outcome buckets read once each, and
+/// summarized. Its bar (issue #13) is 1 s.
+async fn rollout_status(scenario: &str, observer: &NatsBackend, n: usize) -> anyhow::Result<Row> {
+    let t = Instant::now();
+    let entries = read_all_if_any(observer, STATUS_BUCKET).await?;
+    let outcomes = read_all_if_any(observer, OUTCOMES_BUCKET).await?;
+    let record = hoist_core::release::current(observer, CONTAINER).await?.map(|(r, _)| r);
+    let summary = rollout_status::summarize(CONTAINER, &entries, record, &outcomes, hoist_core::clock::unix_now_ms());
+    let took = t.elapsed().as_secs_f64();
+    Ok(Row::below(scenario, "rollout status, all nodes", took, "s", 1.0, format!("{}/{n} status records", summary.nodes)))
 }
