@@ -207,6 +207,18 @@ impl NatsBackend {
         }
     }
 
+    /// A waiter that won its slot on its own (a retry on its ladder) may have been handed hints meanwhile,
+    /// each meant for one other waiter: passed on, they wake others instead of leaving slots idle
+    /// until someone's next retry.
+    async fn pass_on_hints(&self, name: &str, mut freed: async_nats::Subscriber) {
+        let _ = freed.unsubscribe().await;
+        let mut unused = 0;
+        while let Some(Some(_)) = futures_util::FutureExt::now_or_never(freed.next()) {
+            unused += 1;
+        }
+        self.announce_freed(name, unused).await;
+    }
+
     /// One hint per free slot, each for one waiter.
     async fn announce_freed(&self, name: &str, slots: u64) {
         for _ in 0..slots {
@@ -364,7 +376,10 @@ impl Governor for NatsBackend {
                 attempt
             };
             match attempt {
-                Ok(Some(seq)) => return Ok(Lease { governor: name.into(), seq }),
+                Ok(Some(seq)) => {
+                    self.pass_on_hints(name, freed).await;
+                    return Ok(Lease { governor: name.into(), seq });
+                }
                 Ok(None) => {}
                 Err(e) => {
                     // The request may have been stored with its reply lost: look for it.

@@ -69,9 +69,39 @@ fn entry_from(bucket: &str, entry: kv::Entry) -> KvEntry {
     }
 }
 
+/// How long a bucket's handle is used before its stream is looked up again. Looked up for every read
+/// and write, as async-nats does, a fleet of thousands would spend the server's JetStream API queue
+/// (one stream info request each) on asking again what it knows; any failed operation forgets the
+/// handle, so a bucket deleted elsewhere is noticed at the next one.
+pub(crate) const STORE_TTL: Duration = Duration::from_secs(10);
+
 impl NatsBackend {
-    /// A handle on an existing bucket; `NoBucket` if its stream is missing.
+    /// A handle on an existing bucket, as looked up within `STORE_TTL`; `NoBucket` if its stream is
+    /// missing.
     async fn store(&self, bucket: &str) -> BackendResult<Store> {
+        if let Some((store, at)) = self.stores.lock().expect("not poisoned").get(bucket)
+            && at.elapsed() < STORE_TTL
+        {
+            return Ok(store.clone());
+        }
+        let store = self.fresh_store(bucket).await?;
+        self.stores.lock().expect("not poisoned").insert(bucket.to_string(), (store.clone(), tokio::time::Instant::now()));
+        Ok(store)
+    }
+
+    /// The next operation on `bucket` looks its stream up again.
+    fn forget_store(&self, bucket: &str) {
+        self.stores.lock().expect("not poisoned").remove(bucket);
+    }
+
+    /// `error`, after forgetting the bucket's handle: the stream may be gone or moved.
+    fn failed(&self, bucket: &str, error: BackendError) -> BackendError {
+        self.forget_store(bucket);
+        error
+    }
+
+    /// A handle on an existing bucket, with its stream's state as of now; `NoBucket` if it is missing.
+    async fn fresh_store(&self, bucket: &str) -> BackendResult<Store> {
         validate_bucket(bucket)?;
         let stream = self.find_stream(&stream_name(bucket)).await?.ok_or_else(|| BackendError::NoBucket(bucket.into()))?;
         Ok(Store {
@@ -97,11 +127,12 @@ impl Kv for NatsBackend {
             .create_or_update_stream(stream_config(bucket, &config))
             .await
             .map_err(|e| unavailable(format!("creating bucket {bucket}"), e))?;
+        self.forget_store(bucket);
         Ok(())
     }
 
     async fn bucket_config(&self, bucket: &str) -> BackendResult<BucketConfig> {
-        let store = self.store(bucket).await?;
+        let store = self.fresh_store(bucket).await?;
         let config = &store.stream.cached_info().config;
         Ok(BucketConfig {
             history: u8::try_from(config.max_messages_per_subject).unwrap_or(u8::MAX),
@@ -111,7 +142,8 @@ impl Kv for NatsBackend {
     }
 
     async fn delete_bucket(&self, bucket: &str) -> BackendResult<()> {
-        self.store(bucket).await?;
+        self.fresh_store(bucket).await?;
+        self.forget_store(bucket);
         self.js.delete_stream(stream_name(bucket)).await.map_err(|e| unavailable(format!("deleting bucket {bucket}"), e))?;
         Ok(())
     }
@@ -123,14 +155,14 @@ impl Kv for NatsBackend {
     async fn get(&self, bucket: &str, key: &str) -> BackendResult<Option<KvEntry>> {
         validate_key(key, false)?;
         let store = self.store(bucket).await?;
-        let entry = store.entry(key).await.map_err(|e| unavailable(format!("reading {bucket}/{key}"), e))?;
+        let entry = store.entry(key).await.map_err(|e| self.failed(bucket, unavailable(format!("reading {bucket}/{key}"), e)))?;
         Ok(entry.filter(|e| e.operation == Operation::Put).map(|e| entry_from(bucket, e)))
     }
 
     async fn put(&self, bucket: &str, key: &str, value: &[u8]) -> BackendResult<u64> {
         validate_key(key, false)?;
         let store = self.store(bucket).await?;
-        store.put(key, value.to_vec().into()).await.map_err(|e| unavailable(format!("writing {bucket}/{key}"), e))
+        store.put(key, value.to_vec().into()).await.map_err(|e| self.failed(bucket, unavailable(format!("writing {bucket}/{key}"), e)))
     }
 
     async fn update(&self, bucket: &str, key: &str, value: &[u8], last: Option<u64>) -> BackendResult<u64> {
@@ -143,11 +175,11 @@ impl Kv for NatsBackend {
             // `create` also writes over a delete marker or a purged key: those hold no value.
             None => store.create(key, value.to_vec().into()).await.map_err(|e| match e.kind() {
                 CreateErrorKind::AlreadyExists => conflict(),
-                _ => unavailable(what(), e),
+                _ => self.failed(bucket, unavailable(what(), e)),
             }),
             Some(revision) => store.update(key, value.to_vec().into(), revision).await.map_err(|e| match e.kind() {
                 UpdateErrorKind::WrongLastRevision => conflict(),
-                _ => unavailable(what(), e),
+                _ => self.failed(bucket, unavailable(what(), e)),
             }),
         }
     }
@@ -155,20 +187,22 @@ impl Kv for NatsBackend {
     async fn delete(&self, bucket: &str, key: &str) -> BackendResult<()> {
         validate_key(key, false)?;
         let store = self.store(bucket).await?;
-        store.delete(key).await.map_err(|e| unavailable(format!("deleting {bucket}/{key}"), e))
+        store.delete(key).await.map_err(|e| self.failed(bucket, unavailable(format!("deleting {bucket}/{key}"), e)))
     }
 
     async fn keys(&self, bucket: &str) -> BackendResult<Vec<String>> {
         let store = self.store(bucket).await?;
-        let keys = store.keys().await.map_err(|e| unavailable(format!("listing keys of {bucket}"), e))?;
-        let mut keys: Vec<String> = keys.try_collect().await.map_err(|e| unavailable(format!("listing keys of {bucket}"), e))?;
+        let what = || format!("listing keys of {bucket}");
+        let keys = store.keys().await.map_err(|e| self.failed(bucket, unavailable(what(), e)))?;
+        let mut keys: Vec<String> = keys.try_collect().await.map_err(|e| self.failed(bucket, unavailable(what(), e)))?;
         keys.sort();
         Ok(keys)
     }
 
     async fn watch(&self, bucket: &str, pattern: &str) -> BackendResult<BoxStream<'static, KvEntry>> {
         validate_key(pattern, true)?;
-        let store = self.store(bucket).await?;
+        // Fresh: the stream's last sequence now tells initial values from changes.
+        let store = self.fresh_store(bucket).await?;
         // Subscribed before the watch starts so a deletion right after cannot slip by.
         let deleted = self
             .client
@@ -251,6 +285,11 @@ impl Watcher {
     /// final, and a server still recovering its streams after a restart may briefly not know them.
     /// Unreachable servers are not a deletion.
     async fn bucket_gone(&self) -> bool {
+        // The agent's handle first, looked up at most every `STORE_TTL` for all its watches: a stream
+        // info request from every watch every check would load the server's JetStream API.
+        if !matches!(self.backend.store(&self.store.name).await, Err(BackendError::NoBucket(_))) {
+            return false;
+        }
         let missing = || async { matches!(self.backend.find_stream(&self.store.stream_name).await, Ok(None)) };
         if !missing().await {
             return false;

@@ -87,6 +87,8 @@ pub struct NatsBackend {
     /// The last permissions violation the server reported: a publish it refused is otherwise only a
     /// timeout or a silence.
     refused: Arc<Mutex<Option<String>>>,
+    /// The buckets' handles, looked up at most every `kv::STORE_TTL` (`kv.rs`).
+    stores: Arc<Mutex<std::collections::HashMap<String, (async_nats::jetstream::kv::Store, tokio::time::Instant)>>>,
 }
 
 impl NatsBackend {
@@ -162,8 +164,15 @@ impl NatsBackend {
         }
         let client = options.connect(addrs).await.map_err(|e| unavailable(e.to_string()))?;
         let js = jetstream::new(client.clone());
-        let backend =
-            NatsBackend { client, js, collective: opts.collective, leases: Arc::default(), inbox_prefix: opts.inbox_prefix, refused };
+        let backend = NatsBackend {
+            client,
+            js,
+            collective: opts.collective,
+            leases: Arc::default(),
+            inbox_prefix: opts.inbox_prefix,
+            refused,
+            stores: Arc::default(),
+        };
         tokio::spawn(backend.clone().sweep_on_reconnect(connected));
         Ok(backend)
     }
