@@ -35,6 +35,27 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
+/// Runs the observer's `call` until it works, up to ten times a second apart: at ten thousand agents
+/// the server's JetStream API queue can time a request out, which is load to report, not a reason
+/// to stop measuring.
+async fn patiently<T, E: std::fmt::Display, Fut: std::future::Future<Output = Result<T, E>>>(
+    what: &str,
+    mut call: impl FnMut() -> Fut,
+) -> anyhow::Result<T> {
+    let mut tries = 0;
+    loop {
+        match call().await {
+            Ok(value) => return Ok(value),
+            Err(e) if tries < 9 => {
+                tries += 1;
+                eprintln!("simulator: {what} failed ({e}); trying again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => anyhow::bail!("{what}: {e}"),
+        }
+    }
+}
+
 /// `restart_files` are not part of the simulation: a file watch that never yields.
 struct NoFiles;
 
@@ -239,7 +260,7 @@ async fn wait_all_run(handles: &[AgentHandle], version: &str, limit: Duration) -
 async fn fleet_status(scenario: &str, observer: &NatsBackend, n: usize) -> anyhow::Result<Vec<Row>> {
     // Presence is refreshed every few seconds; wait until every node has announced itself once.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while observer.keys(NODES_BUCKET).await?.len() < n {
+    while patiently("listing the presence keys", || observer.keys(NODES_BUCKET)).await?.len() < n {
         anyhow::ensure!(Instant::now() < deadline, "not every simulated agent announced itself");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -266,9 +287,9 @@ async fn fleet_status(scenario: &str, observer: &NatsBackend, n: usize) -> anyho
 /// summarized. Its bar (issue #13) is 1 s.
 async fn rollout_status(scenario: &str, observer: &NatsBackend, n: usize) -> anyhow::Result<Row> {
     let t = Instant::now();
-    let entries = read_all_if_any(observer, STATUS_BUCKET).await?;
-    let outcomes = read_all_if_any(observer, OUTCOMES_BUCKET).await?;
-    let record = hoist_core::release::current(observer, CONTAINER).await?.map(|(r, _)| r);
+    let entries = patiently("reading the status records", || read_all_if_any(observer, STATUS_BUCKET)).await?;
+    let outcomes = patiently("reading the outcomes", || read_all_if_any(observer, OUTCOMES_BUCKET)).await?;
+    let record = patiently("reading the release", || hoist_core::release::current(observer, CONTAINER)).await?.map(|(r, _)| r);
     let summary = rollout_status::summarize(CONTAINER, &entries, record, &outcomes, hoist_core::clock::unix_now_ms());
     let took = t.elapsed().as_secs_f64();
     Ok(Row::below(scenario, "rollout status, all nodes", took, "s", 1.0, format!("{}/{n} status records", summary.nodes)))

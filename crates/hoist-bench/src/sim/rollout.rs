@@ -4,7 +4,7 @@
 //! stopped), is in its gate (the new one started, not yet healthy), or serves the new version.
 
 use super::runtime::{EngineDid, EngineStep, Latencies};
-use super::{CONTAINER, GOVERNOR, IMAGE};
+use super::{CONTAINER, GOVERNOR, IMAGE, patiently};
 use crate::report::{Row, Series, write_plot};
 use hoist_core::agent::AgentHandle;
 use hoist_core::backend::{Governor, HOIST_BUCKET, Kv, tag_key};
@@ -47,10 +47,10 @@ pub async fn rollout(scenario: &str, fleet: &mut Fleet<'_>, kind: &Kind, capacit
     let lat = fleet.latencies;
     let tag = format!("v{version}");
     // A fresh governor per run so no lease of the previous run counts against this capacity.
-    if fleet.observer.list().await?.iter().any(|g| g == GOVERNOR) {
-        fleet.observer.remove(GOVERNOR).await?;
+    if patiently("listing governors", || fleet.observer.list()).await?.iter().any(|g| g == GOVERNOR) {
+        patiently("removing the governor", || fleet.observer.remove(GOVERNOR)).await?;
     }
-    fleet.observer.add(GOVERNOR, capacity, Duration::from_secs(600), 1).await?;
+    patiently("adding the governor", || fleet.observer.add(GOVERNOR, capacity, Duration::from_secs(600), 1)).await?;
     while fleet.engine.try_recv().is_ok() {}
 
     let slot = lat.start + lat.health;
@@ -76,11 +76,12 @@ pub async fn rollout(scenario: &str, fleet: &mut Fleet<'_>, kind: &Kind, capacit
     let t0 = Instant::now();
     let target = match &policy {
         None => {
-            fleet.observer.put(HOIST_BUCKET, &tag_key(CONTAINER), tag.as_bytes()).await?;
+            let key = tag_key(CONTAINER);
+            patiently("putting the tag", || fleet.observer.put(HOIST_BUCKET, &key, tag.as_bytes())).await?;
             format!("{IMAGE}:{tag}")
         }
         Some(policy) => {
-            let record = release_of(fleet.observer, &tag, version, policy.clone()).await?;
+            let record = patiently("writing the release", || release_of(fleet.observer, &tag, version, policy.clone())).await?;
             format!("{IMAGE}@{}", record.digest)
         }
     };

@@ -222,4 +222,10 @@ impl Runtime for SimRuntime {
     async fn probe(&self, _container: &ContainerInfo, _probe: &Probe, _timeout: Duration) -> Result<(), ProbeError> {
         Ok(())
     }
+
+    /// Every simulated image passes, in the time a container takes to start.
+    async fn preflight(&self, _spec: &ContainerSpec, _timeout: Duration) -> RuntimeResult<hoist_core::preflight::Run> {
+        tokio::time::sleep(self.latencies.start).await;
+        Ok(hoist_core::preflight::Run { exit_code: Some(0), output: String::new() })
+    }
 }
