@@ -249,6 +249,10 @@ impl Agent {
                     }
                 }
                 None => {
+                    // A preflight the agent died in the middle of: no machine of this name ran yet.
+                    for c in by_name.remove(&format!("{name}.{}", crate::preflight::SUFFIX)).unwrap_or_default() {
+                        self.remove_container(&c, "left over from a preflight").await;
+                    }
                     let candidates = by_name.remove(name).unwrap_or_default();
                     let handle = machine::spawn(cfg.clone(), self.deps.clone(), candidates).await;
                     self.machines.insert(name.clone(), handle);
@@ -309,7 +313,10 @@ impl Agent {
         let grace = i64::try_from(self.deps.docker.purge_grace.as_secs()).unwrap_or(i64::MAX);
         let mut next_look: Option<i64> = None;
         for c in list {
-            let managed = c.label(LABEL_NAME).is_some_and(|n| self.machines.contains_key(n));
+            // A machine's preflight is its own, running or not: it removes it itself.
+            let managed = c.label(LABEL_NAME).is_some_and(|n| {
+                self.machines.contains_key(n) || crate::preflight::of(n).is_some_and(|base| self.machines.contains_key(base))
+            });
             if managed {
                 continue;
             }

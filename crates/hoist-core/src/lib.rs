@@ -17,6 +17,7 @@ pub mod health;
 pub mod machine;
 pub mod outbox;
 pub mod persist;
+pub mod preflight;
 pub mod presence;
 pub mod registration;
 pub mod release;

@@ -163,4 +163,7 @@ pub trait Runtime: Send + Sync + 'static {
     async fn events(&self, node: &str) -> RuntimeResult<BoxStream<'static, RuntimeEvent>>;
     /// Runs a probe against a running container; Err carries the reason it failed.
     async fn probe(&self, container: &ContainerInfo, probe: &Probe, timeout: Duration) -> Result<(), ProbeError>;
+    /// Runs `spec` (a `preflight::spec`) to its end or its `timeout`, then removes it whatever
+    /// happened; how it ended. Err: it could not be run at all (the engine unreachable, say).
+    async fn preflight(&self, spec: &ContainerSpec, timeout: Duration) -> RuntimeResult<crate::preflight::Run>;
 }

@@ -5,6 +5,7 @@
 
 mod image;
 mod inspect;
+mod preflight;
 mod probe;
 
 use async_trait::async_trait;
@@ -329,6 +330,10 @@ impl Runtime for DockerRuntime {
             })
             .filter_map(|item| ready(item.ok().and_then(runtime_event)));
         Ok(stream.boxed())
+    }
+
+    async fn preflight(&self, spec: &ContainerSpec, timeout: Duration) -> RuntimeResult<hoist_core::preflight::Run> {
+        self.run_preflight(spec, timeout).await
     }
 
     async fn probe(&self, container: &ContainerInfo, probe: &Probe, timeout: Duration) -> Result<(), ProbeError> {

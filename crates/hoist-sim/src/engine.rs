@@ -374,6 +374,21 @@ impl Runtime for EngineView {
     async fn probe(&self, _container: &ContainerInfo, _probe: &Probe, _timeout: Duration) -> Result<(), ProbeError> {
         Ok(())
     }
+
+    /// A broken version's image fails it, as its container fails to stay up; any other passes.
+    async fn preflight(&self, spec: &ContainerSpec, _timeout: Duration) -> RuntimeResult<hoist_core::preflight::Run> {
+        self.reach_or_panic("preflight").await?;
+        tokio::time::sleep(START_LATENCY).await;
+        self.reach().await?;
+        let broken = self.engine.with(|s| s.broken.contains(&spec.image_ref()));
+        self.engine.world.note(format!(
+            "{} preflight of {}: {}",
+            self.engine.node,
+            spec.image_ref(),
+            if broken { "exit 1" } else { "exit 0" }
+        ));
+        Ok(hoist_core::preflight::Run { exit_code: Some(if broken { 1 } else { 0 }), output: String::new() })
+    }
 }
 
 /// A pull of a new version, counted while under way (also when the job pulling is dropped).

@@ -363,7 +363,13 @@ fn validate(g: &Global, files: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
                             String::new()
                         };
                         println!("# {name}{note}");
-                        println!("{}", c.spec(&cfg.node, &cfg.docker, &c.image_tag).docker_run());
+                        let spec = c.spec(&cfg.node, &cfg.docker, &c.image_tag);
+                        println!("{}", spec.docker_run());
+                        if let Some(check) = &c.preflight {
+                            let timeout = humantime::format_duration(check.timeout);
+                            println!("# {name}: preflight of every new version before it replaces this one (timeout {timeout}):");
+                            println!("{}", hoist_core::preflight::docker_run(&spec, &check.command));
+                        }
                     }
                 }
             }

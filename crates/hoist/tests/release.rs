@@ -2,7 +2,7 @@
 //! pins the fleet to the digest its tag named when it was made, even when the tag moves mid-rollout;
 //! canary waves wait for their bake time, the next wave fetching the image meanwhile; a broken release
 //! stops at its failure budget with only its first wave having run it (and no other fetching it); an
-//! abort leaves the nodes it had not reached alone; a tag that cannot be resolved writes nothing;
+//! abort leaves the nodes it had not reached alone; a failing preflight keeps the canary serving; a tag that cannot be resolved writes nothing;
 //! `hoist rollout status` tells, in one read, who waits, who is down and who serves.
 
 mod support;
@@ -20,20 +20,26 @@ use support::*;
 /// A confirmation long enough that a rollout at capacity 1 is still going when the test acts on it.
 const SLOW_GATE: &str = "{ unverified_wait: 1s, min_healthy_time: 4s, healthy_deadline: 60s, governor_timeout: 120s }";
 
-fn web(port: u16) -> String {
+fn web(port: u16, extra: &str) -> String {
     format!(
-        "containers:\n  web:\n    image: {}\n    image_tag: v1\n    kv_update: true\n    restart_governor: RG\n    ports: ['127.0.0.1:{port}:80']\n    health_check: {{ type: http, port: 80, interval: 1s, timeout: 1s, retries: 2 }}\n",
+        "containers:\n  web:\n    image: {}\n    image_tag: v1\n    kv_update: true\n    restart_governor: RG\n    ports: ['127.0.0.1:{port}:80']\n    health_check: {{ type: http, port: 80, interval: 1s, timeout: 1s, retries: 2 }}\n{extra}",
         image()
     )
 }
 
 /// Three agents on `urls`, running web v1 behind restart governor RG (capacity 1), all in RUN.
 fn three_agents(test: &str, urls: &[String]) -> Vec<TestAgent> {
+    three_agents_with(test, urls, "", &[free_port(), free_port(), free_port()])
+}
+
+/// `three_agents`, with `extra` in web's definition and web published on `ports`.
+fn three_agents_with(test: &str, urls: &[String], extra: &str, ports: &[u16; 3]) -> Vec<TestAgent> {
     let list = urls.iter().map(|u| format!("'{u}'")).collect::<Vec<_>>().join(", ");
     let agent_yaml = format!("backend: nats\nnats:\n  servers: [{list}]\n");
     let agents: Vec<TestAgent> = ["a", "b", "c"]
         .iter()
-        .map(|n| TestAgent::start_with_rollout(&format!("{test}-{n}"), &web(free_port()), &agent_yaml, SLOW_GATE))
+        .zip(ports)
+        .map(|(n, port)| TestAgent::start_with_rollout(&format!("{test}-{n}"), &web(*port, extra), &agent_yaml, SLOW_GATE))
         .collect();
     wait_until("the governor to be created", Duration::from_secs(30), || {
         agents[0].hoist(&["governor", "add", "RG", "1", "2m"]).status.success().then_some(())
@@ -146,9 +152,68 @@ fn an_abort_mid_rollout_brings_back_the_nodes_that_ran_it_and_leaves_the_rest_al
     assert!(!status.status.success() && text.contains("aborted"), "an aborted release exits non-zero: {text}");
 }
 
+/// An image that cannot even start its app (here: a setting it needs is missing) is caught by its
+/// preflight on the canary, which goes on serving the old version without a single failed request,
+/// and the release stops at its budget.
+#[test]
+fn a_failing_preflight_keeps_the_canary_serving_and_stops_the_release_at_its_budget() {
+    let cluster = nats::Cluster::start();
+    let ports = [free_port(), free_port(), free_port()];
+    let check = "    preflight: { command: ['/bin/sh', '-c', 'echo DB_URL is not set >&2; exit 3'], timeout: 20s }\n";
+    let agents = three_agents_with("preflight", &cluster.urls(), check, &ports);
+    let before: Vec<MachineStatus> = agents.iter().map(|a| a.machine("web").unwrap()).collect();
+    // Every node's web, asked every 50 ms from here to the end: each answer must be v1.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pollers: Vec<_> = ports
+        .iter()
+        .map(|&port| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut answers, mut wrong) = (0, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match http_get(port) {
+                        Some(body) if body == "v1" => answers += 1,
+                        other => wrong.push(other),
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                (answers, wrong)
+            })
+        })
+        .collect();
+    let v2 = registry_digest("v2");
+    release(&agents[0], &["web", "v2", "--waves", "1,100%", "--budget", "0"]);
+
+    let aborted = wait_until("the budget to abort the release", Duration::from_secs(120), || {
+        let r = record_of(&agents[1]);
+        (r.state == ReleaseState::Aborted).then_some(r)
+    });
+    assert!(aborted.reason.as_deref().is_some_and(|r| r.contains("failure budget exhausted")), "{aborted:?}");
+    let canary = agents.iter().find(|a| a.node == aborted.plan.as_ref().unwrap()[0]).unwrap();
+    let m = canary.wait_machine("web", "the canary back in RUN", Duration::from_secs(60), |m| on(m, "v1"));
+    let why = m.last_error.clone().unwrap_or_default();
+    assert!(
+        why.contains(&format!("rolled back from {}@{v2}", image())) && why.contains("preflight failed (exit 3): DB_URL is not set"),
+        "{why}"
+    );
+    // The canary's failure is what the budget counted (the abort exits 1, with the summary).
+    let out = agents[2].hoist(&["rollout", "status", "web", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a rollout summary");
+    assert_eq!(status["failed"], serde_json::json!([canary.node]), "{status:#}");
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for ((a, poller), was) in agents.iter().zip(pollers).zip(&before) {
+        let (answers, wrong) = poller.join().unwrap();
+        assert!(answers > 20 && wrong.is_empty(), "{}: {answers} answers of v1, and these others: {wrong:?}", a.node);
+        let now = a.machine("web").unwrap();
+        assert_eq!((now.container_id, now.restarts), (was.container_id.clone(), was.restarts), "{}: never stopped or replaced", a.node);
+        assert!(!a.labelled_containers().iter().any(|n| n.ends_with("-preflight")), "{}: the preflight container was removed", a.node);
+    }
+}
+
 #[test]
 fn a_tag_that_cannot_be_resolved_releases_nothing() {
-    let agent = TestAgent::start("unresolved", &web(free_port()));
+    let agent = TestAgent::start("unresolved", &web(free_port(), ""));
     let before = agent.wait_running("web");
     let out = agent.hoist(&["release", "web", "no-such-tag"]);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -298,7 +363,7 @@ fn the_rollout_goes_on_when_the_node_that_would_advance_it_dies_and_a_leader_is_
 
 #[test]
 fn one_node_alone_releases_through_its_own_store() {
-    let agent = TestAgent::start("alone", &web(free_port()));
+    let agent = TestAgent::start("alone", &web(free_port(), ""));
     agent.hoist_ok(&["governor", "add", "RG", "1", "2m"]);
     agent.wait_running("web");
     let v2 = registry_digest("v2");

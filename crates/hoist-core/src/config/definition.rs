@@ -33,6 +33,7 @@ const FIELDS: &[&str] = &[
     "stop_signal",
     "stop_grace",
     "restart_backoff",
+    "preflight",
 ];
 const BACKOFF_FIELDS: &[&str] = &["initial", "max", "reset_after"];
 const REGISTRATION_FIELDS: &[&str] = &["cluster", "service", "protocol", "ip", "port", "priority", "annotations"];
@@ -71,6 +72,7 @@ pub(crate) fn container(fields: &mut Fields<'_>) -> ContainerConfig {
         stop_signal: fields.parse("stop_signal", None, |v| stop_signal(v).map(Some)),
         stop_grace: fields.parse("stop_grace", None, |v| bounded_duration(v, Duration::ZERO, MAX_STOP_GRACE).map(Some)),
         restart_backoff: restart_backoff(fields),
+        preflight: super::preflight::preflight(fields),
         sources: fields.sources().to_vec(),
     }
 }
@@ -279,7 +281,7 @@ fn port(value: &Value) -> Result<u16, String> {
 }
 
 /// A required key of a nested mapping; reports `path.key` when missing or invalid.
-fn required<T>(
+pub(super) fn required<T>(
     fields: &mut Fields<'_>,
     path: &str,
     map: &Map<String, Value>,
@@ -296,7 +298,7 @@ fn required<T>(
     }
 }
 
-fn optional<T>(
+pub(super) fn optional<T>(
     fields: &mut Fields<'_>,
     path: &str,
     map: &Map<String, Value>,

@@ -248,6 +248,8 @@ pub struct ContainerConfig {
     pub stop_grace: Option<Duration>,
     /// None: `rollout.restart_backoff`.
     pub restart_backoff: Option<BackoffConfig>,
+    /// Run once in a new version's image before it replaces the running container.
+    pub preflight: Option<Preflight>,
     /// The files that contributed to this definition, in merge order (for messages).
     pub sources: Vec<PathBuf>,
 }
@@ -363,12 +365,14 @@ mod definition;
 mod host;
 mod last_good;
 mod limits;
+mod preflight;
 mod raw;
 mod value;
 
 pub use containers::load_containers;
 pub use host::{LOCAL_SYSLOG_SOCKETS, syslog_warning};
 pub use last_good::{LAST_GOOD_FILE, LastGood};
+pub use preflight::Preflight;
 
 #[cfg(test)]
 mod tests;

@@ -66,6 +66,8 @@ pub(super) enum JobDone {
     /// Not replaced: the image is not here, and a running container must not wait on a pull; the
     /// machine pulls in UPDATE first, where that container is left alone.
     NeedsPull,
+    /// Not replaced: the new version's preflight failed (why), with the running container untouched.
+    PreflightFailed(String),
     Stopped,
 }
 
@@ -158,6 +160,11 @@ impl Machine {
                 check_fleet_mark && self.lease.is_none() && self.container.as_ref().is_some_and(|c| c.state == RunState::Running)
             });
         let wait = self.pull_wait();
+        // Only a new version replacing a running container is checked first: nothing else stops a
+        // container that serves.
+        let preflight = self.cfg.preflight.clone().filter(|_| {
+            self.trying_new_version() && self.container.as_ref().is_some_and(|c| c.state == RunState::Running && c.image != image)
+        });
         let activity =
             if wait.is_zero() { format!("pulling {image}") } else { format!("retrying the pull in {:.0} s", wait.as_secs_f64().ceil()) };
         self.spawn_job(activity, move |ctx| async move {
@@ -202,8 +209,23 @@ impl Machine {
                 // with the pull. The restart that follows is governed by the restart governor.
                 let mut slot = None;
                 ctx.progress(format!("pulling {image}")).await;
-                let pulled = ctx.pull(&image, governor, &mut slot).await.map(JobDone::Pulled);
-                // A pull that failed keeps no restart slot: nothing is being taken down.
+                let mut pulled = ctx.pull(&image, governor, &mut slot).await.map(JobDone::Pulled);
+                drop(slot);
+                if let (Ok(_), Some(check)) = (&pulled, &preflight) {
+                    ctx.progress(format!(
+                        "preflight of {image}: {} (timeout {})",
+                        check.command.join(" "),
+                        humantime::format_duration(check.timeout)
+                    ))
+                    .await;
+                    match ctx.preflight(&spec, check).await {
+                        Ok(None) => {}
+                        Ok(Some(why)) => pulled = Ok(JobDone::PreflightFailed(why)),
+                        Err(e) => pulled = Err(e),
+                    }
+                }
+                // A pull that failed keeps no restart slot: nothing is being taken down. A failed
+                // preflight keeps it, for the machine to free once its verdict is recorded.
                 (restart_slot.filter(|_| pulled.is_ok()), pulled)
             }
             .await;
@@ -286,6 +308,15 @@ impl Machine {
                 } else {
                     self.enter().await;
                 }
+            }
+            Ok(JobDone::PreflightFailed(why)) => {
+                // The version fails here as if its gate had: marked bad for this node and the fleet
+                // (and the release's outcome), while the container that serves is kept.
+                self.roll_back(why).await;
+                self.bad_in_preflight = true;
+                self.keep_unchanged = true;
+                self.update_pulled = true;
+                self.want(Transition::Restart, "the preflight failed; the running container is kept".into());
             }
             Ok(JobDone::NeedsPull) => {
                 let image = self.spec().image_ref();

@@ -46,6 +46,7 @@ impl Machine {
             probe_task: None,
             watch_tasks: Vec::new(),
             fetch_ahead: None,
+            bad_in_preflight: false,
             registration: None,
             crash: CrashLoop::new(cfg.restart_backoff.unwrap_or(deps.rollout.restart_backoff)),
             next_delay: Duration::ZERO,

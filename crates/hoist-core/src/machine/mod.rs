@@ -235,6 +235,8 @@ pub struct Machine {
     bad_version: Option<ImageVersion>,
     /// Where `bad_version` failed when it was not here: another node's rollback (`rollback_mark`).
     bad_version_node: Option<String>,
+    /// `bad_version` failed its preflight here (it never ran), rather than its gate.
+    bad_in_preflight: bool,
     /// The next RESTART keeps the running container (an update found the same image).
     keep_unchanged: bool,
     /// The container the running provision job replaces, if any: when it produces a different one,

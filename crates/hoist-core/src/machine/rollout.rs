@@ -21,6 +21,7 @@ impl Machine {
         }
         self.bad_version = Some(self.wanted_version());
         self.bad_version_node = None;
+        self.bad_in_preflight = false;
         self.remember().await;
         let message = format!("rolled back from {failed} to {}: {why}", self.spec().image_ref());
         tracing::warn!(container = %self.cfg.name, "{message}");
@@ -109,6 +110,7 @@ impl Machine {
         let bad = self.bad_version.as_ref()?;
         let what = match &self.bad_version_node {
             Some(node) => format!("{bad} was rolled back on {node}, so not tried here"),
+            None if self.bad_in_preflight => format!("{bad} failed its preflight, so the running container was kept"),
             None => format!("{bad} failed its health gate and was rolled back"),
         };
         Some(format!("{what}; not retried until the desired version changes or `update` is requested"))

@@ -240,3 +240,23 @@ fn agent_file_fleet_section() {
     assert_eq!(errors("nats: { inbox_prefix: '_INBOX.>' }\n")[0].0, "nats.inbox_prefix");
     assert_eq!(errors("fleet: { operators: [ { name: a, key: x } ] }\n")[0].0, "fleet.operators[0]");
 }
+
+#[test]
+fn a_preflight_is_a_command_and_a_timeout_and_its_mistakes_are_named() {
+    let (_dir, set) = load_one("containers:\n  web: {image: x, preflight: {command: 'app --check-config', timeout: 2m}}\n");
+    let check = set.unwrap().containers["web"].preflight.clone().expect("a preflight");
+    assert_eq!((check.command, check.timeout), (vec!["app".to_string(), "--check-config".into()], Duration::from_secs(120)));
+    let (_dir, set) = load_one("containers:\n  web: {image: x, preflight: {command: [app, --version]}}\n");
+    assert_eq!(set.unwrap().containers["web"].preflight.clone().map(|p| p.timeout), Some(Duration::from_secs(30)), "30 s by default");
+    for (yaml, field, says) in [
+        ("preflight: {timeout: 5s}", "preflight.command", "is required"),
+        ("preflight: {command: ''}", "preflight.command", "must not be empty"),
+        ("preflight: {command: x, timeout: 2h}", "preflight.timeout", "from 1s to 1h"),
+        ("preflight: {command: x, tmeout: 5s}", "preflight.tmeout", ""),
+        ("preflight: app --check", "preflight", "expected a mapping"),
+    ] {
+        let e = only_error(&format!("containers:\n  web: {{image: x, {yaml}}}\n"));
+        assert_eq!((e.container.as_deref(), e.field.as_deref()), (Some("web"), Some(field)), "{yaml}: {e}");
+        assert!(e.message.contains(says), "{yaml}: {e}");
+    }
+}

@@ -80,6 +80,7 @@ fn a_minimal_definition_gets_every_default() {
         stop_signal: None,
         stop_grace: None,
         restart_backoff: None,
+        preflight: None,
         sources: vec![dir.path().join("containers.yaml")],
     };
     assert_eq!(web, &expected);
