@@ -279,7 +279,14 @@ async fn fleet_status(scenario: &str, observer: &NatsBackend, n: usize) -> anyho
     let median = crate::report::percentile(&times, 50.0);
     let worst = times.iter().copied().fold(0.0, f64::max);
     Ok(vec![
-        Row::below(scenario, "fleet status, all nodes (median of 5)", median, "s", 2.0, format!("{answered}/{n} answered; at most {unproven} missing or not proven")),
+        Row::below(
+            scenario,
+            "fleet status, all nodes (median of 5)",
+            median,
+            "s",
+            2.0,
+            format!("{answered}/{n} answered; at most {unproven} missing or not proven"),
+        ),
         Row::below(scenario, "fleet status, all nodes (worst of 5)", worst, "s", 2.0, ""),
     ])
 }
