@@ -152,14 +152,19 @@ async fn fleet_of(n: usize, opts: &FleetOpts) -> anyhow::Result<Vec<Row>> {
         format!("{} NATS connections", connections.len()),
     ));
     rows.extend(fleet_status(&scenario, &observer, n).await?);
+    // As they are measured too: a run of ten thousand agents may not live to print its table.
+    let say = |rows: &[Row]| rows.iter().for_each(|r| eprintln!("simulator: {}: {} {} ({})", r.metric, r.value, r.unit, r.note));
+    say(&rows);
 
     let mut version = 1;
     let mut fleet = rollout::Fleet { observer: &observer, handles: &handles, engine: &mut engine, latencies: opts.latencies };
     for kind in &opts.kinds {
         for &capacity in &opts.capacities {
             version += 1;
+            let measured = rows.len();
             rows.extend(rollout::rollout(&scenario, &mut fleet, kind, capacity, version).await?);
             rows.push(rollout_status(&scenario, &observer, n).await?);
+            say(&rows[measured..]);
         }
     }
 
