@@ -69,6 +69,13 @@ impl CrashLoop {
         crate::clock::jitter(exp).min(self.config.max)
     }
 
+    /// `failed`, without the immediate first restart: while the fleet is degraded every restart
+    /// waits at least the first delay, so a shared outage is not met by a restart storm.
+    pub fn failed_patiently(&mut self, now: Instant) -> Duration {
+        let wait = self.failed(now);
+        if wait.is_zero() { crate::clock::jitter(self.config.initial).min(self.config.max) } else { wait }
+    }
+
     pub fn healthy(&mut self, now: Instant) {
         self.healthy_since.get_or_insert(now);
     }
@@ -143,6 +150,20 @@ mod tests {
         c.healthy(t0);
         assert_eq!(c.failed(t0 + Duration::from_secs(21)), Duration::ZERO, "forgiven after reset_after");
         assert_eq!(c.consecutive(), 1);
+    }
+
+    #[test]
+    fn while_the_fleet_is_degraded_not_even_the_first_restart_is_immediate() {
+        let config =
+            BackoffConfig { initial: Duration::from_secs(10), max: Duration::from_secs(60), reset_after: Duration::from_secs(600) };
+        let mut c = CrashLoop::new(config);
+        let t0 = Instant::now();
+        let first = c.failed_patiently(t0);
+        assert!((Duration::from_secs(8)..=Duration::from_secs(12)).contains(&first), "{first:?}");
+        // Later ones grow as always, and count toward the loop.
+        let second = c.failed_patiently(t0 + Duration::from_secs(1));
+        assert!(second >= Duration::from_secs(8), "{second:?}");
+        assert_eq!(c.consecutive(), 2);
     }
 
     #[test]

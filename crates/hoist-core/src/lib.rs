@@ -9,6 +9,7 @@ pub mod clock;
 pub mod config;
 #[cfg(feature = "testkit")]
 pub mod conformance;
+pub mod degraded;
 pub mod files;
 pub mod fleet;
 pub mod fleet_auth;

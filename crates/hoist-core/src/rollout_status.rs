@@ -13,7 +13,7 @@ use crate::clock::unix_now_ms;
 use crate::fsm::State;
 use crate::release::{Outcome, ReleaseRecord, ReleaseState, waves};
 use crate::spec::version_of;
-use crate::status::{Health, MachineStatus};
+use crate::status::{Health, HealthReport, MachineStatus};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -83,6 +83,10 @@ pub struct NodeRollout {
     /// A release's version it has fetched ahead of its wave.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fetched_ahead: Option<String>,
+    /// Whether `version` is proven here and since when the container is unhealthy: only proven
+    /// nodes' failures tell a shared outage (`degraded`) from a bad release.
+    #[serde(flatten)]
+    pub report: HealthReport,
 }
 
 /// The phase of a machine, and what blocks it. Decided from its status alone, the same on every node.
@@ -133,6 +137,7 @@ pub async fn keep_published(kv: Arc<dyn Kv>, agent: AgentHandle) {
                 blocking,
                 since_ms,
                 fetched_ahead: m.fetched_ahead.clone(),
+                report: m.report.clone(),
             };
             let due = previous.is_none_or(|(r, at)| *r != record || at.elapsed() >= STATUS_REFRESH);
             if !due {
@@ -167,6 +172,8 @@ pub struct RolloutSummary {
     pub succeeded: usize,
     pub failed: Vec<String>,
     pub records: Vec<NodeRollout>,
+    /// The fleet's degraded verdict while it holds (the caller reads it: `degraded::lookout::active`).
+    pub degraded: Option<crate::degraded::FleetDegraded>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -191,13 +198,7 @@ pub fn summarize(
     outcomes: &[KvEntry],
     now_ms: u64,
 ) -> RolloutSummary {
-    let mut records: Vec<NodeRollout> = entries
-        .iter()
-        .filter_map(|e| serde_json::from_slice::<NodeRollout>(&e.value).ok())
-        .filter(|r| r.container == container)
-        .map(|r| waiting_for_wave(r, release.as_ref()))
-        .collect();
-    records.sort_by(|a, b| a.node.cmp(&b.node));
+    let records: Vec<NodeRollout> = records_of(container, entries).into_iter().map(|r| waiting_for_wave(r, release.as_ref())).collect();
     let prefix = format!("{container}.");
     let outcomes: Vec<Outcome> = outcomes
         .iter()
@@ -218,7 +219,37 @@ pub fn summarize(
     let mut blocking: Vec<Blocking> = reasons.into_iter().map(|(reason, nodes)| Blocking { reason, nodes }).collect();
     blocking.sort_by(|a, b| b.nodes.len().cmp(&a.nodes.len()).then_with(|| a.reason.cmp(&b.reason)));
     let eta_seconds = eta(&records, release.as_ref(), now_ms);
-    RolloutSummary { container: container.into(), release, nodes: records.len(), phases, blocking, eta_seconds, succeeded, failed, records }
+    RolloutSummary {
+        container: container.into(),
+        release,
+        nodes: records.len(),
+        phases,
+        blocking,
+        eta_seconds,
+        succeeded,
+        failed,
+        records,
+        degraded: None,
+    }
+}
+
+/// `container`'s records among the status bucket's `entries`, by node. Entries that are not records
+/// (the `=clock.` keys, a record that does not parse) are left out.
+pub fn records_of(container: &str, entries: &[KvEntry]) -> Vec<NodeRollout> {
+    let mut records: Vec<NodeRollout> =
+        entries.iter().filter_map(|e| serde_json::from_slice::<NodeRollout>(&e.value).ok()).filter(|r| r.container == container).collect();
+    records.sort_by(|a, b| a.node.cmp(&b.node));
+    records
+}
+
+/// The store's clock now: the server's timestamp of a write of this node's own (key `=clock.<node>`
+/// in the status bucket, which no container's records can be named like; gone with the bucket's
+/// TTL). Bake times and the degraded window are measured on it, never on a node's clock. None if
+/// the write could not be read back.
+pub async fn store_now(kv: &dyn Kv, node: &str) -> Result<Option<u64>, crate::backend::BackendError> {
+    let key = format!("=clock.{node}");
+    kv.put(STATUS_BUCKET, &key, unix_now_ms().to_string().as_bytes()).await?;
+    Ok(kv.get(STATUS_BUCKET, &key).await?.map(|e| e.created_ms))
 }
 
 /// A node that serves what it should only because its wave has not started yet is waiting for it.
@@ -276,6 +307,8 @@ mod tests {
             governor_wait_seconds: 0.0,
             last_update_seconds: None,
             fetched_ahead: None,
+            report: HealthReport { proven: true, ..Default::default() },
+            degraded: None,
         }
     }
 
@@ -322,6 +355,7 @@ mod tests {
             blocking: blocking.map(str::to_string),
             since_ms: 0,
             fetched_ahead: None,
+            report: HealthReport { proven: true, ..Default::default() },
         };
         let slot = "waiting for a slot of governor RG (capacity 1)";
         let entries: Vec<KvEntry> = [

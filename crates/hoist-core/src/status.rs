@@ -61,6 +61,26 @@ pub struct MachineStatus {
     /// A release's version already fetched ahead of this node's wave.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fetched_ahead: Option<String>,
+    #[serde(flatten)]
+    pub report: HealthReport,
+    /// The fleet's degraded condition for this container, while it holds: the share and the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<String>,
+}
+
+/// What a node tells the fleet of its container's health: what fleet-degraded mode counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthReport {
+    /// The version it runs has passed its health gate here (it is the last good one), or serves in
+    /// RUN: not a version being tried.
+    #[serde(default)]
+    pub proven: bool,
+    /// Unix ms (the agent's clock) since when the container has been unhealthy (its health check or
+    /// dependency check failing, dying, missing its gate), and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy_since_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy: Option<String>,
 }
 
 /// A status answer from one node.
@@ -112,11 +132,17 @@ impl MachineStatus {
         }
     }
 
-    /// What the table's NOTE says: the condition (a crash loop, a rollback) and what the machine is
-    /// doing, each with the last error when that is what explains it ("crash-looping" alone does
+    /// What the table's NOTE says: the fleet's degraded condition, the machine's (a crash loop, a
+    /// rollback), a failing check, and what the machine is doing, each with the last error when that is what explains it ("crash-looping" alone does
     /// not say that the port is taken).
     pub fn note(&self) -> String {
-        let mut parts: Vec<String> = [&self.condition, &self.activity].into_iter().flatten().cloned().collect();
+        let mut parts: Vec<String> = [&self.degraded, &self.condition, &self.activity].into_iter().flatten().cloned().collect();
+        // A failing dependency check says so here, as nothing else does (it restarts nothing).
+        if let Some(why) = &self.report.unhealthy
+            && self.last_error.as_ref().is_none_or(|e| !why.contains(e.as_str()))
+        {
+            parts.push(format!("unhealthy: {why}"));
+        }
         if let Some(error) = &self.last_error
             && !parts.iter().any(|p| p.contains(error.as_str()))
         {
@@ -153,6 +179,8 @@ mod tests {
             governor_wait_seconds: 0.0,
             last_update_seconds: None,
             fetched_ahead: None,
+            report: HealthReport { proven: true, ..Default::default() },
+            degraded: None,
         }
     }
 

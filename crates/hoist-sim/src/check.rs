@@ -3,7 +3,7 @@
 //! recorded), exactly one container of it running, and no governor slot left held by anyone. The
 //! invariants that can break at any moment are checked where they happen (`engine.rs`).
 
-use crate::fleet::{CONTAINER, GOVERNOR, HEALTHY_DEADLINE, IMAGE, Node};
+use crate::fleet::{CONTAINER, DEGRADED, GOVERNOR, HEALTHY_DEADLINE, IMAGE, Node};
 use crate::plan::{Fault, Plan, V2_DIGEST};
 use crate::world::World;
 use hoist_core::backend::HOIST_BUCKET;
@@ -184,5 +184,30 @@ pub fn few_tried_the_broken_version(world: &World, plan: &Plan) {
             "{} nodes fetched the broken version ({fetched:?}), more than the {allowed} that may try it",
             fetched.len()
         ));
+    }
+}
+
+/// Fleet-degraded mode is for a shared outage: never entered without one (the rollout of a broken
+/// version and the faults of single nodes are none), always entered during one of at least
+/// `min_nodes` nodes (`outage`: when it began and how long it lasted, once the fleet had settled),
+/// and cleared within a window and a minute of its end.
+pub async fn degraded_only_for_a_shared_outage(world: &World, plan: &Plan, outage: Option<(Duration, Duration)>, window: Duration) {
+    let entered = |from: Duration, to: Duration| world.degraded_changes().iter().any(|(t, active)| *active && (from..=to).contains(t));
+    let began = outage.map_or(crate::elapsed(), |(began, _)| began);
+    if let Some((t, _)) = world.degraded_changes().iter().find(|(t, active)| *active && *t < began) {
+        world.violation(format!("the fleet entered degraded mode at {t:?} with no shared outage"));
+    }
+    if let Some((began, lasts)) = outage
+        && plan.nodes >= DEGRADED.min_nodes
+        && !entered(began, began + lasts)
+    {
+        world.violation(format!("a shared outage of all {} nodes from {began:?} for {lasts:?} was not taken for one", plan.nodes));
+    }
+    let deadline = tokio::time::Instant::now() + window + Duration::from_secs(60);
+    while world.degraded_changes().last().is_some_and(|(_, active)| *active) {
+        if tokio::time::Instant::now() >= deadline {
+            return world.violation(format!("the fleet was still degraded {:?} after the outage ended", window + Duration::from_secs(60)));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

@@ -371,8 +371,14 @@ impl Runtime for EngineView {
         .boxed())
     }
 
-    async fn probe(&self, _container: &ContainerInfo, _probe: &Probe, _timeout: Duration) -> Result<(), ProbeError> {
-        Ok(())
+    /// `check-db`, the dependency check, fails while the shared dependency is away; any other passes.
+    async fn probe(&self, _container: &ContainerInfo, probe: &Probe, _timeout: Duration) -> Result<(), ProbeError> {
+        match probe {
+            Probe::Exec { command } if command.first().is_some_and(|c| c == "check-db") && self.engine.world.dependency_away() => {
+                Err(ProbeError::Failed("the database does not answer".into()))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// A broken version's image fails it, as its container fails to stay up; any other passes.

@@ -10,6 +10,7 @@ use futures_util::stream::{self, BoxStream, StreamExt};
 use hoist_core::agent::{self, AgentHandle};
 use hoist_core::backend::{BucketConfig, HOIST_BUCKET, KvOperation, tag_key};
 use hoist_core::config::{AgentConfig, ContainerSet, DockerConfig, RolloutConfig, load_containers};
+use hoist_core::degraded::DegradedPolicy;
 use hoist_core::files::FileWatch;
 use hoist_core::fsm::Transition;
 use hoist_core::machine::MachineDeps;
@@ -42,7 +43,7 @@ static SET: LazyLock<ContainerSet> = LazyLock::new(|| {
     let dir = tempfile::tempdir().expect("a temp dir");
     let data = dir.path().join("containers.yaml");
     let yaml = format!(
-        "containers:\n  {CONTAINER}:\n    image: {IMAGE}\n    image_tag: v1\n    kv_update: true\n    restart_governor: {GOVERNOR}\n    update_governor: {PULLS}\n  {NEIGHBOUR}:\n    image: {IMAGE}\n    image_tag: v1\n"
+        "containers:\n  {CONTAINER}:\n    image: {IMAGE}\n    image_tag: v1\n    kv_update: true\n    restart_governor: {GOVERNOR}\n    update_governor: {PULLS}\n    dependency_check: {{ type: exec, command: [check-db], interval: 5s, retries: 2 }}\n  {NEIGHBOUR}:\n    image: {IMAGE}\n    image_tag: v1\n"
     );
     std::fs::write(&data, yaml).expect("writing the container data");
     load_containers(&[data], &serde_json::json!({})).expect("the simulated container data loads")
@@ -97,13 +98,15 @@ impl Node {
             outbox: hoist_core::outbox::Outbox::start(view),
         });
         world.note(format!("{} agent starts", self.name));
+        let outbox = deps.outbox.clone();
         let handle = agent::start(deps, SET.clone()).await;
         // As `hoist agent` runs them: the rollout status records and the node's part in releases.
         // Once the agent dies, their store calls never return (`NodeView`).
         let kv: Arc<dyn hoist_core::backend::Kv> =
             Arc::new(NodeView { world: world.clone(), node: self.name.clone(), alive: alive.clone() });
         tokio::spawn(rollout_status::keep_published(kv.clone(), handle.clone()));
-        tokio::spawn(release::conductor::conduct(kv, handle.clone()));
+        tokio::spawn(release::conductor::conduct(kv.clone(), handle.clone()));
+        tokio::spawn(hoist_core::degraded::lookout::keep_watch(kv, handle.clone(), outbox, DEGRADED));
         *self.run.lock().expect("not poisoned") = Some(AgentRun { alive, handle });
     }
 
@@ -191,6 +194,7 @@ pub async fn simulate(plan: Plan) -> Outcome {
             }
         })
     };
+    tokio::spawn(watch_degraded(world.clone()));
     for timed in plan.faults.clone() {
         let (world, nodes, expire) = (world.clone(), nodes.clone(), plan.expire);
         tokio::spawn(async move {
@@ -203,12 +207,38 @@ pub async fn simulate(plan: Plan) -> Outcome {
     world.note("the faults are over");
     let may_roll_back = plan.faults.iter().any(|t| matches!(t.fault, Fault::ContainerCrash { .. }));
     check::settles(&world, &nodes, &plan, may_roll_back, SETTLE_WITHIN).await;
+    // Once settled (or given up on), the shared outage, if the seed has one.
+    let outage = match &plan.shared_outage {
+        Some(o) => {
+            tokio::time::sleep(o.after).await;
+            let began = elapsed();
+            world.set_dependency_away(true);
+            tokio::time::sleep(o.lasts).await;
+            world.set_dependency_away(false);
+            Some((began, o.lasts))
+        }
+        None => None,
+    };
+    check::degraded_only_for_a_shared_outage(&world, &plan, outage, DEGRADED.window).await;
     if plan.broken {
         check::few_tried_the_broken_version(&world, &plan);
         check::pulls_kept_to_the_update_governor(&world, &plan);
     }
     let tried_broken = world.nodes_that_tried_broken().into_iter().collect();
     Outcome { violations: world.violations(), trace: world.trace(), tried_broken, simulated: elapsed(), plan }
+}
+
+/// The simulated agents' `fleet.degraded`: the default share and minimum, a shorter window (30 s,
+/// not 2 min) so that a shared outage and its clearing fit in a short run.
+pub const DEGRADED: DegradedPolicy = DegradedPolicy { share: 50, window: Duration::from_secs(30), min_nodes: 3 };
+
+/// Looks at the fleet's degraded record every second, for `check.rs`.
+async fn watch_degraded(world: Arc<World>) {
+    loop {
+        let entry = world.get(HOIST_BUCKET, &hoist_core::degraded::degraded_key(CONTAINER)).ok().flatten();
+        world.saw_degraded(entry.and_then(|e| hoist_core::degraded::lookout::parse(&e.value)).is_some_and(|r| r.active));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 async fn apply(fault: &Fault, world: &Arc<World>, nodes: &[Arc<Node>], expire: Duration) {

@@ -32,6 +32,16 @@ pub struct Plan {
     pub faults: Vec<Timed>,
     /// How v2 is asked for: a release record, or (None) the tag key.
     pub release: Option<Release>,
+    pub shared_outage: Option<SharedOutage>,
+}
+
+/// Every node's dependency (a database) goes away at once, `after` the fleet has settled from the
+/// rollout and the other faults: every container's `dependency_check` fails until it is back. What
+/// fleet-degraded mode is for.
+#[derive(Debug, Clone)]
+pub struct SharedOutage {
+    pub after: Duration,
+    pub lasts: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -155,7 +165,17 @@ impl Plan {
                 Timed { at, fault }
             })
             .collect();
-        Plan { seed, nodes, capacity, expire, broken, faults, release: Self::release_of(seed) }
+        Plan { seed, nodes, capacity, expire, broken, faults, release: Self::release_of(seed), shared_outage: Self::shared_outage_of(seed) }
+    }
+
+    /// Drawn from a generator of its own, as `release_of`: the seeds drawn before keep their fleet,
+    /// faults and release.
+    fn shared_outage_of(seed: u64) -> Option<SharedOutage> {
+        let mut rng = SplitMix64::new(seed ^ 0x6465_7065_6e64_7321);
+        if !rng.chance(0.3) {
+            return None;
+        }
+        Some(SharedOutage { after: Duration::from_secs(5 + rng.below(30)), lasts: Duration::from_secs(60 + rng.below(60)) })
     }
 
     /// Drawn from a generator of its own, so the seeds drawn before releases were simulated still

@@ -31,6 +31,10 @@ struct Inner {
     fetched_broken: BTreeSet<String>,
     /// Pulls of a new version under way now, and the most there were at once.
     pulls: (u32, u32),
+    /// The shared dependency every container's `dependency_check` asks is away.
+    dependency_away: bool,
+    /// When the fleet's degraded record turned active (true) or inactive, as observed.
+    degraded: Vec<(Duration, bool)>,
     revision: u64,
 }
 
@@ -110,6 +114,28 @@ impl World {
 
     pub fn nodes_that_fetched_broken(&self) -> BTreeSet<String> {
         self.with(|w| w.fetched_broken.clone())
+    }
+
+    pub fn set_dependency_away(&self, away: bool) {
+        self.note(if away { "the shared dependency goes away" } else { "the shared dependency is back" });
+        self.with(|w| w.dependency_away = away);
+    }
+
+    pub fn dependency_away(&self) -> bool {
+        self.with(|w| w.dependency_away)
+    }
+
+    /// The fleet's degraded record as looked at now: noted when it changed.
+    pub fn saw_degraded(&self, active: bool) {
+        let changed = self.with(|w| w.degraded.last().map(|(_, a)| *a).unwrap_or(false) != active);
+        if changed {
+            self.note(format!("the fleet's degraded record is {}", if active { "active" } else { "cleared" }));
+            self.with(|w| w.degraded.push((crate::elapsed(), active)));
+        }
+    }
+
+    pub fn degraded_changes(&self) -> Vec<(Duration, bool)> {
+        self.with(|w| w.degraded.clone())
     }
 
     pub fn violations(&self) -> Vec<String> {

@@ -50,10 +50,13 @@ fn a_seed_replays_exactly() {
 /// releases in waves — 427: a tag put after a release lost to it again, since every wave's write made
 /// the record newer than the tag; 3 (its release): a failure within the budget held its wave back for
 /// good; 76: a node whose machine had once been restarted by the supervisor never reported its release
-/// healthy, so its wave never finished.
+/// healthy, so its wave never finished; fleet-degraded mode (found before it landed) — 177: nodes split
+/// across two proven versions by a rollback were not counted together; 483: a release record that a
+/// later tag put superseded was taken for a release still rolling; 190: a node in RUN after `resume`
+/// was taken for one trying its version.
 #[test]
 fn seeds_that_found_bugs() {
-    for seed in [3, 19, 76, 176, 380, 427, 1977, 4308, 14266, 18603, 19097] {
+    for seed in [3, 19, 76, 176, 177, 190, 380, 427, 483, 1977, 4308, 14266, 18603, 19097] {
         assert_holds(&run(seed));
     }
 }
@@ -84,8 +87,16 @@ fn seeds_1500_to_1999() {
 fn a_rollback_made_while_cut_off_reaches_the_fleet() {
     // n0 takes the only slot at 10 s, runs v2 from 12.3 s; it dies at 13.3 s.
     let cut_off = Timed { at: Duration::from_millis(12_500), fault: Fault::CutOff { node: 0, lasts: Duration::from_secs(40) } };
-    let plan =
-        Plan { seed: 1, nodes: 2, capacity: 1, expire: Duration::from_secs(120), broken: true, faults: vec![cut_off], release: None };
+    let plan = Plan {
+        seed: 1,
+        nodes: 2,
+        capacity: 1,
+        expire: Duration::from_secs(120),
+        broken: true,
+        faults: vec![cut_off],
+        release: None,
+        shared_outage: None,
+    };
     let outcome = run_plan(plan);
     assert_holds(&outcome);
     assert_eq!(outcome.tried_broken, ["n0"], "only the first node tried it:\n{}", outcome.trace.join("\n"));

@@ -12,6 +12,7 @@ use hoist_core::backend::{BucketConfig, Events, Governor, HOIST_BUCKET, Kv};
 use hoist_core::config::{
     AgentConfig, BackendKind, ConfigErrors, ContainerSet, Ensure, LOCAL_SYSLOG_SOCKETS, LastGood, load_containers, syslog_warning,
 };
+use hoist_core::degraded;
 use hoist_core::files::FileWatch;
 use hoist_core::fleet::Fleet;
 use hoist_core::fleet_auth::{KeyPair, node_key};
@@ -163,6 +164,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // it still serves `hoist status`, which says why.
     let initial = if holder.is_some() { ContainerSet::default() } else { set };
     tracing::info!(node = %cfg.node, containers = initial.containers.len(), "starting agent");
+    let outbox = deps.outbox.clone();
     let handle = agent::start(deps, initial).await;
     if let Some(refusal) = refused {
         handle.reload(Err(refusal)).await;
@@ -188,6 +190,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     tokio::spawn(rollout_status::keep_published(backends.kv.clone(), handle.clone()));
     tokio::spawn(conductor::conduct(backends.kv.clone(), handle.clone()));
+    tokio::spawn(degraded::lookout::keep_watch(backends.kv.clone(), handle.clone(), outbox, cfg.fleet.degraded));
     if let (Some(member), Some(public)) = (member, public) {
         tokio::spawn(node_claim::hold_node(member, backends.kv, cfg.clone(), facts.clone(), public, workload.clone(), holder));
     }

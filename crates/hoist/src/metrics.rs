@@ -25,6 +25,8 @@ pub fn render(status: &NodeStatus, conditions: &[&'static str]) -> String {
     let update_seconds = Family::<Labels, Gauge<f64, AtomicU64>>::default();
     let config_refused = Gauge::<i64>::default();
     let condition = Family::<Labels, Gauge>::default();
+    let unhealthy = Family::<Labels, Gauge>::default();
+    let degraded = Family::<Labels, Gauge>::default();
     registry.register("machine_state", "1 for the state each container's machine is in", state.clone());
     registry.register("container_healthy", "1 when the container passes its health gate (or runs unverified)", healthy.clone());
     registry.register("container_restarts", "Containers replaced since hoist first managed this one", restarts.clone());
@@ -32,6 +34,16 @@ pub fn render(status: &NodeStatus, conditions: &[&'static str]) -> String {
     registry.register("last_update_seconds", "Duration of the last update, from UPDATE until RUN", update_seconds.clone());
     registry.register("config_refused", "1 when the last config reload was refused", config_refused.clone());
     registry.register("node_condition", "1 while a dependency of the node (the store, NATS) reports a problem", condition.clone());
+    registry.register(
+        "container_unhealthy",
+        "1 while the container fails its health check or its dependency check (what fleet-degraded mode counts)",
+        unhealthy.clone(),
+    );
+    registry.register(
+        "fleet_degraded",
+        "1 while the fleet is degraded for the container: a shared outage, so no rollbacks and restarts at the crash backoff",
+        degraded.clone(),
+    );
     for source in conditions {
         condition.get_or_create(&vec![("source", source.to_string())]).set(1);
     }
@@ -45,6 +57,8 @@ pub fn render(status: &NodeStatus, conditions: &[&'static str]) -> String {
         }
         healthy.get_or_create(&base()).set(i64::from(matches!(m.health, Health::Healthy | Health::Unverified)));
         restarts.get_or_create(&base()).inc_by(m.restarts);
+        unhealthy.get_or_create(&base()).set(i64::from(m.report.unhealthy.is_some()));
+        degraded.get_or_create(&base()).set(i64::from(m.degraded.is_some()));
         governor_wait.get_or_create(&base()).inc_by(m.governor_wait_seconds);
         if let Some(s) = m.last_update_seconds {
             update_seconds.get_or_create(&base()).set(s);

@@ -37,7 +37,11 @@ pub async fn run(access: &KvAccess, cmd: RolloutCommand, json: bool) -> anyhow::
             other => other?.map(|(record, _)| record),
         };
         let outcomes = read_all_if_any(access.kv(), OUTCOMES_BUCKET).await?;
-        let summary = summarize(&container, &entries, release, &outcomes, unix_now_ms());
+        let mut summary = summarize(&container, &entries, release, &outcomes, unix_now_ms());
+        summary.degraded = match hoist_core::degraded::lookout::active(access.kv(), &container).await {
+            Err(BackendError::NoBucket(_)) => None,
+            other => other?,
+        };
         if json {
             println!("{}", serde_json::to_string(&summary).expect("serialises"));
         } else {
@@ -83,11 +87,19 @@ fn describe(s: &RolloutSummary) -> String {
     let phases: Vec<String> = s.phases.iter().map(|(phase, n)| format!("{n} {}", phase.describe())).collect();
     out.push_str(&format!("{} node(s): {}\n", s.nodes, phases.join(", ")));
     for b in &s.blocking {
-        let mut names: Vec<String> = b.nodes.iter().take(NAMED).map(|n| clean(n)).collect();
-        if b.nodes.len() > NAMED {
-            names.push(format!("and {} more", b.nodes.len() - NAMED));
+        out.push_str(&format!("  {}: {}\n", clean(&b.reason), named(b.nodes.clone())));
+    }
+    let mut unhealthy: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for r in &s.records {
+        if let Some(why) = &r.report.unhealthy {
+            unhealthy.entry(why).or_default().push(&r.node);
         }
-        out.push_str(&format!("  {}: {}\n", clean(&b.reason), names.join(", ")));
+    }
+    for (why, nodes) in unhealthy {
+        out.push_str(&format!("  unhealthy, {}: {}\n", clean(why), named(nodes.into_iter().map(String::from).collect())));
+    }
+    if let Some(d) = &s.degraded {
+        out.push_str(&format!("{}\n", clean(&d.describe())));
     }
     if let Some(eta) = s.eta_seconds {
         out.push_str(&format!("about {} to go at the pace so far\n", humantime::format_duration(Duration::from_secs(eta))));
@@ -96,4 +108,13 @@ fn describe(s: &RolloutSummary) -> String {
         out.push_str("the release was aborted: the nodes that ran it go back\n");
     }
     out
+}
+
+/// The first `NAMED` nodes by name, then how many more.
+fn named(nodes: Vec<String>) -> String {
+    let mut names: Vec<String> = nodes.iter().take(NAMED).map(|n| clean(n)).collect();
+    if nodes.len() > NAMED {
+        names.push(format!("and {} more", nodes.len() - NAMED));
+    }
+    names.join(", ")
 }

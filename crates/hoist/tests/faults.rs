@@ -390,7 +390,7 @@ fn a_bucket_that_refuses_another_watch_is_followed_by_reading_it() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.expect("connect"));
-        // Choria's KV stream for HOIST, with room for one watch: the machine needs two.
+        // Choria's KV stream for HOIST, with room for one watch: the machine needs three.
         let config = async_nats::jetstream::stream::Config {
             name: "KV_HOIST".into(),
             subjects: vec!["$KV.HOIST.>".into()],

@@ -216,6 +216,7 @@ async fn start_agent(
         slots: SlotKeeper::start(backend.clone(), backend.clone(), node.clone()),
         outbox: hoist_core::outbox::Outbox::start(backend.clone()),
     });
+    let outbox = deps.outbox.clone();
     let handle = agent::start(deps, set).await;
     let kv: Arc<dyn Kv> = backend.clone();
     // Signed both ways, as a real fleet is: the status measured includes checking every signature.
@@ -242,7 +243,8 @@ async fn start_agent(
     let beside = vec![
         tokio::spawn(announce(kv.clone(), presence)).abort_handle(),
         tokio::spawn(rollout_status::keep_published(kv.clone(), handle.clone())).abort_handle(),
-        tokio::spawn(conductor::conduct(kv, handle.clone())).abort_handle(),
+        tokio::spawn(conductor::conduct(kv.clone(), handle.clone())).abort_handle(),
+        tokio::spawn(hoist_core::degraded::lookout::keep_watch(kv, handle.clone(), outbox, Default::default())).abort_handle(),
     ];
     Ok(SimAgent { handle, beside })
 }

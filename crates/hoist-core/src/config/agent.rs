@@ -7,6 +7,7 @@ use super::{
     OperatorConfig, RegistrationConfig, RolloutConfig, TlsConfig,
 };
 use crate::backoff::BackoffConfig;
+use crate::degraded::DegradedPolicy;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 use std::net::SocketAddr;
@@ -109,6 +110,15 @@ struct RawFleet {
     operators: Option<Vec<RawOperator>>,
     allow_unsigned: Option<bool>,
     max_clock_skew: Option<Secs>,
+    degraded: Option<RawDegraded>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDegraded {
+    share: Option<u64>,
+    window: Option<Secs>,
+    min_nodes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -338,7 +348,40 @@ fn fleet_access(raw: RawFleet, error: &mut impl FnMut(&str, String), resolve: &i
     if max_clock_skew.is_zero() {
         error("fleet.max_clock_skew", "must be more than zero, e.g. 30s: requests take time to arrive and clocks differ".into());
     }
-    FleetConfig { key: raw.key.map(resolve), operators, allow_unsigned: raw.allow_unsigned.unwrap_or(false), max_clock_skew, ..defaults }
+    FleetConfig {
+        key: raw.key.map(resolve),
+        operators,
+        allow_unsigned: raw.allow_unsigned.unwrap_or(false),
+        max_clock_skew,
+        degraded: degraded(raw.degraded.unwrap_or_default(), error),
+        ..defaults
+    }
+}
+
+/// `fleet.degraded`, unset keys from the defaults.
+fn degraded(raw: RawDegraded, error: &mut impl FnMut(&str, String)) -> DegradedPolicy {
+    let defaults = DegradedPolicy::default();
+    let share = match raw.share {
+        None => defaults.share,
+        Some(p @ 1..=100) => p as u8,
+        Some(p) => {
+            error("fleet.degraded.share", format!("{p} is not a share: use a percentage from 1 to 100, e.g. 50"));
+            defaults.share
+        }
+    };
+    let window = raw.window.map_or(defaults.window, |s| s.0);
+    if window < Duration::from_secs(5) {
+        error("fleet.degraded.window", "must be at least 5s: nodes report their health every few seconds".into());
+    }
+    let min_nodes = match raw.min_nodes {
+        None => defaults.min_nodes,
+        Some(0) => {
+            error("fleet.degraded.min_nodes", "must be at least 1".into());
+            defaults.min_nodes
+        }
+        Some(n) => n as usize,
+    };
+    DegradedPolicy { share, window, min_nodes }
 }
 
 /// serde_yaml's message already carries the key path and the line; the field is recovered from it so

@@ -1,11 +1,11 @@
 //! The typed layer: one merged, interpolated container definition checked field by field against the
-//! parameters of the original `hoist::container` define (same names, same defaults) plus `health_check`.
+//! parameters of the original `hoist::container` define (same names, same defaults) plus `health_check`,
+//! `dependency_check` and `preflight`.
 
 use super::limits;
 use super::value::{self, Fields, describe};
-use super::{ContainerConfig, Ensure, HealthCheck, Registration};
+use super::{ContainerConfig, Ensure, Registration};
 use crate::backoff::BackoffConfig;
-use crate::runtime::Probe;
 use crate::spec::{self, EnvVar, ImageVersion};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -30,6 +30,7 @@ const FIELDS: &[&str] = &[
     "environment",
     "register_ports",
     "health_check",
+    "dependency_check",
     "stop_signal",
     "stop_grace",
     "restart_backoff",
@@ -37,7 +38,6 @@ const FIELDS: &[&str] = &[
 ];
 const BACKOFF_FIELDS: &[&str] = &["initial", "max", "reset_after"];
 const REGISTRATION_FIELDS: &[&str] = &["cluster", "service", "protocol", "ip", "port", "priority", "annotations"];
-const HEALTH_CHECK_FIELDS: &[&str] = &["type", "port", "path", "command", "interval", "timeout", "retries", "start_period"];
 
 /// Builds the typed definition; problems are recorded in `fields` and the returned value is then
 /// discarded by the caller, so fallbacks here only need to be harmless.
@@ -68,7 +68,8 @@ pub(crate) fn container(fields: &mut Fields<'_>) -> ContainerConfig {
         volumes: each_string(fields, "volumes", spec::parse_volume),
         environment: environment(fields),
         register_ports: register_ports(fields),
-        health_check: health_check(fields),
+        health_check: super::health_check::check(fields, "health_check"),
+        dependency_check: super::health_check::check(fields, "dependency_check"),
         stop_signal: fields.parse("stop_signal", None, |v| stop_signal(v).map(Some)),
         stop_grace: fields.parse("stop_grace", None, |v| bounded_duration(v, Duration::ZERO, MAX_STOP_GRACE).map(Some)),
         restart_backoff: restart_backoff(fields),
@@ -273,7 +274,7 @@ fn key_token(value: &Value) -> Result<String, String> {
     Ok(token)
 }
 
-fn port(value: &Value) -> Result<u16, String> {
+pub(super) fn port(value: &Value) -> Result<u16, String> {
     match value::integer(value) {
         Ok(p @ 1..=65535) => Ok(p as u16),
         _ => Err(format!("expected a port number from 1 to 65535, found {}", describe(value))),
@@ -307,72 +308,6 @@ pub(super) fn optional<T>(
     convert: impl FnOnce(&Value) -> Result<T, String>,
 ) -> T {
     fields.parse_at(&format!("{path}.{key}"), map.get(key).filter(|v| !v.is_null()), default, convert)
-}
-
-fn health_check(fields: &mut Fields<'_>) -> Option<HealthCheck> {
-    let map = match fields.get("health_check")? {
-        Value::Object(map) => map,
-        other => {
-            fields.error(
-                "health_check",
-                format!("expected a mapping with type (http, tcp or exec) and its settings, found {}", describe(other)),
-            );
-            return None;
-        }
-    };
-    let path = "health_check";
-    let before = fields.error_count();
-    fields.reject_unknown(path, map, HEALTH_CHECK_FIELDS);
-    let kind = required(fields, path, map, "type", |v| match v.as_str() {
-        Some(t @ ("http" | "tcp" | "exec")) => Ok(t.to_string()),
-        _ => Err(format!("expected http, tcp or exec, found {}", describe(v))),
-    });
-    // Settings of another probe type are refused rather than ignored: they show a misunderstanding.
-    let applies = |key: &str| match key {
-        "port" => matches!(kind.as_deref(), Some("http" | "tcp")),
-        "path" => kind.as_deref() == Some("http"),
-        "command" => kind.as_deref() == Some("exec"),
-        _ => true,
-    };
-    if let Some(kind) = kind.as_deref() {
-        for key in ["port", "path", "command"].into_iter().filter(|k| !applies(k) && map.get(*k).is_some_and(|v| !v.is_null())) {
-            fields.error(&format!("{path}.{key}"), format!("does not apply to a health check of type {kind}"));
-        }
-    }
-    let probe = match kind.as_deref() {
-        Some("http") => {
-            let port = required(fields, path, map, "port", port);
-            let check_path = optional(fields, path, map, "path", "/".to_string(), |v| {
-                let p = value::string(v)?;
-                if p.starts_with('/') { Ok(p) } else { Err(format!("{p:?} must start with /")) }
-            });
-            port.map(|port| Probe::Http { port, path: check_path })
-        }
-        Some("tcp") => required(fields, path, map, "port", port).map(|port| Probe::Tcp { port }),
-        Some(_) => {
-            let written = map.get("command").map(|v| fields.words_as_written(&["health_check", "command"], v));
-            required(fields, path, map, "command", |v| {
-                let command = value::words(written.as_ref().unwrap_or(v))?;
-                if command.is_empty() { Err("must not be empty".to_string()) } else { Ok(command) }
-            })
-            .map(|command| Probe::Exec { command })
-        }
-        None => None,
-    };
-    // Timings are read even when the probe is broken, so all problems are reported together.
-    let timing = |bounds| move |v: &Value| limits::within(value::duration(v)?, bounds);
-    let interval = optional(fields, path, map, "interval", Duration::from_secs(10), timing(limits::PROBE_INTERVAL));
-    let timeout = optional(fields, path, map, "timeout", Duration::from_secs(5), timing(limits::PROBE_TIMEOUT));
-    let retries = optional(fields, path, map, "retries", 3, |v| {
-        let (min, max) = limits::PROBE_RETRIES;
-        match value::integer(v)? {
-            n if (min..=max).contains(&n) => Ok(n as u32),
-            n => Err(format!("must be from {min} to {max} consecutive failures, found {n}")),
-        }
-    });
-    let start_period = optional(fields, path, map, "start_period", Duration::ZERO, timing(limits::PROBE_START_PERIOD));
-    let check = HealthCheck { probe: probe?, interval, timeout, retries, start_period };
-    (fields.error_count() == before).then_some(check)
 }
 
 /// Longer than any sane drain, short enough that a stuck stop is noticed.

@@ -137,6 +137,8 @@ pub struct FleetConfig {
     pub allow_unsigned: bool,
     /// How far a request's time may be from this node's; default 30 s.
     pub max_clock_skew: Duration,
+    /// When many nodes failing together is a shared outage (`degraded`).
+    pub degraded: crate::degraded::DegradedPolicy,
 }
 
 impl Default for FleetConfig {
@@ -147,6 +149,7 @@ impl Default for FleetConfig {
             operators: Vec::new(),
             allow_unsigned: false,
             max_clock_skew: Duration::from_secs(30),
+            degraded: Default::default(),
         }
     }
 }
@@ -240,7 +243,11 @@ pub struct ContainerConfig {
     pub volumes: Vec<VolumeMount>,
     pub environment: Vec<EnvVar>,
     pub register_ports: Vec<Registration>,
+    /// Liveness: failing it restarts the container (and fails a new version's gate).
     pub health_check: Option<HealthCheck>,
+    /// Report-only: what the container says of its dependencies; shown in status, counted by
+    /// fleet-degraded mode, never a restart.
+    pub dependency_check: Option<HealthCheck>,
     /// The signal that asks the container to stop (`SIGTERM`, `SIGQUIT`…); None: the image's
     /// `STOPSIGNAL`, else SIGTERM.
     pub stop_signal: Option<String>,
@@ -362,6 +369,7 @@ impl ContainerConfig {
 mod agent;
 mod containers;
 mod definition;
+mod health_check;
 mod host;
 mod last_good;
 mod limits;

@@ -309,6 +309,19 @@ impl Machine {
                     self.enter().await;
                 }
             }
+            Ok(JobDone::PreflightFailed(why)) if self.degraded() => {
+                // While the fleet is degraded a preflight failing (a migration dry-run that cannot
+                // reach the database) says nothing of the version: not marked bad, tried again at
+                // a growing wait, the running container kept meanwhile (and no crash counted: it
+                // never stopped).
+                tracing::warn!(container = %self.cfg.name, reason = %why, "preflight failed while the fleet is degraded; trying again later");
+                self.last_error = Some(why);
+                self.release_slot();
+                self.pull_due = Some(Instant::now() + self.pull_retry.next_wait());
+                self.keep_unchanged = true;
+                self.update_pulled = true;
+                self.want(Transition::Restart, "the preflight failed while the fleet is degraded; the running container is kept".into());
+            }
             Ok(JobDone::PreflightFailed(why)) => {
                 // The version fails here as if its gate had: marked bad for this node and the fleet
                 // (and the release's outcome), while the container that serves is kept.

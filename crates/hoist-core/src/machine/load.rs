@@ -46,6 +46,7 @@ impl Machine {
             probe_task: None,
             watch_tasks: Vec::new(),
             fetch_ahead: None,
+            fleet_health: Default::default(),
             bad_in_preflight: false,
             registration: None,
             crash: CrashLoop::new(cfg.restart_backoff.unwrap_or(deps.rollout.restart_backoff)),

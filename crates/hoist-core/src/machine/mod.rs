@@ -10,6 +10,7 @@
 
 mod adopt;
 mod fetch_ahead;
+mod fleet_health;
 mod gate;
 mod job;
 mod jobs;
@@ -41,7 +42,7 @@ use crate::rollback_mark::{self, RollbackMark};
 use crate::runtime::{ContainerInfo, ProbeError, RunState, Runtime, RuntimeError, RuntimeEvent, RuntimeEventKind, RuntimeHealth};
 use crate::slot::{self, Slot, SlotKeeper};
 use crate::spec::{ContainerSpec, ImageVersion, LABEL_SPEC, version_of};
-use crate::status::{Health, MachineStatus};
+use crate::status::{Health, HealthReport, MachineStatus};
 use futures_util::StreamExt;
 use std::future::Future;
 use std::path::PathBuf;
@@ -86,6 +87,14 @@ pub enum Input {
     DesiredVersion(Option<String>),
     /// The release's digest to fetch ahead of this node's wave (`release::fetch_ahead`), or None.
     FetchAhead(Option<String>),
+    /// The fleet's degraded verdict for this container while it holds, else None.
+    Degraded(Option<crate::degraded::FleetDegraded>),
+    /// Time for the dependency check.
+    DependencyDue,
+    DependencyProbe {
+        container_id: String,
+        result: Result<(), ProbeError>,
+    },
     FetchedAhead {
         version: ImageVersion,
         result: Result<(), String>,
@@ -207,6 +216,7 @@ pub struct Machine {
     probe_task: Option<AbortHandle>,
     watch_tasks: Vec<AbortHandle>,
     fetch_ahead: Option<fetch_ahead::FetchAhead>,
+    fleet_health: fleet_health::FleetHealth,
     /// Present while in RUN for a container with `register_ports`.
     registration: Option<registration::Publisher>,
     crash: CrashLoop,
@@ -259,6 +269,7 @@ impl Machine {
     /// the inputs queued for the one that panicked.
     async fn run(mut self, rx: &mut mpsc::Receiver<Input>, initial: State) {
         self.start_watches();
+        self.start_dependency_check();
         self.state = initial;
         tracing::info!(container = %self.cfg.name, state = %initial, "machine loaded");
         self.enter().await;
@@ -305,6 +316,9 @@ impl Machine {
             Input::DesiredVersion(raw) => self.on_desired_version(raw).await,
             Input::FetchAhead(raw) => self.on_fetch_ahead(raw),
             Input::FetchedAhead { version, result } => self.on_fetched_ahead(version, result),
+            Input::Degraded(verdict) => self.on_degraded(verdict),
+            Input::DependencyDue => self.on_dependency_due(),
+            Input::DependencyProbe { container_id, result } => self.on_dependency_probe(&container_id, result),
             Input::FileTouched(path) => {
                 if self.state == State::Run {
                     self.want(Transition::Restart, format!("{} changed", path.display()));
@@ -407,6 +421,7 @@ impl Machine {
             // Only a container that passed its gate makes its version the last good one: RUN entered
             // by `resume` has passed nothing, and what it finds (reconciled next) may have failed.
             self.last_good_image = Some(c.image.clone());
+            self.well_again();
         }
         tracing::info!(container = %self.cfg.name, %transition, %from, %to, reason = %why, "transition");
         self.publish(transition, from, &why);
@@ -439,6 +454,8 @@ impl Machine {
                 self.start_stop();
             }
             State::Maintenance => {
+                // Taken out by an operator: not failing, whatever it did before.
+                self.well_again();
                 self.update_started = None;
                 self.release_slot();
                 self.revive = None;
@@ -482,6 +499,7 @@ impl Machine {
         for task in self.watch_tasks.drain(..) {
             task.abort();
         }
+        self.stop_dependency_check();
         self.fetch_ahead = None;
         self.release_slot();
         if let Some(publisher) = self.registration.take() {

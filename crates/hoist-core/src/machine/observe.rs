@@ -21,6 +21,11 @@ impl Machine {
             Gap::AwaitingKv(image) => {
                 tracing::info!(container = %self.cfg.name, %image, "keeping the running version until the KV answers");
             }
+            // A shared outage would fail the new version for no fault of its own, and it could not be
+            // rolled back: it waits for the fleet to recover. An operator's `update` goes ahead.
+            Gap::Close(Transition::Update, why) if self.degraded() => {
+                self.activity = Some(format!("waiting while the fleet is degraded to update ({why}); `hoist update` goes ahead"));
+            }
             Gap::Close(t, why) => self.want(t, why),
         }
     }
@@ -155,11 +160,22 @@ impl Machine {
         tracing::warn!(container = %self.cfg.name, state = %self.state, reason = %why, "container failed");
         // Its replacement brings back a container that is down already.
         self.remediating = true;
-        if matches!(self.state, State::Start | State::Restart) && self.trying_new_version() {
+        self.failing(&why);
+        let trying = matches!(self.state, State::Start | State::Restart) && self.trying_new_version();
+        if trying && !self.degraded() {
             self.roll_back(why).await;
             return;
         }
-        self.next_delay = self.crash.failed(Instant::now());
+        if self.degraded() {
+            // A shared outage fails every version alike: the one coming in is not marked bad (the
+            // fix must not be blocked), and nothing is restarted sooner than its backoff.
+            if trying {
+                tracing::warn!(container = %self.cfg.name, "not rolled back: the fleet is degraded, so the failure is not the version's");
+            }
+            self.next_delay = self.crash.failed_patiently(Instant::now());
+        } else {
+            self.next_delay = self.crash.failed(Instant::now());
+        }
         self.last_error = Some(why);
         if matches!(self.state, State::Start | State::Restart) {
             // A container that cannot come up must not hold the fleet's slot through its backoff;

@@ -66,7 +66,11 @@ impl Machine {
             },
         };
         let image = self.container.as_ref().map(|c| c.image.clone());
+        // Passed its gate here, or serves in RUN (where `resume` brings a container without a gate).
+        let proven = image.is_some() && (image == self.last_good_image || self.state == State::Run);
         let version = image.as_deref().and_then(version_of).unwrap_or_else(|| spec.version.to_string());
+        // An operator's maintenance or stop is no sickness of the container.
+        let unhealthy = self.fleet_health.unhealthy().filter(|_| !matches!(self.state, State::Maintenance | State::Stop));
         MachineStatus {
             name: self.machine_name(),
             container: self.cfg.name.clone(),
@@ -89,6 +93,12 @@ impl Machine {
             governor_wait_seconds: self.governor_wait.as_secs_f64(),
             last_update_seconds: self.last_update.map(|d| d.as_secs_f64()),
             fetched_ahead: self.fetched_ahead(),
+            report: HealthReport {
+                proven,
+                unhealthy_since_ms: unhealthy.as_ref().map(|(since, _)| *since),
+                unhealthy: unhealthy.map(|(_, why)| why),
+            },
+            degraded: self.fleet_health.degraded.as_ref().map(|d| d.describe()),
         }
     }
 }

@@ -74,6 +74,7 @@ impl Machine {
         let before = self.spec().hash();
         let watches_changed = (cfg.kv_update, &cfg.restart_files) != (self.cfg.kv_update, &self.cfg.restart_files);
         let probe_changed = cfg.health_check != self.cfg.health_check;
+        let dependency_changed = cfg.dependency_check != self.cfg.dependency_check;
         let registrations_changed = cfg.register_ports != self.cfg.register_ports;
         if (&cfg.image, &cfg.image_tag) != (&self.cfg.image, &self.cfg.image_tag) {
             self.clear_bad_version();
@@ -89,6 +90,9 @@ impl Machine {
         }
         if probe_changed && self.probe_task.is_some() {
             self.start_probe();
+        }
+        if dependency_changed {
+            self.start_dependency_check();
         }
         if registrations_changed && let Some(publisher) = self.registration.take() {
             publisher.withdraw().await;

@@ -9,7 +9,7 @@ use crate::agent::AgentHandle;
 use crate::backend::{Kv, read_all};
 use crate::clock::unix_now_ms;
 use crate::fsm::State;
-use crate::rollout_status::STATUS_BUCKET;
+use crate::rollout_status::store_now;
 use crate::status::MachineStatus;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -74,7 +74,13 @@ async fn look(kv: &dyn Kv, node: &str, m: &MachineStatus, reported: &mut HashMap
     }
     let seen = outcomes(kv, &record).await?;
     let Some(now_ms) = store_now(kv, node).await? else { return Ok(()) };
-    let next = match waves::next_step(&record.policy, record.plan.as_deref(), record.wave, &seen, now_ms) {
+    let step = waves::next_step(&record.policy, record.plan.as_deref(), record.wave, &seen, now_ms);
+    if matches!(step, Step::Plan | Step::Advance) && crate::degraded::lookout::active(kv, &m.container).await?.is_some() {
+        // A shared outage would fail the next wave for no fault of the release.
+        tracing::debug!(container = %m.container, release = %record.id, "no new wave while the fleet is degraded");
+        return Ok(());
+    }
+    let next = match step {
         Step::Wait(_) => return Ok(()),
         // Marked once per wave, so the next wave's nodes fetch the image while it bakes.
         Step::Baking(_) if record.through == Some(record.wave) => return Ok(()),
@@ -119,15 +125,6 @@ async fn outcomes(kv: &dyn Kv, record: &ReleaseRecord) -> Result<Vec<Seen>, Rele
             (o.release == record.id).then_some(Seen { node: o.node, ok: o.ok, at_ms: e.created_ms })
         })
         .collect())
-}
-
-/// The store's clock now: the server's timestamp of a write of this node's own (key `=clock.<node>`
-/// in the status bucket, which no container's records can be named like; gone with the bucket's
-/// TTL). Bake times are measured on it, never on a node's clock. None if the write could not be read.
-async fn store_now(kv: &dyn Kv, node: &str) -> Result<Option<u64>, ReleaseError> {
-    let key = format!("=clock.{node}");
-    kv.put(STATUS_BUCKET, &key, unix_now_ms().to_string().as_bytes()).await?;
-    Ok(kv.get(STATUS_BUCKET, &key).await?.map(|e| e.created_ms))
 }
 
 /// The nodes running `container` now (their status records), this one included: whom the plan orders.

@@ -138,7 +138,7 @@ pub fn fetch_ahead(node: &str, tag: Option<&KvEntry>, record: Option<&ReleaseRec
 }
 
 /// The release record, unless a tag key written after it supersedes it.
-fn governing<'r>(tag: Option<&KvEntry>, record: Option<&'r ReleaseRecord>) -> Option<&'r ReleaseRecord> {
+pub fn governing<'r>(tag: Option<&KvEntry>, record: Option<&'r ReleaseRecord>) -> Option<&'r ReleaseRecord> {
     record.filter(|r| tag.is_none_or(|t| t.revision <= r.tag_revision.unwrap_or(0)))
 }
 

@@ -121,6 +121,10 @@ fn container_timings_outside_their_range_are_refused() {
         ("health_check: {type: tcp, port: 80, retries: 0}", "health_check.retries", "must be from 1 to 100"),
         ("health_check: {type: tcp, port: 80, retries: 5000000000}", "health_check.retries", "found 5000000000"),
         ("health_check: {type: tcp, port: 80, start_period: 100y}", "health_check.start_period", "must be from 0s to 1h"),
+        // The dependency check is the same settings, named as its own field.
+        ("dependency_check: {type: exec}", "dependency_check.command", "is required"),
+        ("dependency_check: {type: tcp, port: 80, path: /db}", "dependency_check.path", "does not apply to a check of type tcp"),
+        ("dependency_check: yes", "dependency_check", "expected a mapping with type"),
     ];
     for (setting, field, says) in cases {
         let e = only_error(&format!("containers:\n  web: {{image: x, {setting}}}\n"));
@@ -237,6 +241,20 @@ fn agent_file_fleet_section() {
     assert!(has("fleet.operators[1].allow", "\"reboot\" is not a permission"), "{bad:?}");
     assert!(has("fleet.operators[2].allow", "list what this operator may do"), "{bad:?}");
     assert!(has("fleet.max_clock_skew", "more than zero"), "{bad:?}");
+    assert_eq!(defaults.fleet.degraded, crate::degraded::DegradedPolicy::default());
+    let degraded = AgentConfig::load(&write(
+        dir.path(),
+        "d.yaml",
+        "fleet: { degraded: { share: 30, window: 5m, min_nodes: 5 } }
+",
+    ))
+    .unwrap();
+    assert_eq!(degraded.fleet.degraded, crate::degraded::DegradedPolicy { share: 30, window: Duration::from_secs(300), min_nodes: 5 });
+    let bad = errors("fleet: { degraded: { share: 0, window: 1s, min_nodes: 0 } }\n");
+    let has = |field: &str, text: &str| bad.iter().any(|(f, m)| f == field && m.contains(text));
+    assert!(has("fleet.degraded.share", "a percentage from 1 to 100"), "{bad:?}");
+    assert!(has("fleet.degraded.window", "at least 5s"), "{bad:?}");
+    assert!(has("fleet.degraded.min_nodes", "at least 1"), "{bad:?}");
     assert_eq!(errors("nats: { inbox_prefix: '_INBOX.>' }\n")[0].0, "nats.inbox_prefix");
     assert_eq!(errors("fleet: { operators: [ { name: a, key: x } ] }\n")[0].0, "fleet.operators[0]");
 }

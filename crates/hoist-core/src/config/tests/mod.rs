@@ -77,6 +77,7 @@ fn a_minimal_definition_gets_every_default() {
         environment: vec![],
         register_ports: vec![],
         health_check: None,
+        dependency_check: None,
         stop_signal: None,
         stop_grace: None,
         restart_backoff: None,

@@ -1,0 +1,135 @@
+//! What the fleet hears of this container's health and what it says back: since when the container
+//! has been unhealthy (its liveness failing, or its `dependency_check`), the dependency check itself
+//! (report-only: it never restarts anything), and the fleet's degraded verdict, which makes a failure
+//! here no reason to roll back, every restart wait its crash backoff, and a new version wait (in RUN)
+//! until the fleet recovers.
+
+use super::*;
+use crate::clock::unix_now_ms;
+use crate::degraded::FleetDegraded;
+
+#[derive(Debug, Default)]
+pub(super) struct FleetHealth {
+    /// Unix ms and why: the container failed (died, failed its health check, missed its gate) and
+    /// has not passed a gate since.
+    failing: Option<(u64, String)>,
+    /// Unix ms and why: the dependency check has failed `retries` times in a row.
+    dependency: Option<(u64, String)>,
+    dependency_failures: u32,
+    /// A dependency probe is running (one at a time, however slow).
+    probing: bool,
+    ticker: Option<AbortHandle>,
+    /// The fleet's verdict while it is degraded for this container.
+    pub(super) degraded: Option<FleetDegraded>,
+}
+
+impl FleetHealth {
+    /// Since when the container has been unhealthy, and why; None while it is well.
+    pub(super) fn unhealthy(&self) -> Option<(u64, String)> {
+        match (&self.failing, &self.dependency) {
+            (Some((a, why)), Some((b, dep))) => Some(((*a).min(*b), format!("{why}; {dep}"))),
+            (Some(one), None) | (None, Some(one)) => Some(one.clone()),
+            (None, None) => None,
+        }
+    }
+}
+
+impl Machine {
+    /// The container failed: unhealthy from now, unless it already was.
+    pub(super) fn failing(&mut self, why: &str) {
+        self.fleet_health.failing.get_or_insert_with(|| (unix_now_ms(), why.to_string()));
+    }
+
+    /// It passed its gate (or an operator took it out): no longer failing.
+    pub(super) fn well_again(&mut self) {
+        self.fleet_health.failing = None;
+    }
+
+    pub(super) fn degraded(&self) -> bool {
+        self.fleet_health.degraded.is_some()
+    }
+
+    pub(super) fn on_degraded(&mut self, verdict: Option<FleetDegraded>) {
+        match (&self.fleet_health.degraded, &verdict) {
+            (None, Some(v)) => {
+                tracing::warn!(container = %self.cfg.name, condition = %v.describe(), "the fleet is degraded: no rollbacks, restarts at the crash backoff")
+            }
+            (Some(_), None) => tracing::info!(container = %self.cfg.name, "the fleet is no longer degraded"),
+            _ => {}
+        }
+        let recovered = self.fleet_health.degraded.is_some() && verdict.is_none();
+        self.fleet_health.degraded = verdict;
+        if recovered && self.state == State::Run {
+            // An update held back while degraded goes ahead now.
+            self.activity = None;
+            self.reconcile_run();
+        }
+    }
+
+    /// Starts (or, after a reconfigure, restarts) the dependency check's ticker, if one is set.
+    pub(super) fn start_dependency_check(&mut self) {
+        if let Some(ticker) = self.fleet_health.ticker.take() {
+            ticker.abort();
+        }
+        (self.fleet_health.dependency, self.fleet_health.dependency_failures) = (None, 0);
+        let Some(check) = &self.cfg.dependency_check else { return };
+        let (tx, interval) = (self.tx.clone(), check.interval);
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                if tx.send(Input::DependencyDue).await.is_err() {
+                    return;
+                }
+            }
+        });
+        self.fleet_health.ticker = Some(task.abort_handle());
+    }
+
+    pub(super) fn stop_dependency_check(&mut self) {
+        if let Some(ticker) = self.fleet_health.ticker.take() {
+            ticker.abort();
+        }
+    }
+
+    /// Time for the dependency check: probes the running container, off the loop.
+    pub(super) fn on_dependency_due(&mut self) {
+        let (Some(check), Some(c)) = (self.cfg.dependency_check.clone(), self.container.clone()) else { return };
+        if c.state != RunState::Running || self.fleet_health.probing {
+            return;
+        }
+        self.fleet_health.probing = true;
+        let (runtime, tx) = (self.deps.runtime.clone(), self.tx.clone());
+        tokio::spawn(async move {
+            let result = runtime.probe(&c, &check.probe, check.timeout).await;
+            let _ = tx.send(Input::DependencyProbe { container_id: c.id, result }).await;
+        });
+    }
+
+    pub(super) fn on_dependency_probe(&mut self, container_id: &str, result: Result<(), ProbeError>) {
+        self.fleet_health.probing = false;
+        let Some(check) = &self.cfg.dependency_check else { return };
+        let Some(c) = self.container.as_ref().filter(|c| c.id == container_id) else { return };
+        let health = &mut self.fleet_health;
+        match result {
+            Ok(()) => {
+                health.dependency_failures = 0;
+                if health.dependency.take().is_some() {
+                    tracing::info!(container = %self.cfg.name, "dependency check passes again");
+                }
+            }
+            Err(ProbeError::Failed(why)) => {
+                if (unix_now() - c.started_at) < check.start_period.as_secs() as i64 {
+                    return;
+                }
+                health.dependency_failures += 1;
+                if health.dependency_failures >= check.retries.max(1) && health.dependency.is_none() {
+                    let why = format!("dependency check failed {} times: {why}", health.dependency_failures);
+                    tracing::warn!(container = %self.cfg.name, reason = %why, "a dependency is failing; the container is left running");
+                    health.dependency = Some((unix_now_ms(), why));
+                }
+            }
+            // Nothing said of the dependency: the engine or this host could not run the check.
+            Err(ProbeError::RuntimeUnavailable(_) | ProbeError::Local(_)) => {}
+        }
+    }
+}
