@@ -3,7 +3,7 @@
 //! right machine, applies config reloads as a diff (new → spawn, changed → reconfigure, gone → stop
 //! and purge), and removes labelled orphans. Operators reach it through `AgentHandle`.
 
-use crate::backend::{TRANSITION_PROTOCOL, TransitionEvent};
+use crate::backend::TransitionEvent;
 use crate::config::{ContainerConfig, ContainerSet, Ensure};
 use crate::fsm::{State, Transition, TransitionError};
 use crate::machine::{self, Input, MachineDeps, MachineHandle};
@@ -200,17 +200,8 @@ impl Agent {
     /// one container's machine.
     fn publish_refusal(&self, errors: &str) {
         let event = TransitionEvent {
-            protocol: TRANSITION_PROTOCOL.into(),
-            identity: self.deps.node.clone(),
-            id: self.deps.node.clone(),
-            version: machine::MACHINE_VERSION.into(),
-            timestamp: crate::clock::unix_now(),
-            machine: "hoist".into(),
-            transition: "config_refused".into(),
-            from_state: String::new(),
-            to_state: String::new(),
             detail: Some(errors.to_string()),
-            image: None,
+            ..TransitionEvent::now(&self.deps.node, &self.deps.node, "hoist", "config_refused", "", "")
         };
         // Through the outbox: the agent's loop routes and never waits on the backend.
         self.deps.outbox.send(event);

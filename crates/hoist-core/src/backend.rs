@@ -223,6 +223,29 @@ pub struct TransitionEvent {
 
 pub const TRANSITION_PROTOCOL: &str = "io.choria.machine.v1.transition";
 
+/// The machine version reported in events and status, as the original module's machines had.
+pub const MACHINE_VERSION: &str = "1.0.0";
+
+impl TransitionEvent {
+    /// An event of `identity`'s `machine` (instance `id`) now, in Choria's transition shape, with
+    /// no `detail` or `image` yet.
+    pub fn now(identity: &str, id: &str, machine: &str, transition: &str, from_state: &str, to_state: &str) -> TransitionEvent {
+        TransitionEvent {
+            protocol: TRANSITION_PROTOCOL.into(),
+            identity: identity.into(),
+            id: id.into(),
+            version: MACHINE_VERSION.into(),
+            timestamp: crate::clock::unix_now(),
+            machine: machine.into(),
+            transition: transition.into(),
+            from_state: from_state.into(),
+            to_state: to_state.into(),
+            detail: None,
+            image: None,
+        }
+    }
+}
+
 /// What happened to a governor slot, in Choria's words (`timeouts` is its spelling).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -6,9 +6,9 @@
 
 use super::{DegradedPolicy, FleetDegraded, Step, degraded_key, next_step};
 use crate::agent::AgentHandle;
-use crate::backend::{BackendError, HOIST_BUCKET, Kv, KvOperation, TRANSITION_PROTOCOL, TransitionEvent, tag_key};
-use crate::clock::{chance, jitter, unix_now};
-use crate::machine::{MACHINE_VERSION, uuid_v4};
+use crate::backend::{BackendError, HOIST_BUCKET, Kv, KvOperation, TransitionEvent, tag_key};
+use crate::clock::{chance, jitter};
+use crate::machine::uuid_v4;
 use crate::outbox::Outbox;
 use crate::release::{self, ReleaseState};
 use crate::rollout_status::{self, STATUS_BUCKET, store_now};
@@ -79,19 +79,8 @@ async fn look(kv: &dyn Kv, node: &str, container: &str, policy: &DegradedPolicy,
     }
     if let Some((transition, from, to, detail)) = event {
         tracing::warn!(%container, %detail, "fleet health changed");
-        outbox.send(TransitionEvent {
-            protocol: TRANSITION_PROTOCOL.into(),
-            identity: node.into(),
-            id: uuid_v4(),
-            version: MACHINE_VERSION.into(),
-            timestamp: unix_now(),
-            machine: format!("hoist_{container}"),
-            transition: transition.into(),
-            from_state: from.into(),
-            to_state: to.into(),
-            detail: Some(detail),
-            image: None,
-        });
+        let event = TransitionEvent::now(node, &uuid_v4(), &format!("hoist_{container}"), transition, from, to);
+        outbox.send(TransitionEvent { detail: Some(detail), ..event });
     }
     Ok(records.len())
 }

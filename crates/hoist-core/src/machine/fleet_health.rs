@@ -68,9 +68,7 @@ impl Machine {
 
     /// Starts (or, after a reconfigure, restarts) the dependency check's ticker, if one is set.
     pub(super) fn start_dependency_check(&mut self) {
-        if let Some(ticker) = self.fleet_health.ticker.take() {
-            ticker.abort();
-        }
+        self.stop_dependency_check();
         (self.fleet_health.dependency, self.fleet_health.dependency_failures) = (None, 0);
         let Some(check) = &self.cfg.dependency_check else { return };
         let (tx, interval) = (self.tx.clone(), check.interval);

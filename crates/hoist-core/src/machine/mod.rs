@@ -29,7 +29,7 @@ pub use jobs::JobOutcome;
 use jobs::{JobDone, JobError};
 pub use load::spawn;
 
-use crate::backend::{BackendError, Events, Governor, GovernorEventType, HOIST_BUCKET, Kv, TRANSITION_PROTOCOL, TransitionEvent, tag_key};
+use crate::backend::{BackendError, Events, Governor, GovernorEventType, HOIST_BUCKET, Kv, TransitionEvent, tag_key};
 use crate::backoff::{CrashLoop, Retry};
 use crate::clock::unix_now;
 use crate::config::{ContainerConfig, DockerConfig, RegistrationConfig, RolloutConfig};
@@ -52,8 +52,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-/// The machine version reported in events and status, as the original module's machines had.
-pub const MACHINE_VERSION: &str = "1.0.0";
+pub use crate::backend::MACHINE_VERSION;
 
 /// What every machine of an agent shares: the adapters and the agent-wide settings.
 pub struct MachineDeps {

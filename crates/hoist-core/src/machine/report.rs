@@ -37,17 +37,9 @@ impl Machine {
 
     pub(super) fn emit(&self, kind: &str, from: State, detail: &str) {
         let event = TransitionEvent {
-            protocol: TRANSITION_PROTOCOL.into(),
-            identity: self.deps.node.clone(),
-            id: self.instance_id.clone(),
-            version: MACHINE_VERSION.into(),
-            timestamp: unix_now(),
-            machine: self.machine_name(),
-            transition: kind.into(),
-            from_state: from.to_string(),
-            to_state: self.state.to_string(),
             detail: Some(detail.to_string()),
             image: Some(self.spec().image_ref()),
+            ..TransitionEvent::now(&self.deps.node, &self.instance_id, &self.machine_name(), kind, from.as_str(), self.state.as_str())
         };
         self.deps.outbox.send(event);
     }
