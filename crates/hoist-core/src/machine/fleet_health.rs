@@ -1,8 +1,8 @@
 //! What the fleet hears of this container's health and what it says back: since when the container
 //! has been unhealthy (its liveness failing, or its `dependency_check`), the dependency check itself
 //! (report-only: it never restarts anything), and the fleet's degraded verdict, which makes a failure
-//! here no reason to roll back, every restart wait its crash backoff, and a new version wait (in RUN)
-//! until the fleet recovers.
+//! here no reason to roll back, every restart wait its crash backoff, and a new version wait
+//! (`versions.rs`, `held_back`) until the fleet recovers.
 
 use super::*;
 use crate::clock::unix_now_ms;
@@ -21,6 +21,8 @@ pub(super) struct FleetHealth {
     ticker: Option<AbortHandle>,
     /// The fleet's verdict while it is degraded for this container.
     pub(super) degraded: Option<FleetDegraded>,
+    /// An operator asked for `update` while degraded: the wanted version is not held back.
+    pub(super) pushed_through: bool,
 }
 
 impl FleetHealth {
@@ -59,9 +61,15 @@ impl Machine {
         }
         let recovered = self.fleet_health.degraded.is_some() && verdict.is_none();
         self.fleet_health.degraded = verdict;
-        if recovered && self.state == State::Run {
-            // An update held back while degraded goes ahead now.
-            self.activity = None;
+        if recovered {
+            self.fleet_health.pushed_through = false;
+            if self.state == State::Run {
+                // An update held back while degraded goes ahead now.
+                self.activity = None;
+                self.reconcile_run();
+            }
+        } else if self.state == State::Run {
+            // Entered: a new version not yet started here waits from now on.
             self.reconcile_run();
         }
     }

@@ -365,6 +365,8 @@ impl Machine {
         }
         fsm::check(self.state, transition)?;
         if transition == Transition::Update {
+            // Also through a degraded fleet's hold on new versions, for this machine.
+            self.fleet_health.pushed_through = self.degraded();
             // The operator says the version is worth another try (e.g. the tag was re-pushed), here
             // and, through the fleet's mark, on the nodes that skipped it.
             if self.clear_bad_version() {

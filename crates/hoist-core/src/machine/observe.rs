@@ -17,14 +17,14 @@ impl Machine {
             return;
         }
         match gap(self.container.as_ref(), &self.spec(), self.kv_pending) {
-            Gap::None => {}
+            Gap::None => {
+                if self.held_back().is_some() {
+                    let wanted = self.wanted_version();
+                    self.activity = Some(format!("waiting while the fleet is degraded to update to {wanted}; `hoist update` goes ahead"));
+                }
+            }
             Gap::AwaitingKv(image) => {
                 tracing::info!(container = %self.cfg.name, %image, "keeping the running version until the KV answers");
-            }
-            // A shared outage would fail the new version for no fault of its own, and it could not be
-            // rolled back: it waits for the fleet to recover. An operator's `update` goes ahead.
-            Gap::Close(Transition::Update, why) if self.degraded() => {
-                self.activity = Some(format!("waiting while the fleet is degraded to update ({why}); `hoist update` goes ahead"));
             }
             Gap::Close(t, why) => self.want(t, why),
         }

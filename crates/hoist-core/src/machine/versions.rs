@@ -20,11 +20,15 @@ impl Machine {
         self.kv_version.as_ref().filter(|_| self.cfg.kv_update)
     }
 
-    /// What to run: the wanted version, unless it was rolled back from (then `fallback_version`) or a
-    /// revival brings back what ran before an update could pull.
+    /// What to run: the wanted version, unless it was rolled back from (then `fallback_version`), a
+    /// revival brings back what ran before an update could pull, or the fleet is degraded
+    /// (`held_back`).
     pub(super) fn desired_version(&self) -> ImageVersion {
         if let Some(revive) = &self.revive {
             return revive.clone();
+        }
+        if let Some(held) = self.held_back() {
+            return held;
         }
         let wanted = self.wanted_version();
         if self.bad_version.as_ref() == Some(&wanted)
@@ -39,8 +43,22 @@ impl Machine {
     /// passed its gate here, else (a node with no such memory: new, or its state file lost) the
     /// config's `image_tag`. None when that is the wanted version itself: there is nothing else.
     pub(super) fn fallback_version(&self) -> Option<ImageVersion> {
-        let good = self.last_good_image.as_deref().and_then(version_of).and_then(|v| ImageVersion::parse(&v).ok());
-        Some(good.unwrap_or_else(|| self.cfg.image_tag.clone())).filter(|v| *v != self.wanted_version())
+        Some(self.last_good_version().unwrap_or_else(|| self.cfg.image_tag.clone())).filter(|v| *v != self.wanted_version())
+    }
+
+    /// The version of the last image that passed its gate here.
+    fn last_good_version(&self) -> Option<ImageVersion> {
+        self.last_good_image.as_deref().and_then(version_of).and_then(|v| ImageVersion::parse(&v).ok())
+    }
+
+    /// While the fleet is degraded a new version waits, whatever state the machine is in: a shared
+    /// outage would fail it, and nothing would roll it back. The last good version is run (and
+    /// brought back by a restart) meanwhile, unless an operator asked for `update` during it.
+    pub(super) fn held_back(&self) -> Option<ImageVersion> {
+        if !self.degraded() || self.fleet_health.pushed_through {
+            return None;
+        }
+        self.last_good_version().filter(|good| *good != self.wanted_version())
     }
 
     /// Whether the fleet's rollback mark is to be read before bringing up the desired version: the
