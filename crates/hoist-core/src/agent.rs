@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 
 /// How often the governors' warnings are re-checked besides at every load.
 const GOVERNOR_CHECK: Duration = Duration::from_secs(30);
@@ -98,6 +99,9 @@ struct Agent {
     purge_due: bool,
     /// Weak, so the agent's own timers do not keep it alive once every handle is gone.
     inbox: mpsc::WeakSender<Command>,
+    /// Owns every task the agent starts (its machines' supervisors, its timers, the answers it
+    /// gathers off its loop): they end with the agent, none is left detached.
+    tasks: JoinSet<()>,
 }
 
 /// Starts the agent with an initial container set. Containers labelled for this node but declared
@@ -107,8 +111,9 @@ pub async fn start(deps: Arc<MachineDeps>, set: ContainerSet) -> AgentHandle {
     let (tx, rx) = mpsc::channel(1024);
     let handle = AgentHandle { tx: tx.clone(), node: deps.node.clone() };
     let inbox = tx.downgrade();
-    tokio::spawn(recheck_governors(inbox.clone()));
-    tokio::spawn(pump_runtime_events(deps.clone(), tx));
+    let mut tasks = JoinSet::new();
+    tasks.spawn(recheck_governors(inbox.clone()));
+    tasks.spawn(pump_runtime_events(deps.clone(), tx));
     let mut agent = Agent {
         deps,
         set: ContainerSet::default(),
@@ -117,6 +122,7 @@ pub async fn start(deps: Arc<MachineDeps>, set: ContainerSet) -> AgentHandle {
         warnings: Vec::new(),
         purge_due: false,
         inbox,
+        tasks,
     };
     agent.apply(set).await;
     tokio::spawn(agent.run(rx));
@@ -126,6 +132,7 @@ pub async fn start(deps: Arc<MachineDeps>, set: ContainerSet) -> AgentHandle {
 impl Agent {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         while let Some(cmd) = rx.recv().await {
+            while self.tasks.try_join_next().is_some() {}
             match cmd {
                 // Answered off the loop: the agent routes, and never waits on a machine, which may be
                 // busy (an operator's `update` waits for the fleet's mark to be deleted, say).
@@ -135,14 +142,16 @@ impl Agent {
                     let mut warnings = self.deps.conditions.list();
                     warnings.extend(self.warnings.iter().cloned());
                     let (node, config_error) = (self.deps.node.clone(), self.config_error.clone());
-                    tokio::spawn(async move {
+                    self.tasks.spawn(async move {
                         let machines = join_all(handles.iter().map(|m| m.status())).await.into_iter().flatten().collect();
                         let _ = reply.send(NodeStatus { node, machines, config_error, warnings });
                     });
                 }
                 Command::Transition { container, transition, reply } => match self.machines.get(&container).cloned() {
                     Some(m) => {
-                        tokio::spawn(async move { reply.send(m.request(transition).await) });
+                        self.tasks.spawn(async move {
+                            let _ = reply.send(m.request(transition).await);
+                        });
                     }
                     None => {
                         let _ = reply.send(Err(TransitionError::UnknownContainer { container, node: self.deps.node.clone() }));
@@ -186,8 +195,13 @@ impl Agent {
                 }
                 Command::Shutdown { reply } => {
                     join_all(self.machines.values().map(|m| m.shutdown(false))).await;
-                    // Every slot the machines let go of is released before the agent exits.
+                    // Every slot the machines let go of is released before the agent exits, and what
+                    // they handed off (a rollback's record for the fleet) is given the same time.
                     self.deps.slots.settle(SHUTDOWN_RELEASES).await;
+                    self.deps.background.close();
+                    if tokio::time::timeout(SHUTDOWN_RELEASES, self.deps.background.wait()).await.is_err() {
+                        tracing::warn!(left = self.deps.background.len(), "work handed off by machines did not finish before shutdown");
+                    }
                     let _ = reply.send(());
                     return;
                 }
@@ -245,7 +259,7 @@ impl Agent {
                         self.remove_container(&c, "left over from a preflight").await;
                     }
                     let candidates = by_name.remove(name).unwrap_or_default();
-                    let handle = machine::spawn(cfg.clone(), self.deps.clone(), candidates).await;
+                    let handle = machine::spawn(cfg.clone(), self.deps.clone(), candidates, &mut self.tasks).await;
                     self.machines.insert(name.clone(), handle);
                 }
             }
@@ -265,7 +279,7 @@ impl Agent {
     /// would fail), and ones whose slots expire before an update can finish (a Choria governor lease
     /// has no keepalive, so a slot that expires mid-update lets the next node go while this one is
     /// still down). The answer comes back as `Command::Warnings`.
-    fn check_governors(&self) {
+    fn check_governors(&mut self) {
         let names: BTreeSet<String> = self
             .set
             .containers
@@ -276,7 +290,7 @@ impl Agent {
             .cloned()
             .collect();
         let (governor, deadline, inbox) = (self.deps.governor.clone(), self.deps.rollout.healthy_deadline, self.inbox.clone());
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let mut warnings = Vec::new();
             for name in names {
                 warnings.push(match governor.view(&name).await {
@@ -322,7 +336,7 @@ impl Agent {
         if let Some(wait) = next_look.filter(|_| !self.purge_due) {
             self.purge_due = true;
             let inbox = self.inbox.clone();
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 // A second over, as creation times are whole seconds.
                 tokio::time::sleep(Duration::from_secs(wait.unsigned_abs() + 1)).await;
                 if let Some(tx) = inbox.upgrade() {

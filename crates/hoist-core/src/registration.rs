@@ -124,11 +124,12 @@ impl Publisher {
             tracing::debug!("withdrawing service registrations timed out; they expire with the bucket's TTL");
         }
     }
+}
 
-    /// `withdraw` on a task of its own, for a machine that must not wait on the store (a container
-    /// leaving RUN is replaced at once, whether or not NATS answers).
-    pub fn withdraw_in_background(self) {
-        tokio::spawn(self.withdraw());
+/// The refresh loop ends with its publisher, withdrawn or not.
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

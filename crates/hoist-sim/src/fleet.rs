@@ -96,6 +96,7 @@ impl Node {
             conditions: Default::default(),
             slots: SlotKeeper::start(view.clone(), view.clone(), self.name.clone()),
             outbox: hoist_core::outbox::Outbox::start(view),
+            background: Default::default(),
         });
         world.note(format!("{} agent starts", self.name));
         let outbox = deps.outbox.clone();

@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 struct Backends {
     kv: Arc<dyn Kv>,
@@ -115,7 +116,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // Registered before anything can stand by, so a SIGHUP meanwhile does not end the agent.
     let hup = signal(SignalKind::hangup())?;
     let backends = open_backends(&cfg, &conditions).await?;
-    tokio::spawn(ensure_buckets(backends.kv.clone(), backends.replicas.clone(), cfg.clone(), backends.fleet.is_some()));
+    // Every loop the agent runs beside its machines, ended with it.
+    let mut loops = JoinSet::new();
+    loops.spawn(ensure_buckets(backends.kv.clone(), backends.replicas.clone(), cfg.clone(), backends.fleet.is_some()));
     let member = match &backends.fleet {
         Some(fleet) => Some(Member { fleet: fleet.clone(), instance: instance_id(&cfg.state_dir)? }),
         None => None,
@@ -140,6 +143,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         conditions: conditions.clone(),
         slots: hoist_core::slot::SlotKeeper::start(backends.governor.clone(), backends.events.clone(), cfg.node.clone()),
         outbox: hoist_core::outbox::Outbox::start(backends.events.clone()),
+        background: Default::default(),
     });
     if backends.fleet.is_some() && cfg.fleet.allow_unsigned {
         // Shown in `hoist status` for as long as it is so, not only logged once.
@@ -148,7 +152,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let (sets, _) = watch::channel(set.clone());
     if member.is_some() {
         let (kv, governor, replicas) = (backends.kv.clone(), backends.governor.clone(), backends.replicas.clone());
-        tokio::spawn(warn_short_replicas(kv, governor, replicas, conditions.clone(), sets.subscribe()));
+        loops.spawn(warn_short_replicas(kv, governor, replicas, conditions.clone(), sets.subscribe()));
     }
     // Before anything is managed: another machine may already run this node name (`node_claim`).
     let key = match &member {
@@ -183,18 +187,18 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         events: backends.events,
         conditions: conditions.clone(),
     };
-    tokio::spawn(server::serve(control_listener, server::router(control.clone())));
+    loops.spawn(server::serve(control_listener, server::router(control.clone())));
     if let Some(addr) = cfg.metrics.listen {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics.listen {addr}"))?;
-        tokio::spawn(server::serve(listener, server::metrics_router(control)));
+        loops.spawn(server::serve(listener, server::metrics_router(control)));
     }
-    tokio::spawn(rollout_status::keep_published(backends.kv.clone(), handle.clone()));
-    tokio::spawn(conductor::conduct(backends.kv.clone(), handle.clone()));
-    tokio::spawn(degraded::lookout::keep_watch(backends.kv.clone(), handle.clone(), outbox, cfg.fleet.degraded));
+    loops.spawn(rollout_status::keep_published(backends.kv.clone(), handle.clone()));
+    loops.spawn(conductor::conduct(backends.kv.clone(), handle.clone()));
+    loops.spawn(degraded::lookout::keep_watch(backends.kv.clone(), handle.clone(), outbox, cfg.fleet.degraded));
     if let (Some(member), Some(public)) = (member, public) {
-        tokio::spawn(node_claim::hold_node(member, backends.kv, cfg.clone(), facts.clone(), public, workload.clone(), holder));
+        loops.spawn(node_claim::hold_node(member, backends.kv, cfg.clone(), facts.clone(), public, workload.clone(), holder));
     }
-    tokio::spawn(reload_on_change(workload, hup));
+    loops.spawn(reload_on_change(workload, hup));
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -204,6 +208,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     tracing::info!("shutting down; containers keep running and are adopted on the next start");
     handle.shutdown().await;
+    loops.shutdown().await;
     let _ = std::fs::remove_file(&cfg.control.socket);
     Ok(())
 }

@@ -215,6 +215,7 @@ async fn start_agent(
         conditions: Default::default(),
         slots: SlotKeeper::start(backend.clone(), backend.clone(), node.clone()),
         outbox: hoist_core::outbox::Outbox::start(backend.clone()),
+        background: Default::default(),
     });
     let outbox = deps.outbox.clone();
     let handle = agent::start(deps, set).await;

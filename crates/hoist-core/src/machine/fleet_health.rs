@@ -5,7 +5,6 @@
 //! (`versions.rs`, `held_back`) until the fleet recovers.
 
 use super::*;
-use crate::clock::unix_now_ms;
 use crate::degraded::FleetDegraded;
 
 #[derive(Debug, Default)]
@@ -18,7 +17,8 @@ pub(super) struct FleetHealth {
     dependency_failures: u32,
     /// A dependency probe is running (one at a time, however slow).
     probing: bool,
-    ticker: Option<AbortHandle>,
+    /// The dependency check's ticker runs.
+    ticking: bool,
     /// The fleet's verdict while it is degraded for this container.
     pub(super) degraded: Option<FleetDegraded>,
     /// An operator asked for `update` while degraded: the wanted version is not held back.
@@ -39,7 +39,8 @@ impl FleetHealth {
 impl Machine {
     /// The container failed: unhealthy from now, unless it already was.
     pub(super) fn failing(&mut self, why: &str) {
-        self.fleet_health.failing.get_or_insert_with(|| (unix_now_ms(), why.to_string()));
+        let now = self.now.unix_ms;
+        self.fleet_health.failing.get_or_insert_with(|| (now, why.to_string()));
     }
 
     /// It passed its gate (or an operator took it out): no longer failing.
@@ -79,36 +80,24 @@ impl Machine {
         self.stop_dependency_check();
         (self.fleet_health.dependency, self.fleet_health.dependency_failures) = (None, 0);
         let Some(check) = &self.cfg.dependency_check else { return };
-        let (tx, interval) = (self.tx.clone(), check.interval);
-        let task = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(interval).await;
-                if tx.send(Input::DependencyDue).await.is_err() {
-                    return;
-                }
-            }
-        });
-        self.fleet_health.ticker = Some(task.abort_handle());
+        self.fleet_health.ticking = true;
+        self.effect(Effect::DependencyTicker(Some(check.interval)));
     }
 
     pub(super) fn stop_dependency_check(&mut self) {
-        if let Some(ticker) = self.fleet_health.ticker.take() {
-            ticker.abort();
+        if std::mem::take(&mut self.fleet_health.ticking) {
+            self.effect(Effect::DependencyTicker(None));
         }
     }
 
     /// Time for the dependency check: probes the running container, off the loop.
     pub(super) fn on_dependency_due(&mut self) {
-        let (Some(check), Some(c)) = (self.cfg.dependency_check.clone(), self.container.clone()) else { return };
-        if c.state != RunState::Running || self.fleet_health.probing {
+        let (Some(check), Some(container)) = (self.cfg.dependency_check.clone(), self.container.clone()) else { return };
+        if container.state != RunState::Running || self.fleet_health.probing {
             return;
         }
         self.fleet_health.probing = true;
-        let (runtime, tx) = (self.deps.runtime.clone(), self.tx.clone());
-        tokio::spawn(async move {
-            let result = runtime.probe(&c, &check.probe, check.timeout).await;
-            let _ = tx.send(Input::DependencyProbe { container_id: c.id, result }).await;
-        });
+        self.effect(Effect::DependencyProbe { check, container });
     }
 
     pub(super) fn on_dependency_probe(&mut self, container_id: &str, result: Result<(), ProbeError>) {
@@ -124,14 +113,14 @@ impl Machine {
                 }
             }
             Err(ProbeError::Failed(why)) => {
-                if (unix_now() - c.started_at) < check.start_period.as_secs() as i64 {
+                if (self.now.unix() - c.started_at) < check.start_period.as_secs() as i64 {
                     return;
                 }
                 health.dependency_failures += 1;
                 if health.dependency_failures >= check.retries.max(1) && health.dependency.is_none() {
                     let why = format!("dependency check failed {} times: {why}", health.dependency_failures);
                     tracing::warn!(container = %self.cfg.name, reason = %why, "a dependency is failing; the container is left running");
-                    health.dependency = Some((unix_now_ms(), why));
+                    health.dependency = Some((self.now.unix_ms, why));
                 }
             }
             // Nothing said of the dependency: the engine or this host could not run the check.

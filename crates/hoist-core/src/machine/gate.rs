@@ -23,9 +23,9 @@ impl Machine {
         self.gate = Gate { adopted, ..Gate::default() };
         self.start_probe();
         let epoch = self.epoch;
-        self.timer(epoch, TimerKind::GateDeadline, self.deps.rollout.healthy_deadline);
+        self.timer(epoch, TimerKind::GateDeadline, self.settings.rollout.healthy_deadline);
         if self.cfg.health_check.is_none() {
-            let remaining = self.deps.rollout.unverified_wait.saturating_sub(self.uptime_credit());
+            let remaining = self.settings.rollout.unverified_wait.saturating_sub(self.uptime_credit());
             self.timer(epoch, TimerKind::Unverified, remaining);
         }
         self.activity = Some("waiting for the container to become healthy".into());
@@ -33,17 +33,17 @@ impl Machine {
     }
 
     pub(super) fn uptime_credit(&self) -> Duration {
-        self.container.as_ref().map_or(Duration::ZERO, |c| gate_credit(self.gate.adopted, c.started_at, unix_now()))
+        self.container.as_ref().map_or(Duration::ZERO, |c| gate_credit(self.gate.adopted, c.started_at, self.now.unix()))
     }
 
     pub(super) fn check_gate(&mut self) {
-        if !matches!(self.state, State::Start | State::Restart) || self.cancel_job.is_some() {
+        if !matches!(self.state, State::Start | State::Restart) || self.job_running {
             return;
         }
         let Some(c) = &self.container else { return };
         // An adopted container's time up counts toward `min_healthy_time`.
-        let needed = self.deps.rollout.min_healthy_time.saturating_sub(self.uptime_credit());
-        let (healthy_since, verdict) = verdict(c, self.cfg.health_check.is_some(), &self.gate, needed, Instant::now());
+        let needed = self.settings.rollout.min_healthy_time.saturating_sub(self.uptime_credit());
+        let (healthy_since, verdict) = verdict(c, self.cfg.health_check.is_some(), &self.gate, needed, self.now.at);
         self.gate.healthy_since = healthy_since;
         let how = match verdict {
             Verdict::NotYet => return,
@@ -56,38 +56,33 @@ impl Machine {
             }
             Verdict::Passed(how) => how,
         };
-        if let Some(asked) = self.kv_asks().filter(|_| self.trying_new_version()) {
+        if let Some(asked) = self.kv_asks().filter(|_| self.trying_new_version()).cloned() {
             // The fleet's first pass of this version: the nodes waiting may fetch it now.
-            let (kv, name, version, node) = (self.deps.kv.clone(), self.cfg.name.clone(), asked.clone(), self.deps.node.clone());
-            tokio::spawn(async move { rollback_mark::record_verified(&*kv, &name, &version, &node).await });
+            self.effect(Effect::RecordVerified { version: asked });
         }
         self.want(Transition::HealthCheck, how.into());
     }
 
-    pub(super) async fn on_timer(&mut self, timer: TimerKind) {
+    pub(super) fn on_timer(&mut self, timer: TimerKind) {
         match timer {
             TimerKind::Unverified => {
                 self.gate.waited = true;
                 self.check_gate();
             }
-            TimerKind::GateDeadline if matches!(self.state, State::Start | State::Restart) && self.cancel_job.is_none() => {
-                self.failed(format!("not healthy within {}", humantime::format_duration(self.deps.rollout.healthy_deadline))).await;
-                self.start_provision(true).await;
+            TimerKind::GateDeadline if matches!(self.state, State::Start | State::Restart) && !self.job_running => {
+                self.failed(format!("not healthy within {}", humantime::format_duration(self.settings.rollout.healthy_deadline)));
+                self.start_provision(true);
             }
-            TimerKind::RetryPull if self.state == State::Update => self.enter().await,
+            TimerKind::RetryPull if self.state == State::Update => self.enter(),
             TimerKind::MinHealthy => self.check_gate(),
-            TimerKind::RuntimeRetry if self.waiting_for_runtime => self.enter().await,
-            TimerKind::BackendRetry => self.enter().await,
+            TimerKind::RuntimeRetry if self.waiting_for_runtime => self.enter(),
+            TimerKind::BackendRetry => self.enter(),
             TimerKind::GateDeadline | TimerKind::RetryPull | TimerKind::RuntimeRetry => {}
         }
     }
 
-    pub(super) fn timer(&self, epoch: u64, timer: TimerKind, after: Duration) {
-        let tx = self.tx.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(after).await;
-            let _ = tx.send(Input::Timer { epoch, timer }).await;
-        });
+    pub(super) fn timer(&mut self, epoch: u64, timer: TimerKind, after: Duration) {
+        self.effect(Effect::Timer { epoch, timer, after });
     }
 
     // ---- probes --------------------------------------------------------------------------------
@@ -98,33 +93,22 @@ impl Machine {
         if container.state != RunState::Running {
             return;
         }
-        let runtime = self.deps.runtime.clone();
-        let tx = self.tx.clone();
-        let epoch = self.epoch;
-        let task = tokio::spawn(async move {
-            loop {
-                let result = runtime.probe(&container, &check.probe, check.timeout).await;
-                if tx.send(Input::Probe { epoch, result }).await.is_err() {
-                    return;
-                }
-                tokio::time::sleep(check.interval).await;
-            }
-        });
-        self.probe_task = Some(task.abort_handle());
+        self.probing = true;
+        self.effect(Effect::StartProbe { epoch: self.epoch, check, container });
     }
 
     pub(super) fn stop_probe(&mut self) {
-        if let Some(task) = self.probe_task.take() {
-            task.abort();
+        if std::mem::take(&mut self.probing) {
+            self.effect(Effect::StopProbe);
         }
     }
 
-    pub(super) async fn on_probe(&mut self, result: Result<(), ProbeError>) {
+    pub(super) fn on_probe(&mut self, result: Result<(), ProbeError>) {
         let Some(check) = &self.cfg.health_check else { return };
         match result {
             Ok(()) => {
-                let name = self.cfg.name.clone();
-                self.deps.conditions.clear_if("probes", |p| p.starts_with(&format!("{name}:")));
+                let prefix = format!("{}:", self.cfg.name);
+                self.effect(Effect::ClearCondition { key: "probes", prefix });
                 self.gate.probe_failures = 0;
                 self.gate.probe_passed = true;
                 self.check_gate();
@@ -137,29 +121,29 @@ impl Machine {
             // Out of descriptors or memory here says nothing about the container: no verdict, and a
             // warning for the operator, since the host needs attention.
             Err(ProbeError::Local(why)) => {
-                self.deps
-                    .conditions
-                    .set("probes", Some(format!("{}: health check could not run on this host ({why}); no verdict", self.cfg.name)));
+                let value = Some(format!("{}: health check could not run on this host ({why}); no verdict", self.cfg.name));
+                self.effect(Effect::Condition { key: "probes", value });
             }
             Err(ProbeError::Failed(why)) => {
                 let started = self.container.as_ref().map_or(0, |c| c.started_at);
-                if (unix_now() - started) < check.start_period.as_secs() as i64 {
+                if (self.now.unix() - started) < check.start_period.as_secs() as i64 {
                     return;
                 }
+                let retries = check.retries.max(1);
                 self.gate.probe_failures += 1;
                 self.gate.healthy_since = None;
                 tracing::debug!(container = %self.cfg.name, failures = self.gate.probe_failures, reason = %why, "probe failed");
-                if self.gate.probe_failures >= check.retries.max(1) {
+                if self.gate.probe_failures >= retries {
                     let why = format!("health check failed {} times: {why}", self.gate.probe_failures);
                     self.gate.probe_failures = 0;
                     match self.state {
                         State::Run => {
-                            self.failed(why.clone()).await;
+                            self.failed(why.clone());
                             self.want(Transition::Restart, why);
                         }
-                        State::Start | State::Restart if self.cancel_job.is_none() => {
-                            self.failed(why).await;
-                            self.start_provision(true).await;
+                        State::Start | State::Restart if !self.job_running => {
+                            self.failed(why);
+                            self.start_provision(true);
                         }
                         _ => {}
                     }

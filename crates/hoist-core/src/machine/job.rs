@@ -6,6 +6,7 @@ use super::*;
 
 /// How a provision job takes its turn: the governor slots it works under, and whether a version new
 /// to this node must first be checked against the fleet's rollback mark.
+#[derive(Debug)]
 pub(super) struct Turn {
     /// Taken before a running container is replaced.
     pub(super) restart: Option<String>,
@@ -110,6 +111,88 @@ impl JobCtx {
         let task = tokio::spawn(async move { runtime.preflight(&run, timeout).await });
         let ran = self.or_cancelled(task).await?.map_err(|e| JobError::Panicked(e.to_string()))??;
         Ok(crate::preflight::verdict(&ran, timeout).err())
+    }
+
+    /// Does `work` to its outcome (or until superseded).
+    pub(super) async fn run(&self, work: Work) -> JobOutcome {
+        match work {
+            Work::Provision { spec, existing, replace, delay, turn } => {
+                let mut lease = None;
+                let result = self.provision(&spec, existing, replace, delay, turn, &mut lease).await;
+                JobOutcome { lease, result }
+            }
+            Work::Pull(plan) => {
+                let (lease, result) = self.update(plan).await;
+                JobOutcome { lease, result }
+            }
+            Work::Stop { id, grace } => {
+                let result = match id {
+                    Some(id) => self.deps.runtime.stop(&id, grace).await.map_err(JobError::from),
+                    None => Ok(()),
+                };
+                JobOutcome { lease: None, result: result.map(|()| JobDone::Stopped) }
+            }
+        }
+    }
+
+    /// UPDATE's pull (and preflight), with the restart slot it took to try a version first, if any.
+    async fn update(&self, plan: PullPlan) -> (Option<Slot>, Result<JobDone, JobError>) {
+        let PullPlan { spec, governor, check_fleet_mark, try_first, wait, preflight } = plan;
+        let image = spec.image_ref();
+        if !wait.is_zero()
+            && let Err(e) = self.or_cancelled(tokio::time::sleep(wait)).await
+        {
+            return (None, Err(e));
+        }
+        let rejected = || async { rollback_mark::find(&*self.deps.kv, &spec.name, &spec.version).await };
+        if check_fleet_mark && let Some(mark) = rejected().await {
+            return (None, Ok(JobDone::RolledBackElsewhere(mark)));
+        }
+        let mut restart_slot = None;
+        if let Some(restart) = try_first
+            && !rollback_mark::verified(&*self.deps.kv, &spec.name, &spec.version).await
+        {
+            // The wait for the slot, in short turns, ends early once another node has passed with the
+            // version (then it is fetched at once, ahead of this node's turn) or rolled it back. Short
+            // turns, not a cancelled wait: a campaign cut off before its reply could leave a lease
+            // nobody holds.
+            self.progress(format!("waiting for a slot of governor {restart}, to try a version no node has passed yet")).await;
+            loop {
+                match self.acquire_within(&restart, VERIFIED_POLL).await {
+                    Ok(Some(slot)) => {
+                        restart_slot = Some(slot);
+                        break;
+                    }
+                    Ok(None) => {}
+                    Err(e) => return (None, Err(e)),
+                }
+                if rollback_mark::verified(&*self.deps.kv, &spec.name, &spec.version).await || rejected().await.is_some() {
+                    break;
+                }
+            }
+            // The verdict of whoever had the slot before.
+            if let Some(mark) = rejected().await {
+                return (None, Ok(JobDone::RolledBackElsewhere(mark)));
+            }
+        }
+        // The update governor limits concurrent pulls only; its slot is dropped (released) with the
+        // pull. The restart that follows is governed by the restart governor.
+        let mut slot = None;
+        self.progress(format!("pulling {image}")).await;
+        let mut pulled = self.pull(&image, governor, &mut slot).await.map(JobDone::Pulled);
+        drop(slot);
+        if let (Ok(_), Some(check)) = (&pulled, &preflight) {
+            let timeout = humantime::format_duration(check.timeout);
+            self.progress(format!("preflight of {image}: {} (timeout {timeout})", check.command.join(" "))).await;
+            match self.preflight(&spec, check).await {
+                Ok(None) => {}
+                Ok(Some(why)) => pulled = Ok(JobDone::PreflightFailed(why)),
+                Err(e) => pulled = Err(e),
+            }
+        }
+        // A pull that failed keeps no restart slot: nothing is being taken down. A failed preflight
+        // keeps it, for the machine to free once its verdict is recorded.
+        (restart_slot.filter(|_| pulled.is_ok()), pulled)
     }
 
     pub(super) async fn provision(
@@ -268,6 +351,21 @@ pub(super) async fn pinned_and_local(runtime: &dyn Runtime, image: &str) -> Opti
         return None;
     }
     runtime.image_id(image).await.ok().flatten()
+}
+
+/// Pulls `image`, under a slot of `governor` when there is one (held until the pull ends).
+pub(super) async fn fetch(deps: &MachineDeps, image: &str, governor: Option<&str>, holder: &str, component: &str) -> Result<(), String> {
+    if pinned_and_local(&*deps.runtime, image).await.is_some() {
+        return Ok(());
+    }
+    let _slot = match governor {
+        Some(g) => {
+            let lease = deps.governor.acquire(g, holder, deps.rollout.governor_timeout).await.map_err(|e| e.to_string())?;
+            Some(deps.slots.hold(lease, component, &deps.node, &*deps.events).await)
+        }
+        None => None,
+    };
+    deps.runtime.pull(image, &|_| {}).await.map(drop).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

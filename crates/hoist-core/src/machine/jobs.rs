@@ -2,7 +2,6 @@
 //! its outcome means (next state, crash, rollback, a wait for the runtime or the backend).
 
 use super::*;
-use futures_util::FutureExt;
 
 #[derive(Debug)]
 pub struct JobOutcome {
@@ -72,40 +71,15 @@ pub(super) enum JobDone {
 }
 
 impl Machine {
-    pub(super) fn spawn_job<F>(&mut self, activity: String, job: impl FnOnce(JobCtx) -> F)
-    where
-        F: Future<Output = JobOutcome> + Send + 'static,
-    {
-        let (cancel, cancelled) = watch::channel(false);
-        self.cancel_job = Some(cancel);
+    /// Starts `work` as the current state's job (the runner runs it, off the loop).
+    pub(super) fn spawn_job(&mut self, activity: String, work: Work) {
+        self.job_running = true;
         self.activity = Some(activity);
-        let ctx = JobCtx {
-            deps: self.deps.clone(),
-            epoch: self.epoch,
-            cancelled: cancelled.clone(),
-            holder: format!("hoist {} @ {}", self.cfg.name, self.deps.node),
-            component: self.machine_name(),
-            tx: self.tx.clone(),
-        };
-        let fut = job(ctx);
-        let (tx, epoch) = (self.tx.clone(), self.epoch);
-        let task = tokio::spawn(async move {
-            let outcome = match std::panic::AssertUnwindSafe(fut).catch_unwind().await {
-                Ok(outcome) => outcome,
-                Err(panic) => JobOutcome { lease: None, result: Err(JobError::Panicked(super::supervise::panic_message(&*panic))) },
-            };
-            // A superseded job's slot is nobody's: dropped here, it is released, rather than handed
-            // to a machine that may already have shut down.
-            if *cancelled.borrow() {
-                return;
-            }
-            let _ = tx.send(Input::JobDone { epoch, outcome: Box::new(outcome) }).await;
-        });
-        self.job = Some(task);
+        self.effect(Effect::Job { epoch: self.epoch, work: Box::new(work) });
     }
 
     /// START (`replace` false: adopt a matching running container) or RESTART (always a fresh one).
-    pub(super) async fn start_provision(&mut self, replace: bool) {
+    pub(super) fn start_provision(&mut self, replace: bool) {
         self.supersede();
         let spec = self.spec();
         let existing = self.container.clone();
@@ -119,7 +93,7 @@ impl Machine {
             update: self.cfg.update_governor.clone(),
             check_fleet_mark: self.check_fleet_mark(),
             remediation: std::mem::take(&mut self.remediating),
-            stop_grace: self.cfg.stop_grace(&self.deps.docker),
+            stop_grace: self.cfg.stop_grace(&self.settings.docker),
         };
         let activity = if delay.is_zero() {
             format!("starting {}", spec.image_ref())
@@ -128,16 +102,12 @@ impl Machine {
         } else {
             format!("restart in {:.1} s (backoff after {} failures)", delay.as_secs_f64(), self.crash.consecutive())
         };
-        self.spawn_job(activity, move |ctx| async move {
-            let mut lease = None;
-            let result = ctx.provision(&spec, existing, replace, delay, turn, &mut lease).await;
-            JobOutcome { lease, result }
-        });
+        self.spawn_job(activity, Work::Provision { spec, existing, replace, delay, turn });
     }
 
     /// How long until a pull may be tried again after a failed one.
     pub(super) fn pull_wait(&self) -> Duration {
-        self.pull_due.map_or(Duration::ZERO, |due| due.saturating_duration_since(Instant::now()))
+        self.pull_due.map_or(Duration::ZERO, |due| due.saturating_duration_since(self.now.at))
     }
 
     /// A new version to pull: earlier pull failures were about another one.
@@ -167,90 +137,22 @@ impl Machine {
         });
         let activity =
             if wait.is_zero() { format!("pulling {image}") } else { format!("retrying the pull in {:.0} s", wait.as_secs_f64().ceil()) };
-        self.spawn_job(activity, move |ctx| async move {
-            let result = async {
-                if !wait.is_zero()
-                    && let Err(e) = ctx.or_cancelled(tokio::time::sleep(wait)).await
-                {
-                    return (None, Err(e));
-                }
-                let rejected = || async { rollback_mark::find(&*ctx.deps.kv, &spec.name, &spec.version).await };
-                if check_fleet_mark && let Some(mark) = rejected().await {
-                    return (None, Ok(JobDone::RolledBackElsewhere(mark)));
-                }
-                let mut restart_slot = None;
-                if let Some(restart) = try_first
-                    && !rollback_mark::verified(&*ctx.deps.kv, &spec.name, &spec.version).await
-                {
-                    // The wait for the slot, in short turns, ends early once another node has passed
-                    // with the version (then it is fetched at once, ahead of this node's turn) or
-                    // rolled it back. Short turns, not a cancelled wait: a campaign cut off before its
-                    // reply could leave a lease nobody holds.
-                    ctx.progress(format!("waiting for a slot of governor {restart}, to try a version no node has passed yet")).await;
-                    loop {
-                        match ctx.acquire_within(&restart, VERIFIED_POLL).await {
-                            Ok(Some(slot)) => {
-                                restart_slot = Some(slot);
-                                break;
-                            }
-                            Ok(None) => {}
-                            Err(e) => return (None, Err(e)),
-                        }
-                        if rollback_mark::verified(&*ctx.deps.kv, &spec.name, &spec.version).await || rejected().await.is_some() {
-                            break;
-                        }
-                    }
-                    // The verdict of whoever had the slot before.
-                    if let Some(mark) = rejected().await {
-                        return (None, Ok(JobDone::RolledBackElsewhere(mark)));
-                    }
-                }
-                // The update governor limits concurrent pulls only; its slot is dropped (released)
-                // with the pull. The restart that follows is governed by the restart governor.
-                let mut slot = None;
-                ctx.progress(format!("pulling {image}")).await;
-                let mut pulled = ctx.pull(&image, governor, &mut slot).await.map(JobDone::Pulled);
-                drop(slot);
-                if let (Ok(_), Some(check)) = (&pulled, &preflight) {
-                    ctx.progress(format!(
-                        "preflight of {image}: {} (timeout {})",
-                        check.command.join(" "),
-                        humantime::format_duration(check.timeout)
-                    ))
-                    .await;
-                    match ctx.preflight(&spec, check).await {
-                        Ok(None) => {}
-                        Ok(Some(why)) => pulled = Ok(JobDone::PreflightFailed(why)),
-                        Err(e) => pulled = Err(e),
-                    }
-                }
-                // A pull that failed keeps no restart slot: nothing is being taken down. A failed
-                // preflight keeps it, for the machine to free once its verdict is recorded.
-                (restart_slot.filter(|_| pulled.is_ok()), pulled)
-            }
-            .await;
-            JobOutcome { lease: result.0, result: result.1 }
-        });
+        let plan = PullPlan { spec, governor, check_fleet_mark, try_first, wait, preflight };
+        self.spawn_job(activity, Work::Pull(plan));
     }
 
     pub(super) fn start_stop(&mut self) {
         let id = self.container.as_ref().filter(|c| c.state == RunState::Running).map(|c| c.id.clone());
-        let grace = self.cfg.stop_grace(&self.deps.docker);
-        self.spawn_job(format!("stopping, {} grace", humantime::format_duration(grace)), move |ctx| async move {
-            let result = match id {
-                Some(id) => ctx.deps.runtime.stop(&id, grace).await.map_err(JobError::from),
-                None => Ok(()),
-            };
-            JobOutcome { lease: None, result: result.map(|()| JobDone::Stopped) }
-        });
+        let grace = self.cfg.stop_grace(&self.settings.docker);
+        self.spawn_job(format!("stopping, {} grace", humantime::format_duration(grace)), Work::Stop { id, grace });
     }
 
-    pub(super) async fn on_job_done(&mut self, epoch: u64, outcome: JobOutcome) {
+    pub(super) fn on_job_done(&mut self, epoch: u64, outcome: JobOutcome) {
         if epoch != self.epoch {
             // Stale: its slot, if any, is released as the outcome is dropped.
             return;
         }
-        self.cancel_job = None;
+        self.job_running = false;
         self.activity = None;
         if let Some(lease) = outcome.lease {
             self.lease = Some(lease);
@@ -259,24 +161,12 @@ impl Machine {
             Ok(JobDone::Running { info, adopted }) => {
                 if self.replacing.take().is_some() && !adopted {
                     self.restarts += 1;
-                    self.remember().await;
+                    self.remember();
                 }
                 // Events of the new container that arrived before this outcome were not yet ours and
-                // were dropped; a fresh look catches one that already died or turned unhealthy.
-                let info = match self.inspect(&info.id).await {
-                    Ok(Some(fresh)) => fresh,
-                    Ok(None) => ContainerInfo { state: RunState::Dead, ..info },
-                    Err(_) => info,
-                };
-                let exited = (info.state != RunState::Running).then_some(info.exit_code);
-                self.container = Some(info);
-                match exited {
-                    Some(exit_code) => {
-                        self.failed(format!("container died ({})", exit_text(exit_code))).await;
-                        self.start_provision(true).await;
-                    }
-                    None => self.begin_gate(adopted),
-                }
+                // were dropped; a fresh look (`on_started`) catches one that already died or turned
+                // unhealthy.
+                self.effect(Effect::Inspect { id: info.id.clone(), then: Box::new(AfterInspect::Started { info, adopted }) });
             }
             Ok(JobDone::Pulled(image_id)) => {
                 self.forget_pull_failures();
@@ -295,7 +185,7 @@ impl Machine {
                 tracing::warn!(container = %self.cfg.name, "{message}");
                 self.bad_version = Some(self.wanted_version());
                 self.bad_version_node = Some(mark.node);
-                self.remember().await;
+                self.remember();
                 self.notice(&message);
                 self.last_error = Some(message);
                 self.release_slot();
@@ -306,7 +196,7 @@ impl Machine {
                 if self.state == State::Update {
                     self.want(Transition::Restart, "the fleet rolled this version back".into());
                 } else {
-                    self.enter().await;
+                    self.enter();
                 }
             }
             Ok(JobDone::PreflightFailed(why)) if self.degraded() => {
@@ -317,7 +207,7 @@ impl Machine {
                 tracing::warn!(container = %self.cfg.name, reason = %why, "preflight failed while the fleet is degraded; trying again later");
                 self.last_error = Some(why);
                 self.release_slot();
-                self.pull_due = Some(Instant::now() + self.pull_retry.next_wait());
+                self.pull_due = Some(self.now.at + self.pull_retry.next_wait());
                 self.keep_unchanged = true;
                 self.update_pulled = true;
                 self.want(Transition::Restart, "the preflight failed while the fleet is degraded; the running container is kept".into());
@@ -325,7 +215,7 @@ impl Machine {
             Ok(JobDone::PreflightFailed(why)) => {
                 // The version fails here as if its gate had: marked bad for this node and the fleet
                 // (and the release's outcome), while the container that serves is kept.
-                self.roll_back(why).await;
+                self.roll_back(why);
                 self.bad_in_preflight = true;
                 self.keep_unchanged = true;
                 self.update_pulled = true;
@@ -341,7 +231,7 @@ impl Machine {
                 }
                 self.want(Transition::Maintenance, "stopped by operator".into());
             }
-            Err(JobError::RuntimeUnavailable(e)) => self.wait_for_runtime(e.to_string()).await,
+            Err(JobError::RuntimeUnavailable(e)) => self.wait_for_runtime(e.to_string()),
             Err(JobError::Backend(e)) => self.retry_later(e, "waiting for the coordination backend"),
             Err(e @ JobError::Panicked(_)) => {
                 tracing::error!(container = %self.cfg.name, state = %self.state, error = %e, "a job panicked; trying again");
@@ -355,11 +245,11 @@ impl Machine {
                 }
                 self.last_error = Some(e);
                 let delay = self.pull_retry.next_wait();
-                self.pull_due = Some(Instant::now() + delay);
+                self.pull_due = Some(self.now.at + delay);
                 match self.state {
                     // Nothing runs that this could replace (a first start, or a container that is
                     // gone): try again after the pull backoff.
-                    State::Start | State::Restart => self.start_provision(true).await,
+                    State::Start | State::Restart => self.start_provision(true),
                     State::Update => {
                         self.activity = Some(format!("retrying the pull in {:.0} s", delay.as_secs_f64().ceil()));
                         self.timer(self.epoch, TimerKind::RetryPull, delay);
@@ -376,17 +266,17 @@ impl Machine {
                         // even be started is rolled back, anything else frees its slot and backs off
                         // (at least 1 s: a job error, unlike a death, is rarely cured at once).
                         let rolls_back = self.trying_new_version();
-                        self.failed(e).await;
+                        self.failed(e);
                         if !rolls_back {
                             self.next_delay = self.next_delay.max(Duration::from_secs(1));
                         }
-                        self.start_provision(true).await
+                        self.start_provision(true)
                     }
                     State::Update => {
                         // Retry after a backoff, which is no crash: the running container is untouched.
                         self.last_error = Some(e);
                         let delay = self.pull_retry.next_wait();
-                        self.pull_due = Some(Instant::now() + delay);
+                        self.pull_due = Some(self.now.at + delay);
                         self.activity = Some(format!("retrying the pull in {:.0} s", delay.as_secs_f64().ceil()));
                         self.timer(self.epoch, TimerKind::RetryPull, delay);
                     }
@@ -400,10 +290,28 @@ impl Machine {
         }
     }
 
+    /// The fresh look at a container a job brought up (`AfterInspect::Started`).
+    pub(super) fn on_started(&mut self, info: ContainerInfo, adopted: bool, looked: Result<Option<ContainerInfo>, RuntimeError>) {
+        let info = match looked {
+            Ok(Some(fresh)) => fresh,
+            Ok(None) => ContainerInfo { state: RunState::Dead, ..info },
+            Err(_) => info,
+        };
+        let exited = (info.state != RunState::Running).then_some(info.exit_code);
+        self.container = Some(info);
+        match exited {
+            Some(exit_code) => {
+                self.failed(format!("container died ({})", exit_text(exit_code)));
+                self.start_provision(true);
+            }
+            None => self.begin_gate(adopted),
+        }
+    }
+
     /// A job could not reach the runtime. Retried when the agent reports the runtime back (`Resync`),
     /// or after `RUNTIME_RETRY` in case the outage was too short for the event stream to notice; no
     /// governor slot is held meanwhile, since the fleet should not wait on a node without an engine.
-    pub(super) async fn wait_for_runtime(&mut self, why: String) {
+    pub(super) fn wait_for_runtime(&mut self, why: String) {
         tracing::warn!(container = %self.cfg.name, state = %self.state, error = %why, "waiting for the container runtime");
         if !self.waiting_for_runtime {
             self.notice(&why);

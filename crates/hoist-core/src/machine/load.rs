@@ -5,12 +5,18 @@ use super::*;
 
 /// Spawns a machine for `cfg`, adopting one of `candidates` (the runtime's containers of this name) if
 /// the runtime already has its container. It runs under a supervisor (`supervise.rs`): a machine
-/// that panics is loaded again from what it persisted, not lost.
-pub async fn spawn(cfg: ContainerConfig, deps: Arc<MachineDeps>, candidates: Vec<ContainerInfo>) -> MachineHandle {
+/// that panics is loaded again from what it persisted, not lost. The supervisor is a task of `owner`
+/// (the agent's).
+pub async fn spawn(
+    cfg: ContainerConfig,
+    deps: Arc<MachineDeps>,
+    candidates: Vec<ContainerInfo>,
+    owner: &mut tokio::task::JoinSet<()>,
+) -> MachineHandle {
     let (tx, rx) = mpsc::channel(256);
     let handle = MachineHandle { name: cfg.name.clone(), tx: tx.clone() };
-    let first = Machine::load(cfg.clone(), deps.clone(), candidates, tx.clone(), supervise::Incarnation::first()).await;
-    tokio::spawn(supervise::supervise(first, cfg, deps, tx, rx));
+    let first = Machine::load(cfg.clone(), deps.clone(), candidates, supervise::Incarnation::first()).await;
+    owner.spawn(supervise::supervise(first, cfg, deps, tx, rx));
     handle
 }
 
@@ -21,15 +27,28 @@ impl Machine {
         cfg: ContainerConfig,
         deps: Arc<MachineDeps>,
         candidates: Vec<ContainerInfo>,
-        tx: mpsc::Sender<Input>,
         incarnation: supervise::Incarnation,
     ) -> (Machine, State) {
         let remembered = deps.store.load(&cfg.name).await;
         let kv_version = remembered.as_ref().and_then(|r| r.desired_version.as_deref()).and_then(|v| ImageVersion::parse(v).ok());
-        let wanted = kv_version.clone().filter(|_| cfg.kv_update).unwrap_or_else(|| cfg.image_tag.clone());
+        let wanted = kv_version.filter(|_| cfg.kv_update).unwrap_or_else(|| cfg.image_tag.clone());
         let preferred =
             Preferred { id: remembered.as_ref().and_then(|r| r.container_id.clone()), spec: cfg.spec(&deps.node, &deps.docker, &wanted) };
         let existing = pick_adoptable(&*deps.runtime, candidates, &preferred).await;
+        let settings = Settings { node: deps.node.clone(), docker: deps.docker.clone(), rollout: deps.rollout.clone() };
+        Machine::new(cfg, settings, remembered, existing, incarnation)
+    }
+
+    /// A machine from what it remembered and the container it adopts, without I/O; and the state it
+    /// begins in.
+    pub(super) fn new(
+        cfg: ContainerConfig,
+        settings: Settings,
+        remembered: Option<Remembered>,
+        existing: Option<ContainerInfo>,
+        incarnation: supervise::Incarnation,
+    ) -> (Machine, State) {
+        let kv_version = remembered.as_ref().and_then(|r| r.desired_version.as_deref()).and_then(|v| ImageVersion::parse(v).ok());
         let machine = Machine {
             instance_id: uuid_v4(),
             state: State::Start,
@@ -37,19 +56,16 @@ impl Machine {
             kv_version,
             last_good_image: remembered.as_ref().and_then(|r| r.last_good_image.clone()),
             lease: None,
-            verdict: None,
             epoch: incarnation.first_epoch(),
             incident: incarnation.incident,
-            cancel_job: None,
-            job: None,
+            job_running: false,
             gate: Gate::default(),
-            probe_task: None,
-            watch_tasks: Vec::new(),
+            probing: false,
             fetch_ahead: None,
             fleet_health: Default::default(),
             bad_in_preflight: false,
-            registration: None,
-            crash: CrashLoop::new(cfg.restart_backoff.unwrap_or(deps.rollout.restart_backoff)),
+            registered: false,
+            crash: CrashLoop::new(cfg.restart_backoff.unwrap_or(settings.rollout.restart_backoff)),
             next_delay: Duration::ZERO,
             pull_retry: Retry::default(),
             pull_due: None,
@@ -73,8 +89,9 @@ impl Machine {
             update_started: None,
             last_update: None,
             pending: Vec::new(),
-            tx,
-            deps,
+            now: Now::read(),
+            effects: Vec::new(),
+            settings,
             cfg,
         };
         let initial = match remembered.map(|r| r.state) {

@@ -1,7 +1,10 @@
-//! One actor per container: it owns that container's state machine and is fed by one channel of
-//! inputs (runtime events, probe results, KV tag changes, file touches, operator requests, timers and
-//! the results of its own background jobs). Nothing is shared between machines; the agent talks to
-//! each through its `MachineHandle`.
+//! One actor per container, in two parts. The machine (`Machine`, this file and the decision files
+//! beside it) holds the container's state and decides: `step(input, now)` gives the new state and
+//! the effects to carry out, as values (`effect.rs`), with no I/O, task or clock of its own. The
+//! runner (`runner.rs`) feeds it one channel of inputs (runtime events, probe results, KV changes,
+//! file touches, operator requests, timers, the outcomes of its jobs) and carries out its effects,
+//! owning every task they start. Nothing is shared between machines; the agent talks to each
+//! through its `MachineHandle`.
 //!
 //! The shape follows a reconcile loop: in RUN the machine compares the container it observes with
 //! the one it wants (`reconcile_run`) and picks the transition that closes the gap. Slow work (governor
@@ -9,6 +12,9 @@
 //! the actor always answers status and operator requests at once.
 
 mod adopt;
+#[cfg(test)]
+mod decisions;
+mod effect;
 mod fetch_ahead;
 mod fleet_health;
 mod gate;
@@ -18,11 +24,14 @@ mod load;
 mod observe;
 mod report;
 mod rollout;
+mod runner;
 mod supervise;
 mod versions;
 mod watches;
 
 use adopt::{Preferred, pick_adoptable};
+pub use effect::AfterInspect;
+use effect::{Effect, FetchJob, Now, PullPlan, Work};
 use gate::Gate;
 use job::{JobCtx, Turn};
 pub use jobs::JobOutcome;
@@ -31,7 +40,6 @@ pub use load::spawn;
 
 use crate::backend::{BackendError, Events, Governor, GovernorEventType, HOIST_BUCKET, Kv, TransitionEvent, tag_key};
 use crate::backoff::{CrashLoop, Retry};
-use crate::clock::unix_now;
 use crate::config::{ContainerConfig, DockerConfig, RegistrationConfig, RolloutConfig};
 use crate::files::FileWatch;
 use crate::fsm::{self, State, Transition, TransitionError};
@@ -74,6 +82,10 @@ pub struct MachineDeps {
     pub slots: SlotKeeper,
     /// Where the machines' events go, in order, without waiting (`Outbox::start(events)`).
     pub outbox: crate::outbox::Outbox,
+    /// The agent's owner of the work a machine hands off that must outlive it: the fleet's record of
+    /// a rollback (and the slot freed once it is recorded), a withdrawal in the background. The agent
+    /// closes it and waits for it, bounded, at shutdown.
+    pub background: tokio_util::task::TaskTracker,
 }
 
 /// Everything a machine reacts to.
@@ -82,6 +94,11 @@ pub enum Input {
     Runtime(RuntimeEvent),
     /// The runtime's event stream was lost and is back: re-inspect, events may have been missed.
     Resync,
+    /// The inspect a decision asked for (`Effect::Inspect`), and where that decision goes on.
+    Inspected {
+        then: Box<AfterInspect>,
+        result: Result<Option<ContainerInfo>, RuntimeError>,
+    },
     /// The raw `HOIST` value for this container's tag; None when the key is absent or deleted.
     DesiredVersion(Option<String>),
     /// The release's digest to fetch ahead of this node's wave (`release::fetch_ahead`), or None.
@@ -192,32 +209,39 @@ impl MachineHandle {
     }
 }
 
+/// What a machine's decisions read of the agent's settings.
+pub(super) struct Settings {
+    pub(super) node: String,
+    /// Container naming, stop grace.
+    pub(super) docker: DockerConfig,
+    pub(super) rollout: RolloutConfig,
+}
+
+/// A container's state machine: every decision, and nothing else. It holds no adapter, task or
+/// channel; `step` turns an input into a new state and the effects to carry out (`effect.rs`), which
+/// the runner (`runner.rs`) does.
 pub struct Machine {
     cfg: ContainerConfig,
-    deps: Arc<MachineDeps>,
-    tx: mpsc::Sender<Input>,
+    settings: Settings,
     instance_id: String,
     state: State,
     container: Option<ContainerInfo>,
     kv_version: Option<ImageVersion>,
     last_good_image: Option<String>,
     lease: Option<Slot>,
-    /// Set while this node's rollback verdict is being recorded for the fleet; true once it is.
-    verdict: Option<watch::Receiver<bool>>,
     /// Bumped whenever a job, probe or timer is superseded, so their late results are ignored.
     epoch: u64,
     /// Why an earlier machine of this container was restarted by the supervisor, for status.
     incident: Option<String>,
-    cancel_job: Option<watch::Sender<bool>>,
-    /// The running (or last) job's task, so shutdown can wait for a cancelled job to let go.
-    job: Option<tokio::task::JoinHandle<()>>,
+    /// A job of the current epoch is running.
+    job_running: bool,
     gate: Gate,
-    probe_task: Option<AbortHandle>,
-    watch_tasks: Vec<AbortHandle>,
+    /// A health-check probe runs for the current container.
+    probing: bool,
     fetch_ahead: Option<fetch_ahead::FetchAhead>,
     fleet_health: fleet_health::FleetHealth,
-    /// Present while in RUN for a container with `register_ports`.
-    registration: Option<registration::Publisher>,
+    /// The container's ports are registered (in RUN, with `register_ports`).
+    registered: bool,
     crash: CrashLoop,
     next_delay: Duration,
     /// Pull retries, apart from crashes: a registry that refuses is no fault of the container.
@@ -261,46 +285,42 @@ pub struct Machine {
     last_update: Option<Duration>,
     /// Transitions decided while handling an input, applied in order once it is handled.
     pending: Vec<(Transition, String)>,
+    /// When the input being handled arrived.
+    now: Now,
+    /// What handling it asks of the world, in order.
+    effects: Vec<Effect>,
 }
 
 impl Machine {
-    /// Handles inputs until shut down. `rx` is the supervisor's, so a restarted machine goes on with
-    /// the inputs queued for the one that panicked.
-    async fn run(mut self, rx: &mut mpsc::Receiver<Input>, initial: State) {
+    /// The first step of a machine just loaded: its watches, and what `initial` is for.
+    fn begin(&mut self, initial: State, now: Now) -> Vec<Effect> {
+        self.now = now;
         self.start_watches();
         self.start_dependency_check();
         self.state = initial;
         tracing::info!(container = %self.cfg.name, state = %initial, "machine loaded");
-        self.enter().await;
-        self.apply_pending().await;
-        while let Some(input) = rx.recv().await {
-            if let Input::Shutdown { remove, done } = input {
-                self.shutdown(remove).await;
-                // A job that finished just before the shutdown may have queued its outcome, and the
-                // governor slot with it: dropping it releases the slot.
-                rx.close();
-                while rx.try_recv().is_ok() {}
-                let _ = done.send(());
-                return;
-            }
-            self.handle(input).await;
-            self.apply_pending().await;
-        }
+        self.enter();
+        self.apply_pending();
+        std::mem::take(&mut self.effects)
+    }
+
+    /// One input: the new state, and what to do about it.
+    fn step(&mut self, input: Input, now: Now) -> Vec<Effect> {
+        self.now = now;
+        self.handle(input);
+        self.apply_pending();
+        std::mem::take(&mut self.effects)
+    }
+
+    fn effect(&mut self, effect: Effect) {
+        self.effects.push(effect);
     }
 
     /// Lets go of the governor slot, if one is held. While a rollback verdict of this node is still
-    /// being recorded, the slot is freed only once it is (or the recording gave up), so that the node
-    /// taking it next reads the verdict.
+    /// being recorded, the runner frees it only once it is, so that the node taking it next reads it.
     fn release_slot(&mut self) {
-        let Some(slot) = self.lease.take() else { return };
-        match self.verdict.clone() {
-            Some(mut recorded) if !*recorded.borrow() => {
-                tokio::spawn(async move {
-                    let _ = recorded.wait_for(|done| *done).await;
-                    drop(slot);
-                });
-            }
-            _ => drop(slot),
+        if let Some(slot) = self.lease.take() {
+            self.effect(Effect::Release(slot));
         }
     }
 
@@ -308,11 +328,12 @@ impl Machine {
         format!("hoist_{}", self.cfg.name)
     }
 
-    async fn handle(&mut self, input: Input) {
+    fn handle(&mut self, input: Input) {
         match input {
-            Input::Runtime(event) => self.on_runtime_event(event).await,
-            Input::Resync => self.resync().await,
-            Input::DesiredVersion(raw) => self.on_desired_version(raw).await,
+            Input::Runtime(event) => self.on_runtime_event(event),
+            Input::Resync => self.resync(),
+            Input::Inspected { then, result } => self.on_inspected(*then, result),
+            Input::DesiredVersion(raw) => self.on_desired_version(raw),
             Input::FetchAhead(raw) => self.on_fetch_ahead(raw),
             Input::FetchedAhead { version, result } => self.on_fetched_ahead(version, result),
             Input::Degraded(verdict) => self.on_degraded(verdict),
@@ -325,15 +346,15 @@ impl Machine {
                     tracing::debug!(container = %self.cfg.name, path = %path.display(), state = %self.state, "file touched outside RUN, ignored");
                 }
             }
-            Input::Reconfigure(cfg) => self.reconfigure(*cfg).await,
+            Input::Reconfigure(cfg) => self.reconfigure(*cfg),
             Input::Request(transition, reply) => {
-                let result = self.request(transition).await;
-                let _ = reply.send(result);
+                let result = self.request(transition);
+                self.effect(Effect::Reply(reply, result));
             }
             Input::Status(reply) => {
                 let _ = reply.send(self.status());
             }
-            Input::Probe { epoch, result } if epoch == self.epoch => self.on_probe(result).await,
+            Input::Probe { epoch, result } if epoch == self.epoch => self.on_probe(result),
             Input::GovernorWaited(waited) => self.governor_wait += waited,
             Input::TakingDown { epoch, slot } => {
                 self.taking_down |= epoch == self.epoch;
@@ -347,19 +368,20 @@ impl Machine {
                 }
             }
             Input::JobProgress { epoch, activity } => {
-                if epoch == self.epoch && self.cancel_job.is_some() {
+                if epoch == self.epoch && self.job_running {
                     self.activity = Some(activity);
                 }
             }
-            Input::JobDone { epoch, outcome } => self.on_job_done(epoch, *outcome).await,
-            Input::Timer { epoch, timer } if epoch == self.epoch => self.on_timer(timer).await,
+            Input::JobDone { epoch, outcome } => self.on_job_done(epoch, *outcome),
+            Input::Timer { epoch, timer } if epoch == self.epoch => self.on_timer(timer),
             Input::Probe { .. } | Input::Timer { .. } => {}
-            Input::Shutdown { .. } => unreachable!("handled by the run loop"),
+            // The runner's to handle (it also waits for the job): `shutdown`.
+            Input::Shutdown { .. } => unreachable!("handled by the runner"),
         }
     }
 
     /// An operator's request: checked against the table and applied now.
-    async fn request(&mut self, transition: Transition) -> Result<State, TransitionError> {
+    fn request(&mut self, transition: Transition) -> Result<State, TransitionError> {
         if !transition.operator_may_request() {
             return Err(TransitionError::NotRequestable(transition));
         }
@@ -370,18 +392,15 @@ impl Machine {
             // The operator says the version is worth another try (e.g. the tag was re-pushed), here
             // and, through the fleet's mark, on the nodes that skipped it.
             if self.clear_bad_version() {
-                self.remember().await;
+                self.remember();
             }
-            // Done before replying, not in the background: a late delete could remove the verdict of
-            // the retry that another node has meanwhile made. Capped, as the store may be unreachable.
-            if let Some(asked) = self.kv_asks() {
-                let forget = rollback_mark::forget(&*self.deps.kv, &self.cfg.name, asked);
-                if tokio::time::timeout(MARK_FORGET_LIMIT, forget).await.is_err() {
-                    tracing::warn!(container = %self.cfg.name, "could not delete the fleet's rollback mark in time");
-                }
+            // Before the reply and the retry, not in the background: a late delete could remove the
+            // verdict of the retry that another node has meanwhile made.
+            if let Some(asked) = self.kv_asks().cloned() {
+                self.effect(Effect::ForgetMark { version: asked });
             }
         }
-        self.apply(transition, "requested by operator".into()).await;
+        self.apply(transition, "requested by operator".into());
         Ok(self.state)
     }
 
@@ -389,18 +408,18 @@ impl Machine {
         self.pending.push((transition, why));
     }
 
-    async fn apply_pending(&mut self) {
+    fn apply_pending(&mut self) {
         while !self.pending.is_empty() {
             let (transition, why) = self.pending.remove(0);
             if fsm::check(self.state, transition).is_ok() {
-                self.apply(transition, why).await;
+                self.apply(transition, why);
             } else {
                 tracing::debug!(container = %self.cfg.name, %transition, state = %self.state, "transition no longer applies");
             }
         }
     }
 
-    async fn apply(&mut self, transition: Transition, why: String) {
+    fn apply(&mut self, transition: Transition, why: String) {
         let Ok(to) = fsm::check(self.state, transition) else { return };
         let from = self.state;
         if from == State::Update && to == State::Restart && !self.update_pulled {
@@ -426,28 +445,26 @@ impl Machine {
         }
         tracing::info!(container = %self.cfg.name, %transition, %from, %to, reason = %why, "transition");
         self.publish(transition, from, &why);
-        self.enter().await;
+        self.enter();
     }
 
     /// Starts what the current state is for.
-    async fn enter(&mut self) {
+    fn enter(&mut self) {
         self.supersede();
-        self.remember().await;
+        self.remember();
         // Registered only while in RUN, i.e. having passed the health gate; RUN → RUN is no change.
-        if self.state != State::Run
-            && let Some(publisher) = self.registration.take()
-        {
-            publisher.withdraw_in_background();
+        if self.state != State::Run && std::mem::take(&mut self.registered) {
+            self.effect(Effect::Withdraw { wait: false });
         }
         match self.state {
-            State::Start => self.start_provision(false).await,
+            State::Start => self.start_provision(false),
             State::Restart => {
                 let replace = !std::mem::take(&mut self.keep_unchanged);
-                self.start_provision(replace).await
+                self.start_provision(replace)
             }
             State::Update => {
                 self.update_pulled = false;
-                self.update_started.get_or_insert_with(Instant::now);
+                self.update_started.get_or_insert(self.now.at);
                 self.start_pull();
             }
             State::Stop => {
@@ -468,9 +485,9 @@ impl Machine {
                 self.remediating = false;
                 self.backend_retry.reset();
                 self.activity = None;
-                self.crash.healthy(Instant::now());
+                self.crash.healthy(self.now.at);
                 if let Some(started) = self.update_started.take() {
-                    self.last_update = Some(started.elapsed());
+                    self.last_update = Some(self.now.at.saturating_duration_since(started));
                 }
                 self.start_probe();
                 self.register();
@@ -484,42 +501,39 @@ impl Machine {
         self.epoch += 1;
         self.taking_down = false;
         self.waiting_for_runtime = false;
-        if let Some(cancel) = self.cancel_job.take() {
-            let _ = cancel.send(true);
+        if std::mem::take(&mut self.job_running) {
+            self.effect(Effect::CancelJob);
         }
         self.stop_probe();
         self.gate = Gate::default();
     }
 
-    async fn shutdown(&mut self, remove: bool) {
+    /// Stop managing; with `remove`, the container is removed too.
+    fn shutdown(&mut self, remove: bool, now: Now) -> Vec<Effect> {
+        self.now = now;
         self.supersede();
-        if let Some(job) = self.job.take() {
-            // Cancelled jobs end at their next await point; bound the wait in case the runtime hangs.
-            let _ = tokio::time::timeout(Duration::from_secs(10), job).await;
-        }
-        for task in self.watch_tasks.drain(..) {
-            task.abort();
-        }
+        // Cancelled jobs end at their next await point; the runner bounds the wait.
+        self.effect(Effect::JoinJob);
+        self.effect(Effect::StopWatches);
         self.stop_dependency_check();
-        self.fetch_ahead = None;
+        if self.fetch_ahead.take().is_some() {
+            self.effect(Effect::FetchAhead(None));
+        }
         self.release_slot();
-        if let Some(publisher) = self.registration.take() {
-            publisher.withdraw().await;
+        if std::mem::take(&mut self.registered) {
+            self.effect(Effect::Withdraw { wait: true });
         }
         if remove {
             if let Some(c) = self.container.take() {
-                if c.state == RunState::Running {
-                    let _ = self.deps.runtime.stop(&c.id, self.cfg.stop_grace(&self.deps.docker)).await;
-                }
-                if let Err(e) = self.deps.runtime.remove(&c.id).await {
-                    tracing::warn!(container = %self.cfg.name, error = %e, "could not remove the container");
-                }
+                let grace = self.cfg.stop_grace(&self.settings.docker);
+                self.effect(Effect::RemoveContainer { id: c.id, running: c.state == RunState::Running, grace });
             }
-            let _ = self.deps.store.forget(&self.cfg.name).await;
+            self.effect(Effect::Forget);
             tracing::info!(container = %self.cfg.name, "removed");
         } else {
-            self.remember().await;
+            self.remember();
         }
+        std::mem::take(&mut self.effects)
     }
 }
 

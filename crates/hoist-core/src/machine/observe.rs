@@ -5,9 +5,10 @@ use super::*;
 
 impl Machine {
     pub(super) fn register(&mut self) {
-        if self.registration.is_none() {
-            let (kv, events, settings) = (self.deps.kv.clone(), self.deps.events.clone(), &self.deps.registration);
-            self.registration = registration::Publisher::start(kv, events, &self.cfg.register_ports, &self.instance_id, settings);
+        if !self.registered && !self.cfg.register_ports.is_empty() {
+            self.registered = true;
+            let (ports, instance) = (self.cfg.register_ports.clone(), self.instance_id.clone());
+            self.effect(Effect::Register { ports, instance });
         }
     }
 
@@ -30,7 +31,7 @@ impl Machine {
         }
     }
 
-    pub(super) async fn on_runtime_event(&mut self, event: RuntimeEvent) {
+    pub(super) fn on_runtime_event(&mut self, event: RuntimeEvent) {
         let ours = self.container.as_ref().is_some_and(|c| c.id == event.container_id);
         if !ours {
             return;
@@ -44,7 +45,7 @@ impl Machine {
             RuntimeEventKind::Health(h) => {
                 c.health = h;
                 if h == RuntimeHealth::Unhealthy && self.state == State::Run {
-                    self.failed("Docker reports the container unhealthy".into()).await;
+                    self.failed("Docker reports the container unhealthy".into());
                 }
             }
             RuntimeEventKind::Died { exit_code } => {
@@ -54,52 +55,68 @@ impl Machine {
                 c.exit_code = exit_code;
                 self.stop_probe();
                 if matches!(self.state, State::Run | State::Start | State::Restart | State::Update)
-                    && (self.cancel_job.is_none() || self.state == State::Update)
+                    && (!self.job_running || self.state == State::Update)
                 {
-                    let why = format!("container died ({})", exit_text(exit_code));
                     // An engine stopping without live-restore kills its containers and stops
                     // answering: no crash of the container, and no reason to roll a new version back.
-                    // It is replaced all the same, once the engine is back.
-                    match self.inspect(&event.container_id).await {
-                        Err(RuntimeError::Unavailable(_)) => self.last_error = Some(format!("{why}: the container runtime went away")),
-                        _ => {
-                            self.failed(why.clone()).await;
-                            self.revive_during_update(&why);
-                        }
-                    }
-                } else if was_running
-                    && matches!(self.state, State::Start | State::Restart)
-                    && self.cancel_job.is_some()
-                    && !self.taking_down
-                {
+                    // A look tells (`AfterInspect::Died`).
+                    let why = format!("container died ({})", exit_text(exit_code));
+                    self.effect(Effect::Inspect { id: event.container_id, then: Box::new(AfterInspect::Died { why }) });
+                    return;
+                } else if was_running && matches!(self.state, State::Start | State::Restart) && self.job_running && !self.taking_down {
                     // The container a replacement is waiting to take down (for a slot, say) died on
                     // its own: it is down already, so the replacement goes ahead now, without a slot.
                     // A crash of the old container, not a failure of the version coming in.
                     let why = format!("container died ({}) while its replacement waited", exit_text(exit_code));
                     tracing::warn!(container = %self.cfg.name, reason = %why, "replacing it at once");
-                    self.next_delay = self.crash.failed(Instant::now());
+                    self.next_delay = self.crash.failed(self.now.at);
                     self.last_error = Some(why);
                     self.remediating = true;
-                    self.start_provision(true).await;
+                    self.start_provision(true);
                 }
             }
             RuntimeEventKind::Destroyed => {
                 self.container = None;
                 self.stop_probe();
-                if matches!(self.state, State::Run | State::Start | State::Restart) && self.cancel_job.is_none() {
-                    self.failed("container was removed".into()).await;
+                if matches!(self.state, State::Run | State::Start | State::Restart) && !self.job_running {
+                    self.failed("container was removed".into());
                 }
             }
         }
-        self.after_observation().await;
+        self.after_observation();
     }
 
-    /// A look at one container, bounded: the machine answers status and operators while it waits, so
-    /// an engine that hangs must not hold it (an engine that does not answer in time is unavailable).
-    pub(super) async fn inspect(&self, id: &str) -> Result<Option<ContainerInfo>, RuntimeError> {
-        tokio::time::timeout(INSPECT_LIMIT, self.deps.runtime.inspect(id))
-            .await
-            .unwrap_or_else(|_| Err(RuntimeError::Unavailable(format!("inspecting {id} took longer than {INSPECT_LIMIT:?}"))))
+    /// Where a decision that looked at its container goes on.
+    pub(super) fn on_inspected(&mut self, then: AfterInspect, result: Result<Option<ContainerInfo>, RuntimeError>) {
+        match then {
+            AfterInspect::Died { why } => {
+                match result {
+                    // It is replaced all the same, once the engine is back.
+                    Err(RuntimeError::Unavailable(_)) => self.last_error = Some(format!("{why}: the container runtime went away")),
+                    _ => {
+                        self.failed(why.clone());
+                        self.revive_during_update(&why);
+                    }
+                }
+                self.after_observation();
+            }
+            AfterInspect::Started { info, adopted } => self.on_started(info, adopted, result),
+            AfterInspect::Resync => {
+                let found = match result {
+                    Ok(found) => found,
+                    Err(e) => return tracing::warn!(container = %self.cfg.name, error = %e, "resync failed"),
+                };
+                let was_running = self.container.as_ref().is_some_and(|c| c.state == RunState::Running);
+                self.container = found;
+                let running = self.container.as_ref().is_some_and(|c| c.state == RunState::Running);
+                if was_running && !running {
+                    // Most likely stopped by the engine itself going down (no live-restore): replaced
+                    // below, but neither a crash of the container nor a reason to roll a new version back.
+                    self.last_error = Some("container stopped while the runtime was unreachable".into());
+                }
+                self.resynced();
+            }
+        }
     }
 
     /// The running container failed while its update waits for a pull (a registry that refuses, a
@@ -112,40 +129,33 @@ impl Machine {
 
     /// Re-reads the container after the event stream was interrupted, and retries a job that found
     /// the runtime unreachable.
-    pub(super) async fn resync(&mut self) {
-        if let Some(id) = self.container.as_ref().map(|c| c.id.clone()) {
-            let found = match self.inspect(&id).await {
-                Ok(found) => found,
-                Err(e) => return tracing::warn!(container = %self.cfg.name, error = %e, "resync failed"),
-            };
-            let was_running = self.container.as_ref().is_some_and(|c| c.state == RunState::Running);
-            self.container = found;
-            let running = self.container.as_ref().is_some_and(|c| c.state == RunState::Running);
-            if was_running && !running {
-                // Most likely stopped by the engine itself going down (no live-restore): replaced
-                // below, but neither a crash of the container nor a reason to roll a new version back.
-                self.last_error = Some("container stopped while the runtime was unreachable".into());
-            }
+    pub(super) fn resync(&mut self) {
+        match self.container.as_ref().map(|c| c.id.clone()) {
+            Some(id) => self.effect(Effect::Inspect { id, then: Box::new(AfterInspect::Resync) }),
+            None => self.resynced(),
         }
+    }
+
+    fn resynced(&mut self) {
         if self.waiting_for_runtime {
-            self.enter().await;
+            self.enter();
         } else {
-            self.after_observation().await;
+            self.after_observation();
         }
     }
 
     /// After the container's observed state changed: in RUN reconcile, in a gate re-check or retry.
-    pub(super) async fn after_observation(&mut self) {
+    pub(super) fn after_observation(&mut self) {
         match self.state {
             State::Run => self.reconcile_run(),
-            State::Start | State::Restart if self.cancel_job.is_none() => {
+            State::Start | State::Restart if !self.job_running => {
                 let running = self.container.as_ref().is_some_and(|c| c.state == RunState::Running);
                 let unhealthy = self.container.as_ref().is_some_and(|c| c.health == RuntimeHealth::Unhealthy);
                 if !running || unhealthy {
                     if unhealthy {
-                        self.failed("Docker reports the new container unhealthy".into()).await;
+                        self.failed("Docker reports the new container unhealthy".into());
                     }
-                    self.start_provision(true).await;
+                    self.start_provision(true);
                 } else {
                     self.check_gate();
                 }
@@ -156,14 +166,14 @@ impl Machine {
 
     /// Records a failure of the container and arranges its replacement: with backoff, or, when a new
     /// version fails its health gate, by rolling back to the last version that passed it.
-    pub(super) async fn failed(&mut self, why: String) {
+    pub(super) fn failed(&mut self, why: String) {
         tracing::warn!(container = %self.cfg.name, state = %self.state, reason = %why, "container failed");
         // Its replacement brings back a container that is down already.
         self.remediating = true;
         self.failing(&why);
         let trying = matches!(self.state, State::Start | State::Restart) && self.trying_new_version();
         if trying && !self.degraded() {
-            self.roll_back(why).await;
+            self.roll_back(why);
             return;
         }
         if self.degraded() {
@@ -172,9 +182,9 @@ impl Machine {
             if trying {
                 tracing::warn!(container = %self.cfg.name, "not rolled back: the fleet is degraded, so the failure is not the version's");
             }
-            self.next_delay = self.crash.failed_patiently(Instant::now());
+            self.next_delay = self.crash.failed_patiently(self.now.at);
         } else {
-            self.next_delay = self.crash.failed(Instant::now());
+            self.next_delay = self.crash.failed(self.now.at);
         }
         self.last_error = Some(why);
         if matches!(self.state, State::Start | State::Restart) {

@@ -3,7 +3,7 @@
 use super::*;
 
 impl Machine {
-    pub(super) async fn remember(&self) {
+    pub(super) fn remember(&mut self) {
         let remembered = Remembered {
             state: self.state,
             desired_version: self.kv_version.as_ref().map(|v| v.to_string()),
@@ -13,35 +13,29 @@ impl Machine {
             bad_version_node: self.bad_version_node.clone(),
             container_id: self.container.as_ref().map(|c| c.id.clone()),
         };
-        if let Err(e) = self.deps.store.save(&self.cfg.name, &remembered).await {
-            tracing::warn!(container = %self.cfg.name, error = %e, "could not save machine state");
-        }
+        self.effect(Effect::Persist(remembered));
     }
 
     /// The transition just made (from `from` to the current state). Like every event, it is queued
-    /// in the outbox: a machine never waits on the backend for a report.
-    pub(super) fn publish(&self, transition: Transition, from: State, why: &str) {
+    /// in the outbox by the runner: a machine never waits on the backend for a report.
+    pub(super) fn publish(&mut self, transition: Transition, from: State, why: &str) {
         self.emit(transition.as_str(), from, why);
     }
 
     /// A problem worth an event but no state change (a refused KV value, a failed pull).
-    pub(super) fn notice(&self, message: &str) {
+    pub(super) fn notice(&mut self, message: &str) {
         self.publish_event("error", message);
     }
 
     /// An event that is not a state change (an error, a rollback), in the transition shape with
     /// from = to = the current state, so Choria tools show it in the same stream.
-    pub(super) fn publish_event(&self, kind: &str, message: &str) {
+    pub(super) fn publish_event(&mut self, kind: &str, message: &str) {
         self.emit(kind, self.state, message);
     }
 
-    pub(super) fn emit(&self, kind: &str, from: State, detail: &str) {
-        let event = TransitionEvent {
-            detail: Some(detail.to_string()),
-            image: Some(self.spec().image_ref()),
-            ..TransitionEvent::now(&self.deps.node, &self.instance_id, &self.machine_name(), kind, from.as_str(), self.state.as_str())
-        };
-        self.deps.outbox.send(event);
+    pub(super) fn emit(&mut self, kind: &str, from: State, detail: &str) {
+        let (to, image) = (self.state, self.spec().image_ref());
+        self.effect(Effect::Publish { kind: kind.to_string(), from, to, detail: detail.to_string(), image });
     }
 
     pub(super) fn status(&self) -> MachineStatus {
@@ -66,7 +60,7 @@ impl Machine {
         MachineStatus {
             name: self.machine_name(),
             container: self.cfg.name.clone(),
-            node: self.deps.node.clone(),
+            node: self.settings.node.clone(),
             id: self.instance_id.clone(),
             state: self.state,
             version,

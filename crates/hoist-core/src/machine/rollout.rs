@@ -4,25 +4,18 @@
 use super::*;
 
 impl Machine {
-    pub(super) async fn roll_back(&mut self, why: String) {
+    pub(super) fn roll_back(&mut self, why: String) {
         let failed = self.spec().image_ref();
-        if let Some(asked) = self.kv_asks() {
+        if let Some(asked) = self.kv_asks().cloned() {
             // Asked of the whole fleet: tell the nodes still waiting. Until the fleet knows (or the
-            // recording gives up), this node's slot is not freed (`release_slot`): freed before, it
+            // recording gives up), this node's slot is not freed (`Effect::Release`): freed before, it
             // would let the next node try the version while this one, cut off, still cannot say why not.
-            let (kv, name, version, node, why) =
-                (self.deps.kv.clone(), self.cfg.name.clone(), asked.clone(), self.deps.node.clone(), why.clone());
-            let (recorded, verdict) = watch::channel(false);
-            self.verdict = Some(verdict);
-            tokio::spawn(async move {
-                rollback_mark::record(&*kv, &name, &version, &node, &why).await;
-                let _ = recorded.send(true);
-            });
+            self.effect(Effect::RecordRollback { version: asked, why: why.clone() });
         }
         self.bad_version = Some(self.wanted_version());
         self.bad_version_node = None;
         self.bad_in_preflight = false;
-        self.remember().await;
+        self.remember();
         let message = format!("rolled back from {failed} to {}: {why}", self.spec().image_ref());
         tracing::warn!(container = %self.cfg.name, "{message}");
         self.publish_event("rollback", &message);
@@ -30,7 +23,7 @@ impl Machine {
         self.next_delay = Duration::ZERO;
     }
 
-    pub(super) async fn on_desired_version(&mut self, raw: Option<String>) {
+    pub(super) fn on_desired_version(&mut self, raw: Option<String>) {
         let parsed = match raw.as_deref().map(str::trim) {
             None => None,
             Some(v) => match ImageVersion::parse(v) {
@@ -55,7 +48,7 @@ impl Machine {
         self.kv_version = parsed;
         self.clear_bad_version();
         self.forget_pull_failures();
-        self.remember().await;
+        self.remember();
         let after = self.spec().image_ref();
         if before == after {
             return;
@@ -65,12 +58,12 @@ impl Machine {
             State::Run => self.reconcile_run(),
             State::Start | State::Restart => self.want(Transition::Update, format!("KV: {after}")),
             // A newer tag while pulling the previous one: pull the newer one instead.
-            State::Update => self.enter().await,
+            State::Update => self.enter(),
             State::Stop | State::Maintenance => {}
         }
     }
 
-    pub(super) async fn reconfigure(&mut self, cfg: ContainerConfig) {
+    pub(super) fn reconfigure(&mut self, cfg: ContainerConfig) {
         let before = self.spec().hash();
         let watches_changed = (cfg.kv_update, &cfg.restart_files) != (self.cfg.kv_update, &self.cfg.restart_files);
         let probe_changed = cfg.health_check != self.cfg.health_check;
@@ -80,22 +73,19 @@ impl Machine {
             self.clear_bad_version();
             self.forget_pull_failures();
         }
-        self.crash.reconfigure(cfg.restart_backoff.unwrap_or(self.deps.rollout.restart_backoff));
+        self.crash.reconfigure(cfg.restart_backoff.unwrap_or(self.settings.rollout.restart_backoff));
         self.cfg = cfg;
         if watches_changed {
-            for task in self.watch_tasks.drain(..) {
-                task.abort();
-            }
             self.start_watches();
         }
-        if probe_changed && self.probe_task.is_some() {
+        if probe_changed && self.probing {
             self.start_probe();
         }
         if dependency_changed {
             self.start_dependency_check();
         }
-        if registrations_changed && let Some(publisher) = self.registration.take() {
-            publisher.withdraw().await;
+        if registrations_changed && std::mem::take(&mut self.registered) {
+            self.effect(Effect::Withdraw { wait: true });
             self.register();
         }
         if self.spec().hash() == before {
@@ -105,7 +95,7 @@ impl Machine {
             State::Run => self.reconcile_run(),
             // Replace a container still being brought up with the new definition straight away: the
             // old definition may be the reason it cannot come up.
-            State::Start | State::Restart => self.start_provision(true).await,
+            State::Start | State::Restart => self.start_provision(true),
             State::Update | State::Stop | State::Maintenance => {}
         }
     }

@@ -37,7 +37,7 @@ pub(super) async fn supervise(
     let (mut machine, mut initial) = first;
     let mut panics = 0u64;
     loop {
-        match AssertUnwindSafe(machine.run(&mut rx, initial)).catch_unwind().await {
+        match AssertUnwindSafe(runner::Runner::new(machine, deps.clone(), tx.clone()).run(&mut rx, initial)).catch_unwind().await {
             Ok(()) => return,
             Err(panic) => {
                 panics += 1;
@@ -51,7 +51,7 @@ pub(super) async fn supervise(
                 // Looked up afresh: what the old machine left may have changed meanwhile.
                 let candidates = deps.runtime.find(&deps.node, &cfg.name).await.unwrap_or_default();
                 let incarnation = Incarnation { number: panics, incident: Some(incident) };
-                (machine, initial) = Machine::load(cfg.clone(), deps.clone(), candidates, tx.clone(), incarnation).await;
+                (machine, initial) = Machine::load(cfg.clone(), deps.clone(), candidates, incarnation).await;
             }
         }
     }

@@ -7,7 +7,7 @@ use super::*;
 
 impl Machine {
     pub(super) fn spec(&self) -> ContainerSpec {
-        self.cfg.spec(&self.deps.node, &self.deps.docker, &self.desired_version())
+        self.cfg.spec(&self.settings.node, &self.settings.docker, &self.desired_version())
     }
 
     /// What the KV or the config asks for.

@@ -5,24 +5,34 @@ use super::*;
 
 impl Machine {
     pub(super) fn start_watches(&mut self) {
-        let kv = self.deps.kv.clone();
-        let tx = self.tx.clone();
-        let (node, container) = (self.deps.node.clone(), self.cfg.name.clone());
-        let task = tokio::spawn(watch_desired(kv, node, container, self.cfg.kv_update, self.cfg.kv_interval, tx));
-        self.watch_tasks.push(task.abort_handle());
-        if !self.cfg.restart_files.is_empty() {
-            let mut touched = self.deps.files.watch(&self.cfg.restart_files);
-            let tx = self.tx.clone();
-            let task = tokio::spawn(async move {
-                while let Some(path) = touched.next().await {
-                    if tx.send(Input::FileTouched(path)).await.is_err() {
-                        return;
-                    }
-                }
-            });
-            self.watch_tasks.push(task.abort_handle());
-        }
+        let (kv_update, kv_interval, restart_files) = (self.cfg.kv_update, self.cfg.kv_interval, self.cfg.restart_files.clone());
+        self.effect(Effect::Watch { kv_update, kv_interval, restart_files });
     }
+}
+
+/// Starts, as tasks of `owner`, the watches `Effect::Watch` asks for: the KV keys (`watch_desired`)
+/// and the restart files.
+pub(super) fn start(
+    owner: &mut tokio::task::JoinSet<()>,
+    deps: &MachineDeps,
+    container: &str,
+    (kv_update, kv_interval, restart_files): (bool, Duration, Vec<PathBuf>),
+    tx: &mpsc::Sender<Input>,
+) -> Vec<AbortHandle> {
+    let (kv, node) = (deps.kv.clone(), deps.node.clone());
+    let mut tasks = vec![owner.spawn(watch_desired(kv, node, container.to_string(), kv_update, kv_interval, tx.clone()))];
+    if !restart_files.is_empty() {
+        let mut touched = deps.files.watch(&restart_files);
+        let tx = tx.clone();
+        tasks.push(owner.spawn(async move {
+            while let Some(path) = touched.next().await {
+                if tx.send(Input::FileTouched(path)).await.is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    tasks
 }
 
 /// Follows what the fleet says of the container: with `kv_update`, what it should run — its tag key
