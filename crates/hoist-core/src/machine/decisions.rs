@@ -101,6 +101,9 @@ fn said(effects: &[Effect]) -> Vec<String> {
         .collect()
 }
 
+/// What an inspect answers.
+type Looked = Result<Option<ContainerInfo>, RuntimeError>;
+
 fn job_done(epoch: u64, result: Result<JobDone, JobError>) -> Input {
     Input::JobDone { epoch, outcome: Box::new(JobOutcome { lease: None, result }) }
 }
@@ -162,7 +165,7 @@ fn a_death_in_run_is_looked_at_first_and_an_engine_going_away_is_no_crash() {
     };
     let gone = Err(RuntimeError::Unavailable("engine stopped".into()));
     // (the inspect's answer, what follows, crashes counted)
-    let cases: [(Result<Option<ContainerInfo>, RuntimeError>, Vec<&str>, u32); 2] = [
+    let cases: [(Looked, Vec<&str>, u32); 2] = [
         (Ok(None), vec!["restart RUN→RESTART", "provision v1 replace=true delay=0ms"], 1),
         (gone, vec!["restart RUN→RESTART", "provision v1 replace=true delay=0ms"], 0),
     ];
@@ -184,7 +187,8 @@ fn a_death_in_run_is_looked_at_first_and_an_engine_going_away_is_no_crash() {
 fn a_new_version_failing_its_gate_is_rolled_back_and_the_last_good_one_brought_back() {
     let mut clock = Clock::new();
     let probe_fails = "    health_check:\n      type: exec\n      command: [\"true\"]\n      retries: 1\n";
-    let fails: [(&str, fn(&Machine) -> Input); 2] = [
+    type Fail = fn(&Machine) -> Input;
+    let fails: [(&str, Fail); 2] = [
         ("the gate's deadline", |m| Input::Timer { epoch: m.epoch, timer: TimerKind::GateDeadline }),
         ("a failed probe", |m| Input::Probe { epoch: m.epoch, result: Err(ProbeError::Failed("exit 1".into())) }),
     ];
