@@ -21,6 +21,9 @@ pub struct Remembered {
     /// The node where `bad_version` failed, when it was another node's rollback that stopped it here.
     #[serde(default)]
     pub bad_version_node: Option<String>,
+    /// `bad_version` failed its preflight here (it never ran), rather than its health gate.
+    #[serde(default)]
+    pub bad_in_preflight: bool,
     /// The container the machine managed, so a restarted agent adopts that one and no look-alike.
     #[serde(default)]
     pub container_id: Option<String>,

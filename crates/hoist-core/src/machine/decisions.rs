@@ -29,6 +29,7 @@ fn remembered(state: State, desired: &str, last_good: &str) -> Option<Remembered
         restarts: 0,
         bad_version: None,
         bad_version_node: None,
+        bad_in_preflight: false,
         container_id: Some("c1".into()),
     })
 }
@@ -196,7 +197,7 @@ fn a_new_version_failing_its_gate_is_rolled_back_and_the_last_good_one_brought_b
         let mut m = trying_v2(&mut clock, probe_fails);
         let effects = m.step(fail(&m), clock.after(Duration::from_secs(5)));
         assert_eq!(said(&effects), ["record rollback v2", "event rollback", "provision v1 replace=true delay=0ms"], "{how}");
-        assert_eq!(m.bad_version, Some(ImageVersion::parse("v2").unwrap()));
+        assert_eq!(m.rejected, Some(Rejected { version: ImageVersion::parse("v2").unwrap(), at: FailedAt::Gate }), "{how}");
         assert_eq!(m.crash.consecutive(), 0, "a rollback is no crash: {how}");
         // The version is not tried again while the KV asks for it.
         let effects = m.step(Input::DesiredVersion(Some("v2".into())), clock.after(Duration::from_secs(1)));
@@ -224,7 +225,7 @@ fn a_degraded_fleet_turns_a_rollback_into_a_patient_restart() {
     let effects = m.step(Input::Timer { epoch: m.epoch, timer: TimerKind::GateDeadline }, clock.after(Duration::from_secs(5)));
     let said = said(&effects);
     assert!(!said.iter().any(|e| e.contains("rollback")), "{said:?}");
-    assert_eq!(m.bad_version, None);
+    assert_eq!(m.rejected, None);
     // What ran is brought back (a new version waits while degraded), after the crash backoff.
     assert!(
         said.iter().any(|e| e.starts_with("provision v1 replace=true delay=") && !e.ends_with("delay=0ms")),
@@ -261,7 +262,7 @@ fn what_a_failed_job_leads_to_depends_on_whose_fault_it_is() {
         assert_eq!(said(&effects), expected, "{what}");
         assert_eq!(m.state, state, "{what}");
         assert_eq!(m.crash.consecutive(), crashes, "{what}");
-        assert!(m.bad_version.is_none(), "nothing is marked bad: {what}");
+        assert!(m.rejected.is_none(), "nothing is marked bad: {what}");
         assert!(m.container.as_ref().is_some_and(|c| c.image.ends_with(":v1")), "v1 keeps serving: {what}");
     }
 }
@@ -309,4 +310,24 @@ fn operator_requests_are_checked_against_the_table_and_update_forgets_the_mark_f
     // `update` deletes the fleet's mark before the retry starts and before it answers.
     let effects = m.step(Input::Request(Transition::Update, reply()), clock.0);
     assert_eq!(said(&effects), ["forget mark v1", "update RUN→UPDATE", "pull v1", "reply Ok(Update)"]);
+}
+
+#[test]
+fn a_version_the_fleet_refused_at_start_does_not_stop_a_later_restart_from_replacing() {
+    // Found while reshaping the machine: the refusal's "keep the running container" outlived START
+    // (which adopts anyway) and turned the next restart — a touched file, say — into no restart.
+    let mut clock = Clock::new();
+    let (mut m, initial) = machine("", remembered(State::Run, "v2", "v1"), None);
+    let v1 = running(&m, "v1");
+    m.container = Some(v1.clone());
+    m.begin(initial, clock.0);
+    let mark = RollbackMark { version: "v2".into(), node: "n2".into(), reason: "unhealthy".into(), tag_revision: 7 };
+    let effects = m.step(job_done(m.epoch, Ok(JobDone::RolledBackElsewhere(mark))), clock.after(Duration::from_secs(1)));
+    assert_eq!(said(&effects), ["event error", "provision v1 replace=false delay=0ms"]);
+    m.step(job_done(m.epoch, Ok(JobDone::Running { info: v1.clone(), adopted: true })), clock.0);
+    m.step(Input::Inspected { then: Box::new(AfterInspect::Started { info: v1.clone(), adopted: true }), result: Ok(Some(v1)) }, clock.0);
+    m.step(Input::Timer { epoch: m.epoch, timer: TimerKind::Unverified }, clock.after(Duration::from_secs(60)));
+    assert_eq!(m.state, State::Run);
+    let effects = m.step(Input::FileTouched("/etc/web.conf".into()), clock.after(Duration::from_secs(1)));
+    assert_eq!(said(&effects), ["restart RUN→RESTART", "provision v1 replace=true delay=0ms"]);
 }

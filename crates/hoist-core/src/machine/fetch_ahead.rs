@@ -27,7 +27,7 @@ impl Machine {
         let image = crate::spec::image_ref(&self.cfg.image, &version);
         let runs_it = self.container.as_ref().is_some_and(|c| c.image == image);
         // Only a serving node fetches ahead: any other is busy with its own container already.
-        if self.state != State::Run || runs_it || self.bad_version.as_ref() == Some(&version) {
+        if self.state != State::Run || runs_it || self.bad_version() == Some(&version) {
             return;
         }
         tracing::info!(container = %self.cfg.name, version = %version, "fetching the release's image ahead of this node's wave");

@@ -37,7 +37,7 @@ impl Machine {
     }
 
     pub(super) fn check_gate(&mut self) {
-        if !matches!(self.state, State::Start | State::Restart) || self.job_running {
+        if !matches!(self.state, State::Start | State::Restart) || self.job.running() {
             return;
         }
         let Some(c) = &self.container else { return };
@@ -69,13 +69,13 @@ impl Machine {
                 self.gate.waited = true;
                 self.check_gate();
             }
-            TimerKind::GateDeadline if matches!(self.state, State::Start | State::Restart) && !self.job_running => {
+            TimerKind::GateDeadline if matches!(self.state, State::Start | State::Restart) && !self.job.running() => {
                 self.failed(format!("not healthy within {}", humantime::format_duration(self.settings.rollout.healthy_deadline)));
                 self.start_provision(true);
             }
             TimerKind::RetryPull if self.state == State::Update => self.enter(),
             TimerKind::MinHealthy => self.check_gate(),
-            TimerKind::RuntimeRetry if self.waiting_for_runtime => self.enter(),
+            TimerKind::RuntimeRetry if self.job == Job::AwaitingRuntime => self.enter(),
             TimerKind::BackendRetry => self.enter(),
             TimerKind::GateDeadline | TimerKind::RetryPull | TimerKind::RuntimeRetry => {}
         }
@@ -141,7 +141,7 @@ impl Machine {
                             self.failed(why.clone());
                             self.want(Transition::Restart, why);
                         }
-                        State::Start | State::Restart if !self.job_running => {
+                        State::Start | State::Restart if !self.job.running() => {
                             self.failed(why);
                             self.start_provision(true);
                         }

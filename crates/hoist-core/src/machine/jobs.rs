@@ -73,7 +73,7 @@ pub(super) enum JobDone {
 impl Machine {
     /// Starts `work` as the current state's job (the runner runs it, off the loop).
     pub(super) fn spawn_job(&mut self, activity: String, work: Work) {
-        self.job_running = true;
+        self.job = Job::Running { taking_down: false };
         self.activity = Some(activity);
         self.effect(Effect::Job { epoch: self.epoch, work: Box::new(work) });
     }
@@ -152,7 +152,7 @@ impl Machine {
             // Stale: its slot, if any, is released as the outcome is dropped.
             return;
         }
-        self.job_running = false;
+        self.job = Job::Idle;
         self.activity = None;
         if let Some(lease) = outcome.lease {
             self.lease = Some(lease);
@@ -170,29 +170,27 @@ impl Machine {
             }
             Ok(JobDone::Pulled(image_id)) => {
                 self.forget_pull_failures();
-                self.update_pulled = true;
                 // `update` of a moving tag (latest) that still names the image already running: go
                 // through RESTART without replacing anything.
                 let spec = self.spec();
-                self.keep_unchanged = self.container.as_ref().is_some_and(|c| {
+                let unchanged = self.container.as_ref().is_some_and(|c| {
                     c.state == RunState::Running && c.image_id == image_id && c.label(LABEL_SPEC) == Some(spec.hash().as_str())
                 });
-                let why = if self.keep_unchanged { "unchanged" } else { "pulled" };
+                self.handover = if unchanged { Handover::KeepRunning } else { Handover::Pulled };
+                let why = if unchanged { "unchanged" } else { "pulled" };
                 self.want(Transition::Restart, format!("{why} {}", spec.image_ref()));
             }
             Ok(JobDone::RolledBackElsewhere(mark)) => {
                 let message = format!("{} was rolled back on {}: {}; not tried here", mark.version, mark.node, mark.reason);
                 tracing::warn!(container = %self.cfg.name, "{message}");
-                self.bad_version = Some(self.wanted_version());
-                self.bad_version_node = Some(mark.node);
+                self.rejected = Some(Rejected { version: self.wanted_version(), at: FailedAt::Node(mark.node) });
                 self.remember();
                 self.notice(&message);
                 self.last_error = Some(message);
                 self.release_slot();
                 // Towards the last good version, keeping the container if it runs it: from UPDATE
                 // (the mark was read before pulling) through RESTART, in START/RESTART again.
-                self.keep_unchanged = true;
-                self.update_pulled = true;
+                self.handover = Handover::KeepRunning;
                 if self.state == State::Update {
                     self.want(Transition::Restart, "the fleet rolled this version back".into());
                 } else {
@@ -208,17 +206,14 @@ impl Machine {
                 self.last_error = Some(why);
                 self.release_slot();
                 self.pull_due = Some(self.now.at + self.pull_retry.next_wait());
-                self.keep_unchanged = true;
-                self.update_pulled = true;
+                self.handover = Handover::KeepRunning;
                 self.want(Transition::Restart, "the preflight failed while the fleet is degraded; the running container is kept".into());
             }
             Ok(JobDone::PreflightFailed(why)) => {
                 // The version fails here as if its gate had: marked bad for this node and the fleet
                 // (and the release's outcome), while the container that serves is kept.
-                self.roll_back(why);
-                self.bad_in_preflight = true;
-                self.keep_unchanged = true;
-                self.update_pulled = true;
+                self.roll_back(why, FailedAt::Preflight);
+                self.handover = Handover::KeepRunning;
                 self.want(Transition::Restart, "the preflight failed; the running container is kept".into());
             }
             Ok(JobDone::NeedsPull) => {
@@ -313,11 +308,10 @@ impl Machine {
     /// governor slot is held meanwhile, since the fleet should not wait on a node without an engine.
     pub(super) fn wait_for_runtime(&mut self, why: String) {
         tracing::warn!(container = %self.cfg.name, state = %self.state, error = %why, "waiting for the container runtime");
-        if !self.waiting_for_runtime {
-            self.notice(&why);
-        }
+        // A job runs only in a state just entered, so this is news each time.
+        self.notice(&why);
         self.last_error = Some(why);
-        self.waiting_for_runtime = true;
+        self.job = Job::AwaitingRuntime;
         self.activity = Some("waiting for the container runtime".into());
         if matches!(self.state, State::Start | State::Restart) {
             self.release_slot();

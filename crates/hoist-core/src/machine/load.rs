@@ -58,12 +58,11 @@ impl Machine {
             lease: None,
             epoch: incarnation.first_epoch(),
             incident: incarnation.incident,
-            job_running: false,
+            job: Job::Idle,
             gate: Gate::default(),
             probing: false,
             fetch_ahead: None,
             fleet_health: Default::default(),
-            bad_in_preflight: false,
             registered: false,
             crash: CrashLoop::new(cfg.restart_backoff.unwrap_or(settings.rollout.restart_backoff)),
             next_delay: Duration::ZERO,
@@ -72,17 +71,13 @@ impl Machine {
             backend_retry: Retry::default(),
             remediating: false,
             revive: None,
-            update_pulled: false,
+            handover: Handover::Nothing,
             // Without its state file a machine does not know what the KV last asked for: it keeps what runs
             // until the KV answers, rather than move it back to the configured tag meanwhile.
             kv_pending: cfg.kv_update && remembered.is_none(),
-            taking_down: false,
             restarts: remembered.as_ref().map_or(0, |r| r.restarts),
             replacing: None,
-            waiting_for_runtime: false,
-            bad_version: remembered.as_ref().and_then(|r| r.bad_version.as_deref()).and_then(|v| ImageVersion::parse(v).ok()),
-            bad_version_node: remembered.as_ref().and_then(|r| r.bad_version_node.clone()),
-            keep_unchanged: false,
+            rejected: remembered.as_ref().and_then(rejected),
             last_error: None,
             activity: None,
             governor_wait: Duration::ZERO,
@@ -102,4 +97,15 @@ impl Machine {
         };
         (machine, initial)
     }
+}
+
+/// The version a machine rolled back from, as it remembered it.
+fn rejected(remembered: &Remembered) -> Option<Rejected> {
+    let version = ImageVersion::parse(remembered.bad_version.as_deref()?).ok()?;
+    let at = match &remembered.bad_version_node {
+        Some(node) => FailedAt::Node(node.clone()),
+        None if remembered.bad_in_preflight => FailedAt::Preflight,
+        None => FailedAt::Gate,
+    };
+    Some(Rejected { version, at })
 }

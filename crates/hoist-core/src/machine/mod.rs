@@ -25,6 +25,7 @@ mod observe;
 mod report;
 mod rollout;
 mod runner;
+mod state;
 mod supervise;
 mod versions;
 mod watches;
@@ -37,6 +38,7 @@ use job::{JobCtx, Turn};
 pub use jobs::JobOutcome;
 use jobs::{JobDone, JobError};
 pub use load::spawn;
+use state::{FailedAt, Handover, Job, Rejected};
 
 use crate::backend::{BackendError, Events, Governor, GovernorEventType, HOIST_BUCKET, Kv, TransitionEvent, tag_key};
 use crate::backoff::{CrashLoop, Retry};
@@ -233,8 +235,7 @@ pub struct Machine {
     epoch: u64,
     /// Why an earlier machine of this container was restarted by the supervisor, for status.
     incident: Option<String>,
-    /// A job of the current epoch is running.
-    job_running: bool,
+    job: Job,
     gate: Gate,
     /// A health-check probe runs for the current container.
     probing: bool,
@@ -256,27 +257,16 @@ pub struct Machine {
     /// The version to bring back instead of the desired one: the running container died (or an
     /// operator asked for `restart`) while an update was still waiting for its pull.
     revive: Option<ImageVersion>,
-    /// The current UPDATE has pulled its image (its RESTART is the update itself, not a revival).
-    update_pulled: bool,
+    /// What UPDATE hands to the RESTART it leads to.
+    handover: Handover,
     /// The KV's value for this container has not been read yet and nothing was remembered of it.
     kv_pending: bool,
-    /// The running provision job has begun to stop the container it replaces.
-    taking_down: bool,
     restarts: u64,
-    /// A version that failed its health gate and was rolled back from; not tried again until the
-    /// desired version changes or an operator asks for `update`.
-    bad_version: Option<ImageVersion>,
-    /// Where `bad_version` failed when it was not here: another node's rollback (`rollback_mark`).
-    bad_version_node: Option<String>,
-    /// `bad_version` failed its preflight here (it never ran), rather than its gate.
-    bad_in_preflight: bool,
-    /// The next RESTART keeps the running container (an update found the same image).
-    keep_unchanged: bool,
+    /// A version rolled back from, here or on another node.
+    rejected: Option<Rejected>,
     /// The container the running provision job replaces, if any: when it produces a different one,
     /// that is a restart (adopting the same container is not).
     replacing: Option<String>,
-    /// The last job found the runtime unreachable; the next `Resync` retries it.
-    waiting_for_runtime: bool,
     last_error: Option<String>,
     activity: Option<String>,
     governor_wait: Duration,
@@ -357,7 +347,11 @@ impl Machine {
             Input::Probe { epoch, result } if epoch == self.epoch => self.on_probe(result),
             Input::GovernorWaited(waited) => self.governor_wait += waited,
             Input::TakingDown { epoch, slot } => {
-                self.taking_down |= epoch == self.epoch;
+                if epoch == self.epoch
+                    && let Job::Running { taking_down } = &mut self.job
+                {
+                    *taking_down = true;
+                }
                 // Kept even from a superseded job, whose stop may be under way: the next provision
                 // brings the node back within it. A job hands one over only when the slot the
                 // machine held was lost, so it replaces that one. STOP and MAINTENANCE hold none.
@@ -368,7 +362,7 @@ impl Machine {
                 }
             }
             Input::JobProgress { epoch, activity } => {
-                if epoch == self.epoch && self.job_running {
+                if epoch == self.epoch && self.job.running() {
                     self.activity = Some(activity);
                 }
             }
@@ -422,7 +416,7 @@ impl Machine {
     fn apply(&mut self, transition: Transition, why: String) {
         let Ok(to) = fsm::check(self.state, transition) else { return };
         let from = self.state;
-        if from == State::Update && to == State::Restart && !self.update_pulled {
+        if from == State::Update && to == State::Restart && self.handover == Handover::Nothing {
             // The update has not pulled its image: bring back what ran, and update once it can. Only
             // a version that passed its gate here is brought back: one that died in its gate (the
             // KV moved on meanwhile) is no better than what the KV asks for now.
@@ -457,13 +451,17 @@ impl Machine {
             self.effect(Effect::Withdraw { wait: false });
         }
         match self.state {
-            State::Start => self.start_provision(false),
+            State::Start => {
+                // Nothing to keep: START adopts a matching running container anyway.
+                self.handover = Handover::Nothing;
+                self.start_provision(false)
+            }
             State::Restart => {
-                let replace = !std::mem::take(&mut self.keep_unchanged);
+                let replace = std::mem::take(&mut self.handover) != Handover::KeepRunning;
                 self.start_provision(replace)
             }
             State::Update => {
-                self.update_pulled = false;
+                self.handover = Handover::Nothing;
                 self.update_started.get_or_insert(self.now.at);
                 self.start_pull();
             }
@@ -499,9 +497,7 @@ impl Machine {
     /// Cancels the running job, probe and timers: whatever they report from now on is stale.
     fn supersede(&mut self) {
         self.epoch += 1;
-        self.taking_down = false;
-        self.waiting_for_runtime = false;
-        if std::mem::take(&mut self.job_running) {
+        if std::mem::take(&mut self.job).running() {
             self.effect(Effect::CancelJob);
         }
         self.stop_probe();

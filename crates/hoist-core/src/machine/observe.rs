@@ -55,7 +55,7 @@ impl Machine {
                 c.exit_code = exit_code;
                 self.stop_probe();
                 if matches!(self.state, State::Run | State::Start | State::Restart | State::Update)
-                    && (!self.job_running || self.state == State::Update)
+                    && (!self.job.running() || self.state == State::Update)
                 {
                     // An engine stopping without live-restore kills its containers and stops
                     // answering: no crash of the container, and no reason to roll a new version back.
@@ -63,7 +63,10 @@ impl Machine {
                     let why = format!("container died ({})", exit_text(exit_code));
                     self.effect(Effect::Inspect { id: event.container_id, then: Box::new(AfterInspect::Died { why }) });
                     return;
-                } else if was_running && matches!(self.state, State::Start | State::Restart) && self.job_running && !self.taking_down {
+                } else if was_running
+                    && matches!(self.state, State::Start | State::Restart)
+                    && self.job == (Job::Running { taking_down: false })
+                {
                     // The container a replacement is waiting to take down (for a slot, say) died on
                     // its own: it is down already, so the replacement goes ahead now, without a slot.
                     // A crash of the old container, not a failure of the version coming in.
@@ -78,7 +81,7 @@ impl Machine {
             RuntimeEventKind::Destroyed => {
                 self.container = None;
                 self.stop_probe();
-                if matches!(self.state, State::Run | State::Start | State::Restart) && !self.job_running {
+                if matches!(self.state, State::Run | State::Start | State::Restart) && !self.job.running() {
                     self.failed("container was removed".into());
                 }
             }
@@ -137,7 +140,7 @@ impl Machine {
     }
 
     fn resynced(&mut self) {
-        if self.waiting_for_runtime {
+        if self.job == Job::AwaitingRuntime {
             self.enter();
         } else {
             self.after_observation();
@@ -148,7 +151,7 @@ impl Machine {
     pub(super) fn after_observation(&mut self) {
         match self.state {
             State::Run => self.reconcile_run(),
-            State::Start | State::Restart if !self.job_running => {
+            State::Start | State::Restart if !self.job.running() => {
                 let running = self.container.as_ref().is_some_and(|c| c.state == RunState::Running);
                 let unhealthy = self.container.as_ref().is_some_and(|c| c.health == RuntimeHealth::Unhealthy);
                 if !running || unhealthy {
@@ -173,7 +176,7 @@ impl Machine {
         self.failing(&why);
         let trying = matches!(self.state, State::Start | State::Restart) && self.trying_new_version();
         if trying && !self.degraded() {
-            self.roll_back(why);
+            self.roll_back(why, FailedAt::Gate);
             return;
         }
         if self.degraded() {

@@ -9,8 +9,12 @@ impl Machine {
             desired_version: self.kv_version.as_ref().map(|v| v.to_string()),
             last_good_image: self.last_good_image.clone(),
             restarts: self.restarts,
-            bad_version: self.bad_version.as_ref().map(|v| v.to_string()),
-            bad_version_node: self.bad_version_node.clone(),
+            bad_version: self.bad_version().map(|v| v.to_string()),
+            bad_version_node: self.rejected.as_ref().and_then(|r| match &r.at {
+                FailedAt::Node(node) => Some(node.clone()),
+                FailedAt::Gate | FailedAt::Preflight => None,
+            }),
+            bad_in_preflight: self.rejected.as_ref().is_some_and(|r| r.at == FailedAt::Preflight),
             container_id: self.container.as_ref().map(|c| c.id.clone()),
         };
         self.effect(Effect::Persist(remembered));
@@ -73,8 +77,8 @@ impl Machine {
             health,
             restarts: self.restarts,
             last_error: self.last_error.clone(),
-            bad_version: self.bad_version.as_ref().map(|v| v.to_string()),
-            condition: self.rollback_condition().or_else(|| self.crash.condition()).or_else(|| self.incident.clone()),
+            bad_version: self.bad_version().map(|v| v.to_string()),
+            condition: self.rejected.as_ref().map(Rejected::condition).or_else(|| self.crash.condition()).or_else(|| self.incident.clone()),
             activity: self.activity.clone(),
             governor_wait_seconds: self.governor_wait.as_secs_f64(),
             last_update_seconds: self.last_update.map(|d| d.as_secs_f64()),

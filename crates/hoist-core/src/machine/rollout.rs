@@ -4,7 +4,9 @@
 use super::*;
 
 impl Machine {
-    pub(super) fn roll_back(&mut self, why: String) {
+    /// The version being brought up failed `at` (its gate, its preflight): marked bad here and, if the
+    /// fleet asked for it, for the fleet; the last good version is brought back.
+    pub(super) fn roll_back(&mut self, why: String, at: FailedAt) {
         let failed = self.spec().image_ref();
         if let Some(asked) = self.kv_asks().cloned() {
             // Asked of the whole fleet: tell the nodes still waiting. Until the fleet knows (or the
@@ -12,9 +14,7 @@ impl Machine {
             // would let the next node try the version while this one, cut off, still cannot say why not.
             self.effect(Effect::RecordRollback { version: asked, why: why.clone() });
         }
-        self.bad_version = Some(self.wanted_version());
-        self.bad_version_node = None;
-        self.bad_in_preflight = false;
+        self.rejected = Some(Rejected { version: self.wanted_version(), at });
         self.remember();
         let message = format!("rolled back from {failed} to {}: {why}", self.spec().image_ref());
         tracing::warn!(container = %self.cfg.name, "{message}");
@@ -100,19 +100,13 @@ impl Machine {
         }
     }
 
-    pub(super) fn rollback_condition(&self) -> Option<String> {
-        let bad = self.bad_version.as_ref()?;
-        let what = match &self.bad_version_node {
-            Some(node) => format!("{bad} was rolled back on {node}, so not tried here"),
-            None if self.bad_in_preflight => format!("{bad} failed its preflight, so the running container was kept"),
-            None => format!("{bad} failed its health gate and was rolled back"),
-        };
-        Some(format!("{what}; not retried until the desired version changes or `update` is requested"))
+    /// The version rolled back from, if any.
+    pub(super) fn bad_version(&self) -> Option<&ImageVersion> {
+        self.rejected.as_ref().map(|r| &r.version)
     }
 
     /// Whether there was a mark to clear.
     pub(super) fn clear_bad_version(&mut self) -> bool {
-        self.bad_version_node = None;
-        self.bad_version.take().is_some()
+        self.rejected.take().is_some()
     }
 }

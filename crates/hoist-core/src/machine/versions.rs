@@ -31,7 +31,7 @@ impl Machine {
             return held;
         }
         let wanted = self.wanted_version();
-        if self.bad_version.as_ref() == Some(&wanted)
+        if self.bad_version() == Some(&wanted)
             && let Some(fallback) = self.fallback_version()
         {
             return fallback;
