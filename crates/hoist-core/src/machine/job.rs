@@ -105,10 +105,11 @@ impl JobCtx {
     }
 
     /// Runs the container's preflight in the new image: None if it passed, else why the version fails.
-    /// The run is a task of its own, so a superseded job still sees its container removed.
+    /// The run is a task of the agent's `background`, so a superseded job still sees its container
+    /// removed.
     pub(super) async fn preflight(&self, spec: &ContainerSpec, check: &crate::config::Preflight) -> Result<Option<String>, JobError> {
         let (runtime, run, timeout) = (self.deps.runtime.clone(), crate::preflight::spec(spec, &check.command), check.timeout);
-        let task = tokio::spawn(async move { runtime.preflight(&run, timeout).await });
+        let task = self.deps.background.spawn(async move { runtime.preflight(&run, timeout).await });
         let ran = self.or_cancelled(task).await?.map_err(|e| JobError::Panicked(e.to_string()))??;
         Ok(crate::preflight::verdict(&ran, timeout).err())
     }
