@@ -331,3 +331,124 @@ fn a_version_the_fleet_refused_at_start_does_not_stop_a_later_restart_from_repla
     let effects = m.step(Input::FileTouched("/etc/web.conf".into()), clock.after(Duration::from_secs(1)));
     assert_eq!(said(&effects), ["restart RUN→RESTART", "provision v1 replace=true delay=0ms"]);
 }
+
+/// What a machine does with the governor slot it holds: the slot is a value in its state, and
+/// letting go of it is an effect (`Effect::Release`), or, for one nobody should hold, a drop that
+/// the agent's `SlotKeeper` turns into a release.
+mod slots {
+    use super::*;
+    use crate::backend::{BackendResult, Events};
+    use crate::backend::{GovernorEvent, GovernorInfo, Lease, LeaseInfo};
+    use std::sync::Mutex;
+
+    /// A governor that only notes the leases released to it.
+    #[derive(Default)]
+    struct Ledger(Mutex<Vec<u64>>);
+
+    fn refused<T>() -> BackendResult<T> {
+        Err(BackendError::Unavailable("not part of this test".into()))
+    }
+
+    #[async_trait::async_trait]
+    impl Governor for Ledger {
+        async fn add(&self, _: &str, _: u64, _: Duration, _: u8) -> BackendResult<()> {
+            refused()
+        }
+        async fn acquire(&self, _: &str, _: &str, _: Duration) -> BackendResult<Lease> {
+            refused()
+        }
+        async fn release(&self, lease: &Lease) -> BackendResult<()> {
+            self.0.lock().unwrap().push(lease.seq);
+            Ok(())
+        }
+        async fn holds(&self, _: &Lease) -> BackendResult<bool> {
+            refused()
+        }
+        async fn view(&self, _: &str) -> BackendResult<GovernorInfo> {
+            refused()
+        }
+        async fn evict(&self, _: &str, _: u64) -> BackendResult<LeaseInfo> {
+            refused()
+        }
+        async fn reset(&self, _: &str) -> BackendResult<()> {
+            refused()
+        }
+        async fn remove(&self, _: &str) -> BackendResult<()> {
+            refused()
+        }
+        async fn list(&self) -> BackendResult<Vec<String>> {
+            refused()
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Events for Ledger {
+        async fn publish(&self, _: &TransitionEvent) -> BackendResult<()> {
+            Ok(())
+        }
+        async fn publish_governor(&self, _: &GovernorEvent) -> BackendResult<()> {
+            Ok(())
+        }
+        async fn publish_registration(&self, _: &str, _: &[u8]) -> BackendResult<()> {
+            Ok(())
+        }
+        async fn subscribe(&self) -> BackendResult<futures_util::stream::BoxStream<'static, TransitionEvent>> {
+            refused()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slot_is_kept_while_the_node_is_down_and_let_go_once_it_is_back_or_gives_up() {
+        let ledger = Arc::new(Ledger::default());
+        let keeper = SlotKeeper::start(ledger.clone(), ledger.clone(), "n1".into());
+        let slot = |seq| {
+            let keeper = keeper.clone();
+            let ledger = ledger.clone();
+            async move { keeper.hold(Lease { governor: "RG".into(), seq }, "hoist_web", "n1", &*ledger).await }
+        };
+        let mut clock = Clock::new();
+        // (what happens to a RESTART of v2 that holds its slot, whether the slot is let go, state after)
+        type Inputs = fn(&Machine) -> Vec<Input>;
+        let cases: [(&str, Inputs, bool, State); 4] = [
+            (
+                "it passes its gate",
+                |m| vec![Input::Probe { epoch: m.epoch, result: Ok(()) }, Input::Timer { epoch: m.epoch, timer: TimerKind::MinHealthy }],
+                true,
+                State::Run,
+            ),
+            (
+                "it fails its gate: rolled back within the same slot",
+                |m| vec![Input::Timer { epoch: m.epoch, timer: TimerKind::GateDeadline }],
+                false,
+                State::Restart,
+            ),
+            (
+                "the coordination backend does not answer",
+                |m| vec![job_done(m.epoch, Err(JobError::Backend("timed out".into())))],
+                false,
+                State::Restart,
+            ),
+            ("an operator takes it out", |_| vec![Input::Request(Transition::Maintenance, oneshot::channel().0)], true, State::Maintenance),
+        ];
+        let check = "    health_check:\n      type: exec\n      command: [\"true\"]\n";
+        for (seq, (what, events, released, state)) in cases.into_iter().enumerate() {
+            let mut m = trying_v2(&mut clock, check);
+            m.lease = Some(slot(seq as u64).await);
+            let mut effects = Vec::new();
+            for input in events(&m) {
+                effects.extend(m.step(input, clock.after(Duration::from_secs(30))));
+            }
+            assert_eq!(said(&effects).contains(&"release slot".to_string()), released, "{what}: {:?}", said(&effects));
+            assert_eq!(m.lease.is_none(), released, "{what}");
+            assert_eq!(m.state, state, "{what}");
+        }
+        // A slot a superseded job hands over once the machine is in MAINTENANCE is nobody's: dropped,
+        // and the keeper releases it.
+        let mut m = serving_v1(&mut clock);
+        m.step(Input::Request(Transition::Maintenance, oneshot::channel().0), clock.0);
+        let effects = m.step(Input::TakingDown { epoch: m.epoch - 1, slot: Some(slot(99).await) }, clock.0);
+        assert!(said(&effects).is_empty() && m.lease.is_none());
+        keeper.settle(Duration::from_secs(5)).await;
+        assert!(ledger.0.lock().unwrap().contains(&99), "{:?}", ledger.0.lock().unwrap());
+    }
+}
