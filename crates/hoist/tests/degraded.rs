@@ -115,6 +115,18 @@ fn a_shared_dependency_going_away_degrades_the_fleet_once_without_a_restart_and_
         assert!(on(&m, "v1") && m.container_id == was.container_id && m.bad_version.is_none(), "{m:?}");
         assert_eq!(http_get(ports[i]).as_deref(), Some("v1"));
     }
+    // `hoist rollout status` says so: every node waits for v2, held by the degraded fleet.
+    wait_until("every node's record waiting for v2", Duration::from_secs(30), || {
+        let summary: serde_json::Value = serde_json::from_str(&agents[0].hoist_ok(&["rollout", "status", "web", "--json"])).unwrap();
+        let records = summary["records"].as_array().cloned().unwrap_or_default();
+        let held = |r: &serde_json::Value| {
+            r["phase"] == "waiting"
+                && r["version"] == "v1"
+                && r["desired"] == "v2"
+                && r["blocking"].as_str().is_some_and(|b| b.starts_with("waiting while the fleet is degraded"))
+        };
+        (records.len() == 4 && records.iter().all(held)).then_some(())
+    });
 
     // The database is back: the mode clears once the share has stayed under the threshold a window.
     fleet.dependency(3, true);

@@ -70,7 +70,11 @@ impl Machine {
             version,
             image,
             digest: self.container.as_ref().and_then(|c| c.image_digest.clone()),
-            desired_image: spec.image_ref(),
+            // An update held back by a degraded fleet is still what is wanted: shown as waiting, not as done.
+            desired_image: match self.held_back() {
+                Some(_) if self.state == State::Run => crate::spec::image_ref(&self.cfg.image, &self.wanted_version()),
+                _ => spec.image_ref(),
+            },
             container_id: self.container.as_ref().map(|c| c.id.chars().take(12).collect()),
             started: running.map(|c| c.started_at),
             available_transitions: self.state.available_transitions(),
