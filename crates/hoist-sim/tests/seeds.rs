@@ -53,10 +53,13 @@ fn a_seed_replays_exactly() {
 /// healthy, so its wave never finished; fleet-degraded mode (found before it landed) — 177: nodes split
 /// across two proven versions by a rollback were not counted together; 483: a release record that a
 /// later tag put superseded was taken for a release still rolling; 190: a node in RUN after `resume`
-/// was taken for one trying its version.
+/// was taken for one trying its version; 6807 (and 7936, 9821, 11098): nodes rolling a broken
+/// release back counted as unhealthy, so the fleet entered degraded mode once the release was aborted;
+/// 9212: a node waiting a long time for an update-governor slot (a dead agent's, until it expired)
+/// fetched a version another node had rolled back meanwhile.
 #[test]
 fn seeds_that_found_bugs() {
-    for seed in [3, 19, 76, 176, 177, 190, 380, 427, 483, 1977, 4308, 14266, 18603, 19097] {
+    for seed in [3, 19, 76, 176, 177, 190, 380, 427, 483, 1977, 4308, 6807, 9212, 14266, 18603, 19097] {
         assert_holds(&run(seed));
     }
 }

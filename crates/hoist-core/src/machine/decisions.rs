@@ -206,6 +206,23 @@ fn a_new_version_failing_its_gate_is_rolled_back_and_the_last_good_one_brought_b
 }
 
 #[test]
+fn a_rolled_back_version_does_not_make_the_node_unhealthy_for_the_fleet() {
+    // Several nodes rolling a broken release back are no shared outage (simulator seed 6807: counted,
+    // they put the fleet in degraded mode once the release was aborted).
+    let mut clock = Clock::new();
+    let mut m = trying_v2(&mut clock, "");
+    m.step(Input::Timer { epoch: m.epoch, timer: TimerKind::GateDeadline }, clock.after(Duration::from_secs(5)));
+    assert!(m.rejected.is_some());
+    assert_eq!(m.status().report.unhealthy_since_ms, None, "{:?}", m.status().report);
+    // The version it falls back to failing is the node's own trouble, and is reported.
+    let v1 = running(&m, "v1");
+    m.step(job_done(m.epoch, Ok(JobDone::Running { info: v1.clone(), adopted: false })), clock.0);
+    m.step(Input::Inspected { then: Box::new(AfterInspect::Started { info: v1.clone(), adopted: false }), result: Ok(Some(v1)) }, clock.0);
+    m.step(Input::Timer { epoch: m.epoch, timer: TimerKind::GateDeadline }, clock.after(Duration::from_secs(5)));
+    assert!(m.status().report.unhealthy.is_some_and(|u| u.starts_with("not healthy within")), "{:?}", m.status().report);
+}
+
+#[test]
 fn a_degraded_fleet_turns_a_rollback_into_a_patient_restart() {
     let mut clock = Clock::new();
     let mut m = trying_v2(&mut clock, "");

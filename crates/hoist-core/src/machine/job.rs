@@ -177,8 +177,22 @@ impl JobCtx {
             }
         }
         // The update governor limits concurrent pulls only; its slot is dropped (released) with the
-        // pull. The restart that follows is governed by the restart governor.
+        // pull. The restart that follows is governed by the restart governor. The wait for it can be
+        // long (a slot a dead agent held until it expired): a verdict another node reached meanwhile
+        // is read once it is held, so that a version the fleet rolled back is not fetched after all.
         let mut slot = None;
+        if let Some(g) = governor.as_deref().filter(|_| check_fleet_mark)
+            && pinned_and_local(&*self.deps.runtime, &image).await.is_none()
+        {
+            match self.acquire(g).await {
+                Ok(held) => slot = Some(held),
+                Err(e) => return (None, Err(e)),
+            }
+            if let Some(mark) = rejected().await {
+                return (None, Ok(JobDone::RolledBackElsewhere(mark)));
+            }
+        }
+        let governor = governor.filter(|_| slot.is_none());
         self.progress(format!("pulling {image}")).await;
         let mut pulled = self.pull(&image, governor, &mut slot).await.map(JobDone::Pulled);
         drop(slot);

@@ -173,12 +173,14 @@ impl Machine {
         tracing::warn!(container = %self.cfg.name, state = %self.state, reason = %why, "container failed");
         // Its replacement brings back a container that is down already.
         self.remediating = true;
-        self.failing(&why);
         let trying = matches!(self.state, State::Start | State::Restart) && self.trying_new_version();
         if trying && !self.degraded() {
+            // The version's failure, not the node's: it tells the fleet nothing of a shared outage
+            // (counted, several nodes rolling a broken release back would look like one).
             self.roll_back(why, FailedAt::Gate);
             return;
         }
+        self.failing(&why);
         if self.degraded() {
             // A shared outage fails every version alike: the one coming in is not marked bad (the
             // fix must not be blocked), and nothing is restarted sooner than its backoff.
