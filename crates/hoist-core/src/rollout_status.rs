@@ -236,10 +236,19 @@ pub fn summarize(
 /// `container`'s records among the status bucket's `entries`, by node. Entries that are not records
 /// (the `=clock.` keys, a record that does not parse) are left out.
 pub fn records_of(container: &str, entries: &[KvEntry]) -> Vec<NodeRollout> {
-    let mut records: Vec<NodeRollout> =
-        entries.iter().filter_map(|e| serde_json::from_slice::<NodeRollout>(&e.value).ok()).filter(|r| r.container == container).collect();
-    records.sort_by(|a, b| a.node.cmp(&b.node));
-    records
+    records_by_container(entries).remove(container).unwrap_or_default()
+}
+
+/// Every container's records among `entries`, each parsed once, by node.
+pub fn records_by_container(entries: &[KvEntry]) -> HashMap<String, Vec<NodeRollout>> {
+    let mut by: HashMap<String, Vec<NodeRollout>> = HashMap::new();
+    for r in entries.iter().filter_map(|e| serde_json::from_slice::<NodeRollout>(&e.value).ok()) {
+        by.entry(r.container.clone()).or_default().push(r);
+    }
+    for records in by.values_mut() {
+        records.sort_by(|a, b| a.node.cmp(&b.node));
+    }
+    by
 }
 
 /// The store's clock now: the server's timestamp of a write of this node's own (key `=clock.<node>`

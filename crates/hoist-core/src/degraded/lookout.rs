@@ -4,7 +4,7 @@
 //! publishes the fleet's event, so a fleet of thousands says `degraded` once. No leader: a node that
 //! dies leaves the looking to the others, and a node that cannot reach the store decides nothing.
 
-use super::{DegradedPolicy, FleetDegraded, Step, degraded_key, next_step};
+use super::{DegradedPolicy, FleetDegraded, Step, degraded_key, may_change, next_step};
 use crate::agent::AgentHandle;
 use crate::backend::{BackendError, HOIST_BUCKET, Kv, KvOperation, TransitionEvent, tag_key};
 use crate::clock::{chance, jitter};
@@ -28,29 +28,54 @@ pub async fn keep_watch(kv: Arc<dyn Kv>, agent: AgentHandle, outbox: Outbox, pol
     // Per container: how many records the last look read, for the draw.
     let mut fleet: HashMap<String, usize> = HashMap::new();
     loop {
-        for m in agent.status(None).await.machines {
-            let nodes = fleet.get(&m.container).copied().unwrap_or(1).max(1);
-            if !chance(EVALUATORS / nodes as f64) {
-                continue;
-            }
-            match look(&*kv, &node, &m.container, &policy, &outbox).await {
-                Ok(counted) => {
-                    fleet.insert(m.container.clone(), counted);
+        let drawn: Vec<String> = agent
+            .status(None)
+            .await
+            .machines
+            .into_iter()
+            .map(|m| m.container)
+            .filter(|c| chance(EVALUATORS / fleet.get(c).copied().unwrap_or(1).max(1) as f64))
+            .collect();
+        // One read of the status bucket serves every container drawn.
+        let statuses = match drawn.is_empty() {
+            true => Ok(Vec::new()),
+            false => crate::backend::read_all_if_any(&*kv, STATUS_BUCKET).await,
+        };
+        match statuses {
+            Ok(statuses) => {
+                let mut records = rollout_status::records_by_container(&statuses);
+                for container in drawn {
+                    let records = records.remove(&container).unwrap_or_default();
+                    match look(&*kv, &node, &container, records, &policy, &outbox).await {
+                        Ok(counted) => {
+                            fleet.insert(container, counted);
+                        }
+                        Err(e) => tracing::debug!(%container, error = %e, "fleet health not looked at; next look"),
+                    }
                 }
-                Err(e) => tracing::debug!(container = %m.container, error = %e, "fleet health not looked at; next look"),
             }
+            Err(e) => tracing::debug!(error = %e, "fleet health not looked at; next look"),
         }
         tokio::time::sleep(jitter(LOOK_EVERY)).await;
     }
 }
 
-/// One look at `container`; the number of status records it counted.
-async fn look(kv: &dyn Kv, node: &str, container: &str, policy: &DegradedPolicy, outbox: &Outbox) -> Result<usize, BackendError> {
-    let records = rollout_status::records_of(container, &crate::backend::read_all_if_any(kv, STATUS_BUCKET).await?);
+/// One look at `container`, given its status records; the number of records it counted.
+async fn look(
+    kv: &dyn Kv,
+    node: &str,
+    container: &str,
+    records: Vec<crate::rollout_status::NodeRollout>,
+    policy: &DegradedPolicy,
+    outbox: &Outbox,
+) -> Result<usize, BackendError> {
     let (current, revision) = match kv.get(HOIST_BUCKET, &degraded_key(container)).await? {
         Some(entry) => (parse(&entry.value), Some(entry.revision)),
         None => (None, None),
     };
+    if !may_change(current.as_ref(), &records, policy) {
+        return Ok(records.len());
+    }
     // A release rolling that the fleet follows (a tag put after it supersedes it). A record that
     // does not parse is no release, as the machines read it.
     let record = kv.get(HOIST_BUCKET, &release::release_key(container)).await?.and_then(|e| release::parse(&e).ok());

@@ -105,6 +105,11 @@ fn said(effects: &[Effect]) -> Vec<String> {
 /// What an inspect answers.
 type Looked = Result<Option<ContainerInfo>, RuntimeError>;
 
+/// The answer to the inspect a decision asked for.
+fn looked(then: AfterInspect, result: Looked) -> Input {
+    Input::Inspected(Box::new(Inspection { then, result }))
+}
+
 fn job_done(epoch: u64, result: Result<JobDone, JobError>) -> Input {
     Input::JobDone { epoch, outcome: Box::new(JobOutcome { lease: None, result }) }
 }
@@ -116,7 +121,7 @@ fn serving_v1(clock: &mut Clock) -> Machine {
     m.container = Some(c.clone());
     m.begin(initial, clock.after(Duration::ZERO));
     m.step(job_done(m.epoch, Ok(JobDone::Running { info: c.clone(), adopted: true })), clock.after(Duration::ZERO));
-    m.step(Input::Inspected { then: Box::new(AfterInspect::Started { info: c.clone(), adopted: true }), result: Ok(Some(c)) }, clock.0);
+    m.step(looked(AfterInspect::Started { info: c.clone(), adopted: true }, Ok(Some(c))), clock.0);
     m.step(Input::Timer { epoch: m.epoch, timer: TimerKind::Unverified }, clock.after(Duration::from_secs(60)));
     assert_eq!(m.state, State::Run, "{:?}", m.status());
     m
@@ -132,10 +137,7 @@ fn trying_v2(clock: &mut Clock, extra: &str) -> Machine {
     assert_eq!(m.state, State::Restart);
     let new = running(&m, "v2");
     m.step(job_done(m.epoch, Ok(JobDone::Running { info: new.clone(), adopted: false })), clock.0);
-    m.step(
-        Input::Inspected { then: Box::new(AfterInspect::Started { info: new.clone(), adopted: false }), result: Ok(Some(new)) },
-        clock.0,
-    );
+    m.step(looked(AfterInspect::Started { info: new.clone(), adopted: false }, Ok(Some(new))), clock.0);
     m
 }
 
@@ -175,10 +177,7 @@ fn a_death_in_run_is_looked_at_first_and_an_engine_going_away_is_no_crash() {
         let effects = m.step(died(&m), clock.after(Duration::from_secs(1)));
         assert_eq!(said(&effects), ["inspect died"], "the decision waits for the look");
         assert_eq!(m.state, State::Run);
-        let effects = m.step(
-            Input::Inspected { then: Box::new(AfterInspect::Died { why: "container died (exit 137)".into() }), result: answer },
-            clock.0,
-        );
+        let effects = m.step(looked(AfterInspect::Died { why: "container died (exit 137)".into() }, answer), clock.0);
         assert_eq!(said(&effects), expected);
         assert_eq!(m.crash.consecutive(), crashes, "{:?}", m.last_error);
     }
@@ -217,7 +216,7 @@ fn a_rolled_back_version_does_not_make_the_node_unhealthy_for_the_fleet() {
     // The version it falls back to failing is the node's own trouble, and is reported.
     let v1 = running(&m, "v1");
     m.step(job_done(m.epoch, Ok(JobDone::Running { info: v1.clone(), adopted: false })), clock.0);
-    m.step(Input::Inspected { then: Box::new(AfterInspect::Started { info: v1.clone(), adopted: false }), result: Ok(Some(v1)) }, clock.0);
+    m.step(looked(AfterInspect::Started { info: v1.clone(), adopted: false }, Ok(Some(v1))), clock.0);
     m.step(Input::Timer { epoch: m.epoch, timer: TimerKind::GateDeadline }, clock.after(Duration::from_secs(5)));
     assert!(m.status().report.unhealthy.is_some_and(|u| u.starts_with("not healthy within")), "{:?}", m.status().report);
 }
@@ -295,8 +294,7 @@ fn crashes_back_off_and_a_late_outcome_is_ignored() {
         let c = running(&m, "v1");
         m.step(job_done(m.epoch, Ok(JobDone::Running { info: c.clone(), adopted: false })), clock.after(Duration::from_secs(1)));
         let dead = ContainerInfo { state: RunState::Exited, exit_code: Some(1), ..c.clone() };
-        let effects =
-            m.step(Input::Inspected { then: Box::new(AfterInspect::Started { info: c, adopted: false }), result: Ok(Some(dead)) }, clock.0);
+        let effects = m.step(looked(AfterInspect::Started { info: c, adopted: false }, Ok(Some(dead))), clock.0);
         let provision = said(&effects).into_iter().find(|e| e.starts_with("provision")).expect("replaced");
         let ms = provision.rsplit('=').next().unwrap().trim_end_matches("ms");
         delays.push(ms.parse::<u64>().unwrap());
@@ -342,7 +340,7 @@ fn a_version_the_fleet_refused_at_start_does_not_stop_a_later_restart_from_repla
     let effects = m.step(job_done(m.epoch, Ok(JobDone::RolledBackElsewhere(mark))), clock.after(Duration::from_secs(1)));
     assert_eq!(said(&effects), ["event error", "provision v1 replace=false delay=0ms"]);
     m.step(job_done(m.epoch, Ok(JobDone::Running { info: v1.clone(), adopted: true })), clock.0);
-    m.step(Input::Inspected { then: Box::new(AfterInspect::Started { info: v1.clone(), adopted: true }), result: Ok(Some(v1)) }, clock.0);
+    m.step(looked(AfterInspect::Started { info: v1.clone(), adopted: true }, Ok(Some(v1))), clock.0);
     m.step(Input::Timer { epoch: m.epoch, timer: TimerKind::Unverified }, clock.after(Duration::from_secs(60)));
     assert_eq!(m.state, State::Run);
     let effects = m.step(Input::FileTouched("/etc/web.conf".into()), clock.after(Duration::from_secs(1)));

@@ -60,7 +60,7 @@ pub(super) enum Effect {
     StartProbe {
         epoch: u64,
         check: HealthCheck,
-        container: ContainerInfo,
+        container: Box<ContainerInfo>,
     },
     StopProbe,
     /// Look at one container (bounded); the result comes back at once as `Input::Inspected`, before
@@ -81,7 +81,7 @@ pub(super) enum Effect {
     /// One run of the dependency check, reported as `Input::DependencyProbe`.
     DependencyProbe {
         check: HealthCheck,
-        container: ContainerInfo,
+        container: Box<ContainerInfo>,
     },
     /// Fetch a release's image ahead of this node's wave (reported as `Input::FetchedAhead`), or
     /// (None) drop the fetch under way.
@@ -166,6 +166,13 @@ pub(super) struct FetchJob {
     pub(super) version: ImageVersion,
     pub(super) image: String,
     pub(super) governor: Option<String>,
+}
+
+/// An inspect's answer, and the decision it is for.
+#[derive(Debug)]
+pub struct Inspection {
+    pub then: AfterInspect,
+    pub result: Result<Option<ContainerInfo>, RuntimeError>,
 }
 
 /// Where a decision that asked for an inspect goes on.

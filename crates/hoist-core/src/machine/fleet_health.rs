@@ -97,7 +97,7 @@ impl Machine {
             return;
         }
         self.fleet_health.probing = true;
-        self.effect(Effect::DependencyProbe { check, container });
+        self.effect(Effect::DependencyProbe { check, container: Box::new(container) });
     }
 
     pub(super) fn on_dependency_probe(&mut self, container_id: &str, result: Result<(), ProbeError>) {

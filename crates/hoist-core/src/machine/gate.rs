@@ -94,7 +94,7 @@ impl Machine {
             return;
         }
         self.probing = true;
-        self.effect(Effect::StartProbe { epoch: self.epoch, check, container });
+        self.effect(Effect::StartProbe { epoch: self.epoch, check, container: Box::new(container) });
     }
 
     pub(super) fn stop_probe(&mut self) {

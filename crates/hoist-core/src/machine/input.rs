@@ -9,10 +9,8 @@ pub enum Input {
     /// The runtime's event stream was lost and is back: re-inspect, events may have been missed.
     Resync,
     /// The inspect a decision asked for (`Effect::Inspect`), and where that decision goes on.
-    Inspected {
-        then: Box<AfterInspect>,
-        result: Result<Option<ContainerInfo>, RuntimeError>,
-    },
+    /// Boxed, as every input is moved through the channel at the size of the largest.
+    Inspected(Box<Inspection>),
     /// The raw `HOIST` value for this container's tag; None when the key is absent or deleted.
     DesiredVersion(Option<String>),
     /// The release's digest to fetch ahead of this node's wave (`release::fetch_ahead`), or None.

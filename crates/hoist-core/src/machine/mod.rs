@@ -33,6 +33,7 @@ mod watches;
 
 use adopt::{Preferred, pick_adoptable};
 pub use effect::AfterInspect;
+pub use effect::Inspection;
 use effect::{Effect, FetchJob, Now, PullPlan, Work};
 use gate::Gate;
 pub use input::{Input, TimerKind};
@@ -244,7 +245,10 @@ impl Machine {
         match input {
             Input::Runtime(event) => self.on_runtime_event(event),
             Input::Resync => self.resync(),
-            Input::Inspected { then, result } => self.on_inspected(*then, result),
+            Input::Inspected(inspection) => {
+                let Inspection { then, result } = *inspection;
+                self.on_inspected(then, result)
+            }
             Input::DesiredVersion(raw) => self.on_desired_version(raw),
             Input::FetchAhead(raw) => self.on_fetch_ahead(raw),
             Input::FetchedAhead { version, result } => self.on_fetched_ahead(version, result),

@@ -140,7 +140,7 @@ impl Runner {
                 let result = inspect
                     .await
                     .unwrap_or_else(|_| Err(RuntimeError::Unavailable(format!("inspecting {id} took longer than {INSPECT_LIMIT:?}"))));
-                return Some(Input::Inspected { then, result });
+                return Some(Input::Inspected(Box::new(Inspection { then: *then, result })));
             }
             Effect::Watch { kv_update, kv_interval, restart_files } => {
                 self.stop_watches();
